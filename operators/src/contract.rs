@@ -1,0 +1,268 @@
+//! The operator contract: what an operator sees (packets, its parameters, a stop signal) and what
+//! it promises (typed ports, one of three kinds). Operators never own threads or queues; the
+//! runtime does, so the same operator runs in a live pipeline, a training batch graph or a test.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::packet::Packet;
+
+/// The kind of payload a port carries. Payloads accumulate along a pipeline (a packet that went
+/// through `preprocess` still carries its frame), so a port that carries a richer payload can feed
+/// an input that asks for a poorer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortType {
+    /// Accepts whatever arrives (inputs only).
+    Any,
+    /// A decoded image.
+    Image,
+    /// An image plus the model input tensor made from it.
+    Tensor,
+}
+
+impl PortType {
+    /// Whether packets of type `self` satisfy an input that asks for `wanted`.
+    pub fn satisfies(self, wanted: PortType) -> bool {
+        match wanted {
+            PortType::Any => true,
+            PortType::Image => matches!(self, PortType::Image | PortType::Tensor),
+            PortType::Tensor => self == PortType::Tensor,
+        }
+    }
+
+    /// Name as shown in errors and DOT output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PortType::Any => "any",
+            PortType::Image => "image",
+            PortType::Tensor => "tensor",
+        }
+    }
+}
+
+/// What an output port emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputType {
+    /// Always this type.
+    Fixed(PortType),
+    /// Whatever the operator's input received (pass-through operators).
+    SameAsInput,
+}
+
+/// An input port: name and the payload it needs.
+#[derive(Debug, Clone, Copy)]
+pub struct InputPort {
+    /// Name used in graph files (`node.port`).
+    pub name: &'static str,
+    /// Payload the operator needs.
+    pub accepts: PortType,
+}
+
+/// An output port: name and the payload it emits.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputPort {
+    /// Name used in graph files (`node.port`).
+    pub name: &'static str,
+    /// Payload it emits.
+    pub emits: OutputType,
+}
+
+/// The three operator kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorKind {
+    /// Produces packets; no inputs.
+    Source,
+    /// One input, one or more outputs.
+    Transform,
+    /// Consumes packets; no outputs.
+    Sink,
+}
+
+impl OperatorKind {
+    /// Lower-case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            OperatorKind::Source => "source",
+            OperatorKind::Transform => "transform",
+            OperatorKind::Sink => "sink",
+        }
+    }
+}
+
+/// An error raised by an operator while building or running.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The parameters were accepted by the schema but cannot work (a size of zero, a directory
+    /// that does not exist). `field` names the parameter.
+    #[error("parameter '{field}': {message}")]
+    InvalidParam {
+        /// Parameter name (dotted path for nested ones).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An I/O operation failed; `context` says which one.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the operator was doing (with the path it touched).
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operator received a packet it cannot handle.
+    #[error("unsupported input: {0}")]
+    UnsupportedInput(String),
+    /// Anything else, described.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl OpError {
+    /// An [`OpError::Io`] with its context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        OpError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An [`OpError::InvalidParam`].
+    pub fn param(field: impl Into<String>, message: impl Into<String>) -> Self {
+        OpError::InvalidParam {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a source call produced.
+pub enum SourcePoll {
+    /// A new packet.
+    Packet(Packet),
+    /// Nothing yet (a camera between frames, a folder with no new file); ask again.
+    Pending,
+    /// The stream is over (end of file, frame count reached).
+    EndOfStream,
+}
+
+/// Shared flag the runtime raises to ask sources to stop (Ctrl-C, a failing node, a stop request).
+#[derive(Clone, Default)]
+pub struct StopSignal(Arc<AtomicBool>);
+
+impl StopSignal {
+    /// A signal that is not raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raise it.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Sleep until `deadline` or until the signal is raised, whichever comes first. Returns `false`
+    /// when the signal interrupted the sleep.
+    pub fn sleep_until(&self, deadline: Instant) -> bool {
+        const SLICE: Duration = Duration::from_millis(20);
+        loop {
+            if self.is_raised() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            std::thread::sleep((deadline - now).min(SLICE));
+        }
+    }
+}
+
+/// What a source may ask of the runtime.
+pub struct SourceContext {
+    /// Raised when the source should stop producing; `next` should return soon after.
+    pub stop: StopSignal,
+    /// The node id, used as the default stream id.
+    pub node_id: Arc<str>,
+}
+
+/// Produces packets. `next` may block for up to about 100 ms (waiting for a camera), and must
+/// return promptly once `ctx.stop` is raised.
+pub trait Source: Send {
+    /// The next packet, `Pending` when none is ready yet, or `EndOfStream`.
+    fn next(&mut self, ctx: &SourceContext) -> Result<SourcePoll, OpError>;
+}
+
+/// Collects what a transform emits during one call; the runtime forwards it downstream. Reused
+/// between calls, so emitting allocates nothing in steady state.
+#[derive(Default)]
+pub struct Emitter {
+    emitted: Vec<(usize, Packet)>,
+}
+
+impl Emitter {
+    /// An empty emitter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Emit `packet` on output port number `port` (0 for the first declared output).
+    pub fn emit(&mut self, port: usize, packet: Packet) {
+        self.emitted.push((port, packet));
+    }
+
+    /// Hand over what was emitted, leaving the emitter empty.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, (usize, Packet)> {
+        self.emitted.drain(..)
+    }
+}
+
+/// One input, zero or more outputs per packet.
+pub trait Transform: Send {
+    /// Handle one packet.
+    fn process(&mut self, packet: Packet, out: &mut Emitter) -> Result<(), OpError>;
+
+    /// Handle a batch (only called for nodes configured with `batch`). The default handles the
+    /// packets one by one; operators that gain from batching (inference) override it.
+    fn process_batch(&mut self, batch: &mut Vec<Packet>, out: &mut Emitter) -> Result<(), OpError> {
+        for packet in batch.drain(..) {
+            self.process(packet, out)?;
+        }
+        Ok(())
+    }
+
+    /// End of stream: emit anything held back.
+    fn finish(&mut self, _out: &mut Emitter) -> Result<(), OpError> {
+        Ok(())
+    }
+}
+
+/// Consumes packets.
+pub trait Sink: Send {
+    /// Handle one packet. Returning only after the result is durable (written, sent) is what lets
+    /// the runtime promise that a `block` edge loses nothing.
+    fn consume(&mut self, packet: Packet) -> Result<(), OpError>;
+
+    /// End of stream: flush and close.
+    fn finish(&mut self) -> Result<(), OpError> {
+        Ok(())
+    }
+}
+
+/// A built operator, ready to run.
+pub enum OperatorInstance {
+    /// See [`Source`].
+    Source(Box<dyn Source>),
+    /// See [`Transform`].
+    Transform(Box<dyn Transform>),
+    /// See [`Sink`].
+    Sink(Box<dyn Sink>),
+}

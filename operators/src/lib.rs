@@ -1,0 +1,26 @@
+//! The inspectflow operator contract and the built-in operators.
+//!
+//! - [`packet`]: what flows on edges (frames, tensors) in pooled, reference-counted buffers;
+//! - [`pool`]: the buffer pools behind them;
+//! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
+//! - [`registry`]: operator descriptors (ports, parameter schema, factory) and the registry;
+//! - [`source`], [`transform`], [`sink`]: one module per operator family.
+//!
+//! This crate knows nothing about threads, queues or graph files: the engine (`inspectflow`) owns
+//! scheduling, so each operator can be tested alone and reused in live and batch graphs.
+
+pub mod contract;
+pub mod packet;
+pub mod pool;
+pub mod registry;
+pub mod sink;
+pub mod source;
+pub mod transform;
+
+pub use contract::{
+    Emitter, InputPort, OpError, OperatorInstance, OperatorKind, OutputPort, OutputType, PortType,
+    Sink, Source, SourceContext, SourcePoll, StopSignal, Transform,
+};
+pub use packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout};
+pub use pool::{BufferPool, PoolStats, PooledBuffer};
+pub use registry::{OperatorDescriptor, Registry};

@@ -1,0 +1,215 @@
+//! What flows along the edges of a graph: a [`Packet`] holding a [`Frame`] and whatever the
+//! operators so far attached to it (a model input [`Tensor`] today; predictions and encodings in
+//! later operators).
+//!
+//! Every payload sits behind an `Arc` over a pooled buffer, so cloning a packet (fan-out to several
+//! sinks, a queue keeping a reference) copies pointers, never pixels.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::pool::PooledBuffer;
+
+/// Pixel layouts the runtime understands. All are 8 bits per channel, interleaved.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    /// Red, green, blue.
+    Rgb,
+    /// Blue, green, red (the order most camera stacks and OpenCV use).
+    Bgr,
+    /// One luminance channel.
+    Gray,
+}
+
+impl PixelFormat {
+    /// Bytes per pixel.
+    pub const fn channels(self) -> usize {
+        match self {
+            PixelFormat::Rgb | PixelFormat::Bgr => 3,
+            PixelFormat::Gray => 1,
+        }
+    }
+
+    /// Lower-case name, as written in graph files.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PixelFormat::Rgb => "rgb",
+            PixelFormat::Bgr => "bgr",
+            PixelFormat::Gray => "gray",
+        }
+    }
+}
+
+/// When a frame was captured: a monotonic instant for latency arithmetic and the wall-clock time
+/// for records that leave the process.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureTime {
+    /// Monotonic clock reading at capture.
+    pub instant: Instant,
+    /// Nanoseconds since the Unix epoch at capture.
+    pub unix_nanos: u128,
+}
+
+impl CaptureTime {
+    /// The current time.
+    pub fn now() -> Self {
+        let unix_nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|since| since.as_nanos())
+            .unwrap_or(0);
+        Self {
+            instant: Instant::now(),
+            unix_nanos,
+        }
+    }
+}
+
+/// Size and memory layout of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLayout {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Bytes from the start of one row to the start of the next (at least `width * channels`).
+    pub stride: usize,
+    /// Channel layout.
+    pub format: PixelFormat,
+}
+
+impl ImageLayout {
+    /// A tightly packed image (stride = width * channels).
+    pub const fn packed(width: u32, height: u32, format: PixelFormat) -> Self {
+        Self {
+            width,
+            height,
+            stride: width as usize * format.channels(),
+            format,
+        }
+    }
+
+    /// Bytes the pixels occupy.
+    pub const fn byte_len(&self) -> usize {
+        self.stride * self.height as usize
+    }
+}
+
+/// One image with its provenance. Cheap to clone: the pixels are shared.
+#[derive(Clone)]
+pub struct Frame {
+    /// Size and memory layout of `pixels`.
+    pub layout: ImageLayout,
+    /// Which stream (camera, file, folder) the frame came from.
+    pub stream_id: Arc<str>,
+    /// Position in its stream, counted by the source from 0 without gaps.
+    pub sequence: u64,
+    /// When the source captured it.
+    pub capture: CaptureTime,
+    pixels: Arc<PooledBuffer<u8>>,
+}
+
+impl Frame {
+    /// Wraps a filled pooled buffer holding at least `layout.byte_len()` bytes.
+    pub fn new(
+        pixels: PooledBuffer<u8>,
+        layout: ImageLayout,
+        stream_id: Arc<str>,
+        sequence: u64,
+        capture: CaptureTime,
+    ) -> Self {
+        debug_assert!(layout.stride >= layout.width as usize * layout.format.channels());
+        debug_assert!(pixels.len() >= layout.byte_len());
+        Self {
+            layout,
+            stream_id,
+            sequence,
+            capture,
+            pixels: Arc::new(pixels),
+        }
+    }
+
+    /// The pixel bytes, row by row with `layout.stride` bytes per row.
+    pub fn pixels(&self) -> &[u8] {
+        &self.pixels
+    }
+
+    /// Whether two frames share one pixel buffer (fan-out without copies).
+    pub fn shares_pixels_with(&self, other: &Frame) -> bool {
+        Arc::ptr_eq(&self.pixels, &other.pixels)
+    }
+
+    /// Address of the pixel buffer, for tests and diagnostics that follow a buffer through a graph.
+    pub fn pixels_addr(&self) -> usize {
+        self.pixels.as_ptr() as usize
+    }
+}
+
+/// Memory layout of a model input tensor.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorLayout {
+    /// Batch, channels, height, width (OpenVINO's and PyTorch's default).
+    Nchw,
+    /// Batch, height, width, channels.
+    Nhwc,
+}
+
+/// A dense f32 tensor in a pooled buffer, shape `[batch, channels, height, width]` in logical order
+/// whatever the memory layout.
+#[derive(Clone)]
+pub struct Tensor {
+    /// `[batch, channels, height, width]`.
+    pub shape: [usize; 4],
+    /// How `data` is ordered in memory.
+    pub layout: TensorLayout,
+    data: Arc<PooledBuffer<f32>>,
+}
+
+impl Tensor {
+    /// Wraps a filled pooled buffer holding the product of `shape` elements.
+    pub fn new(data: PooledBuffer<f32>, shape: [usize; 4], layout: TensorLayout) -> Self {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Self {
+            shape,
+            layout,
+            data: Arc::new(data),
+        }
+    }
+
+    /// The elements in memory order.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+/// The unit of data on an edge: a frame plus what operators attached to it.
+#[derive(Clone)]
+pub struct Packet {
+    /// The image and its provenance.
+    pub frame: Frame,
+    /// The model input made from `frame`, once a `preprocess` operator has run.
+    pub tensor: Option<Tensor>,
+}
+
+impl Packet {
+    /// A packet carrying only a frame.
+    pub fn from_frame(frame: Frame) -> Self {
+        Self {
+            frame,
+            tensor: None,
+        }
+    }
+}

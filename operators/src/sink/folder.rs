@@ -1,0 +1,322 @@
+//! `sink.folder`: writes each frame as an image file plus one JSON line per frame in an index file.
+//!
+//! Nothing half-written is ever visible: an image is encoded to a hidden temporary file in the
+//! same directory and renamed into place, and its JSON line is appended (and flushed) only after
+//! the rename, so every line names a complete file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::contract::{OpError, OperatorInstance, OperatorKind, PortType, Sink};
+use crate::packet::{Frame, Packet, PixelFormat};
+use crate::registry::OperatorDescriptor;
+
+/// Image file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// JPEG at `quality`.
+    Jpeg,
+    /// Lossless PNG (fast compression).
+    Png,
+    /// No image files: the index lines only.
+    None,
+}
+
+impl ImageFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "jpg",
+            ImageFormat::Png => "png",
+            ImageFormat::None => "",
+        }
+    }
+}
+
+/// Parameters of `sink.folder`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FolderParams {
+    /// Directory to write into.
+    #[schemars(length(min = 1))]
+    pub path: PathBuf,
+    /// Create the directory (and its parents) when it does not exist; otherwise a missing
+    /// directory is an error before the pipeline starts.
+    #[serde(default)]
+    pub create: bool,
+    /// Image file format.
+    #[serde(default = "default_format")]
+    pub format: ImageFormat,
+    /// JPEG quality, 1-100.
+    #[serde(default = "default_quality")]
+    #[schemars(range(min = 1, max = 100))]
+    pub quality: u8,
+    /// File name without extension; `{stream}`, `{seq}` (zero-padded to 8 digits) and
+    /// `{timestamp_ms}` (capture time) are replaced.
+    #[serde(default = "default_file_pattern")]
+    #[schemars(length(min = 1))]
+    pub file_pattern: String,
+    /// Name of the JSON-lines index file inside `path`.
+    #[serde(default = "default_index_file")]
+    #[schemars(length(min = 1))]
+    pub index_file: String,
+}
+
+fn default_format() -> ImageFormat {
+    ImageFormat::Jpeg
+}
+fn default_quality() -> u8 {
+    90
+}
+fn default_file_pattern() -> String {
+    "{stream}_{seq}".into()
+}
+fn default_index_file() -> String {
+    "results.jsonl".into()
+}
+
+/// The registry entry.
+pub fn descriptor() -> OperatorDescriptor {
+    OperatorDescriptor::builder::<FolderParams>(
+        "sink.folder",
+        OperatorKind::Sink,
+        "Writes each frame as an image file (atomically) and one JSON line per frame to an index file.",
+    )
+    .input("in", PortType::Image)
+    .build_with(|params, _node_id| Ok(OperatorInstance::Sink(Box::new(FolderSink::open(params)?))))
+}
+
+/// The running sink.
+pub struct FolderSink {
+    params: FolderParams,
+    index: BufWriter<File>,
+    encoded: Vec<u8>,
+    /// Rows without padding, when a frame's rows are padded.
+    packed_scratch: Vec<u8>,
+    /// RGB copy of a BGR frame for the PNG encoder, which has no BGR input.
+    rgb_scratch: Vec<u8>,
+}
+
+/// One line of the index file.
+#[derive(serde::Serialize)]
+struct IndexLine<'a> {
+    file: Option<&'a str>,
+    stream: &'a str,
+    sequence: u64,
+    capture_unix_ms: u64,
+    width: u32,
+    height: u32,
+    pixel_format: &'static str,
+}
+
+impl FolderSink {
+    /// Checks that the directory exists (or creates it) and is writable, and opens the index.
+    pub fn open(params: FolderParams) -> Result<Self, OpError> {
+        if !(1..=100).contains(&params.quality) {
+            return Err(OpError::param("quality", "must be between 1 and 100"));
+        }
+        for (field, value) in [
+            ("file_pattern", &params.file_pattern),
+            ("index_file", &params.index_file),
+        ] {
+            if value.contains(['/', '\\']) || value == ".." || value.is_empty() {
+                return Err(OpError::param(
+                    field,
+                    format!("'{value}' must be a plain file name"),
+                ));
+            }
+        }
+        let dir = &params.path;
+        if !dir.exists() {
+            if params.create {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    OpError::io(format!("cannot create directory {}", dir.display()), e)
+                })?;
+            } else {
+                return Err(OpError::param(
+                    "path",
+                    format!(
+                        "directory {} does not exist (set `create: true` to create it)",
+                        dir.display()
+                    ),
+                ));
+            }
+        } else if !dir.is_dir() {
+            return Err(OpError::param(
+                "path",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        let index_path = dir.join(&params.index_file);
+        let index = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&index_path)
+            .map_err(|e| OpError::io(format!("cannot write to {}", index_path.display()), e))?;
+        Ok(Self {
+            params,
+            index: BufWriter::new(index),
+            encoded: Vec::new(),
+            packed_scratch: Vec::new(),
+            rgb_scratch: Vec::new(),
+        })
+    }
+
+    fn file_stem(&self, frame: &Frame) -> String {
+        let capture_ms = (frame.capture.unix_nanos / 1_000_000) as u64;
+        self.params
+            .file_pattern
+            .replace("{stream}", &sanitise(&frame.stream_id))
+            .replace("{seq}", &format!("{:08}", frame.sequence))
+            .replace("{timestamp_ms}", &capture_ms.to_string())
+    }
+
+    fn write_image(&mut self, frame: &Frame, name: &str) -> Result<(), OpError> {
+        self.encoded.clear();
+        let pixels = packed_pixels(frame, &mut self.packed_scratch);
+        let layout = frame.layout;
+        match self.params.format {
+            ImageFormat::Jpeg => {
+                let (width, height) =
+                    match (u16::try_from(layout.width), u16::try_from(layout.height)) {
+                        (Ok(w), Ok(h)) => (w, h),
+                        _ => {
+                            return Err(OpError::UnsupportedInput(
+                                "JPEG is limited to 65535x65535 pixels".into(),
+                            ));
+                        }
+                    };
+                let colour = match layout.format {
+                    PixelFormat::Rgb => jpeg_encoder::ColorType::Rgb,
+                    PixelFormat::Bgr => jpeg_encoder::ColorType::Bgr,
+                    PixelFormat::Gray => jpeg_encoder::ColorType::Luma,
+                };
+                jpeg_encoder::Encoder::new(&mut self.encoded, self.params.quality)
+                    .encode(pixels, width, height, colour)
+                    .map_err(|e| OpError::Failed(format!("JPEG encoding: {e}")))?;
+            }
+            ImageFormat::Png => {
+                let pixels = if layout.format == PixelFormat::Bgr {
+                    swap_to_rgb(pixels, &mut self.rgb_scratch)
+                } else {
+                    pixels
+                };
+                let mut encoder = png::Encoder::new(&mut self.encoded, layout.width, layout.height);
+                encoder.set_color(match layout.format {
+                    PixelFormat::Gray => png::ColorType::Grayscale,
+                    PixelFormat::Rgb | PixelFormat::Bgr => png::ColorType::Rgb,
+                });
+                encoder.set_depth(png::BitDepth::Eight);
+                encoder.set_compression(png::Compression::Fast);
+                let mut writer = encoder
+                    .write_header()
+                    .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
+                writer
+                    .write_image_data(pixels)
+                    .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
+                writer
+                    .finish()
+                    .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
+            }
+            ImageFormat::None => return Ok(()),
+        }
+        write_atomically(&self.params.path, name, &self.encoded)
+    }
+}
+
+impl Sink for FolderSink {
+    fn consume(&mut self, packet: Packet) -> Result<(), OpError> {
+        let frame = &packet.frame;
+        let file = match self.params.format {
+            ImageFormat::None => None,
+            format => Some(format!("{}.{}", self.file_stem(frame), format.extension())),
+        };
+        if let Some(name) = &file {
+            self.write_image(frame, name)?;
+        }
+        let line = IndexLine {
+            file: file.as_deref(),
+            stream: &frame.stream_id,
+            sequence: frame.sequence,
+            capture_unix_ms: (frame.capture.unix_nanos / 1_000_000) as u64,
+            width: frame.layout.width,
+            height: frame.layout.height,
+            pixel_format: frame.layout.format.name(),
+        };
+        let index_path = || {
+            self.params
+                .path
+                .join(&self.params.index_file)
+                .display()
+                .to_string()
+        };
+        serde_json::to_writer(&mut self.index, &line)
+            .map_err(|e| OpError::Failed(format!("writing {}: {e}", index_path())))?;
+        self.index
+            .write_all(b"\n")
+            .and_then(|()| self.index.flush())
+            .map_err(|e| OpError::io(format!("writing {}", index_path()), e))
+    }
+
+    fn finish(&mut self) -> Result<(), OpError> {
+        self.index
+            .get_ref()
+            .sync_all()
+            .map_err(|e| OpError::io(format!("syncing {}", self.params.index_file), e))
+    }
+}
+
+/// Writes `bytes` to `dir/name` through a hidden temporary file and a rename, so readers only ever
+/// see complete files.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), OpError> {
+    let temporary = dir.join(format!(".{name}.partial"));
+    let target = dir.join(name);
+    std::fs::write(&temporary, bytes)
+        .map_err(|e| OpError::io(format!("writing {}", temporary.display()), e))?;
+    std::fs::rename(&temporary, &target).map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        OpError::io(
+            format!("renaming {} to {}", temporary.display(), target.display()),
+            e,
+        )
+    })
+}
+
+/// The frame's pixels without row padding (copied into `scratch` only when rows are padded).
+fn packed_pixels<'a>(frame: &'a Frame, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    let layout = frame.layout;
+    let row = layout.width as usize * layout.format.channels();
+    if layout.stride == row {
+        return &frame.pixels()[..layout.byte_len()];
+    }
+    scratch.clear();
+    for y in 0..layout.height as usize {
+        scratch.extend_from_slice(&frame.pixels()[y * layout.stride..y * layout.stride + row]);
+    }
+    scratch
+}
+
+fn swap_to_rgb<'a>(bgr: &[u8], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    let mut rgb = std::mem::take(scratch);
+    rgb.clear();
+    rgb.extend(bgr.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]));
+    *scratch = rgb;
+    scratch
+}
+
+/// Stream ids come from users; keep file names to a safe alphabet.
+fn sanitise(stream: &str) -> String {
+    stream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,4 @@
+//! Sinks: where results leave the engine.
+
+pub mod folder;
+pub mod null;

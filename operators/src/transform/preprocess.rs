@@ -1,0 +1,365 @@
+//! `preprocess`: frame to model input. A SIMD resize (fast_image_resize: AVX2/SSE4.1/NEON chosen at
+//! run time) on 8-bit pixels, then colour conversion and normalisation in one table-driven pass
+//! into a pooled f32 tensor (NCHW by default). The frame stays on the packet for later operators.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use serde::Deserialize;
+
+use crate::contract::{
+    Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
+};
+use crate::packet::{Frame, Packet, PixelFormat, Tensor, TensorLayout};
+use crate::pool::BufferPool;
+use crate::registry::OperatorDescriptor;
+
+/// Resampling method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMethod {
+    /// Nearest neighbour: fastest, aliased.
+    Nearest,
+    /// Bilinear without anti-aliasing (OpenCV's INTER_LINEAR).
+    Bilinear,
+    /// Area-weighted bilinear convolution (anti-aliased, like PIL's and torchvision's antialias=True).
+    BilinearAntialias,
+}
+
+/// Parameters of `preprocess`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessParams {
+    /// Tensor width in pixels.
+    #[schemars(range(min = 1, max = 8192))]
+    pub width: u32,
+    /// Tensor height in pixels.
+    #[schemars(range(min = 1, max = 8192))]
+    pub height: u32,
+    /// Resampling method.
+    #[serde(default = "default_resize")]
+    pub resize: ResizeMethod,
+    /// Channel order of the tensor (the frame is converted to it).
+    #[serde(default = "default_color")]
+    pub color: PixelFormat,
+    /// Multiplier applied to 0-255 pixel values before mean and std.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    /// Per-channel mean subtracted after scaling (in tensor channel order).
+    #[serde(default = "default_mean")]
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation divided by after the mean.
+    #[serde(default = "default_std")]
+    pub std: [f32; 3],
+    /// Memory layout of the tensor.
+    #[serde(default = "default_layout")]
+    pub layout: TensorLayout,
+}
+
+fn default_resize() -> ResizeMethod {
+    ResizeMethod::Bilinear
+}
+fn default_color() -> PixelFormat {
+    PixelFormat::Rgb
+}
+fn default_scale() -> f32 {
+    1.0 / 255.0
+}
+fn default_mean() -> [f32; 3] {
+    [0.0; 3]
+}
+fn default_std() -> [f32; 3] {
+    [1.0; 3]
+}
+fn default_layout() -> TensorLayout {
+    TensorLayout::Nchw
+}
+
+/// The registry entry.
+pub fn descriptor() -> OperatorDescriptor {
+    OperatorDescriptor::builder::<PreprocessParams>(
+        "preprocess",
+        OperatorKind::Transform,
+        "Resize (SIMD), convert colour and normalise a frame into an f32 model input tensor.",
+    )
+    .input("in", PortType::Image)
+    .output("out", OutputType::Fixed(PortType::Tensor))
+    .build_with(|params, _node_id| {
+        Ok(OperatorInstance::Transform(Box::new(Preprocess::new(
+            params,
+        )?)))
+    })
+}
+
+/// Where an output channel's value comes from in the resized image.
+#[derive(Debug, Clone, Copy)]
+enum ChannelSource {
+    /// Byte `n` of each source pixel.
+    Channel(usize),
+    /// Luminance of a 3-channel source pixel (ITU-R BT.601 weights).
+    Luma {
+        red: usize,
+        green: usize,
+        blue: usize,
+    },
+}
+
+/// The running operator.
+pub struct Preprocess {
+    params: PreprocessParams,
+    resizer: Resizer,
+    options: ResizeOptions,
+    resized: Vec<u8>,
+    /// `lut[c][v]`: normalised value of byte `v` in tensor channel `c`.
+    lut: Vec<[f32; 256]>,
+    pool: BufferPool<f32>,
+}
+
+impl Preprocess {
+    /// Checks the parameters and precomputes the normalisation tables.
+    pub fn new(params: PreprocessParams) -> Result<Self, OpError> {
+        if let Some(index) = params.std.iter().position(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(OpError::param(
+                format!("std[{index}]"),
+                "must be a finite non-zero number",
+            ));
+        }
+        let channels = params.color.channels();
+        let lut = (0..channels)
+            .map(|c| {
+                let mut table = [0f32; 256];
+                for (value, slot) in table.iter_mut().enumerate() {
+                    *slot = (value as f32 * params.scale - params.mean[c]) / params.std[c];
+                }
+                table
+            })
+            .collect();
+        let algorithm = match params.resize {
+            ResizeMethod::Nearest => ResizeAlg::Nearest,
+            ResizeMethod::Bilinear => ResizeAlg::Interpolation(FilterType::Bilinear),
+            ResizeMethod::BilinearAntialias => ResizeAlg::Convolution(FilterType::Bilinear),
+        };
+        Ok(Self {
+            params,
+            resizer: Resizer::new(),
+            options: ResizeOptions::new().resize_alg(algorithm),
+            resized: Vec::new(),
+            lut,
+            pool: BufferPool::new(64),
+        })
+    }
+
+    /// Makes the tensor for one frame.
+    pub fn tensor_for(&mut self, frame: &Frame) -> Result<Tensor, OpError> {
+        let layout = frame.layout;
+        let source_channels = layout.format.channels();
+        if layout.stride != layout.width as usize * source_channels {
+            return Err(OpError::UnsupportedInput(format!(
+                "frame rows are padded (stride {} for width {}); preprocess needs packed rows",
+                layout.stride, layout.width
+            )));
+        }
+        let (width, height) = (self.params.width, self.params.height);
+        let pixel_type = match layout.format {
+            PixelFormat::Gray => PixelType::U8,
+            PixelFormat::Rgb | PixelFormat::Bgr => PixelType::U8x3,
+        };
+        let same_size = layout.width == width && layout.height == height;
+        if !same_size {
+            self.resized
+                .resize(width as usize * height as usize * source_channels, 0);
+            let source = ImageRef::new(
+                layout.width,
+                layout.height,
+                &frame.pixels()[..layout.byte_len()],
+                pixel_type,
+            )
+            .map_err(|e| OpError::UnsupportedInput(format!("frame buffer: {e}")))?;
+            let mut target = Image::from_slice_u8(width, height, &mut self.resized, pixel_type)
+                .map_err(|e| OpError::Failed(format!("resize buffer: {e}")))?;
+            self.resizer
+                .resize(&source, &mut target, &self.options)
+                .map_err(|e| OpError::Failed(format!("resize: {e}")))?;
+        }
+        let pixels: &[u8] = if same_size {
+            frame.pixels()
+        } else {
+            &self.resized
+        };
+        let sources = channel_sources(layout.format, self.params.color);
+        let plane = width as usize * height as usize;
+        let channels = sources.len();
+        let mut data = self.pool.get(plane * channels);
+        for (c, source) in sources.iter().enumerate() {
+            let lut = &self.lut[c];
+            match self.params.layout {
+                TensorLayout::Nchw => {
+                    let out = &mut data[c * plane..(c + 1) * plane];
+                    fill_plane(out, 1, pixels, source_channels, *source, lut);
+                }
+                TensorLayout::Nhwc => {
+                    fill_plane(
+                        &mut data[c..],
+                        channels,
+                        pixels,
+                        source_channels,
+                        *source,
+                        lut,
+                    );
+                }
+            }
+        }
+        Ok(Tensor::new(
+            data,
+            [1, channels, height as usize, width as usize],
+            self.params.layout,
+        ))
+    }
+}
+
+/// Writes one tensor channel: `out[i * step]` for every pixel `i`.
+fn fill_plane(
+    out: &mut [f32],
+    step: usize,
+    pixels: &[u8],
+    source_channels: usize,
+    source: ChannelSource,
+    lut: &[f32; 256],
+) {
+    let targets = out.iter_mut().step_by(step);
+    let sources = pixels.chunks_exact(source_channels);
+    match source {
+        ChannelSource::Channel(index) => {
+            for (slot, pixel) in targets.zip(sources) {
+                *slot = lut[pixel[index] as usize];
+            }
+        }
+        ChannelSource::Luma { red, green, blue } => {
+            for (slot, pixel) in targets.zip(sources) {
+                let luma =
+                    (77 * pixel[red] as u32 + 150 * pixel[green] as u32 + 29 * pixel[blue] as u32)
+                        >> 8;
+                *slot = lut[luma as usize];
+            }
+        }
+    }
+}
+
+fn channel_sources(from: PixelFormat, to: PixelFormat) -> Vec<ChannelSource> {
+    use ChannelSource::{Channel, Luma};
+    match (from, to) {
+        (PixelFormat::Rgb, PixelFormat::Rgb) | (PixelFormat::Bgr, PixelFormat::Bgr) => {
+            vec![Channel(0), Channel(1), Channel(2)]
+        }
+        (PixelFormat::Rgb, PixelFormat::Bgr) | (PixelFormat::Bgr, PixelFormat::Rgb) => {
+            vec![Channel(2), Channel(1), Channel(0)]
+        }
+        (PixelFormat::Gray, PixelFormat::Gray) => vec![Channel(0)],
+        (PixelFormat::Gray, PixelFormat::Rgb | PixelFormat::Bgr) => vec![Channel(0); 3],
+        (PixelFormat::Rgb, PixelFormat::Gray) => vec![Luma {
+            red: 0,
+            green: 1,
+            blue: 2,
+        }],
+        (PixelFormat::Bgr, PixelFormat::Gray) => vec![Luma {
+            red: 2,
+            green: 1,
+            blue: 0,
+        }],
+    }
+}
+
+impl Transform for Preprocess {
+    fn process(&mut self, mut packet: Packet, out: &mut Emitter) -> Result<(), OpError> {
+        packet.tensor = Some(self.tensor_for(&packet.frame)?);
+        out.emit(0, packet);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{CaptureTime, ImageLayout};
+
+    fn frame(
+        width: u32,
+        height: u32,
+        format: PixelFormat,
+        fill: impl Fn(usize, usize, usize) -> u8,
+    ) -> Frame {
+        let layout = ImageLayout::packed(width, height, format);
+        let pool = BufferPool::new(1);
+        let mut pixels = pool.get(layout.byte_len());
+        let channels = format.channels();
+        for y in 0..height as usize {
+            for x in 0..width as usize {
+                for c in 0..channels {
+                    pixels[(y * width as usize + x) * channels + c] = fill(x, y, c);
+                }
+            }
+        }
+        Frame::new(pixels, layout, "test".into(), 0, CaptureTime::now())
+    }
+
+    fn params(json: serde_json::Value) -> PreprocessParams {
+        serde_json::from_value(json).expect("valid params")
+    }
+
+    #[test]
+    fn normalises_with_mean_and_std_in_nchw_order() {
+        // A uniform RGB frame (10, 20, 30) resized to 4x4.
+        let input = frame(16, 8, PixelFormat::Rgb, |_, _, c| [10, 20, 30][c]);
+        let mut op = Preprocess::new(params(serde_json::json!({
+            "width": 4, "height": 4, "scale": 1.0, "mean": [10.0, 0.0, 0.0], "std": [1.0, 2.0, 3.0]
+        })))
+        .expect("builds");
+        let tensor = op.tensor_for(&input).expect("runs");
+        assert_eq!(tensor.shape, [1, 3, 4, 4]);
+        let data = tensor.data();
+        assert!(data[..16].iter().all(|v| *v == 0.0));
+        assert!(data[16..32].iter().all(|v| *v == 10.0));
+        assert!(data[32..].iter().all(|v| *v == 10.0));
+    }
+
+    #[test]
+    fn converts_bgr_frames_to_rgb_tensors_and_supports_nhwc() {
+        let input = frame(2, 2, PixelFormat::Bgr, |_, _, c| [1, 2, 3][c]);
+        let mut op = Preprocess::new(params(serde_json::json!({
+            "width": 2, "height": 2, "scale": 1.0, "color": "rgb", "layout": "nhwc"
+        })))
+        .expect("builds");
+        let tensor = op.tensor_for(&input).expect("runs");
+        assert_eq!(&tensor.data()[..6], &[3.0, 2.0, 1.0, 3.0, 2.0, 1.0]);
+    }
+
+    #[test]
+    fn downscales_a_left_right_split_image() {
+        // Left half black, right half white: after resizing to 8 wide, the outer columns keep
+        // their values.
+        let input = frame(
+            64,
+            32,
+            PixelFormat::Gray,
+            |x, _, _| if x < 32 { 0 } else { 255 },
+        );
+        let mut op = Preprocess::new(params(
+            serde_json::json!({"width": 8, "height": 4, "color": "gray"}),
+        ))
+        .expect("builds");
+        let tensor = op.tensor_for(&input).expect("runs");
+        assert_eq!(tensor.shape, [1, 1, 4, 8]);
+        let row = &tensor.data()[..8];
+        assert_eq!(row[0], 0.0);
+        assert_eq!(row[7], 1.0);
+    }
+
+    #[test]
+    fn rejects_a_zero_std() {
+        let error = Preprocess::new(params(
+            serde_json::json!({"width": 4, "height": 4, "std": [1.0, 0.0, 1.0]}),
+        ))
+        .err()
+        .expect("must fail");
+        assert!(error.to_string().contains("std[1]"), "{error}");
+    }
+}
