@@ -1,1 +1,12 @@
+//! inspectflow: a dataflow engine for visual anomaly inspection.
+//!
+//! - [`graph`]: graph files (YAML/JSON), validation with precise errors, schemas, DOT;
+//! - [`runtime`]: queues with backpressure policies, one thread per node, metrics.
+//!
+//! Operators and the packet types live in the `inspectflow-operators` crate, re-exported here as
+//! [`operators`].
 
+pub mod graph;
+pub mod runtime;
+
+pub use inspectflow_operators as operators;

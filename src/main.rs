@@ -1,1 +1,247 @@
-fn main() {}
+//! The `inspectflow` command line: run, validate and draw graph files, list operators, and keep
+//! the published JSON Schemas in step with the code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::{Parser, Subcommand};
+use inspectflow::graph::{self, schema};
+use inspectflow::operators::Registry;
+use inspectflow::runtime::Pipeline;
+
+#[derive(Parser)]
+#[command(
+    name = "inspectflow",
+    version,
+    about = "Dataflow engine for visual anomaly inspection"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a graph file until its sources end (or Ctrl-C: once drains, twice aborts), then print
+    /// per-operator metrics.
+    Run {
+        /// Graph file (YAML or JSON).
+        file: PathBuf,
+        /// Also write the metrics as JSON here.
+        #[arg(long, value_name = "PATH")]
+        metrics_json: Option<PathBuf>,
+        /// Also write the metrics in Prometheus text format here (for node_exporter's textfile
+        /// collector, for example).
+        #[arg(long, value_name = "PATH")]
+        metrics_prometheus: Option<PathBuf>,
+    },
+    /// Check graph files without running them; exits non-zero when any is invalid.
+    Validate {
+        /// Graph files (YAML or JSON).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print a graph file as Graphviz DOT.
+    Graph {
+        /// Graph file (YAML or JSON).
+        file: PathBuf,
+    },
+    /// List the operators with their ports.
+    Operators,
+    /// Write the JSON Schemas of graph files and operator parameters, or check them.
+    Schemas {
+        /// Directory to write to.
+        #[arg(long, default_value = "schemas")]
+        out: PathBuf,
+        /// Only check that the directory is up to date; exit non-zero when stale.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let registry = Registry::builtin();
+    match cli.command {
+        Command::Run {
+            file,
+            metrics_json,
+            metrics_prometheus,
+        } => run(&registry, &file, metrics_json, metrics_prometheus),
+        Command::Validate { files } => validate(&registry, &files),
+        Command::Graph { file } => match graph::load(&file, &registry) {
+            Ok(graph) => {
+                print!("{}", graph::dot::to_dot(&graph));
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Operators => {
+            list_operators(&registry);
+            ExitCode::SUCCESS
+        }
+        Command::Schemas { out, check } => schemas(&registry, &out, check),
+    }
+}
+
+fn run(
+    registry: &Registry,
+    file: &std::path::Path,
+    metrics_json: Option<PathBuf>,
+    metrics_prometheus: Option<PathBuf>,
+) -> ExitCode {
+    let graph = match graph::load(file, registry) {
+        Ok(graph) => graph,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let pipeline = match Pipeline::start(&graph) {
+        Ok(pipeline) => pipeline,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = pipeline.stop_handle();
+    let presses = AtomicUsize::new(0);
+    let installed = ctrlc::set_handler(move || {
+        if presses.fetch_add(1, Ordering::SeqCst) == 0 {
+            eprintln!("stopping: draining queued frames (Ctrl-C again to abort)");
+            stop.stop();
+        } else {
+            eprintln!("aborting");
+            stop.abort();
+        }
+    });
+    if let Err(error) = installed {
+        tracing::warn!("Ctrl-C will not drain the pipeline: {error}");
+    }
+    let outcome = pipeline.wait();
+    print!("{}", outcome.report.to_table());
+    let mut code = ExitCode::SUCCESS;
+    if let Some(path) = metrics_json {
+        let written = serde_json::to_string_pretty(&outcome.report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&path, json + "\n"));
+        if let Err(error) = written {
+            eprintln!("cannot write metrics to {}: {error}", path.display());
+            code = ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = metrics_prometheus {
+        if let Err(error) = std::fs::write(&path, outcome.report.to_prometheus()) {
+            eprintln!("cannot write metrics to {}: {error}", path.display());
+            code = ExitCode::FAILURE;
+        }
+    }
+    if let Some(failure) = outcome.failure {
+        eprintln!("error: {failure}");
+        return ExitCode::FAILURE;
+    }
+    code
+}
+
+fn validate(registry: &Registry, files: &[PathBuf]) -> ExitCode {
+    let mut all_valid = true;
+    for file in files {
+        match graph::load(file, registry) {
+            Ok(graph) => println!(
+                "{}: ok ({} nodes, {} edges)",
+                file.display(),
+                graph.nodes.len(),
+                graph.edges.len()
+            ),
+            Err(errors) => {
+                all_valid = false;
+                eprintln!("{errors}");
+                eprintln!("{}: {} error(s)", file.display(), errors.0.len());
+            }
+        }
+    }
+    if all_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn list_operators(registry: &Registry) {
+    for descriptor in registry.iter() {
+        let ports = |names: Vec<String>| {
+            if names.is_empty() {
+                "-".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        let inputs = ports(
+            descriptor
+                .inputs
+                .iter()
+                .map(|p| format!("{}: {}", p.name, p.accepts.name()))
+                .collect(),
+        );
+        let outputs = ports(
+            descriptor
+                .outputs
+                .iter()
+                .map(|p| match p.emits {
+                    inspectflow::operators::OutputType::Fixed(t) => {
+                        format!("{}: {}", p.name, t.name())
+                    }
+                    inspectflow::operators::OutputType::SameAsInput => {
+                        format!("{}: same as input", p.name)
+                    }
+                })
+                .collect(),
+        );
+        println!(
+            "{:<18} {:<9} in [{inputs}]  out [{outputs}]",
+            descriptor.name,
+            descriptor.kind.name()
+        );
+        println!("    {}", descriptor.summary);
+    }
+}
+
+fn schemas(registry: &Registry, out: &std::path::Path, check: bool) -> ExitCode {
+    if check {
+        let stale = schema::stale_files(out, registry);
+        if stale.is_empty() {
+            println!("{}: up to date", out.display());
+            return ExitCode::SUCCESS;
+        }
+        for path in stale {
+            eprintln!("stale: {}", out.join(path).display());
+        }
+        eprintln!(
+            "run `inspectflow schemas --out {}` and commit the result",
+            out.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match schema::write_all(out, registry) {
+        Ok(written) => {
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cannot write schemas to {}: {error}", out.display());
+            ExitCode::FAILURE
+        }
+    }
+}

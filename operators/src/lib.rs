@@ -23,4 +23,4 @@ pub use contract::{
 };
 pub use packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout};
 pub use pool::{BufferPool, PoolStats, PooledBuffer};
-pub use registry::{OperatorDescriptor, Registry};
+pub use registry::{OperatorDescriptor, Registry, simplify_enum_schemas};

@@ -139,6 +139,7 @@ where
         build: impl Fn(P, &str) -> Result<OperatorInstance, OpError> + Send + Sync + 'static,
     ) -> OperatorDescriptor {
         let mut schema = schemars::schema_for!(P).to_value();
+        simplify_enum_schemas(&mut schema);
         if let Value::Object(map) = &mut schema {
             map.insert(
                 "title".into(),
@@ -222,6 +223,57 @@ impl Registry {
     /// The registered name closest to a misspelt one, when one is close enough to suggest.
     pub fn suggest(&self, name: &str) -> Option<&'static str> {
         closest(name, self.operators.keys().copied())
+    }
+}
+
+/// Rewrites schemars' `oneOf` lists of documented constants into a plain `enum` (with the variant
+/// docs folded into the description), so that a wrong value gets "not one of [...]" instead of
+/// "not valid under any of the schemas", and editors offer the values for completion.
+pub fn simplify_enum_schemas(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let constants = map
+                .get("oneOf")
+                .and_then(Value::as_array)
+                .and_then(|variants| {
+                    variants
+                        .iter()
+                        .map(|variant| {
+                            let constant = variant.get("const")?.clone();
+                            let doc = variant
+                                .get("description")
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            Some((constant, doc.to_string()))
+                        })
+                        .collect::<Option<Vec<_>>>()
+                });
+            if let Some(constants) = constants {
+                map.remove("oneOf");
+                let docs: Vec<String> = constants
+                    .iter()
+                    .filter(|(_, doc)| !doc.is_empty())
+                    .map(|(constant, doc)| {
+                        format!("`{}`: {doc}", constant.as_str().unwrap_or_default())
+                    })
+                    .collect();
+                if !docs.is_empty() {
+                    let joined = docs.join("; ");
+                    let description = match map.get("description").and_then(Value::as_str) {
+                        Some(existing) => format!("{existing} {joined}"),
+                        None => joined,
+                    };
+                    map.insert("description".into(), Value::String(description));
+                }
+                map.insert(
+                    "enum".into(),
+                    Value::Array(constants.into_iter().map(|(c, _)| c).collect()),
+                );
+            }
+            map.values_mut().for_each(simplify_enum_schemas);
+        }
+        Value::Array(items) => items.iter_mut().for_each(simplify_enum_schemas),
+        _ => {}
     }
 }
 

@@ -1,0 +1,9 @@
+//! The frame runtime: bounded queues with policies ([`queue`]), the threads that run a graph
+//! ([`pipeline`]) and the metrics they keep ([`metrics`]).
+
+pub mod metrics;
+pub mod pipeline;
+pub mod queue;
+
+pub use metrics::MetricsReport;
+pub use pipeline::{NodeFailure, Pipeline, RunOutcome, StartError, StopHandle};

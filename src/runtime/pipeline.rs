@@ -1,0 +1,620 @@
+//! Running a validated graph: one thread per node, bounded queues between them, end-of-stream
+//! propagation, error handling with restart policies, drain on stop and abort on failure.
+//!
+//! Every operator is built before any thread starts, so a bad parameter (a missing directory)
+//! fails the start with the node named and nothing half-running. Once running, a node's thread
+//! loops: take a packet (or a batch) from its input queue, call the operator, send what it emitted
+//! to every outgoing edge (clones of `Arc`s: fan-out never copies pixels). End of stream closes a
+//! node's outgoing edges, which ends its consumers in turn. A failing operator either restarts
+//! (restart policy) or aborts the graph: every queue wakes its waiters, every thread exits, and
+//! [`Pipeline::wait`] returns the error with the node named.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use inspectflow_operators::{
+    Emitter, OpError, OperatorDescriptor, OperatorInstance, Packet, Sink, Source, SourceContext,
+    SourcePoll, StopSignal, Transform,
+};
+
+use super::metrics::{EdgeReport, MetricsReport, NodeMetrics, NodeReport, QueueReport};
+use super::queue::{EdgeSender, EdgeStats, InputQueue, PopOutcome};
+use crate::graph::{RestartPolicy, ValidatedGraph, ValidatedNode};
+
+/// A node failed and the graph stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("node '{node}' ({op}) failed: {message}")]
+pub struct NodeFailure {
+    /// Node id.
+    pub node: String,
+    /// Operator name.
+    pub op: String,
+    /// The operator's error.
+    pub message: String,
+}
+
+/// Why a pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start pipeline '{pipeline}':\n{}", failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
+pub struct StartError {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Every node that could not be built.
+    pub failures: Vec<NodeFailure>,
+}
+
+/// State shared by all node threads of one pipeline.
+struct Control {
+    started: Instant,
+    /// Sources stop producing (drain).
+    stop: StopSignal,
+    /// Set on failure: everything stops now.
+    aborted: AtomicBool,
+    failure: Mutex<Option<NodeFailure>>,
+    queues: Vec<Arc<InputQueue>>,
+}
+
+impl Control {
+    fn fail(&self, failure: NodeFailure) {
+        tracing::error!("{failure}");
+        {
+            let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(failure);
+            }
+        }
+        self.abort();
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.stop.raise();
+        for queue in &self.queues {
+            queue.abort();
+        }
+    }
+}
+
+/// A handle that stops a running pipeline from another thread (Ctrl-C, an API call).
+#[derive(Clone)]
+pub struct StopHandle {
+    control: Arc<Control>,
+}
+
+impl StopHandle {
+    /// Graceful stop: sources stop, queued packets drain through to the sinks, then the run ends.
+    pub fn stop(&self) {
+        self.control.stop.raise();
+    }
+
+    /// Immediate stop: queued packets are dropped.
+    pub fn abort(&self) {
+        self.control.abort();
+    }
+}
+
+/// How a run ended.
+pub struct RunOutcome {
+    /// Final metrics.
+    pub report: MetricsReport,
+    /// The failure that stopped the graph, if any.
+    pub failure: Option<NodeFailure>,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    name: String,
+    control: Arc<Control>,
+    threads: Vec<JoinHandle<()>>,
+    nodes: Vec<NodeInfo>,
+    edges: Vec<EdgeInfo>,
+}
+
+struct NodeInfo {
+    id: String,
+    op: &'static str,
+    kind: &'static str,
+    metrics: Arc<NodeMetrics>,
+    queue: Option<Arc<InputQueue>>,
+    incoming: Vec<Arc<EdgeStats>>,
+}
+
+struct EdgeInfo {
+    from: String,
+    to: String,
+    queue: Arc<InputQueue>,
+    stats: Arc<EdgeStats>,
+}
+
+/// Everything a node's thread needs besides its operator.
+struct NodeRuntime {
+    id: Arc<str>,
+    descriptor: Arc<OperatorDescriptor>,
+    params: serde_json::Value,
+    restart: crate::graph::RestartSpec,
+    restarts_done: u32,
+    batch: Option<(usize, Duration)>,
+    input: Option<Arc<InputQueue>>,
+    outputs: Vec<Vec<EdgeSender>>,
+    metrics: Arc<NodeMetrics>,
+    control: Arc<Control>,
+}
+
+impl Pipeline {
+    /// Builds every operator, then starts one thread per node.
+    pub fn start(graph: &ValidatedGraph) -> Result<Pipeline, StartError> {
+        let mut instances = Vec::with_capacity(graph.nodes.len());
+        let mut failures = Vec::new();
+        for node in &graph.nodes {
+            match node.descriptor.build(node.params.clone(), &node.id) {
+                Ok(instance) => instances.push(Some(instance)),
+                Err(error) => {
+                    failures.push(failure_of(node, &error));
+                    instances.push(None);
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(StartError {
+                pipeline: graph.name.clone(),
+                failures,
+            });
+        }
+
+        // One queue per connected input port (nodes have at most one input port today).
+        let mut queues: Vec<Option<Arc<InputQueue>>> = vec![None; graph.nodes.len()];
+        for edge in &graph.edges {
+            if queues[edge.to].is_none() {
+                let producers = graph.edges.iter().filter(|e| e.to == edge.to).count();
+                queues[edge.to] = Some(Arc::new(InputQueue::new(
+                    edge.capacity,
+                    edge.policy,
+                    producers,
+                )));
+            }
+        }
+        let control = Arc::new(Control {
+            started: Instant::now(),
+            stop: StopSignal::new(),
+            aborted: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            queues: queues.iter().flatten().cloned().collect(),
+        });
+
+        let metrics: Vec<Arc<NodeMetrics>> = graph
+            .nodes
+            .iter()
+            .map(|_| Arc::new(NodeMetrics::default()))
+            .collect();
+        let mut outputs: Vec<Vec<Vec<EdgeSender>>> = graph
+            .nodes
+            .iter()
+            .map(|node| node.descriptor.outputs.iter().map(|_| Vec::new()).collect())
+            .collect();
+        let mut incoming: Vec<Vec<Arc<EdgeStats>>> = vec![Vec::new(); graph.nodes.len()];
+        let mut edges = Vec::new();
+        for edge in &graph.edges {
+            let Some(queue) = queues[edge.to].clone() else {
+                continue;
+            };
+            let stats = Arc::new(EdgeStats::default());
+            outputs[edge.from][edge.from_port]
+                .push(EdgeSender::new(Arc::clone(&queue), Arc::clone(&stats)));
+            incoming[edge.to].push(Arc::clone(&stats));
+            edges.push(EdgeInfo {
+                from: graph.from_label(edge),
+                to: graph.to_label(edge),
+                queue,
+                stats,
+            });
+        }
+
+        let nodes: Vec<NodeInfo> = graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| NodeInfo {
+                id: node.id.to_string(),
+                op: node.descriptor.name,
+                kind: node.descriptor.kind.name(),
+                metrics: Arc::clone(&metrics[i]),
+                queue: queues[i].clone(),
+                incoming: std::mem::take(&mut incoming[i]),
+            })
+            .collect();
+
+        let mut threads = Vec::with_capacity(graph.nodes.len());
+        for (index, (node, instance)) in graph.nodes.iter().zip(instances).enumerate() {
+            let Some(instance) = instance else { continue };
+            let runtime = NodeRuntime {
+                id: Arc::clone(&node.id),
+                descriptor: Arc::clone(&node.descriptor),
+                params: node.params.clone(),
+                restart: node.restart.clone(),
+                restarts_done: 0,
+                batch: node.batch.as_ref().map(|b| {
+                    (
+                        b.max_size,
+                        Duration::from_secs_f64(b.max_wait_ms.max(0.0) / 1000.0),
+                    )
+                }),
+                input: queues[index].clone(),
+                outputs: std::mem::take(&mut outputs[index]),
+                metrics: Arc::clone(&metrics[index]),
+                control: Arc::clone(&control),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("if-{}", node.id))
+                .spawn(move || runtime.run(instance));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(error) => {
+                    control.abort();
+                    for handle in threads {
+                        let _ = handle.join();
+                    }
+                    return Err(StartError {
+                        pipeline: graph.name.clone(),
+                        failures: vec![NodeFailure {
+                            node: node.id.to_string(),
+                            op: node.descriptor.name.to_string(),
+                            message: format!("cannot start a thread: {error}"),
+                        }],
+                    });
+                }
+            }
+        }
+        tracing::info!(pipeline = %graph.name, nodes = graph.nodes.len(), "pipeline started");
+        Ok(Pipeline {
+            name: graph.name.clone(),
+            control,
+            threads,
+            nodes,
+            edges,
+        })
+    }
+
+    /// A handle for stopping the pipeline from elsewhere.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            control: Arc::clone(&self.control),
+        }
+    }
+
+    /// Whether every node thread has finished.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Current metrics.
+    pub fn report(&self) -> MetricsReport {
+        let failed = self
+            .control
+            .failure
+            .lock()
+            .map(|f| f.is_some())
+            .unwrap_or(true);
+        let state = if failed {
+            "failed"
+        } else if !self.is_finished() {
+            "running"
+        } else if self.control.stop.is_raised() {
+            "stopped"
+        } else {
+            "completed"
+        };
+        self.report_with_state(state)
+    }
+
+    fn report_with_state(&self, state: &str) -> MetricsReport {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let m = &node.metrics;
+                NodeReport {
+                    id: node.id.clone(),
+                    op: node.op.to_string(),
+                    kind: node.kind.to_string(),
+                    packets_in: m.packets_in.load(Ordering::Relaxed),
+                    packets_out: m.packets_out.load(Ordering::Relaxed),
+                    fps: m.rate(),
+                    latency_ms: m.latency.summary(),
+                    queue: node.queue.as_ref().map(|q| QueueReport {
+                        capacity: q.capacity(),
+                        policy: q.policy().name().to_string(),
+                        depth: q.depth(),
+                        max_depth: q.max_depth(),
+                    }),
+                    drops: node
+                        .incoming
+                        .iter()
+                        .map(|s| s.dropped.load(Ordering::Relaxed))
+                        .sum(),
+                    errors: m.errors.load(Ordering::Relaxed),
+                    restarts: m.restarts.load(Ordering::Relaxed),
+                    batches: m.batches.load(Ordering::Relaxed),
+                    end_to_end_ms: m.end_to_end.summary(),
+                }
+            })
+            .collect();
+        let edges = self
+            .edges
+            .iter()
+            .map(|edge| EdgeReport {
+                from: edge.from.clone(),
+                to: edge.to.clone(),
+                policy: edge.queue.policy().name().to_string(),
+                capacity: edge.queue.capacity(),
+                sent: edge.stats.sent.load(Ordering::Relaxed),
+                dropped: edge.stats.dropped.load(Ordering::Relaxed),
+            })
+            .collect();
+        MetricsReport {
+            pipeline: self.name.clone(),
+            state: state.to_string(),
+            elapsed_s: self.control.started.elapsed().as_secs_f64(),
+            nodes,
+            edges,
+        }
+    }
+
+    /// Waits for every node to finish and returns the final metrics and the failure, if any.
+    pub fn wait(mut self) -> RunOutcome {
+        for handle in self.threads.drain(..) {
+            // Panics are caught inside the thread and reported as failures.
+            let _ = handle.join();
+        }
+        let failure = self.control.failure.lock().ok().and_then(|f| f.clone());
+        let report = self.report();
+        tracing::info!(pipeline = %self.name, state = %report.state, "pipeline finished");
+        RunOutcome { report, failure }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.abort();
+            for handle in self.threads.drain(..) {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn failure_of(node: &ValidatedNode, error: &OpError) -> NodeFailure {
+    NodeFailure {
+        node: node.id.to_string(),
+        op: node.descriptor.name.to_string(),
+        message: error.to_string(),
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl NodeRuntime {
+    fn run(mut self, instance: OperatorInstance) {
+        let control = Arc::clone(&self.control);
+        let outcome = catch_unwind(AssertUnwindSafe(|| match instance {
+            OperatorInstance::Source(source) => self.run_source(source),
+            OperatorInstance::Transform(transform) => self.run_transform(transform),
+            OperatorInstance::Sink(sink) => self.run_sink(sink),
+        }));
+        if let Err(payload) = outcome {
+            control.fail(NodeFailure {
+                node: self.id.to_string(),
+                op: self.descriptor.name.to_string(),
+                message: format!("operator panicked: {}", panic_message(payload.as_ref())),
+            });
+        }
+        // End of stream downstream, and upstream learns that nobody listens any more.
+        for port in &mut self.outputs {
+            for sender in port.iter_mut() {
+                sender.close();
+            }
+        }
+        if let Some(input) = &self.input {
+            input.consumer_done();
+        }
+    }
+
+    fn failure(&self, error: &OpError) -> NodeFailure {
+        NodeFailure {
+            node: self.id.to_string(),
+            op: self.descriptor.name.to_string(),
+            message: error.to_string(),
+        }
+    }
+
+    /// After an operator error: a rebuilt operator when the restart policy allows one, or `None`
+    /// after reporting the failure (which aborts the graph).
+    fn recover(&mut self, error: OpError) -> Option<OperatorInstance> {
+        self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        let allowed = self.restart.policy == RestartPolicy::OnFailure
+            && self.restarts_done < self.restart.max_restarts;
+        if !allowed {
+            let mut failure = self.failure(&error);
+            if self.restart.policy == RestartPolicy::OnFailure {
+                failure.message = format!(
+                    "{} (after {} restarts)",
+                    failure.message, self.restarts_done
+                );
+            }
+            self.control.fail(failure);
+            return None;
+        }
+        tracing::warn!(node = %self.id, "operator failed, restarting: {error}");
+        let backoff = Instant::now() + Duration::from_millis(self.restart.backoff_ms);
+        while Instant::now() < backoff && !self.control.aborted.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5).min(backoff - Instant::now()));
+        }
+        match self.descriptor.build(self.params.clone(), &self.id) {
+            Ok(instance) => {
+                self.restarts_done += 1;
+                self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                Some(instance)
+            }
+            Err(rebuild_error) => {
+                let mut failure = self.failure(&rebuild_error);
+                failure.message = format!("restart after '{error}' failed: {}", failure.message);
+                self.control.fail(failure);
+                None
+            }
+        }
+    }
+
+    /// Sends one emitted packet to every edge of its port. False when nobody downstream listens.
+    fn forward(&mut self, port: usize, packet: Packet) -> bool {
+        let Some(senders) = self.outputs.get_mut(port) else {
+            return true;
+        };
+        if let Some((last, others)) = senders.split_last_mut() {
+            for sender in others {
+                sender.send(packet.clone());
+            }
+            last.send(packet);
+        }
+        self.outputs.iter().flatten().any(|sender| sender.is_open())
+    }
+
+    fn forward_emitted(&mut self, emitter: &mut Emitter) -> bool {
+        let mut listening = true;
+        for (port, packet) in emitter.drain() {
+            self.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+            listening = self.forward(port, packet);
+        }
+        listening
+    }
+
+    fn run_source(&mut self, mut source: Box<dyn Source>) {
+        let ctx = SourceContext {
+            stop: self.control.stop.clone(),
+            node_id: Arc::clone(&self.id),
+        };
+        while !ctx.stop.is_raised() {
+            match source.next(&ctx) {
+                Ok(SourcePoll::Packet(packet)) => {
+                    self.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .mark_activity(self.control.started, Instant::now(), 1);
+                    if !self.forward(0, packet) {
+                        break;
+                    }
+                }
+                Ok(SourcePoll::Pending) => {}
+                Ok(SourcePoll::EndOfStream) => break,
+                Err(error) => match self.recover(error) {
+                    Some(OperatorInstance::Source(rebuilt)) => source = rebuilt,
+                    _ => break,
+                },
+            }
+        }
+    }
+
+    fn run_transform(&mut self, mut transform: Box<dyn Transform>) {
+        let Some(input) = self.input.clone() else {
+            return;
+        };
+        let (max, fill_wait) = match self.batch {
+            Some((size, wait)) => (size, Some(wait)),
+            None => (1, None),
+        };
+        let mut batch = Vec::with_capacity(max);
+        let mut emitter = Emitter::new();
+        loop {
+            batch.clear();
+            match input.pop(max, fill_wait, &mut batch) {
+                PopOutcome::Aborted => return,
+                PopOutcome::EndOfStream => {
+                    match transform.finish(&mut emitter) {
+                        Ok(()) => {
+                            self.forward_emitted(&mut emitter);
+                        }
+                        Err(error) => self.control.fail(self.failure(&error)),
+                    }
+                    return;
+                }
+                PopOutcome::Packets => {}
+            }
+            let count = batch.len() as u64;
+            self.metrics.packets_in.fetch_add(count, Ordering::Relaxed);
+            let started = Instant::now();
+            let result = if self.batch.is_some() {
+                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+                transform.process_batch(&mut batch, &mut emitter)
+            } else {
+                match batch.pop() {
+                    Some(packet) => transform.process(packet, &mut emitter),
+                    None => Ok(()),
+                }
+            };
+            let finished = Instant::now();
+            self.metrics.latency.record_n(finished - started, count);
+            self.metrics
+                .mark_activity(self.control.started, finished, count);
+            if let Err(error) = result {
+                // Whatever the operator emitted before failing still goes on.
+                self.forward_emitted(&mut emitter);
+                match self.recover(error) {
+                    Some(OperatorInstance::Transform(rebuilt)) => {
+                        transform = rebuilt;
+                        continue;
+                    }
+                    _ => return,
+                }
+            }
+            if !self.forward_emitted(&mut emitter) {
+                return;
+            }
+        }
+    }
+
+    fn run_sink(&mut self, mut sink: Box<dyn Sink>) {
+        let Some(input) = self.input.clone() else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(1);
+        loop {
+            batch.clear();
+            match input.pop(1, None, &mut batch) {
+                PopOutcome::Aborted => return,
+                PopOutcome::EndOfStream => {
+                    if let Err(error) = sink.finish() {
+                        self.control.fail(self.failure(&error));
+                    }
+                    return;
+                }
+                PopOutcome::Packets => {}
+            }
+            let Some(packet) = batch.pop() else { continue };
+            self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
+            let captured = packet.frame.capture.instant;
+            let started = Instant::now();
+            let result = sink.consume(packet);
+            let finished = Instant::now();
+            self.metrics.latency.record(finished - started);
+            self.metrics
+                .mark_activity(self.control.started, finished, 1);
+            match result {
+                Ok(()) => self
+                    .metrics
+                    .end_to_end
+                    .record(finished.saturating_duration_since(captured)),
+                Err(error) => match self.recover(error) {
+                    Some(OperatorInstance::Sink(rebuilt)) => sink = rebuilt,
+                    _ => return,
+                },
+            }
+        }
+    }
+}
