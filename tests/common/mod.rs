@@ -1,0 +1,110 @@
+//! Helpers shared by the integration tests: a registry with a recording sink, and graph runners.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use inspectflow::graph::{self, ValidatedGraph};
+use inspectflow::operators::{
+    OpError, OperatorDescriptor, OperatorInstance, OperatorKind, Packet, PortType, Registry, Sink,
+};
+use inspectflow::runtime::{Pipeline, RunOutcome};
+
+/// What a probe sink saw of one packet.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    pub sequence: u64,
+    pub pixels_addr: usize,
+    pub end_to_end: Duration,
+    pub had_tensor: bool,
+}
+
+/// Records, per probe node id, every packet it consumed.
+pub type Recordings = Arc<Mutex<HashMap<String, Vec<Seen>>>>;
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ProbeParams {
+    #[serde(default)]
+    sleep_ms: f64,
+}
+
+struct Probe {
+    node: String,
+    delay: Duration,
+    recordings: Recordings,
+}
+
+impl Sink for Probe {
+    fn consume(&mut self, packet: Packet) -> Result<(), OpError> {
+        std::thread::sleep(self.delay);
+        let seen = Seen {
+            sequence: packet.frame.sequence,
+            pixels_addr: packet.frame.pixels_addr(),
+            end_to_end: packet.frame.capture.instant.elapsed(),
+            had_tensor: packet.tensor.is_some(),
+        };
+        self.recordings
+            .lock()
+            .expect("recordings lock")
+            .entry(self.node.clone())
+            .or_default()
+            .push(seen);
+        Ok(())
+    }
+}
+
+/// The built-in operators plus `test.probe`, a sink that records what it sees (optionally
+/// slowly), and `test.tensor_sink`, a sink that needs tensors (for port type checks).
+pub fn registry_with_probe() -> (Registry, Recordings) {
+    let recordings: Recordings = Arc::default();
+    let mut registry = Registry::builtin();
+    let shared = Arc::clone(&recordings);
+    registry.register(
+        OperatorDescriptor::builder::<ProbeParams>("test.probe", OperatorKind::Sink, "Records packets.")
+            .input("in", PortType::Any)
+            .build_with(move |params, node_id| {
+                Ok(OperatorInstance::Sink(Box::new(Probe {
+                    node: node_id.to_string(),
+                    delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
+                    recordings: Arc::clone(&shared),
+                })))
+            }),
+    );
+    let tensors = Arc::clone(&recordings);
+    registry.register(
+        OperatorDescriptor::builder::<ProbeParams>("test.tensor_sink", OperatorKind::Sink, "Needs tensors.")
+            .input("in", PortType::Tensor)
+            .build_with(move |params, node_id| {
+                Ok(OperatorInstance::Sink(Box::new(Probe {
+                    node: node_id.to_string(),
+                    delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
+                    recordings: Arc::clone(&tensors),
+                })))
+            }),
+    );
+    (registry, recordings)
+}
+
+/// Validates YAML graph text, panicking with the errors when invalid.
+pub fn graph_from_yaml(registry: &Registry, yaml: &str) -> ValidatedGraph {
+    graph::load_str("test.yaml", yaml, false, registry).unwrap_or_else(|errors| panic!("invalid graph:\n{errors}"))
+}
+
+/// Runs a graph to its end, failing the test if it takes longer than `limit` (a hang).
+pub fn run_to_end(graph: &ValidatedGraph, limit: Duration) -> RunOutcome {
+    let pipeline = Pipeline::start(graph).unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    while !pipeline.is_finished() {
+        assert!(started.elapsed() < limit, "pipeline did not finish within {limit:?}: it hangs");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pipeline.wait()
+}
+
+/// The recordings of one probe node.
+pub fn seen_by(recordings: &Recordings, node: &str) -> Vec<Seen> {
+    recordings.lock().expect("recordings lock").get(node).cloned().unwrap_or_default()
+}
