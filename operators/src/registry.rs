@@ -243,7 +243,8 @@ pub fn simplify_enum_schemas(schema: &mut Value) {
                             let doc = variant
                                 .get("description")
                                 .and_then(Value::as_str)
-                                .unwrap_or("");
+                                .unwrap_or("")
+                                .trim_end_matches('.');
                             Some((constant, doc.to_string()))
                         })
                         .collect::<Option<Vec<_>>>()

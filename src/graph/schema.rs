@@ -14,7 +14,32 @@ use super::spec::GraphSpec;
 pub fn graph_structure_schema() -> Value {
     let mut schema = schemars::schema_for!(GraphSpec).to_value();
     simplify_enum_schemas(&mut schema);
+    unwrap_optional_objects(&mut schema);
     schema
+}
+
+/// schemars writes an optional struct field as `anyOf: [{$ref}, {type: null}]`, which makes a
+/// mistake inside it surface only as "not valid under any of the schemas". Graph files omit such
+/// fields rather than writing null, so the field's schema becomes the `$ref` itself and errors
+/// point at the wrong value inside it.
+fn unwrap_optional_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let referenced = map.get("anyOf").and_then(Value::as_array).and_then(|options| match options.as_slice() {
+                [reference, null] if null == &json!({"type": "null"}) && reference.get("$ref").is_some() => {
+                    Some(reference.clone())
+                }
+                _ => None,
+            });
+            if let Some(Value::Object(reference)) = referenced {
+                map.remove("anyOf");
+                map.extend(reference);
+            }
+            map.values_mut().for_each(unwrap_optional_objects);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unwrap_optional_objects),
+        _ => {}
+    }
 }
 
 /// The published graph schema: the structure plus, for each built-in operator, its parameter

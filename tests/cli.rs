@@ -1,0 +1,172 @@
+//! The `inspectflow` command line, run as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use inspectflow::graph::schema;
+use inspectflow::operators::Registry;
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+}
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn example_graphs() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path("graphs"))
+        .expect("graphs/ exists")
+        .map(|entry| entry.expect("readable entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "graphs/ holds the demo and one example per feature");
+    files
+}
+
+#[test]
+fn every_example_graph_validates() {
+    let output = binary().arg("validate").args(example_graphs()).output().expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn every_example_graph_runs_to_completion() {
+    for file in example_graphs() {
+        let workdir = tempfile::tempdir().expect("temp dir");
+        let metrics = workdir.path().join("metrics.json");
+        let output = binary()
+            .arg("run")
+            .arg(&file)
+            .arg("--metrics-json")
+            .arg(&metrics)
+            .current_dir(workdir.path())
+            .output()
+            .expect("runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{}:\n{stdout}\n{}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("completed"), "{}: {stdout}", file.display());
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&metrics).expect("metrics written")).expect("JSON");
+        let nodes = report["nodes"].as_array().expect("nodes");
+        assert!(!nodes.is_empty());
+        for node in nodes {
+            if node["kind"] == "sink" {
+                assert!(node["packets_in"].as_u64().expect("count") > 0, "{}: {node}", file.display());
+                assert!(node["end_to_end_ms"]["p99"].is_number(), "{}: {node}", file.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn validate_reports_errors_with_file_line_node_and_field_and_fails() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "nodes:\n  - id: cam\n    op: source.synthetic\n    params: {width: -5}\n  - {id: out, op: sink.null}\nedges:\n  - {from: cam, to: out}\n",
+    )
+    .expect("write");
+    let output = binary().arg("validate").arg(&file).output().expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("{}:4:", file.display())), "{stderr}");
+    assert!(stderr.contains("node 'cam': field 'params.width'"), "{stderr}");
+}
+
+#[test]
+fn graph_prints_dot_with_queues() {
+    let output = binary().arg("graph").arg(repo_path("graphs/demo.yaml")).output().expect("runs");
+    assert!(output.status.success());
+    let dot = String::from_utf8_lossy(&output.stdout);
+    assert!(dot.starts_with("digraph \"demo\""), "{dot}");
+    assert!(dot.contains("\"camera\" -> \"preprocess\""), "{dot}");
+    assert!(dot.contains("block x8"), "{dot}");
+}
+
+#[test]
+fn checked_in_schemas_match_the_code() {
+    let stale = schema::stale_files(&repo_path("schemas"), &Registry::builtin());
+    assert!(
+        stale.is_empty(),
+        "schemas/ is stale ({stale:?}): run `cargo run -- schemas --out schemas` and commit"
+    );
+}
+
+#[test]
+fn the_published_graph_schema_accepts_every_example_and_checks_parameters() {
+    let text = std::fs::read_to_string(repo_path("schemas/graph.schema.json")).expect("schema");
+    let schema: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid JSON Schema");
+    let fanout: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("graphs/fanout.json")).expect("example")).expect("JSON");
+    assert!(validator.is_valid(&fanout));
+    let mut broken = fanout.clone();
+    broken["nodes"][0]["params"]["widht"] = 3.into();
+    assert!(!validator.is_valid(&broken), "per-operator parameter schemas apply");
+}
+
+#[test]
+fn ctrl_c_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let graph = dir.path().join("live.yaml");
+    std::fs::write(
+        &graph,
+        format!(
+            "nodes:\n  - {{id: cam, op: source.synthetic, params: {{width: 320, height: 240, fps: 50, realtime: true}}}}\n  - {{id: out, op: sink.folder, params: {{path: \"{}\", format: jpeg}}}}\nedges:\n  - {{from: cam, to: out, queue: {{policy: block}}}}\n",
+            dir.path().display()
+        ),
+    )
+    .expect("write");
+    let mut child = binary()
+        .arg("run")
+        .arg(&graph)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let index = dir.path().join("results.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&index).map(|t| t.lines().count()).unwrap_or(0) < 10 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no frames written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().expect("kill runs");
+    assert!(status.success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "did not exit after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(exit.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("stopped"), "{stdout}");
+    // Everything produced was written: the summary's count matches the index, line for line.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&index)
+        .expect("index")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("complete JSON line"))
+        .collect();
+    let produced_row = stdout.lines().find(|l| l.starts_with("cam ")).expect("camera row");
+    let produced: usize = produced_row.split_whitespace().nth(3).expect("out column").parse().expect("number");
+    assert_eq!(lines.len(), produced);
+    for line in &lines {
+        assert!(dir.path().join(line["file"].as_str().expect("file")).is_file());
+    }
+}
