@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use inspectflow::graph;
 use inspectflow::operators::{
-    BufferPool, CaptureTime, Frame, ImageLayout, OpError, OperatorDescriptor, OperatorInstance, OperatorKind,
-    OutputType, Packet, PixelFormat, PortType, Registry, Source, SourceContext, SourcePoll,
+    BufferPool, CaptureTime, Frame, ImageLayout, OpError, OperatorDescriptor, OperatorInstance,
+    OperatorKind, OutputType, Packet, PixelFormat, PortType, Registry, Source, SourceContext,
+    SourcePoll,
 };
 use inspectflow::runtime::Pipeline;
 
@@ -45,34 +46,49 @@ impl Source for Replay {
 fn registry() -> Registry {
     let layout = ImageLayout::packed(1920, 1080, PixelFormat::Rgb);
     let pool = BufferPool::new(1);
-    let frame = Frame::new(pool.get(layout.byte_len()), layout, Arc::from("bench"), 0, CaptureTime::now());
+    let frame = Frame::new(
+        pool.get(layout.byte_len()),
+        layout,
+        Arc::from("bench"),
+        0,
+        CaptureTime::now(),
+    );
     let mut registry = Registry::builtin();
     registry.register(
-        OperatorDescriptor::builder::<ReplayParams>("bench.replay", OperatorKind::Source, "Replays one frame.")
-            .output("out", OutputType::Fixed(PortType::Image))
-            .build_with(move |params, _| {
-                Ok(OperatorInstance::Source(Box::new(Replay {
-                    frame: frame.clone(),
-                    remaining: params.frames,
-                    sequence: 0,
-                })))
-            }),
+        OperatorDescriptor::builder::<ReplayParams>(
+            "bench.replay",
+            OperatorKind::Source,
+            "Replays one frame.",
+        )
+        .output("out", OutputType::Fixed(PortType::Image))
+        .build_with(move |params, _| {
+            Ok(OperatorInstance::Source(Box::new(Replay {
+                frame: frame.clone(),
+                remaining: params.frames,
+                sequence: 0,
+            })))
+        }),
     );
     registry
 }
 
 fn chain_yaml(hops: usize, frames: u64) -> String {
-    let mut yaml = format!("nodes:\n  - {{id: src, op: bench.replay, params: {{frames: {frames}}}}}\n");
+    let mut yaml =
+        format!("nodes:\n  - {{id: src, op: bench.replay, params: {{frames: {frames}}}}}\n");
     for i in 0..hops {
         yaml.push_str(&format!("  - {{id: hop{i}, op: identity}}\n"));
     }
     yaml.push_str("  - {id: out, op: sink.null}\nedges:\n");
     let mut previous = "src".to_string();
     for i in 0..hops {
-        yaml.push_str(&format!("  - {{from: {previous}, to: hop{i}, queue: {{capacity: 16}}}}\n"));
+        yaml.push_str(&format!(
+            "  - {{from: {previous}, to: hop{i}, queue: {{capacity: 16}}}}\n"
+        ));
         previous = format!("hop{i}");
     }
-    yaml.push_str(&format!("  - {{from: {previous}, to: out, queue: {{capacity: 16}}}}\n"));
+    yaml.push_str(&format!(
+        "  - {{from: {previous}, to: out, queue: {{capacity: 16}}}}\n"
+    ));
     yaml
 }
 
@@ -80,7 +96,9 @@ fn run_frames(registry: &Registry, hops: usize, frames: u64) -> Duration {
     let graph = graph::load_str("bench.yaml", &chain_yaml(hops, frames), false, registry)
         .unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
-    let outcome = Pipeline::start(&graph).unwrap_or_else(|e| panic!("{e}")).wait();
+    let outcome = Pipeline::start(&graph)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .wait();
     let elapsed = started.elapsed();
     assert!(outcome.failure.is_none());
     elapsed

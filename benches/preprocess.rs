@@ -29,7 +29,9 @@ fn preprocess(c: &mut Criterion) {
         }))
         .expect("valid parameters");
         let mut op = Preprocess::new(params).expect("builds");
-        group.bench_function(method, |b| b.iter(|| black_box(op.tensor_for(black_box(&frame)).expect("runs"))));
+        group.bench_function(method, |b| {
+            b.iter(|| black_box(op.tensor_for(black_box(&frame)).expect("runs")))
+        });
     }
     group.finish();
 }

@@ -140,11 +140,11 @@ fn run(
             code = ExitCode::FAILURE;
         }
     }
-    if let Some(path) = metrics_prometheus {
-        if let Err(error) = std::fs::write(&path, outcome.report.to_prometheus()) {
-            eprintln!("cannot write metrics to {}: {error}", path.display());
-            code = ExitCode::FAILURE;
-        }
+    if let Some(path) = metrics_prometheus
+        && let Err(error) = std::fs::write(&path, outcome.report.to_prometheus())
+    {
+        eprintln!("cannot write metrics to {}: {error}", path.display());
+        code = ExitCode::FAILURE;
     }
     if let Some(failure) = outcome.failure {
         eprintln!("error: {failure}");

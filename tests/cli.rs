@@ -19,16 +19,26 @@ fn example_graphs() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path("graphs"))
         .expect("graphs/ exists")
         .map(|entry| entry.expect("readable entry").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "json"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "json")
+        })
         .collect();
     files.sort();
-    assert!(files.len() >= 5, "graphs/ holds the demo and one example per feature");
+    assert!(
+        files.len() >= 5,
+        "graphs/ holds the demo and one example per feature"
+    );
     files
 }
 
 #[test]
 fn every_example_graph_validates() {
-    let output = binary().arg("validate").args(example_graphs()).output().expect("runs");
+    let output = binary()
+        .arg("validate")
+        .args(example_graphs())
+        .output()
+        .expect("runs");
     assert!(
         output.status.success(),
         "{}",
@@ -58,13 +68,22 @@ fn every_example_graph_runs_to_completion() {
         );
         assert!(stdout.contains("completed"), "{}: {stdout}", file.display());
         let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&metrics).expect("metrics written")).expect("JSON");
+            serde_json::from_str(&std::fs::read_to_string(&metrics).expect("metrics written"))
+                .expect("JSON");
         let nodes = report["nodes"].as_array().expect("nodes");
         assert!(!nodes.is_empty());
         for node in nodes {
             if node["kind"] == "sink" {
-                assert!(node["packets_in"].as_u64().expect("count") > 0, "{}: {node}", file.display());
-                assert!(node["end_to_end_ms"]["p99"].is_number(), "{}: {node}", file.display());
+                assert!(
+                    node["packets_in"].as_u64().expect("count") > 0,
+                    "{}: {node}",
+                    file.display()
+                );
+                assert!(
+                    node["end_to_end_ms"]["p99"].is_number(),
+                    "{}: {node}",
+                    file.display()
+                );
             }
         }
     }
@@ -82,13 +101,23 @@ fn validate_reports_errors_with_file_line_node_and_field_and_fails() {
     let output = binary().arg("validate").arg(&file).output().expect("runs");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("{}:4:", file.display())), "{stderr}");
-    assert!(stderr.contains("node 'cam': field 'params.width'"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:4:", file.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("node 'cam': field 'params.width'"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn graph_prints_dot_with_queues() {
-    let output = binary().arg("graph").arg(repo_path("graphs/demo.yaml")).output().expect("runs");
+    let output = binary()
+        .arg("graph")
+        .arg(repo_path("graphs/demo.yaml"))
+        .output()
+        .expect("runs");
     assert!(output.status.success());
     let dot = String::from_utf8_lossy(&output.stdout);
     assert!(dot.starts_with("digraph \"demo\""), "{dot}");
@@ -110,12 +139,17 @@ fn the_published_graph_schema_accepts_every_example_and_checks_parameters() {
     let text = std::fs::read_to_string(repo_path("schemas/graph.schema.json")).expect("schema");
     let schema: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let validator = jsonschema::validator_for(&schema).expect("a valid JSON Schema");
-    let fanout: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo_path("graphs/fanout.json")).expect("example")).expect("JSON");
+    let fanout: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("graphs/fanout.json")).expect("example"),
+    )
+    .expect("JSON");
     assert!(validator.is_valid(&fanout));
     let mut broken = fanout.clone();
     broken["nodes"][0]["params"]["widht"] = 3.into();
-    assert!(!validator.is_valid(&broken), "per-operator parameter schemas apply");
+    assert!(
+        !validator.is_valid(&broken),
+        "per-operator parameter schemas apply"
+    );
 }
 
 #[test]
@@ -139,23 +173,41 @@ fn ctrl_c_drains_and_exits_cleanly() {
         .expect("starts");
     let index = dir.path().join("results.jsonl");
     let started = Instant::now();
-    while std::fs::read_to_string(&index).map(|t| t.lines().count()).unwrap_or(0) < 10 {
-        assert!(started.elapsed() < Duration::from_secs(30), "no frames written");
+    while std::fs::read_to_string(&index)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 10
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no frames written"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().expect("kill runs");
+    let status = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
     assert!(status.success());
     let started = Instant::now();
     let exit = loop {
         if let Some(exit) = child.try_wait().expect("wait") {
             break exit;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "did not exit after Ctrl-C");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "did not exit after Ctrl-C"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let output = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(exit.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        exit.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("stopped"), "{stdout}");
     // Everything produced was written: the summary's count matches the index, line for line.
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&index)
@@ -163,10 +215,22 @@ fn ctrl_c_drains_and_exits_cleanly() {
         .lines()
         .map(|line| serde_json::from_str(line).expect("complete JSON line"))
         .collect();
-    let produced_row = stdout.lines().find(|l| l.starts_with("cam ")).expect("camera row");
-    let produced: usize = produced_row.split_whitespace().nth(3).expect("out column").parse().expect("number");
+    let produced_row = stdout
+        .lines()
+        .find(|l| l.starts_with("cam "))
+        .expect("camera row");
+    let produced: usize = produced_row
+        .split_whitespace()
+        .nth(3)
+        .expect("out column")
+        .parse()
+        .expect("number");
     assert_eq!(lines.len(), produced);
     for line in &lines {
-        assert!(dir.path().join(line["file"].as_str().expect("file")).is_file());
+        assert!(
+            dir.path()
+                .join(line["file"].as_str().expect("file"))
+                .is_file()
+        );
     }
 }

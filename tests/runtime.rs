@@ -36,8 +36,15 @@ edges:
         .lines()
         .map(|line| serde_json::from_str(line).expect("every line is complete JSON"))
         .collect();
-    let sequences: Vec<u64> = lines.iter().map(|l| l["sequence"].as_u64().expect("sequence")).collect();
-    assert_eq!(sequences, (0..150).collect::<Vec<_>>(), "N in, N out, in order");
+    let sequences: Vec<u64> = lines
+        .iter()
+        .map(|l| l["sequence"].as_u64().expect("sequence"))
+        .collect();
+    assert_eq!(
+        sequences,
+        (0..150).collect::<Vec<_>>(),
+        "N in, N out, in order"
+    );
     for line in &lines {
         let file = line["file"].as_str().expect("file name");
         assert!(dir.path().join(file).is_file(), "{file} listed but missing");
@@ -57,7 +64,11 @@ edges:
   - {from: camera, to: slow, queue: {capacity: 2}}
 "#;
     let graph = graph_from_yaml(&registry, yaml);
-    assert_eq!(graph.edges[0].policy.name(), "drop_oldest", "live sources default to drop_oldest");
+    assert_eq!(
+        graph.edges[0].policy.name(),
+        "drop_oldest",
+        "live sources default to drop_oldest"
+    );
     let outcome = run_to_end(&graph, LIMIT);
     assert!(outcome.failure.is_none());
 
@@ -66,7 +77,11 @@ edges:
     let sink = outcome.report.node("slow").expect("sink metrics");
     assert_eq!(camera.packets_out, 90);
     assert!(sink.drops > 0, "drops are counted");
-    assert_eq!(camera.packets_out, sink.packets_in + sink.drops, "every frame is either consumed or counted as dropped");
+    assert_eq!(
+        camera.packets_out,
+        sink.packets_in + sink.drops,
+        "every frame is either consumed or counted as dropped"
+    );
     assert_eq!(seen.len() as u64, sink.packets_in);
 
     // With a block queue the k-th consumed frame would wait about k * 300 ms more than the first;
@@ -81,8 +96,16 @@ edges:
         );
     }
     let half = seen.len() / 2;
-    let worst_early = seen[..half].iter().map(|s| s.end_to_end).max().expect("early frames");
-    let worst_late = seen[half..].iter().map(|s| s.end_to_end).max().expect("late frames");
+    let worst_early = seen[..half]
+        .iter()
+        .map(|s| s.end_to_end)
+        .max()
+        .expect("early frames");
+    let worst_late = seen[half..]
+        .iter()
+        .map(|s| s.end_to_end)
+        .max()
+        .expect("late frames");
     assert!(
         worst_late < worst_early + Duration::from_millis(333),
         "latency grew from {worst_early:?} to {worst_late:?}"
@@ -107,7 +130,11 @@ edges:
 "#;
     let outcome = run_to_end(&graph_from_yaml(&registry, yaml), LIMIT);
     assert!(outcome.failure.is_none());
-    let (a, b, c) = (seen_by(&recordings, "a"), seen_by(&recordings, "b"), seen_by(&recordings, "c"));
+    let (a, b, c) = (
+        seen_by(&recordings, "a"),
+        seen_by(&recordings, "b"),
+        seen_by(&recordings, "c"),
+    );
     assert_eq!((a.len(), b.len(), c.len()), (200, 200, 200));
     let mut copies = 0;
     for ((a, b), c) in a.iter().zip(&b).zip(&c) {
@@ -116,10 +143,17 @@ edges:
             copies += 1;
         }
     }
-    assert_eq!(copies, 0, "every sink must see the very buffer the source filled");
+    assert_eq!(
+        copies, 0,
+        "every sink must see the very buffer the source filled"
+    );
     // And the buffers are recycled: 200 frames of 6 MB pass through a handful of buffers.
     let distinct: HashSet<usize> = a.iter().map(|s| s.pixels_addr).collect();
-    assert!(distinct.len() <= 16, "{} distinct pixel buffers for 200 frames", distinct.len());
+    assert!(
+        distinct.len() <= 16,
+        "{} distinct pixel buffers for 200 frames",
+        distinct.len()
+    );
 }
 
 #[test]
@@ -178,7 +212,11 @@ edges:
     assert!(outcome.failure.is_none());
     assert_eq!(outcome.report.state, "completed");
     for node in ["one", "two", "out"] {
-        assert_eq!(outcome.report.node(node).expect("metrics").packets_in, 50, "{node}");
+        assert_eq!(
+            outcome.report.node(node).expect("metrics").packets_in,
+            50,
+            "{node}"
+        );
     }
 }
 
@@ -198,7 +236,11 @@ edges:
     let outcome = run_to_end(&graph_from_yaml(&registry, yaml), LIMIT);
     let failure = outcome.failure.expect("the run reports the failure");
     assert_eq!(failure.node, "faulty");
-    assert!(failure.message.contains("injected failure"), "{}", failure.message);
+    assert!(
+        failure.message.contains("injected failure"),
+        "{}",
+        failure.message
+    );
     assert_eq!(outcome.report.state, "failed");
     assert_eq!(outcome.report.node("faulty").expect("metrics").errors, 1);
 }
@@ -243,7 +285,11 @@ edges:
 "#;
     let outcome = run_to_end(&graph_from_yaml(&registry, yaml), LIMIT);
     let failure = outcome.failure.expect("fails after the restarts run out");
-    assert!(failure.message.contains("after 2 restarts"), "{}", failure.message);
+    assert!(
+        failure.message.contains("after 2 restarts"),
+        "{}",
+        failure.message
+    );
 }
 
 #[test]
@@ -265,7 +311,11 @@ edges:
     assert_eq!(outcome.report.state, "stopped");
     let produced = outcome.report.node("camera").expect("metrics").packets_out;
     let seen = seen_by(&recordings, "sink");
-    assert_eq!(seen.len() as u64, produced, "every produced frame reached the sink");
+    assert_eq!(
+        seen.len() as u64,
+        produced,
+        "every produced frame reached the sink"
+    );
     let sequences: Vec<u64> = seen.iter().map(|s| s.sequence).collect();
     assert_eq!(sequences, (0..produced).collect::<Vec<_>>());
 }
@@ -280,7 +330,9 @@ nodes:
 edges:
   - {from: camera, to: archive}
 "#;
-    let error = Pipeline::start(&graph_from_yaml(&registry, yaml)).err().expect("must not start");
+    let error = Pipeline::start(&graph_from_yaml(&registry, yaml))
+        .err()
+        .expect("must not start");
     let text = error.to_string();
     assert!(text.contains("node 'archive'"), "{text}");
     assert!(text.contains("does not exist"), "{text}");

@@ -28,10 +28,22 @@ const VALID_TAIL: &str = "  - {id: out, op: sink.null}\nedges:\n  - {from: cam, 
 
 #[test]
 fn unknown_operator_is_named_with_a_suggestion() {
-    let errors = errors_of(&format!("nodes:\n  - {{id: cam, op: source.synthetik}}\n{VALID_TAIL}"));
+    let errors = errors_of(&format!(
+        "nodes:\n  - {{id: cam, op: source.synthetik}}\n{VALID_TAIL}"
+    ));
     let error = error_for(&errors, Some("cam"), "op");
-    assert!(error.message.contains("unknown operator 'source.synthetik'"), "{}", error.message);
-    assert!(error.message.contains("did you mean 'source.synthetic'"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("unknown operator 'source.synthetik'"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("did you mean 'source.synthetic'"),
+        "{}",
+        error.message
+    );
     assert_eq!(error.line, Some(2));
 }
 
@@ -54,13 +66,25 @@ edges:
 ";
     let errors = errors_of(yaml);
     let ill_typed = error_for(&errors, Some("cam"), "params.width");
-    assert!(ill_typed.message.contains("integer"), "{}", ill_typed.message);
+    assert!(
+        ill_typed.message.contains("integer"),
+        "{}",
+        ill_typed.message
+    );
     assert_eq!(ill_typed.line, Some(5));
     let unknown = error_for(&errors, Some("cam"), "params.fsp");
-    assert!(unknown.message.contains("unknown field 'fsp'"), "{}", unknown.message);
+    assert!(
+        unknown.message.contains("unknown field 'fsp'"),
+        "{}",
+        unknown.message
+    );
     assert_eq!(unknown.line, Some(6));
     let missing = error_for(&errors, Some("pre"), "params.width");
-    assert!(missing.message.contains("missing required field 'width'"), "{}", missing.message);
+    assert!(
+        missing.message.contains("missing required field 'width'"),
+        "{}",
+        missing.message
+    );
     assert_eq!(errors.len(), 3, "{errors:#?}");
 }
 
@@ -70,9 +94,17 @@ fn out_of_range_and_wrong_enum_values_are_reported() {
         "nodes:\n  - {{id: cam, op: source.synthetic, params: {{width: 0, pattern: stripes}}}}\n{VALID_TAIL}"
     );
     let errors = errors_of(&yaml);
-    assert!(error_for(&errors, Some("cam"), "params.width").message.contains("minimum"));
+    assert!(
+        error_for(&errors, Some("cam"), "params.width")
+            .message
+            .contains("minimum")
+    );
     let pattern = error_for(&errors, Some("cam"), "params.pattern");
-    assert!(pattern.message.contains("bars"), "lists the allowed values: {}", pattern.message);
+    assert!(
+        pattern.message.contains("bars"),
+        "lists the allowed values: {}",
+        pattern.message
+    );
 }
 
 #[test]
@@ -86,11 +118,23 @@ edges:
 ";
     let errors = errors_of(yaml);
     let port = error_for(&errors, Some("cam"), "edges[0].from");
-    assert!(port.message.contains("no output port 'video'"), "{}", port.message);
+    assert!(
+        port.message.contains("no output port 'video'"),
+        "{}",
+        port.message
+    );
     assert_eq!(port.line, Some(5));
     let node = error_for(&errors, None, "edges[1].to");
-    assert!(node.message.contains("unknown node 'outt'"), "{}", node.message);
-    assert!(node.message.contains("did you mean 'out'"), "{}", node.message);
+    assert!(
+        node.message.contains("unknown node 'outt'"),
+        "{}",
+        node.message
+    );
+    assert!(
+        node.message.contains("did you mean 'out'"),
+        "{}",
+        node.message
+    );
 }
 
 #[test]
@@ -104,7 +148,13 @@ edges:
 ";
     let errors = errors_of(yaml);
     let error = error_for(&errors, Some("cam"), "id");
-    assert!(error.message.contains("duplicate node id 'cam' (first defined at line 2)"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("duplicate node id 'cam' (first defined at line 2)"),
+        "{}",
+        error.message
+    );
     assert_eq!(error.line, Some(3));
 }
 
@@ -119,8 +169,16 @@ edges:
 ";
     let errors = errors_of(yaml);
     let error = error_for(&errors, Some("model"), "edges[0]");
-    assert!(error.message.contains("port type mismatch"), "{}", error.message);
-    assert!(error.message.contains("'cam.out' emits image"), "{}", error.message);
+    assert!(
+        error.message.contains("port type mismatch"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("'cam.out' emits image"),
+        "{}",
+        error.message
+    );
     assert!(error.message.contains("needs tensor"), "{}", error.message);
 }
 
@@ -155,7 +213,11 @@ edges:
 ";
     let errors = errors_of(yaml);
     let error = error_for(&errors, Some("forgotten"), "inputs.in");
-    assert!(error.message.contains("sink has no input"), "{}", error.message);
+    assert!(
+        error.message.contains("sink has no input"),
+        "{}",
+        error.message
+    );
     assert_eq!(error.line, Some(4));
 }
 
@@ -193,7 +255,11 @@ edges:
   - {from: cam, to: out}
 ";
     let errors = errors_of(yaml);
-    assert!(error_for(&errors, Some("out"), "batch").message.contains("does not take batches"));
+    assert!(
+        error_for(&errors, Some("out"), "batch")
+            .message
+            .contains("does not take batches")
+    );
 }
 
 #[test]
@@ -205,9 +271,21 @@ edges:
   - {from: cam, to: out, queue: {capacity: 0, policy: drop_everything}}
 ";
     let errors = errors_of(yaml);
-    assert!(error_for(&errors, Some("cam"), "restart.policy").message.contains("on_failure"));
-    assert!(error_for(&errors, Some("out"), "opp").message.contains("unknown field"));
-    assert!(error_for(&errors, Some("out"), "op").message.contains("missing required field"));
+    assert!(
+        error_for(&errors, Some("cam"), "restart.policy")
+            .message
+            .contains("on_failure")
+    );
+    assert!(
+        error_for(&errors, Some("out"), "opp")
+            .message
+            .contains("unknown field")
+    );
+    assert!(
+        error_for(&errors, Some("out"), "op")
+            .message
+            .contains("missing required field")
+    );
     error_for(&errors, None, "edges[0].queue.capacity");
     error_for(&errors, None, "edges[0].queue.policy");
 }
@@ -228,7 +306,10 @@ fn yaml_syntax_errors_give_the_line() {
 fn json_graphs_are_validated_with_lines_too() {
     let (registry, _) = registry_with_probe();
     let json = "{\n  \"nodes\": [\n    {\"id\": \"cam\", \"op\": \"source.synthetic\", \"params\": {\"widht\": 3}},\n    {\"id\": \"out\", \"op\": \"sink.null\"}\n  ],\n  \"edges\": [{\"from\": \"cam\", \"to\": \"out\"}]\n}\n";
-    let errors = graph::load_str("line.json", json, true, &registry).err().expect("invalid").0;
+    let errors = graph::load_str("line.json", json, true, &registry)
+        .err()
+        .expect("invalid")
+        .0;
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert_eq!(errors[0].field.as_deref(), Some("params.widht"));
     assert_eq!(errors[0].node.as_deref(), Some("cam"));

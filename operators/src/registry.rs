@@ -19,6 +19,7 @@ use crate::contract::{
 type BuildFn = dyn Fn(Value, &str) -> Result<OperatorInstance, OpError> + Send + Sync;
 type CheckFn = dyn Fn(&Value) -> Result<(), String> + Send + Sync;
 type LiveFn = dyn Fn(&Value) -> bool + Send + Sync;
+type TypedLiveFn<P> = dyn Fn(&P) -> bool + Send + Sync;
 
 /// Everything the engine knows about one operator.
 pub struct OperatorDescriptor {
@@ -102,7 +103,7 @@ pub struct DescriptorBuilder<P> {
     inputs: Vec<InputPort>,
     outputs: Vec<OutputPort>,
     supports_batching: bool,
-    live: Option<Box<dyn Fn(&P) -> bool + Send + Sync>>,
+    live: Option<Box<TypedLiveFn<P>>>,
 }
 
 impl<P> DescriptorBuilder<P>

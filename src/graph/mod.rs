@@ -157,7 +157,7 @@ impl ValidatedGraph {
 
 /// Reads, parses and validates a graph file.
 pub fn load(path: &Path, registry: &Registry) -> Result<ValidatedGraph, GraphErrors> {
-    let document = parse::read_file(path).map_err(|e| GraphErrors(vec![e]))?;
+    let document = parse::read_file(path)?;
     validate::validate(&document, registry)
 }
 
@@ -168,6 +168,6 @@ pub fn load_str(
     is_json: bool,
     registry: &Registry,
 ) -> Result<ValidatedGraph, GraphErrors> {
-    let document = parse::parse_text(file, text, is_json).map_err(|e| GraphErrors(vec![e]))?;
+    let document = parse::parse_text(file, text, is_json)?;
     validate::validate(&document, registry)
 }

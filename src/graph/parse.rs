@@ -12,7 +12,7 @@ use yaml_rust2::Yaml;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-use super::GraphError;
+use super::{GraphError, GraphErrors};
 
 /// A parsed graph document.
 pub struct Document {
@@ -45,10 +45,14 @@ impl Locations {
 }
 
 /// Reads and parses a graph file; `.json` files are parsed as JSON, anything else as YAML.
-pub fn read_file(path: &Path) -> Result<Document, GraphError> {
+pub fn read_file(path: &Path) -> Result<Document, GraphErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| GraphError::in_file(&file, format!("cannot read the file: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        GraphErrors(vec![GraphError::in_file(
+            &file,
+            format!("cannot read the file: {e}"),
+        )])
+    })?;
     let is_json = path
         .extension()
         .is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
@@ -56,12 +60,14 @@ pub fn read_file(path: &Path) -> Result<Document, GraphError> {
 }
 
 /// Parses graph text. `file` names it in errors.
-pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, GraphError> {
+pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, GraphErrors> {
     if is_json {
-        let value: Value = serde_json::from_str(text).map_err(|e| GraphError {
-            line: Some(e.line()),
-            column: Some(e.column()),
-            ..GraphError::in_file(file, format!("invalid JSON: {e}"))
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            GraphErrors(vec![GraphError {
+                line: Some(e.line()),
+                column: Some(e.column()),
+                ..GraphError::in_file(file, format!("invalid JSON: {e}"))
+            }])
         })?;
         // JSON is YAML too; when the YAML reader copes, it supplies positions.
         let locations = parse_yaml(text)
@@ -73,10 +79,12 @@ pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, Gra
             locations,
         });
     }
-    let (value, locations) = parse_yaml(text).map_err(|(message, line, column)| GraphError {
-        line: Some(line),
-        column: Some(column),
-        ..GraphError::in_file(file, format!("invalid YAML: {message}"))
+    let (value, locations) = parse_yaml(text).map_err(|(message, line, column)| {
+        GraphErrors(vec![GraphError {
+            line: Some(line),
+            column: Some(column),
+            ..GraphError::in_file(file, format!("invalid YAML: {message}"))
+        }])
     })?;
     Ok(Document {
         file: file.to_string(),
@@ -174,10 +182,10 @@ impl TreeBuilder {
             Some(Container::Mapping {
                 map, pending_key, ..
             }) => {
-                if let Some(key) = pending_key.take() {
-                    if map.insert(key.clone(), value).is_some() {
-                        self.fail(format!("duplicate key '{key}'"), mark);
-                    }
+                if let Some(key) = pending_key.take()
+                    && map.insert(key.clone(), value).is_some()
+                {
+                    self.fail(format!("duplicate key '{key}'"), mark);
                 }
             }
         }
@@ -311,7 +319,9 @@ mod tests {
     fn reports_yaml_syntax_errors_with_a_line() {
         let error = parse_text("bad.yaml", "nodes:\n  - id: [a\n", false)
             .err()
-            .expect("fails");
+            .expect("fails")
+            .0
+            .remove(0);
         assert_eq!(error.file, "bad.yaml");
         assert!(error.line.is_some());
     }
@@ -320,7 +330,9 @@ mod tests {
     fn rejects_duplicate_keys() {
         let error = parse_text("dup.yaml", "name: a\nname: b\nnodes: []\n", false)
             .err()
-            .expect("fails");
+            .expect("fails")
+            .0
+            .remove(0);
         assert!(
             error.message.contains("duplicate key 'name'"),
             "{}",

@@ -25,12 +25,17 @@ pub fn graph_structure_schema() -> Value {
 fn unwrap_optional_objects(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
-            let referenced = map.get("anyOf").and_then(Value::as_array).and_then(|options| match options.as_slice() {
-                [reference, null] if null == &json!({"type": "null"}) && reference.get("$ref").is_some() => {
-                    Some(reference.clone())
-                }
-                _ => None,
-            });
+            let referenced = map
+                .get("anyOf")
+                .and_then(Value::as_array)
+                .and_then(|options| match options.as_slice() {
+                    [reference, null]
+                        if null == &json!({"type": "null"}) && reference.get("$ref").is_some() =>
+                    {
+                        Some(reference.clone())
+                    }
+                    _ => None,
+                });
             if let Some(Value::Object(reference)) = referenced {
                 map.remove("anyOf");
                 map.extend(reference);
@@ -126,10 +131,10 @@ pub fn stale_files(dir: &Path, registry: &Registry) -> Vec<PathBuf> {
     if let Ok(entries) = std::fs::read_dir(dir.join("operators")) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(op) = name.strip_suffix(".schema.json") {
-                if registry.get(op).is_none() {
-                    stale.push(Path::new("operators").join(name));
-                }
+            if let Some(op) = name.strip_suffix(".schema.json")
+                && registry.get(op).is_none()
+            {
+                stale.push(Path::new("operators").join(name));
             }
         }
     }

@@ -233,15 +233,15 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
                 format!("operator schema is broken: {e}"),
             ),
         }
-        if report.errors.len() == errors_before {
-            if let Err(message) = descriptor.check_params(&node.params) {
-                report.add(
-                    &format!("{pointer}/params"),
-                    Some(&node.id),
-                    Some("params".into()),
-                    message,
-                );
-            }
+        if report.errors.len() == errors_before
+            && let Err(message) = descriptor.check_params(&node.params)
+        {
+            report.add(
+                &format!("{pointer}/params"),
+                Some(&node.id),
+                Some("params".into()),
+                message,
+            );
         }
         if node.batch.is_some() && !descriptor.supports_batching {
             report.add(
@@ -546,20 +546,28 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
     }
 
     // 7. Queues: one per input port; edges into the same port must not disagree about it.
-    let mut port_queue: HashMap<(usize, usize), (usize, Option<usize>, Option<QueuePolicy>)> =
-        HashMap::new();
+    /// Queue settings of one input port, gathered from the edges into it.
+    struct PortQueue {
+        first_edge: usize,
+        capacity: Option<usize>,
+        policy: Option<QueuePolicy>,
+    }
+    let mut port_queue: HashMap<(usize, usize), PortQueue> = HashMap::new();
     for link in &links {
         let spec = edges
             .iter()
             .find(|(index, _)| *index == link.file_index)
             .and_then(|(_, edge)| edge.queue.clone());
         let (capacity, policy) = spec.map(|q| (q.capacity, q.policy)).unwrap_or((None, None));
-        let entry =
-            port_queue
-                .entry((link.to, link.to_port))
-                .or_insert((link.file_index, None, None));
-        let conflict = matches!((entry.1, capacity), (Some(a), Some(b)) if a != b)
-            || matches!((entry.2, policy), (Some(a), Some(b)) if a != b);
+        let entry = port_queue
+            .entry((link.to, link.to_port))
+            .or_insert(PortQueue {
+                first_edge: link.file_index,
+                capacity: None,
+                policy: None,
+            });
+        let conflict = matches!((entry.capacity, capacity), (Some(a), Some(b)) if a != b)
+            || matches!((entry.policy, policy), (Some(a), Some(b)) if a != b);
         if conflict {
             report.add(
                 &format!("/edges/{}/queue", link.file_index),
@@ -567,12 +575,12 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
                 Some(format!("edges[{}].queue", link.file_index)),
                 format!(
                     "edges into the same input share one queue, and edges[{}] configures it differently",
-                    entry.0
+                    entry.first_edge
                 ),
             );
         }
-        entry.1 = entry.1.or(capacity);
-        entry.2 = entry.2.or(policy);
+        entry.capacity = entry.capacity.or(capacity);
+        entry.policy = entry.policy.or(policy);
     }
 
     if !report.errors.is_empty() {
@@ -587,7 +595,9 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
     let validated_edges = links
         .iter()
         .map(|link| {
-            let (_, capacity, policy) = port_queue[&(link.to, link.to_port)];
+            let PortQueue {
+                capacity, policy, ..
+            } = port_queue[&(link.to, link.to_port)];
             let port_live = links
                 .iter()
                 .filter(|l| l.to == link.to && l.to_port == link.to_port)

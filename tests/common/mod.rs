@@ -63,34 +63,43 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
     let mut registry = Registry::builtin();
     let shared = Arc::clone(&recordings);
     registry.register(
-        OperatorDescriptor::builder::<ProbeParams>("test.probe", OperatorKind::Sink, "Records packets.")
-            .input("in", PortType::Any)
-            .build_with(move |params, node_id| {
-                Ok(OperatorInstance::Sink(Box::new(Probe {
-                    node: node_id.to_string(),
-                    delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
-                    recordings: Arc::clone(&shared),
-                })))
-            }),
+        OperatorDescriptor::builder::<ProbeParams>(
+            "test.probe",
+            OperatorKind::Sink,
+            "Records packets.",
+        )
+        .input("in", PortType::Any)
+        .build_with(move |params, node_id| {
+            Ok(OperatorInstance::Sink(Box::new(Probe {
+                node: node_id.to_string(),
+                delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
+                recordings: Arc::clone(&shared),
+            })))
+        }),
     );
     let tensors = Arc::clone(&recordings);
     registry.register(
-        OperatorDescriptor::builder::<ProbeParams>("test.tensor_sink", OperatorKind::Sink, "Needs tensors.")
-            .input("in", PortType::Tensor)
-            .build_with(move |params, node_id| {
-                Ok(OperatorInstance::Sink(Box::new(Probe {
-                    node: node_id.to_string(),
-                    delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
-                    recordings: Arc::clone(&tensors),
-                })))
-            }),
+        OperatorDescriptor::builder::<ProbeParams>(
+            "test.tensor_sink",
+            OperatorKind::Sink,
+            "Needs tensors.",
+        )
+        .input("in", PortType::Tensor)
+        .build_with(move |params, node_id| {
+            Ok(OperatorInstance::Sink(Box::new(Probe {
+                node: node_id.to_string(),
+                delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
+                recordings: Arc::clone(&tensors),
+            })))
+        }),
     );
     (registry, recordings)
 }
 
 /// Validates YAML graph text, panicking with the errors when invalid.
 pub fn graph_from_yaml(registry: &Registry, yaml: &str) -> ValidatedGraph {
-    graph::load_str("test.yaml", yaml, false, registry).unwrap_or_else(|errors| panic!("invalid graph:\n{errors}"))
+    graph::load_str("test.yaml", yaml, false, registry)
+        .unwrap_or_else(|errors| panic!("invalid graph:\n{errors}"))
 }
 
 /// Runs a graph to its end, failing the test if it takes longer than `limit` (a hang).
@@ -98,7 +107,10 @@ pub fn run_to_end(graph: &ValidatedGraph, limit: Duration) -> RunOutcome {
     let pipeline = Pipeline::start(graph).unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     while !pipeline.is_finished() {
-        assert!(started.elapsed() < limit, "pipeline did not finish within {limit:?}: it hangs");
+        assert!(
+            started.elapsed() < limit,
+            "pipeline did not finish within {limit:?}: it hangs"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     pipeline.wait()
@@ -106,5 +118,10 @@ pub fn run_to_end(graph: &ValidatedGraph, limit: Duration) -> RunOutcome {
 
 /// The recordings of one probe node.
 pub fn seen_by(recordings: &Recordings, node: &str) -> Vec<Seen> {
-    recordings.lock().expect("recordings lock").get(node).cloned().unwrap_or_default()
+    recordings
+        .lock()
+        .expect("recordings lock")
+        .get(node)
+        .cloned()
+        .unwrap_or_default()
 }
