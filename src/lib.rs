@@ -1,11 +1,13 @@
 //! inspectflow: a dataflow engine for visual anomaly inspection.
 //!
+//! - [`backbone`]: importing pretrained backbones (PyTorch checkpoints) into OpenVINO IR;
 //! - [`graph`]: graph files (YAML/JSON), validation with precise errors, schemas, DOT;
 //! - [`runtime`]: queues with backpressure policies, one thread per node, metrics.
 //!
 //! Operators and the packet types live in the `inspectflow-operators` crate, re-exported here as
 //! [`operators`].
 
+pub mod backbone;
 pub mod graph;
 pub mod runtime;
 

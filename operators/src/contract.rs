@@ -20,6 +20,8 @@ pub enum PortType {
     Image,
     /// An image plus the model input tensor made from it.
     Tensor,
+    /// An image, its tensor and the model's outputs for it.
+    Inference,
 }
 
 impl PortType {
@@ -27,8 +29,12 @@ impl PortType {
     pub fn satisfies(self, wanted: PortType) -> bool {
         match wanted {
             PortType::Any => true,
-            PortType::Image => matches!(self, PortType::Image | PortType::Tensor),
-            PortType::Tensor => self == PortType::Tensor,
+            PortType::Image => matches!(
+                self,
+                PortType::Image | PortType::Tensor | PortType::Inference
+            ),
+            PortType::Tensor => matches!(self, PortType::Tensor | PortType::Inference),
+            PortType::Inference => self == PortType::Inference,
         }
     }
 
@@ -38,6 +44,7 @@ impl PortType {
             PortType::Any => "any",
             PortType::Image => "image",
             PortType::Tensor => "tensor",
+            PortType::Inference => "inference",
         }
     }
 }

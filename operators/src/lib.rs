@@ -10,6 +10,7 @@
 //! scheduling, so each operator can be tested alone and reused in live and batch graphs.
 
 pub mod contract;
+pub mod decode;
 pub mod infer;
 pub mod packet;
 pub mod pool;

@@ -195,6 +195,16 @@ impl Tensor {
     }
 }
 
+/// One named output of a model run on one frame.
+pub struct ModelOutput {
+    /// Tensor name in the model (`features_s8`, `anomaly_map`, `logits`, ...).
+    pub name: String,
+    /// Dimensions, batch dimension included (always 1 here: batches are split per frame).
+    pub shape: Vec<usize>,
+    /// Values in row-major order.
+    pub values: PooledBuffer<f32>,
+}
+
 /// The unit of data on an edge: a frame plus what operators attached to it.
 #[derive(Clone)]
 pub struct Packet {
@@ -202,6 +212,8 @@ pub struct Packet {
     pub frame: Frame,
     /// The model input made from `frame`, once a `preprocess` operator has run.
     pub tensor: Option<Tensor>,
+    /// The model's outputs for this frame, once an inference operator has run.
+    pub inference: Option<Arc<[ModelOutput]>>,
 }
 
 impl Packet {
@@ -210,6 +222,7 @@ impl Packet {
         Self {
             frame,
             tensor: None,
+            inference: None,
         }
     }
 }

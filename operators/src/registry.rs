@@ -197,6 +197,7 @@ impl Registry {
         for descriptor in [
             crate::source::synthetic::descriptor(),
             crate::transform::preprocess::descriptor(),
+            crate::infer::operator::descriptor(),
             crate::transform::identity::descriptor(),
             crate::sink::null::descriptor(),
             crate::sink::folder::descriptor(),

@@ -506,6 +506,7 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
                 PortType::Any => 0,
                 PortType::Image => 1,
                 PortType::Tensor => 2,
+                PortType::Inference => 3,
             });
         output_types[position] = match node.descriptor.outputs.first().map(|p| p.emits) {
             Some(OutputType::Fixed(t)) => Some(t),

@@ -1,3 +1,6 @@
-//! Inference with OpenVINO: finding the runtime ([`runtime`]).
+//! Inference with OpenVINO: finding the runtime ([`runtime`]), loading models ([`model`]) and the
+//! `infer.openvino` operator ([`operator`]).
 
+pub mod model;
+pub mod operator;
 pub mod runtime;

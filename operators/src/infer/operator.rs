@@ -1,0 +1,241 @@
+//! `infer.openvino`: runs a model on each packet's tensor with OpenVINO and attaches the outputs.
+//!
+//! Several infer requests are kept in flight (`requests`): a packet's inference is started
+//! asynchronously and the operator returns at once for the next packet, so that preprocessing and
+//! the rest of the pipeline overlap inference; results are emitted in arrival order. With `batch`
+//! on the node, one request runs a whole batch (the model is reshaped to the batch size; a short
+//! last batch is padded and the padding's outputs dropped).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openvino::InferRequest;
+use serde::Deserialize;
+
+use super::model::{CompileOptions, LoadedModel, ModelError, PerformanceHint, call};
+use crate::contract::{
+    Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
+};
+use crate::packet::{ModelOutput, Packet};
+use crate::pool::BufferPool;
+use crate::registry::OperatorDescriptor;
+
+/// Parameters of `infer.openvino`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferParams {
+    /// OpenVINO IR (`.xml`, with its `.bin` beside it) or ONNX model.
+    #[schemars(length(min = 1))]
+    pub model: PathBuf,
+    /// Inference device: `CPU`, `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see
+    /// `inspectflow devices`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// OpenVINO performance hint.
+    #[serde(default = "default_hint")]
+    pub hint: PerformanceHint,
+    /// Infer requests in flight.
+    #[serde(default = "default_requests")]
+    #[schemars(range(min = 1, max = 32))]
+    pub requests: usize,
+    /// CPU threads for inference; OpenVINO's choice when absent.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1024))]
+    pub threads: Option<usize>,
+    /// Batch size the model runs with (set the node's `batch.max_size` to the same value).
+    #[serde(default = "default_batch")]
+    #[schemars(range(min = 1, max = 256))]
+    pub batch: usize,
+}
+
+fn default_device() -> String {
+    "CPU".into()
+}
+fn default_hint() -> PerformanceHint {
+    PerformanceHint::Throughput
+}
+fn default_requests() -> usize {
+    2
+}
+fn default_batch() -> usize {
+    1
+}
+
+/// The registry entry.
+pub fn descriptor() -> OperatorDescriptor {
+    OperatorDescriptor::builder::<InferParams>(
+        "infer.openvino",
+        OperatorKind::Transform,
+        "Runs an OpenVINO IR or ONNX model on each packet's tensor, several requests in flight, optionally batched.",
+    )
+    .input("in", PortType::Tensor)
+    .output("out", OutputType::Fixed(PortType::Inference))
+    .batching()
+    .build_with(|params, _node_id| Ok(OperatorInstance::Transform(Box::new(Infer::new(params)?))))
+}
+
+fn model_error(error: ModelError) -> OpError {
+    match error {
+        ModelError::UnknownDevice { .. } => OpError::param("device", error.to_string()),
+        ModelError::Missing(_) | ModelError::Unreadable { .. } => {
+            OpError::param("model", error.to_string())
+        }
+        other => OpError::Failed(other.to_string()),
+    }
+}
+
+/// A request with the packets whose inference it runs.
+struct InFlight {
+    request: InferRequest,
+    packets: Vec<Packet>,
+}
+
+/// The running operator.
+pub struct Infer {
+    model: LoadedModel,
+    batch: usize,
+    idle: Vec<InferRequest>,
+    in_flight: VecDeque<InFlight>,
+    outputs: BufferPool<f32>,
+}
+
+impl Infer {
+    /// Loads and compiles the model and creates the requests.
+    pub fn new(params: InferParams) -> Result<Self, OpError> {
+        let mut model = LoadedModel::load(
+            &params.model,
+            &CompileOptions {
+                device: params.device.clone(),
+                hint: params.hint,
+                threads: params.threads,
+                batch: params.batch,
+            },
+        )
+        .map_err(model_error)?;
+        let idle = (0..params.requests)
+            .map(|_| model.request())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(model_error)?;
+        Ok(Self {
+            model,
+            batch: params.batch,
+            idle,
+            in_flight: VecDeque::new(),
+            outputs: BufferPool::new(64),
+        })
+    }
+
+    /// Starts inference of up to `batch` packets on an idle request (waiting for the oldest one
+    /// to finish when none is idle).
+    fn start(&mut self, packets: Vec<Packet>, out: &mut Emitter) -> Result<(), OpError> {
+        if self.idle.is_empty() {
+            self.complete_oldest(out)?;
+        }
+        let Some(mut request) = self.idle.pop() else {
+            return Err(OpError::Failed("no infer request available".into()));
+        };
+        let per_frame = self.model.input_len() / self.batch;
+        let mut tensor = self.model.input_tensor(&request).map_err(model_error)?;
+        let input = call("filling the input", tensor.get_data_mut::<f32>()).map_err(model_error)?;
+        for (slot, packet) in packets.iter().enumerate() {
+            let Some(data) = packet.tensor.as_ref().map(|t| t.data()) else {
+                return Err(OpError::UnsupportedInput(
+                    "packet has no tensor: put a `preprocess` node before `infer.openvino`".into(),
+                ));
+            };
+            if data.len() != per_frame {
+                return Err(OpError::UnsupportedInput(format!(
+                    "tensor has {} values but model {} expects input shape {:?}",
+                    data.len(),
+                    self.model.path.display(),
+                    self.model.input.shape
+                )));
+            }
+            input[slot * per_frame..(slot + 1) * per_frame].copy_from_slice(data);
+        }
+        // A short batch: zero the unused slots (their outputs are dropped).
+        input[packets.len() * per_frame..].fill(0.0);
+        call("starting inference", request.infer_async()).map_err(model_error)?;
+        self.in_flight.push_back(InFlight { request, packets });
+        Ok(())
+    }
+
+    /// Waits for the oldest request and emits its packets with their outputs.
+    fn complete_oldest(&mut self, out: &mut Emitter) -> Result<(), OpError> {
+        let Some(InFlight {
+            mut request,
+            packets,
+        }) = self.in_flight.pop_front()
+        else {
+            return Ok(());
+        };
+        let waited = call("waiting for inference", request.wait(-1)).map_err(model_error);
+        let result = waited.and_then(|()| self.attach_outputs(&request, packets, out));
+        self.idle.push(request);
+        result
+    }
+
+    /// Copies each output's slice for each packet into pooled buffers and emits the packets.
+    fn attach_outputs(
+        &self,
+        request: &InferRequest,
+        packets: Vec<Packet>,
+        out: &mut Emitter,
+    ) -> Result<(), OpError> {
+        let mut per_packet: Vec<Vec<ModelOutput>> = packets
+            .iter()
+            .map(|_| Vec::with_capacity(self.model.outputs.len()))
+            .collect();
+        for (index, port) in self.model.outputs.iter().enumerate() {
+            let tensor = call(
+                "reading an output",
+                request.get_output_tensor_by_index(index),
+            )
+            .map_err(model_error)?;
+            let values =
+                call("reading output values", tensor.get_data::<f32>()).map_err(model_error)?;
+            let per_frame = values.len() / self.batch;
+            let mut shape: Vec<usize> = port.shape.iter().map(|&d| d.max(0) as usize).collect();
+            if let Some(first) = shape.first_mut() {
+                *first = 1;
+            }
+            for (slot, outputs) in per_packet.iter_mut().enumerate() {
+                let mut buffer = self.outputs.get(per_frame);
+                buffer.copy_from_slice(&values[slot * per_frame..(slot + 1) * per_frame]);
+                outputs.push(ModelOutput {
+                    name: port.name.clone(),
+                    shape: shape.clone(),
+                    values: buffer,
+                });
+            }
+        }
+        for (mut packet, outputs) in packets.into_iter().zip(per_packet) {
+            packet.inference = Some(Arc::from(outputs));
+            out.emit(0, packet);
+        }
+        Ok(())
+    }
+}
+
+impl Transform for Infer {
+    fn process(&mut self, packet: Packet, out: &mut Emitter) -> Result<(), OpError> {
+        self.start(vec![packet], out)
+    }
+
+    fn process_batch(&mut self, batch: &mut Vec<Packet>, out: &mut Emitter) -> Result<(), OpError> {
+        while !batch.is_empty() {
+            let take = batch.len().min(self.batch);
+            let packets: Vec<Packet> = batch.drain(..take).collect();
+            self.start(packets, out)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Emitter) -> Result<(), OpError> {
+        while !self.in_flight.is_empty() {
+            self.complete_oldest(out)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,135 @@
+//! EfficientNet-Lite0 (ImageNet weights, in the layout of the `efficientnet_pytorch` package) as
+//! OpenVINO IR: BatchNorm folded (eps 1e-3), TensorFlow "SAME" padding, ReLU6, no squeeze-excite,
+//! input normalisation `(255 x - 127) / 128` inside the graph. Outputs the stride-8 features
+//! (after block 4, 40 channels), the stride-16 features (after block 10, 112 channels) and the 1000
+//! ImageNet logits.
+
+use super::ir::{IrGraph, Output};
+use super::layers::{Weights, WeightsError, normalise, same_tensorflow};
+
+/// `(expansion, output channels, repeats, first stride)` per stage; kernel sizes come from the
+/// depthwise weights.
+const STAGES: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 40, 2, 2),
+    (6, 80, 3, 2),
+    (6, 112, 3, 1),
+    (6, 192, 4, 2),
+    (6, 320, 1, 1),
+];
+
+/// Block whose output is the stride-8 map.
+const STRIDE_8_BLOCK: usize = 4;
+/// Block whose output is the stride-16 map.
+const STRIDE_16_BLOCK: usize = 10;
+
+/// Builds the network for an RGB input in [0, 1] of `height` x `width`.
+pub fn build(weights: &Weights, height: usize, width: usize) -> Result<IrGraph, WeightsError> {
+    let mut graph = IrGraph::new("efficientnet_lite0");
+    let input = graph.parameter("input", &[1, 3, height, width]);
+    let mut x = normalise(&mut graph, input, [255.0 / 128.0; 3], [-127.0 / 128.0; 3]);
+
+    x = conv_bn_same(weights, &mut graph, x, "_conv_stem", "_bn0", 2)?;
+    x = graph.clamp("stem/relu6", x, 0.0, 6.0);
+
+    let mut block = 0;
+    let mut in_channels = 32;
+    let mut stride_8: Option<Output> = None;
+    let mut stride_16: Option<Output> = None;
+    for (expansion, out_channels, repeats, first_stride) in STAGES {
+        for repeat in 0..repeats {
+            let stride = if repeat == 0 { first_stride } else { 1 };
+            x = mobile_block(
+                weights,
+                &mut graph,
+                x,
+                block,
+                expansion,
+                stride,
+                in_channels == out_channels,
+            )?;
+            in_channels = out_channels;
+            if block == STRIDE_8_BLOCK {
+                stride_8 = Some(x);
+            }
+            if block == STRIDE_16_BLOCK {
+                stride_16 = Some(x);
+            }
+            block += 1;
+        }
+    }
+    x = conv_bn_same(weights, &mut graph, x, "_conv_head", "_bn1", 1)?;
+    x = graph.clamp("head/relu6", x, 0.0, 6.0);
+    let pooled = graph.global_average_pool("pool", x);
+    let logits = weights.linear(&mut graph, pooled, "_fc")?;
+
+    if let (Some(s8), Some(s16)) = (stride_8, stride_16) {
+        graph.result("features_s8", s8);
+        graph.result("features_s16", s16);
+    }
+    graph.result("logits", logits);
+    Ok(graph)
+}
+
+/// A convolution with BatchNorm and TensorFlow "SAME" padding for its kernel and stride.
+fn conv_bn_same(
+    weights: &Weights,
+    graph: &mut IrGraph,
+    input: Output,
+    conv: &str,
+    bn: &str,
+    stride: usize,
+) -> Result<Output, WeightsError> {
+    let kernel = weights.get(&format!("{conv}.weight"), 4)?.shape[2];
+    let shape = graph.shape(input);
+    let pads = same_tensorflow(shape[2], shape[3], kernel, stride);
+    weights.conv_bn(graph, input, conv, bn, stride, pads)
+}
+
+/// `_blocks.{index}`: optional 1x1 expansion, depthwise convolution, 1x1 projection, and the
+/// skip connection when shapes allow.
+fn mobile_block(
+    weights: &Weights,
+    graph: &mut IrGraph,
+    input: Output,
+    index: usize,
+    expansion: usize,
+    stride: usize,
+    same_channels: bool,
+) -> Result<Output, WeightsError> {
+    let prefix = format!("_blocks.{index}");
+    let mut x = input;
+    if expansion != 1 {
+        x = conv_bn_same(
+            weights,
+            graph,
+            x,
+            &format!("{prefix}._expand_conv"),
+            &format!("{prefix}._bn0"),
+            1,
+        )?;
+        x = graph.clamp(&format!("{prefix}/expand_relu6"), x, 0.0, 6.0);
+    }
+    x = conv_bn_same(
+        weights,
+        graph,
+        x,
+        &format!("{prefix}._depthwise_conv"),
+        &format!("{prefix}._bn1"),
+        stride,
+    )?;
+    x = graph.clamp(&format!("{prefix}/depthwise_relu6"), x, 0.0, 6.0);
+    x = conv_bn_same(
+        weights,
+        graph,
+        x,
+        &format!("{prefix}._project_conv"),
+        &format!("{prefix}._bn2"),
+        1,
+    )?;
+    if stride == 1 && same_channels {
+        x = graph.add(&format!("{prefix}/residual"), x, input);
+    }
+    Ok(x)
+}

@@ -1,0 +1,438 @@
+//! A small writer for OpenVINO IR (version 11): the `.xml` graph and the `.bin` weights that
+//! `Core::read_model_from_file` loads. It covers the operations our backbones and heads need,
+//! infers each output's shape as it goes (IR ports carry their dimensions), and writes both files
+//! to temporary names before renaming them, so a crash never leaves a half-written model.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// An output port of a layer, used as the input of later layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Output {
+    layer: usize,
+    port: usize,
+}
+
+/// Element types of tensors in the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    /// 32-bit float.
+    F32,
+    /// 64-bit signed integer (axes, shapes).
+    I64,
+}
+
+impl ElementType {
+    fn ir_name(self) -> &'static str {
+        match self {
+            ElementType::F32 => "f32",
+            ElementType::I64 => "i64",
+        }
+    }
+    fn precision(self) -> &'static str {
+        match self {
+            ElementType::F32 => "FP32",
+            ElementType::I64 => "I64",
+        }
+    }
+}
+
+struct Layer {
+    name: String,
+    kind: &'static str,
+    data: Vec<(&'static str, String)>,
+    inputs: Vec<Output>,
+    outputs: Vec<(Vec<usize>, ElementType, Option<String>)>,
+}
+
+/// A graph under construction.
+pub struct IrGraph {
+    name: String,
+    layers: Vec<Layer>,
+    weights: Vec<u8>,
+}
+
+/// Padding of a 2-D convolution: `[top, left, bottom, right]`.
+pub type Pads = [usize; 4];
+
+/// A 2-D convolution over NCHW input with OIHW weights (`groups` > 1 for grouped and depthwise
+/// convolutions, with `in_per_group` input channels per output channel).
+#[derive(Clone, Copy)]
+pub struct Conv2d<'a> {
+    /// `[out_channels, in_per_group, kernel_h, kernel_w]`.
+    pub weight_shape: [usize; 4],
+    /// Weights in that order.
+    pub weights: &'a [f32],
+    /// One bias per output channel.
+    pub bias: &'a [f32],
+    /// Stride in both directions.
+    pub stride: usize,
+    /// Padding.
+    pub pads: Pads,
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl IrGraph {
+    /// An empty graph called `name`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            layers: Vec::new(),
+            weights: Vec::new(),
+        }
+    }
+
+    /// The shape of an output.
+    pub fn shape(&self, output: Output) -> &[usize] {
+        &self.layers[output.layer].outputs[output.port].0
+    }
+
+    /// Adds an opset1 layer with one f32 output of `shape`.
+    fn push(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        data: Vec<(&'static str, String)>,
+        inputs: &[Output],
+        shape: Vec<usize>,
+    ) -> Output {
+        self.layers.push(Layer {
+            name: name.to_string(),
+            kind,
+            data,
+            inputs: inputs.to_vec(),
+            outputs: vec![(shape, ElementType::F32, None)],
+        });
+        Output {
+            layer: self.layers.len() - 1,
+            port: 0,
+        }
+    }
+
+    /// A graph input of type f32.
+    pub fn parameter(&mut self, name: &str, shape: &[usize]) -> Output {
+        let output = self.push(
+            name,
+            "Parameter",
+            vec![("shape", join(shape)), ("element_type", "f32".into())],
+            &[],
+            shape.to_vec(),
+        );
+        self.layers[output.layer].outputs[0].2 = Some(name.to_string());
+        output
+    }
+
+    fn constant(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        element: ElementType,
+        bytes: &[u8],
+    ) -> Output {
+        // Keep every constant 64-byte aligned in the weights file.
+        while !self.weights.len().is_multiple_of(64) {
+            self.weights.push(0);
+        }
+        let offset = self.weights.len();
+        self.weights.extend_from_slice(bytes);
+        let output = self.push(
+            name,
+            "Const",
+            vec![
+                ("element_type", element.ir_name().into()),
+                ("shape", join(shape)),
+                ("offset", offset.to_string()),
+                ("size", bytes.len().to_string()),
+            ],
+            &[],
+            shape.to_vec(),
+        );
+        self.layers[output.layer].outputs[0].1 = element;
+        output
+    }
+
+    /// An f32 constant; `data` holds the product of `shape` values in row-major order.
+    pub fn constant_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) -> Output {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.constant(name, shape, ElementType::F32, &bytes)
+    }
+
+    /// An i64 constant.
+    pub fn constant_i64(&mut self, name: &str, shape: &[usize], data: &[i64]) -> Output {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.constant(name, shape, ElementType::I64, &bytes)
+    }
+
+    /// 2-D convolution of an NCHW input, plus its per-channel bias.
+    pub fn convolution(&mut self, name: &str, input: Output, conv: &Conv2d) -> Output {
+        let Conv2d {
+            weight_shape,
+            weights,
+            bias,
+            stride,
+            pads,
+            groups,
+        } = *conv;
+        let [out_channels, in_per_group, kernel_h, kernel_w] = weight_shape;
+        let input_shape = self.shape(input).to_vec();
+        let (n, h, w) = (input_shape[0], input_shape[2], input_shape[3]);
+        let out_h = (h + pads[0] + pads[2] - kernel_h) / stride + 1;
+        let out_w = (w + pads[1] + pads[3] - kernel_w) / stride + 1;
+        let data = vec![
+            ("strides", format!("{stride},{stride}")),
+            ("dilations", "1,1".into()),
+            ("pads_begin", format!("{},{}", pads[0], pads[1])),
+            ("pads_end", format!("{},{}", pads[2], pads[3])),
+            ("auto_pad", "explicit".into()),
+        ];
+        let convolved = if groups == 1 {
+            let kernel = self.constant_f32(&format!("{name}/weights"), &weight_shape, weights);
+            self.push(
+                name,
+                "Convolution",
+                data,
+                &[input, kernel],
+                vec![n, out_channels, out_h, out_w],
+            )
+        } else {
+            let grouped_shape = [
+                groups,
+                out_channels / groups,
+                in_per_group,
+                kernel_h,
+                kernel_w,
+            ];
+            let kernel = self.constant_f32(&format!("{name}/weights"), &grouped_shape, weights);
+            self.push(
+                name,
+                "GroupConvolution",
+                data,
+                &[input, kernel],
+                vec![n, out_channels, out_h, out_w],
+            )
+        };
+        let bias = self.constant_f32(&format!("{name}/bias"), &[1, out_channels, 1, 1], bias);
+        self.add(&format!("{name}/add_bias"), convolved, bias)
+    }
+
+    fn binary(&mut self, name: &str, kind: &'static str, a: Output, b: Output) -> Output {
+        let shape = broadcast(self.shape(a), self.shape(b));
+        self.push(
+            name,
+            kind,
+            vec![("auto_broadcast", "numpy".into())],
+            &[a, b],
+            shape,
+        )
+    }
+
+    /// Element-wise sum with NumPy broadcasting.
+    pub fn add(&mut self, name: &str, a: Output, b: Output) -> Output {
+        self.binary(name, "Add", a, b)
+    }
+
+    /// Element-wise product with NumPy broadcasting.
+    pub fn multiply(&mut self, name: &str, a: Output, b: Output) -> Output {
+        self.binary(name, "Multiply", a, b)
+    }
+
+    /// Clamp to `[min, max]` (ReLU6 is `clamp(0, 6)`).
+    pub fn clamp(&mut self, name: &str, input: Output, min: f32, max: f32) -> Output {
+        let shape = self.shape(input).to_vec();
+        self.push(
+            name,
+            "Clamp",
+            vec![("min", format!("{min}")), ("max", format!("{max}"))],
+            &[input],
+            shape,
+        )
+    }
+
+    /// Mean over the spatial axes of an NCHW tensor: `[n, c]`.
+    pub fn global_average_pool(&mut self, name: &str, input: Output) -> Output {
+        let shape = self.shape(input).to_vec();
+        let axes = self.constant_i64(&format!("{name}/axes"), &[2], &[2, 3]);
+        self.push(
+            name,
+            "ReduceMean",
+            vec![("keep_dims", "false".into())],
+            &[input, axes],
+            vec![shape[0], shape[1]],
+        )
+    }
+
+    /// A fully connected layer: `input [n, k] x weights [m, k]^T + bias [m]`.
+    pub fn linear(
+        &mut self,
+        name: &str,
+        input: Output,
+        weights: &[f32],
+        bias: &[f32],
+        out_features: usize,
+    ) -> Output {
+        let in_features = self.shape(input)[1];
+        let batch = self.shape(input)[0];
+        let matrix = self.constant_f32(
+            &format!("{name}/weights"),
+            &[out_features, in_features],
+            weights,
+        );
+        let product = self.push(
+            name,
+            "MatMul",
+            vec![
+                ("transpose_a", "false".into()),
+                ("transpose_b", "true".into()),
+            ],
+            &[input, matrix],
+            vec![batch, out_features],
+        );
+        let bias = self.constant_f32(&format!("{name}/bias"), &[1, out_features], bias);
+        self.add(&format!("{name}/add_bias"), product, bias)
+    }
+
+    /// Marks `output` as a graph output called `name`.
+    pub fn result(&mut self, name: &str, output: Output) {
+        self.layers[output.layer].outputs[output.port].2 = Some(name.to_string());
+        self.layers.push(Layer {
+            name: format!("{name}/sink_port_0"),
+            kind: "Result",
+            data: Vec::new(),
+            inputs: vec![output],
+            outputs: Vec::new(),
+        });
+    }
+
+    /// The `.xml` text.
+    pub fn xml(&self) -> String {
+        let mut xml = String::new();
+        let _ = writeln!(xml, "<?xml version=\"1.0\"?>");
+        let _ = writeln!(xml, "<net name=\"{}\" version=\"11\">", escape(&self.name));
+        let _ = writeln!(xml, "\t<layers>");
+        let mut edges = Vec::new();
+        for (id, layer) in self.layers.iter().enumerate() {
+            let _ = writeln!(
+                xml,
+                "\t\t<layer id=\"{id}\" name=\"{}\" type=\"{}\" version=\"opset1\">",
+                escape(&layer.name),
+                layer.kind
+            );
+            if !layer.data.is_empty() {
+                let attributes: Vec<String> = layer
+                    .data
+                    .iter()
+                    .map(|(key, value)| format!("{key}=\"{}\"", escape(value)))
+                    .collect();
+                let _ = writeln!(xml, "\t\t\t<data {}/>", attributes.join(" "));
+            }
+            if !layer.inputs.is_empty() {
+                let _ = writeln!(xml, "\t\t\t<input>");
+                for (port, source) in layer.inputs.iter().enumerate() {
+                    let (shape, element, _) = &self.layers[source.layer].outputs[source.port];
+                    let _ = writeln!(
+                        xml,
+                        "\t\t\t\t<port id=\"{port}\" precision=\"{}\">{}</port>",
+                        element.precision(),
+                        dims(shape)
+                    );
+                    edges.push((
+                        source.layer,
+                        self.layers[source.layer].inputs.len() + source.port,
+                        id,
+                        port,
+                    ));
+                }
+                let _ = writeln!(xml, "\t\t\t</input>");
+            }
+            if !layer.outputs.is_empty() {
+                let _ = writeln!(xml, "\t\t\t<output>");
+                for (index, (shape, element, names)) in layer.outputs.iter().enumerate() {
+                    let port = layer.inputs.len() + index;
+                    let names = names
+                        .as_ref()
+                        .map(|n| format!(" names=\"{}\"", escape(n)))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        xml,
+                        "\t\t\t\t<port id=\"{port}\" precision=\"{}\"{names}>{}</port>",
+                        element.precision(),
+                        dims(shape)
+                    );
+                }
+                let _ = writeln!(xml, "\t\t\t</output>");
+            }
+            let _ = writeln!(xml, "\t\t</layer>");
+        }
+        let _ = writeln!(xml, "\t</layers>");
+        let _ = writeln!(xml, "\t<edges>");
+        for (from_layer, from_port, to_layer, to_port) in edges {
+            let _ = writeln!(
+                xml,
+                "\t\t<edge from-layer=\"{from_layer}\" from-port=\"{from_port}\" to-layer=\"{to_layer}\" to-port=\"{to_port}\"/>"
+            );
+        }
+        let _ = writeln!(xml, "\t</edges>");
+        let _ = writeln!(xml, "</net>");
+        xml
+    }
+
+    /// The `.bin` bytes.
+    pub fn weights(&self) -> &[u8] {
+        &self.weights
+    }
+
+    /// Writes `xml_path` and the `.bin` beside it (same stem), each through a temporary file and a
+    /// rename.
+    pub fn write(&self, xml_path: &Path) -> std::io::Result<()> {
+        let bin_path = xml_path.with_extension("bin");
+        write_atomically(&bin_path, &self.weights)?;
+        write_atomically(xml_path, self.xml().as_bytes())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+fn join(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn dims(shape: &[usize]) -> String {
+    shape.iter().map(|d| format!("<dim>{d}</dim>")).collect()
+}
+
+fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let rank = a.len().max(b.len());
+    (0..rank)
+        .map(|i| {
+            let pick = |s: &[usize]| {
+                if i + s.len() >= rank {
+                    s[i + s.len() - rank]
+                } else {
+                    1
+                }
+            };
+            pick(a).max(pick(b))
+        })
+        .collect()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,130 @@
+//! torchvision's MobileNetV2 (ImageNet weights) as OpenVINO IR: BatchNorm folded into the
+//! convolutions (eps 1e-5), ImageNet mean/std normalisation inside the graph, outputs the stride-8
+//! features (after `features.6`, 32 channels), the stride-16 features (after `features.13`, 96
+//! channels) and the 1000 ImageNet logits.
+
+use super::ir::{IrGraph, Output};
+use super::layers::{Weights, WeightsError, normalise, same_symmetric};
+
+/// `(expansion, output channels, repeats, first stride)` per stage, as in the paper.
+const STAGES: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+
+/// Index in `features` whose output is the stride-8 map.
+const STRIDE_8_BLOCK: usize = 6;
+/// Index in `features` whose output is the stride-16 map.
+const STRIDE_16_BLOCK: usize = 13;
+
+/// Builds the network for an RGB input in [0, 1] of `height` x `width`.
+pub fn build(weights: &Weights, height: usize, width: usize) -> Result<IrGraph, WeightsError> {
+    let mut graph = IrGraph::new("mobilenet_v2");
+    let input = graph.parameter("input", &[1, 3, height, width]);
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let scale = [1.0 / std[0], 1.0 / std[1], 1.0 / std[2]];
+    let shift = [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]];
+    let mut x = normalise(&mut graph, input, scale, shift);
+
+    x = weights.conv_bn(
+        &mut graph,
+        x,
+        "features.0.0",
+        "features.0.1",
+        2,
+        same_symmetric(3),
+    )?;
+    x = graph.clamp("features.0/relu6", x, 0.0, 6.0);
+
+    let mut block = 1;
+    let mut in_channels = 32;
+    let mut stride_8: Option<Output> = None;
+    let mut stride_16: Option<Output> = None;
+    for (expansion, out_channels, repeats, first_stride) in STAGES {
+        for repeat in 0..repeats {
+            let stride = if repeat == 0 { first_stride } else { 1 };
+            x = inverted_residual(
+                weights,
+                &mut graph,
+                x,
+                block,
+                expansion,
+                stride,
+                in_channels == out_channels,
+            )?;
+            in_channels = out_channels;
+            if block == STRIDE_8_BLOCK {
+                stride_8 = Some(x);
+            }
+            if block == STRIDE_16_BLOCK {
+                stride_16 = Some(x);
+            }
+            block += 1;
+        }
+    }
+    x = weights.conv_bn(&mut graph, x, "features.18.0", "features.18.1", 1, [0; 4])?;
+    x = graph.clamp("features.18/relu6", x, 0.0, 6.0);
+    let pooled = graph.global_average_pool("pool", x);
+    let logits = weights.linear(&mut graph, pooled, "classifier.1")?;
+
+    if let (Some(s8), Some(s16)) = (stride_8, stride_16) {
+        graph.result("features_s8", s8);
+        graph.result("features_s16", s16);
+    }
+    graph.result("logits", logits);
+    Ok(graph)
+}
+
+/// One inverted residual block `features.{index}`: optional 1x1 expansion, 3x3 depthwise,
+/// 1x1 projection, and the skip connection when shapes allow.
+fn inverted_residual(
+    weights: &Weights,
+    graph: &mut IrGraph,
+    input: Output,
+    index: usize,
+    expansion: usize,
+    stride: usize,
+    same_channels: bool,
+) -> Result<Output, WeightsError> {
+    let prefix = format!("features.{index}.conv");
+    let mut x = input;
+    let mut layer = 0;
+    if expansion != 1 {
+        x = weights.conv_bn(
+            graph,
+            x,
+            &format!("{prefix}.0.0"),
+            &format!("{prefix}.0.1"),
+            1,
+            [0; 4],
+        )?;
+        x = graph.clamp(&format!("{prefix}.0/relu6"), x, 0.0, 6.0);
+        layer = 1;
+    }
+    x = weights.conv_bn(
+        graph,
+        x,
+        &format!("{prefix}.{layer}.0"),
+        &format!("{prefix}.{layer}.1"),
+        stride,
+        same_symmetric(3),
+    )?;
+    x = graph.clamp(&format!("{prefix}.{layer}/relu6"), x, 0.0, 6.0);
+    x = weights.conv_bn(
+        graph,
+        x,
+        &format!("{prefix}.{}", layer + 1),
+        &format!("{prefix}.{}", layer + 2),
+        1,
+        [0; 4],
+    )?;
+    if stride == 1 && same_channels {
+        x = graph.add(&format!("features.{index}/residual"), x, input);
+    }
+    Ok(x)
+}
