@@ -49,6 +49,12 @@ enum Command {
     },
     /// List the operators with their ports.
     Operators,
+    /// List the pretrained backbones and whether their weights are installed, or export one as
+    /// OpenVINO IR.
+    Backbones {
+        #[command(subcommand)]
+        action: Option<BackbonesAction>,
+    },
     /// List OpenVINO's inference devices on this machine.
     Devices {
         /// Print JSON instead of a table.
@@ -63,6 +69,22 @@ enum Command {
         /// Only check that the directory is up to date; exit non-zero when stale.
         #[arg(long)]
         check: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackbonesAction {
+    /// Write a backbone as OpenVINO IR (outputs features_s8, features_s16, logits; input RGB in
+    /// [0, 1], NCHW).
+    Export {
+        /// mobilenet_v2 or efficientnet_lite0.
+        name: String,
+        /// Square input size in pixels (a multiple of 32).
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// The .xml to write (the .bin goes beside it).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -98,6 +120,7 @@ fn main() -> ExitCode {
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
         Command::Devices { json } => devices(json),
+        Command::Backbones { action } => backbones(action),
     }
 }
 
@@ -220,6 +243,52 @@ fn list_operators(registry: &Registry) {
             descriptor.kind.name()
         );
         println!("    {}", descriptor.summary);
+    }
+}
+
+fn backbones(action: Option<BackbonesAction>) -> ExitCode {
+    use inspectflow::backbone::Backbone;
+    match action {
+        None => {
+            for backbone in Backbone::ALL {
+                let info = backbone.info();
+                let weights = info
+                    .weights
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_else(|| {
+                        format!("not installed (scripts/setup.sh installs {})", info.package)
+                    });
+                println!(
+                    "{:<20} features s8/s16: {}/{} channels  weights: {weights}",
+                    info.name, info.feature_channels[0], info.feature_channels[1]
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Some(BackbonesAction::Export { name, size, out }) => {
+            let Some(backbone) = Backbone::from_name(&name) else {
+                let known: Vec<&str> = Backbone::ALL.iter().map(|b| b.name()).collect();
+                eprintln!(
+                    "error: unknown backbone '{name}'; known: {}",
+                    known.join(", ")
+                );
+                return ExitCode::FAILURE;
+            };
+            match backbone.import(size, &out) {
+                Ok(()) => {
+                    println!(
+                        "wrote {} and {}",
+                        out.display(),
+                        out.with_extension("bin").display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -72,6 +72,7 @@ fn check(backbone: Backbone) {
             device: "CPU".into(),
             hint: PerformanceHint::Latency,
             threads: None,
+            streams: None,
             batch: 1,
         },
     )

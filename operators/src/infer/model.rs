@@ -95,6 +95,8 @@ pub struct CompileOptions {
     pub hint: PerformanceHint,
     /// CPU threads for inference; OpenVINO decides when `None`.
     pub threads: Option<usize>,
+    /// Parallel inference streams; the hint decides when `None`.
+    pub streams: Option<usize>,
     /// Batch size of the input (the model is reshaped when it differs).
     pub batch: usize,
 }

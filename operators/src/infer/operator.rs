@@ -43,6 +43,10 @@ pub struct InferParams {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1024))]
     pub threads: Option<usize>,
+    /// Parallel inference streams (OpenVINO's NUM_STREAMS); the hint's choice when absent.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 64))]
+    pub streams: Option<usize>,
     /// Batch size the model runs with (set the node's `batch.max_size` to the same value).
     #[serde(default = "default_batch")]
     #[schemars(range(min = 1, max = 256))]
@@ -109,6 +113,7 @@ impl Infer {
                 device: params.device.clone(),
                 hint: params.hint,
                 threads: params.threads,
+                streams: params.streams,
                 batch: params.batch,
             },
         )
@@ -170,7 +175,12 @@ impl Infer {
         else {
             return Ok(());
         };
-        let waited = call("waiting for inference", request.wait(-1)).map_err(model_error);
+        // OpenVINO rejects an infinite wait; ten minutes means the device is stuck.
+        let waited = call(
+            "waiting for inference (10 minutes at most)",
+            request.wait(600_000),
+        )
+        .map_err(model_error);
         let result = waited.and_then(|()| self.attach_outputs(&request, packets, out));
         self.idle.push(request);
         result
