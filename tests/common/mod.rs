@@ -13,12 +13,14 @@ use inspectflow::operators::{
 use inspectflow::runtime::{Pipeline, RunOutcome};
 
 /// What a probe sink saw of one packet.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Seen {
     pub sequence: u64,
     pub pixels_addr: usize,
     pub end_to_end: Duration,
     pub had_tensor: bool,
+    /// Name and shape of each model output attached to the packet.
+    pub inference: Vec<(String, Vec<usize>)>,
 }
 
 /// Records, per probe node id, every packet it consumed.
@@ -45,6 +47,15 @@ impl Sink for Probe {
             pixels_addr: packet.frame.pixels_addr(),
             end_to_end: packet.frame.capture.instant.elapsed(),
             had_tensor: packet.tensor.is_some(),
+            inference: packet
+                .inference
+                .iter()
+                .flat_map(|outputs| outputs.iter())
+                .map(|output| {
+                    assert_eq!(output.values.len(), output.shape.iter().product::<usize>());
+                    (output.name.clone(), output.shape.clone())
+                })
+                .collect(),
         };
         self.recordings
             .lock()

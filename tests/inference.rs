@@ -1,0 +1,227 @@
+//! `infer.openvino` in pipelines, on the real OpenVINO runtime with an imported backbone, and its
+//! errors: a wrong device, a corrupt model, a missing runtime, a tensor of the wrong size.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{graph_from_yaml, registry_with_probe, run_to_end, seen_by};
+use inspectflow::backbone::Backbone;
+use inspectflow::runtime::Pipeline;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn mobilenet(dir: &Path) -> PathBuf {
+    let xml = dir.join("mobilenet_v2.xml");
+    Backbone::MobilenetV2
+        .import(224, &xml)
+        .unwrap_or_else(|e| panic!("{e}"));
+    xml
+}
+
+fn pipeline_yaml(
+    model: &Path,
+    frames: u64,
+    tensor_size: u32,
+    infer_extra: &str,
+    node_extra: &str,
+) -> String {
+    format!(
+        r#"
+nodes:
+  - {{id: camera, op: source.synthetic, params: {{width: 320, height: 240, frames: {frames}}}}}
+  - {{id: pre, op: preprocess, params: {{width: {tensor_size}, height: {tensor_size}}}}}
+  - {{id: infer, op: infer.openvino, params: {{model: "{}", requests: 3{infer_extra}}}{node_extra}}}
+  - {{id: probe, op: test.probe}}
+edges:
+  - {{from: camera, to: pre}}
+  - {{from: pre, to: infer, queue: {{capacity: 8}}}}
+  - {{from: infer, to: probe}}
+"#,
+        model.display()
+    )
+}
+
+#[test]
+fn every_frame_gets_the_model_outputs_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let (registry, recordings) = registry_with_probe();
+    let outcome = run_to_end(
+        &graph_from_yaml(&registry, &pipeline_yaml(&model, 20, 224, "", "")),
+        LIMIT,
+    );
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let seen = seen_by(&recordings, "probe");
+    assert_eq!(
+        seen.iter().map(|s| s.sequence).collect::<Vec<_>>(),
+        (0..20).collect::<Vec<_>>()
+    );
+    for frame in &seen {
+        assert_eq!(
+            frame.inference,
+            vec![
+                ("features_s8".to_string(), vec![1, 32, 28, 28]),
+                ("features_s16".to_string(), vec![1, 96, 14, 14]),
+                ("logits".to_string(), vec![1, 1000]),
+            ]
+        );
+    }
+}
+
+#[test]
+fn batched_inference_splits_outputs_per_frame_and_flushes_a_short_batch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let (registry, recordings) = registry_with_probe();
+    let yaml = pipeline_yaml(
+        &model,
+        10,
+        224,
+        ", batch: 4",
+        ", batch: {max_size: 4, max_wait_ms: 50}",
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let seen = seen_by(&recordings, "probe");
+    assert_eq!(
+        seen.iter().map(|s| s.sequence).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    assert!(
+        seen.iter()
+            .all(|s| s.inference.len() == 3 && s.inference[2].1 == vec![1, 1000])
+    );
+    assert!(outcome.report.node("infer").expect("metrics").batches >= 3);
+}
+
+#[test]
+fn an_unknown_device_fails_the_start_naming_the_field_and_the_devices() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let (registry, _) = registry_with_probe();
+    let graph = graph_from_yaml(
+        &registry,
+        &pipeline_yaml(&model, 1, 224, ", device: XPU", ""),
+    );
+    let error = Pipeline::start(&graph)
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(error.contains("node 'infer'"), "{error}");
+    assert!(error.contains("parameter 'device'"), "{error}");
+    assert!(
+        error.contains("'XPU' is not available here; available: CPU"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_corrupt_or_missing_model_fails_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let corrupt = dir.path().join("broken.xml");
+    std::fs::write(&corrupt, "<net><layers><layer id=").expect("write");
+    std::fs::write(dir.path().join("broken.bin"), [0u8; 16]).expect("write");
+    let (registry, _) = registry_with_probe();
+    let error = Pipeline::start(&graph_from_yaml(
+        &registry,
+        &pipeline_yaml(&corrupt, 1, 224, "", ""),
+    ))
+    .err()
+    .expect("must not start")
+    .to_string();
+    assert!(
+        error.contains("parameter 'model'") && error.contains("cannot read model"),
+        "{error}"
+    );
+
+    let missing = dir.path().join("nowhere.xml");
+    let error = Pipeline::start(&graph_from_yaml(
+        &registry,
+        &pipeline_yaml(&missing, 1, 224, "", ""),
+    ))
+    .err()
+    .expect("must not start")
+    .to_string();
+    assert!(error.contains("does not exist"), "{error}");
+}
+
+#[test]
+fn a_tensor_of_the_wrong_size_stops_the_run_naming_the_node() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let (registry, _) = registry_with_probe();
+    let outcome = run_to_end(
+        &graph_from_yaml(&registry, &pipeline_yaml(&model, 5, 128, "", "")),
+        LIMIT,
+    );
+    let failure = outcome.failure.expect("fails");
+    assert_eq!(failure.node, "infer");
+    assert!(
+        failure
+            .message
+            .contains("expects input shape [1, 3, 224, 224]"),
+        "{}",
+        failure.message
+    );
+}
+
+#[test]
+fn a_missing_runtime_is_reported_with_the_command_that_installs_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let graph = dir.path().join("infer.yaml");
+    std::fs::write(
+        &graph,
+        "nodes:\n  - {id: camera, op: source.synthetic, params: {frames: 1}}\n  - {id: pre, op: preprocess, params: {width: 224, height: 224}}\n  - {id: infer, op: infer.openvino, params: {model: model.xml}}\n  - {id: out, op: sink.null}\nedges:\n  - {from: camera, to: pre}\n  - {from: pre, to: infer}\n  - {from: infer, to: out}\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("model.xml"), "<net/>").expect("write");
+    for command in [
+        vec!["run", graph.to_str().expect("utf-8 path")],
+        vec!["devices"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+            .args(&command)
+            .current_dir(dir.path())
+            .env(
+                "INSPECTFLOW_OPENVINO_LIB",
+                dir.path().join("no-such-library.so"),
+            )
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{command:?}: a clean failure, not a crash: {stderr}"
+        );
+        assert!(stderr.contains("OpenVINO runtime not found"), "{stderr}");
+        assert!(stderr.contains("scripts/setup.sh"), "{stderr}");
+    }
+}
+
+#[test]
+fn devices_lists_the_cpu() {
+    let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+        .args(["devices", "--json"])
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let devices: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let names: Vec<&str> = devices
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"CPU") && names.contains(&"AUTO"),
+        "{names:?}"
+    );
+}
