@@ -4,6 +4,7 @@
 //! (after block 4, 40 channels), the stride-16 features (after block 10, 112 channels) and the 1000
 //! ImageNet logits.
 
+use super::Network;
 use super::ir::{IrGraph, Output};
 use super::layers::{Weights, WeightsError, normalise, same_tensorflow};
 
@@ -25,7 +26,7 @@ const STRIDE_8_BLOCK: usize = 4;
 const STRIDE_16_BLOCK: usize = 10;
 
 /// Builds the network for an RGB input in [0, 1] of `height` x `width`.
-pub fn build(weights: &Weights, height: usize, width: usize) -> Result<IrGraph, WeightsError> {
+pub fn build(weights: &Weights, height: usize, width: usize) -> Result<Network, WeightsError> {
     let mut graph = IrGraph::new("efficientnet_lite0");
     let input = graph.parameter("input", &[1, 3, height, width]);
     let mut x = normalise(&mut graph, input, [255.0 / 128.0; 3], [-127.0 / 128.0; 3]);
@@ -64,12 +65,18 @@ pub fn build(weights: &Weights, height: usize, width: usize) -> Result<IrGraph, 
     let pooled = graph.global_average_pool("pool", x);
     let logits = weights.linear(&mut graph, pooled, "_fc")?;
 
-    if let (Some(s8), Some(s16)) = (stride_8, stride_16) {
-        graph.result("features_s8", s8);
-        graph.result("features_s16", s16);
+    match (stride_8, stride_16) {
+        (Some(features_s8), Some(features_s16)) => Ok(Network {
+            graph,
+            features_s8,
+            features_s16,
+            logits,
+        }),
+        _ => Err(WeightsError {
+            checkpoint: weights.checkpoint.to_string(),
+            message: "the network has fewer blocks than the feature taps need".into(),
+        }),
     }
-    graph.result("logits", logits);
-    Ok(graph)
 }
 
 /// A convolution with BatchNorm and TensorFlow "SAME" padding for its kernel and stride.

@@ -40,6 +40,7 @@ impl ElementType {
 struct Layer {
     name: String,
     kind: &'static str,
+    version: &'static str,
     data: Vec<(&'static str, String)>,
     inputs: Vec<Output>,
     outputs: Vec<(Vec<usize>, ElementType, Option<String>)>,
@@ -97,9 +98,23 @@ impl IrGraph {
         inputs: &[Output],
         shape: Vec<usize>,
     ) -> Output {
+        self.push_versioned(name, kind, "opset1", data, inputs, shape)
+    }
+
+    /// Adds a layer of operation set `version` with one f32 output of `shape`.
+    fn push_versioned(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        version: &'static str,
+        data: Vec<(&'static str, String)>,
+        inputs: &[Output],
+        shape: Vec<usize>,
+    ) -> Output {
         self.layers.push(Layer {
             name: name.to_string(),
             kind,
+            version,
             data,
             inputs: inputs.to_vec(),
             outputs: vec![(shape, ElementType::F32, None)],
@@ -293,12 +308,153 @@ impl IrGraph {
         self.add(&format!("{name}/add_bias"), product, bias)
     }
 
+    /// Resizes the spatial axes of an NCHW tensor to `height` x `width` (bilinear, half-pixel
+    /// centres, as PyTorch's `align_corners=False`).
+    pub fn resize_bilinear(
+        &mut self,
+        name: &str,
+        input: Output,
+        height: usize,
+        width: usize,
+    ) -> Output {
+        let shape = self.shape(input).to_vec();
+        let sizes = self.constant_i64(
+            &format!("{name}/sizes"),
+            &[2],
+            &[height as i64, width as i64],
+        );
+        let axes = self.constant_i64(&format!("{name}/axes"), &[2], &[2, 3]);
+        self.push_versioned(
+            name,
+            "Interpolate",
+            "opset11",
+            vec![
+                ("mode", "linear_onnx".into()),
+                ("shape_calculation_mode", "sizes".into()),
+                ("coordinate_transformation_mode", "half_pixel".into()),
+                ("nearest_mode", "round_prefer_floor".into()),
+                ("antialias", "false".into()),
+                ("pads_begin", "0,0,0,0".into()),
+                ("pads_end", "0,0,0,0".into()),
+                ("cube_coeff", "-0.75".into()),
+            ],
+            &[input, sizes, axes],
+            vec![shape[0], shape[1], height, width],
+        )
+    }
+
+    /// Concatenates along `axis`.
+    pub fn concat(&mut self, name: &str, inputs: &[Output], axis: usize) -> Output {
+        let mut shape = self.shape(inputs[0]).to_vec();
+        shape[axis] = inputs.iter().map(|i| self.shape(*i)[axis]).sum();
+        self.push(
+            name,
+            "Concat",
+            vec![("axis", axis.to_string())],
+            inputs,
+            shape,
+        )
+    }
+
+    /// Picks `indices` along `axis`.
+    pub fn gather(&mut self, name: &str, input: Output, indices: &[i64], axis: usize) -> Output {
+        let mut shape = self.shape(input).to_vec();
+        shape[axis] = indices.len();
+        let indices = self.constant_i64(&format!("{name}/indices"), &[indices.len()], indices);
+        let axis_const = self.constant_i64(&format!("{name}/axis"), &[], &[axis as i64]);
+        self.push_versioned(
+            name,
+            "Gather",
+            "opset8",
+            vec![("batch_dims", "0".into())],
+            &[input, indices, axis_const],
+            shape,
+        )
+    }
+
+    /// Reshapes to `shape` (same number of elements).
+    pub fn reshape(&mut self, name: &str, input: Output, shape: &[usize]) -> Output {
+        debug_assert_eq!(
+            self.shape(input).iter().product::<usize>(),
+            shape.iter().product::<usize>()
+        );
+        let target: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let target = self.constant_i64(&format!("{name}/shape"), &[shape.len()], &target);
+        self.push(
+            name,
+            "Reshape",
+            vec![("special_zero", "false".into())],
+            &[input, target],
+            shape.to_vec(),
+        )
+    }
+
+    /// Permutes the axes.
+    pub fn transpose(&mut self, name: &str, input: Output, order: &[usize]) -> Output {
+        let shape: Vec<usize> = order.iter().map(|&axis| self.shape(input)[axis]).collect();
+        let order: Vec<i64> = order.iter().map(|&axis| axis as i64).collect();
+        let order = self.constant_i64(&format!("{name}/order"), &[order.len()], &order);
+        self.push(name, "Transpose", Vec::new(), &[input, order], shape)
+    }
+
+    /// Element-wise difference with NumPy broadcasting.
+    pub fn subtract(&mut self, name: &str, a: Output, b: Output) -> Output {
+        self.binary(name, "Subtract", a, b)
+    }
+
+    /// Batched matrix product `a [.., m, k] x b [.., k, n]`.
+    pub fn matmul(&mut self, name: &str, a: Output, b: Output) -> Output {
+        let mut shape = self.shape(a).to_vec();
+        let n = *self.shape(b).last().unwrap_or(&1);
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        self.push(
+            name,
+            "MatMul",
+            vec![
+                ("transpose_a", "false".into()),
+                ("transpose_b", "false".into()),
+            ],
+            &[a, b],
+            shape,
+        )
+    }
+
+    /// Sum (or maximum, with `max`) over `axes`, dropping them.
+    pub fn reduce(&mut self, name: &str, input: Output, axes: &[usize], max: bool) -> Output {
+        let shape: Vec<usize> = self
+            .shape(input)
+            .iter()
+            .enumerate()
+            .filter(|(axis, _)| !axes.contains(axis))
+            .map(|(_, d)| *d)
+            .collect();
+        let axes: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
+        let axes = self.constant_i64(&format!("{name}/axes"), &[axes.len()], &axes);
+        let kind = if max { "ReduceMax" } else { "ReduceSum" };
+        self.push(
+            name,
+            kind,
+            vec![("keep_dims", "false".into())],
+            &[input, axes],
+            shape,
+        )
+    }
+
+    /// Element-wise square root.
+    pub fn sqrt(&mut self, name: &str, input: Output) -> Output {
+        let shape = self.shape(input).to_vec();
+        self.push(name, "Sqrt", Vec::new(), &[input], shape)
+    }
+
     /// Marks `output` as a graph output called `name`.
     pub fn result(&mut self, name: &str, output: Output) {
         self.layers[output.layer].outputs[output.port].2 = Some(name.to_string());
         self.layers.push(Layer {
             name: format!("{name}/sink_port_0"),
             kind: "Result",
+            version: "opset1",
             data: Vec::new(),
             inputs: vec![output],
             outputs: Vec::new(),
@@ -315,9 +471,10 @@ impl IrGraph {
         for (id, layer) in self.layers.iter().enumerate() {
             let _ = writeln!(
                 xml,
-                "\t\t<layer id=\"{id}\" name=\"{}\" type=\"{}\" version=\"opset1\">",
+                "\t\t<layer id=\"{id}\" name=\"{}\" type=\"{}\" version=\"{}\">",
                 escape(&layer.name),
-                layer.kind
+                layer.kind,
+                layer.version
             );
             if !layer.data.is_empty() {
                 let attributes: Vec<String> = layer

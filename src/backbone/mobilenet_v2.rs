@@ -3,6 +3,7 @@
 //! features (after `features.6`, 32 channels), the stride-16 features (after `features.13`, 96
 //! channels) and the 1000 ImageNet logits.
 
+use super::Network;
 use super::ir::{IrGraph, Output};
 use super::layers::{Weights, WeightsError, normalise, same_symmetric};
 
@@ -23,7 +24,7 @@ const STRIDE_8_BLOCK: usize = 6;
 const STRIDE_16_BLOCK: usize = 13;
 
 /// Builds the network for an RGB input in [0, 1] of `height` x `width`.
-pub fn build(weights: &Weights, height: usize, width: usize) -> Result<IrGraph, WeightsError> {
+pub fn build(weights: &Weights, height: usize, width: usize) -> Result<Network, WeightsError> {
     let mut graph = IrGraph::new("mobilenet_v2");
     let input = graph.parameter("input", &[1, 3, height, width]);
     let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
@@ -72,12 +73,18 @@ pub fn build(weights: &Weights, height: usize, width: usize) -> Result<IrGraph, 
     let pooled = graph.global_average_pool("pool", x);
     let logits = weights.linear(&mut graph, pooled, "classifier.1")?;
 
-    if let (Some(s8), Some(s16)) = (stride_8, stride_16) {
-        graph.result("features_s8", s8);
-        graph.result("features_s16", s16);
+    match (stride_8, stride_16) {
+        (Some(features_s8), Some(features_s16)) => Ok(Network {
+            graph,
+            features_s8,
+            features_s16,
+            logits,
+        }),
+        _ => Err(WeightsError {
+            checkpoint: weights.checkpoint.to_string(),
+            message: "the network has fewer blocks than the feature taps need".into(),
+        }),
     }
-    graph.result("logits", logits);
-    Ok(graph)
 }
 
 /// One inverted residual block `features.{index}`: optional 1x1 expansion, 3x3 depthwise,

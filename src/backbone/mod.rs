@@ -52,6 +52,18 @@ pub enum BackboneError {
     InputSize(usize),
 }
 
+/// A backbone network under construction: its graph and the outputs a head can build on.
+pub struct Network {
+    /// The graph so far (input `input`, RGB in [0, 1], NCHW).
+    pub graph: ir::IrGraph,
+    /// Stride-8 feature map.
+    pub features_s8: ir::Output,
+    /// Stride-16 feature map.
+    pub features_s16: ir::Output,
+    /// ImageNet logits.
+    pub logits: ir::Output,
+}
+
 /// The backbones inspectflow can import.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
@@ -159,9 +171,8 @@ impl Backbone {
         }
     }
 
-    /// Reads the installed weights and writes the IR for a square `input_size` input to
-    /// `xml_path` (and the `.bin` beside it).
-    pub fn import(self, input_size: usize, xml_path: &Path) -> Result<(), BackboneError> {
+    /// Builds the network from the installed weights for a square `input_size` input.
+    pub fn network(self, input_size: usize) -> Result<Network, BackboneError> {
         if !(32..=1024).contains(&input_size) || !input_size.is_multiple_of(32) {
             return Err(BackboneError::InputSize(input_size));
         }
@@ -173,12 +184,26 @@ impl Backbone {
             tensors: &tensors,
             bn_eps: self.bn_eps(),
         };
-        let graph = match self {
+        Ok(match self {
             Backbone::MobilenetV2 => mobilenet_v2::build(&weights, input_size, input_size)?,
             Backbone::EfficientnetLite0 => {
                 efficientnet_lite0::build(&weights, input_size, input_size)?
             }
-        };
+        })
+    }
+
+    /// Writes the backbone as IR for a square `input_size` input to `xml_path` (and the `.bin`
+    /// beside it), with outputs `features_s8`, `features_s16` and `logits`.
+    pub fn import(self, input_size: usize, xml_path: &Path) -> Result<(), BackboneError> {
+        let Network {
+            mut graph,
+            features_s8,
+            features_s16,
+            logits,
+        } = self.network(input_size)?;
+        graph.result("features_s8", features_s8);
+        graph.result("features_s16", features_s16);
+        graph.result("logits", logits);
         graph
             .write(xml_path)
             .map_err(|source| BackboneError::Write {
