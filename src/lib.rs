@@ -2,7 +2,8 @@
 //!
 //! - [`backbone`]: importing pretrained backbones (PyTorch checkpoints) into OpenVINO IR;
 //! - [`graph`]: graph files (YAML/JSON), validation with precise errors, schemas, DOT;
-//! - [`runtime`]: queues with backpressure policies, one thread per node, metrics.
+//! - [`runtime`]: queues with backpressure policies, one thread per node, metrics;
+//! - [`train`]: fitting anomaly models and exporting them as model packages.
 //!
 //! Operators and the packet types live in the `inspectflow-operators` crate, re-exported here as
 //! [`operators`].
@@ -10,5 +11,6 @@
 pub mod backbone;
 pub mod graph;
 pub mod runtime;
+pub mod train;
 
 pub use inspectflow_operators as operators;

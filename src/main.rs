@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand};
+
+mod predict;
 use inspectflow::graph::{self, schema};
 use inspectflow::operators::Registry;
 use inspectflow::runtime::Pipeline;
@@ -54,6 +56,25 @@ enum Command {
     Backbones {
         #[command(subcommand)]
         action: Option<BackbonesAction>,
+    },
+    /// Score images with a model package: prints score and label per image and writes overlay
+    /// images (heatmap, outline, label) when --out is given.
+    Predict {
+        /// The model package directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PNG or JPEG images.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Directory for the overlay images (created if missing).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// Normalised threshold (0-1) instead of the package's.
+        #[arg(long)]
+        threshold: Option<f32>,
     },
     /// List OpenVINO's inference devices on this machine.
     Devices {
@@ -120,6 +141,20 @@ fn main() -> ExitCode {
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
         Command::Devices { json } => devices(json),
+        Command::Predict {
+            model,
+            images,
+            out,
+            json,
+            threshold,
+        } => match predict::run(&model, &images, out.as_deref(), json, threshold) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Backbones { action } => backbones(action),
     }
 }

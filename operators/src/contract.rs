@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::packet::Packet;
 
 /// The kind of payload a port carries. Payloads accumulate along a pipeline (a packet that went
-/// through `preprocess` still carries its frame), so a port that carries a richer payload can feed
-/// an input that asks for a poorer one.
+/// through `preprocess` still carries its frame, one that went through inference still carries
+/// its tensor), so the types form a chain and a richer payload satisfies an input that asks for a
+/// poorer one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortType {
@@ -20,22 +21,27 @@ pub enum PortType {
     Image,
     /// An image plus the model input tensor made from it.
     Tensor,
-    /// An image, its tensor and the model's outputs for it.
+    /// An image, its tensor and the model's raw outputs for it.
     Inference,
+    /// All of the above plus the anomaly prediction (score, label, map).
+    Prediction,
 }
 
 impl PortType {
+    /// Position in the chain of payloads (`Any` first).
+    pub const fn level(self) -> u8 {
+        match self {
+            PortType::Any => 0,
+            PortType::Image => 1,
+            PortType::Tensor => 2,
+            PortType::Inference => 3,
+            PortType::Prediction => 4,
+        }
+    }
+
     /// Whether packets of type `self` satisfy an input that asks for `wanted`.
     pub fn satisfies(self, wanted: PortType) -> bool {
-        match wanted {
-            PortType::Any => true,
-            PortType::Image => matches!(
-                self,
-                PortType::Image | PortType::Tensor | PortType::Inference
-            ),
-            PortType::Tensor => matches!(self, PortType::Tensor | PortType::Inference),
-            PortType::Inference => self == PortType::Inference,
-        }
+        wanted == PortType::Any || (self != PortType::Any && self.level() >= wanted.level())
     }
 
     /// Name as shown in errors and DOT output.
@@ -45,6 +51,7 @@ impl PortType {
             PortType::Image => "image",
             PortType::Tensor => "tensor",
             PortType::Inference => "inference",
+            PortType::Prediction => "prediction",
         }
     }
 }
@@ -147,6 +154,8 @@ impl OpError {
 }
 
 /// What a source call produced.
+// The packet is the common case: boxing it would cost an allocation per frame.
+#[allow(clippy::large_enum_variant)]
 pub enum SourcePoll {
     /// A new packet.
     Packet(Packet),

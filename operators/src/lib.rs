@@ -1,6 +1,7 @@
 //! The inspectflow operator contract and the built-in operators.
 //!
 //! - [`packet`]: what flows on edges (frames, tensors) in pooled, reference-counted buffers;
+//! - [`package`]: model packages (manifest + one OpenVINO IR);
 //! - [`pool`]: the buffer pools behind them;
 //! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
 //! - [`registry`]: operator descriptors (ports, parameter schema, factory) and the registry;
@@ -12,6 +13,7 @@
 pub mod contract;
 pub mod decode;
 pub mod infer;
+pub mod package;
 pub mod packet;
 pub mod pool;
 pub mod registry;

@@ -205,6 +205,24 @@ pub struct ModelOutput {
     pub values: PooledBuffer<f32>,
 }
 
+/// The anomaly verdict for one frame.
+pub struct Prediction {
+    /// The model's raw image score.
+    pub raw_score: f32,
+    /// Normalised image score in [0, 1].
+    pub score: f32,
+    /// Normalised score at which a frame counts as anomalous (0.5 unless a user moved it).
+    pub threshold: f32,
+    /// `score >= threshold`.
+    pub anomalous: bool,
+    /// Normalised anomaly map in [0, 1] at the frame's resolution, row-major.
+    pub map: PooledBuffer<f32>,
+    /// Map width (the frame's).
+    pub map_width: u32,
+    /// Map height (the frame's).
+    pub map_height: u32,
+}
+
 /// The unit of data on an edge: a frame plus what operators attached to it.
 #[derive(Clone)]
 pub struct Packet {
@@ -214,6 +232,10 @@ pub struct Packet {
     pub tensor: Option<Tensor>,
     /// The model's outputs for this frame, once an inference operator has run.
     pub inference: Option<Arc<[ModelOutput]>>,
+    /// The anomaly verdict, once an `anomaly` operator has run.
+    pub prediction: Option<Arc<Prediction>>,
+    /// The frame with the heatmap drawn over it, once a `heatmap` operator has run.
+    pub overlay: Option<Frame>,
 }
 
 impl Packet {
@@ -223,6 +245,8 @@ impl Packet {
             frame,
             tensor: None,
             inference: None,
+            prediction: None,
+            overlay: None,
         }
     }
 }

@@ -198,6 +198,8 @@ impl Registry {
             crate::source::synthetic::descriptor(),
             crate::transform::preprocess::descriptor(),
             crate::infer::operator::descriptor(),
+            crate::transform::anomaly::descriptor(),
+            crate::transform::heatmap::descriptor(),
             crate::transform::identity::descriptor(),
             crate::sink::null::descriptor(),
             crate::sink::folder::descriptor(),

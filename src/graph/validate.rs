@@ -502,12 +502,7 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
         let incoming_type = inputs
             .iter()
             .filter_map(|l| output_types[l.from])
-            .min_by_key(|t| match t {
-                PortType::Any => 0,
-                PortType::Image => 1,
-                PortType::Tensor => 2,
-                PortType::Inference => 3,
-            });
+            .min_by_key(|t| t.level());
         output_types[position] = match node.descriptor.outputs.first().map(|p| p.emits) {
             Some(OutputType::Fixed(t)) => Some(t),
             Some(OutputType::SameAsInput) => incoming_type,

@@ -1,4 +1,6 @@
 //! Transforms: one input, one or more outputs per packet.
 
+pub mod anomaly;
+pub mod heatmap;
 pub mod identity;
 pub mod preprocess;
