@@ -17,11 +17,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 ./target/release/inspectflow backbones export mobilenet_v2 --size 256 --out "$work/mobilenet_v2.xml" >/dev/null
 
-# benchmark_app only takes explicit threads and streams without a hint; the pipeline gets the same.
+# benchmark_app only takes explicit threads and streams without a hint; the pipeline gets the same,
+# and both compute in f32 (the precision models are calibrated in).
 streams=2
 requests=4
 reference=$(.local/venv/bin/benchmark_app -m "$work/mobilenet_v2.xml" -d CPU -hint none \
-  -nthreads "$threads" -nstreams "$streams" -nireq "$requests" -t 15 2>&1 | awk '/Throughput:/ {print $(NF-1)}')
+  -nthreads "$threads" -nstreams "$streams" -nireq "$requests" -infer_precision f32 -t 15 2>&1 | awk '/Throughput:/ {print $(NF-1)}')
 
 cat > "$work/pipeline.yaml" <<YAML
 name: openvino-pipeline-bench
@@ -30,7 +31,7 @@ nodes:
   - {id: preprocess, op: preprocess, params: {width: 256, height: 256}}
   - id: infer
     op: infer.openvino
-    params: {model: "$work/mobilenet_v2.xml", device: CPU, hint: throughput, requests: $requests, threads: $threads, streams: $streams}
+    params: {model: "$work/mobilenet_v2.xml", device: CPU, hint: throughput, requests: $requests, threads: $threads, streams: $streams, precision: f32}
   - {id: sink, op: sink.null}
 edges:
   - {from: camera, to: preprocess}

@@ -57,6 +57,27 @@ enum Command {
         #[command(subcommand)]
         action: Option<BackbonesAction>,
     },
+    /// Train an anomaly model on a folder of normal images and write a model package.
+    Train {
+        /// Folder of normal images (PNG or JPEG).
+        #[arg(long)]
+        normal: PathBuf,
+        /// Model family.
+        #[arg(long, default_value = "padim")]
+        model: String,
+        /// mobilenet_v2 or efficientnet_lite0.
+        #[arg(long, default_value = "mobilenet_v2")]
+        backbone: String,
+        /// Square input size (a multiple of 32).
+        #[arg(long, default_value_t = 256)]
+        image_size: usize,
+        /// Seed of the random choices (PaDiM's channel subset).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// The package directory to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Score images with a model package: prints score and label per image and writes overlay
     /// images (heatmap, outline, label) when --out is given.
     Predict {
@@ -141,6 +162,20 @@ fn main() -> ExitCode {
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
         Command::Devices { json } => devices(json),
+        Command::Train {
+            normal,
+            model,
+            backbone,
+            image_size,
+            seed,
+            out,
+        } => match predict::train(&normal, &model, &backbone, image_size, seed, &out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Predict {
             model,
             images,

@@ -1,6 +1,7 @@
-//! `inspectflow predict`: scores image files with a model package, prints the verdicts and writes
-//! overlay images. Uses the same operators as pipelines (preprocess, the anomaly post-processing
-//! and the heatmap), so a verdict here is the verdict a camera pipeline gives.
+//! `inspectflow train` and `inspectflow predict`: fit a model package on a folder of normal
+//! images; score image files with a package, print the verdicts and write overlay images.
+//! Prediction uses the same operators as pipelines (preprocess, the anomaly post-processing and
+//! the heatmap), so a verdict here is the verdict a camera pipeline gives.
 
 use std::path::{Path, PathBuf};
 
@@ -50,6 +51,7 @@ pub fn run(
             hint: inspectflow::operators::infer::model::PerformanceHint::Latency,
             threads: None,
             streams: None,
+            precision: inspectflow::operators::infer::model::Precision::F32,
             batch: 1,
         },
     )
@@ -181,4 +183,59 @@ fn write_jpeg(path: &Path, frame: &inspectflow::operators::Frame) -> Result<(), 
     std::fs::write(&temporary, &encoded)
         .map_err(|e| format!("writing {}: {e}", temporary.display()))?;
     std::fs::rename(&temporary, path).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Trains a model on every PNG or JPEG in `normal_dir` (sorted by name) and writes the package.
+pub fn train(
+    normal_dir: &Path,
+    family: &str,
+    backbone: &str,
+    image_size: usize,
+    seed: u64,
+    out: &Path,
+) -> Result<(), String> {
+    if family != "padim" {
+        return Err(format!("--model {family}: only padim is available so far"));
+    }
+    let backbone = inspectflow::backbone::Backbone::from_name(backbone)
+        .ok_or_else(|| format!("--backbone {backbone}: use mobilenet_v2 or efficientnet_lite0"))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(normal_dir)
+        .map_err(|e| format!("cannot read {}: {e}", normal_dir.display()))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!(
+            "{} holds no PNG or JPEG images",
+            normal_dir.display()
+        ));
+    }
+    let pool = BufferPool::new(files.len() + 1);
+    let mut frames = Vec::with_capacity(files.len());
+    for (index, file) in files.iter().enumerate() {
+        frames.push(decode::read_rgb(file, &pool, index as u64).map_err(|e| e.to_string())?);
+    }
+    let config = padim::PadimConfig {
+        backbone,
+        input_size: image_size,
+        channels: 100.min(backbone.feature_channels().iter().sum()),
+        seed,
+    };
+    let started = std::time::Instant::now();
+    let package = padim::train(&config, &frames, out).map_err(|e| e.to_string())?;
+    println!(
+        "trained {} on {} images ({} for calibration) in {:.1} s -> {}",
+        package.manifest.architecture,
+        package.manifest.provenance.training_images,
+        package.manifest.provenance.calibration_images,
+        started.elapsed().as_secs_f64(),
+        package.dir.display()
+    );
+    Ok(())
 }

@@ -73,6 +73,7 @@ fn check(backbone: Backbone) {
             hint: PerformanceHint::Latency,
             threads: None,
             streams: None,
+            precision: inspectflow::operators::infer::model::Precision::F32,
             batch: 1,
         },
     )

@@ -113,6 +113,7 @@ fn compile(path: &Path) -> Result<LoadedModel, ModelError> {
             hint: PerformanceHint::Latency,
             threads: None,
             streams: None,
+            precision: inspectflow_operators::infer::model::Precision::F32,
             batch: 1,
         },
     )

@@ -86,6 +86,22 @@ pub enum PerformanceHint {
     Throughput,
 }
 
+/// Arithmetic precision of inference.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit float: results match training and calibration exactly.
+    F32,
+    /// bfloat16 where the CPU supports it (faster, about 3 significant digits).
+    Bf16,
+    /// 16-bit float (GPUs, NPUs).
+    F16,
+    /// The device's default (bf16 on CPUs with AVX-512 BF16 or AMX).
+    Device,
+}
+
 /// Settings for compiling a model.
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
@@ -97,6 +113,8 @@ pub struct CompileOptions {
     pub threads: Option<usize>,
     /// Parallel inference streams; the hint decides when `None`.
     pub streams: Option<usize>,
+    /// Arithmetic precision.
+    pub precision: Precision,
     /// Batch size of the input (the model is reshaped when it differs).
     pub batch: usize,
 }
@@ -211,6 +229,32 @@ impl LoadedModel {
                     &DeviceType::CPU,
                     &RwPropertyKey::InferenceNumThreads,
                     &threads.to_string(),
+                ),
+            )?;
+        }
+        let precision = match options.precision {
+            Precision::F32 => Some("f32"),
+            Precision::Bf16 => Some("bf16"),
+            Precision::F16 => Some("f16"),
+            Precision::Device => None,
+        };
+        if let Some(precision) = precision {
+            call(
+                "setting the inference precision",
+                core.set_property(
+                    &configure_device,
+                    &RwPropertyKey::HintInferencePrecision,
+                    precision,
+                ),
+            )?;
+        }
+        if let Some(streams) = options.streams {
+            call(
+                "setting the stream count",
+                core.set_property(
+                    &configure_device,
+                    &RwPropertyKey::NumStreams,
+                    &streams.to_string(),
                 ),
             )?;
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use openvino::InferRequest;
 use serde::Deserialize;
 
-use super::model::{CompileOptions, LoadedModel, ModelError, PerformanceHint, call};
+use super::model::{CompileOptions, LoadedModel, ModelError, PerformanceHint, Precision, call};
 use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
@@ -47,6 +47,10 @@ pub struct InferParams {
     #[serde(default)]
     #[schemars(range(min = 1, max = 64))]
     pub streams: Option<usize>,
+    /// Arithmetic precision: `f32` (default) gives the results training calibrated on; `bf16` or
+    /// `f16` are faster where the device supports them; `device` takes the device's default.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
     /// Batch size the model runs with (set the node's `batch.max_size` to the same value).
     #[serde(default = "default_batch")]
     #[schemars(range(min = 1, max = 256))]
@@ -61,6 +65,9 @@ fn default_hint() -> PerformanceHint {
 }
 fn default_requests() -> usize {
     2
+}
+fn default_precision() -> Precision {
+    Precision::F32
 }
 fn default_batch() -> usize {
     1
@@ -114,6 +121,7 @@ impl Infer {
                 hint: params.hint,
                 threads: params.threads,
                 streams: params.streams,
+                precision: params.precision,
                 batch: params.batch,
             },
         )
