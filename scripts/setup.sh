@@ -4,8 +4,8 @@
 set -euo pipefail
 
 # Debian packages: a C toolchain and pkg-config for the crates that build or find C libraries;
-# Python's venv for the PyPI packages below.
-DEBIAN_PACKAGES=(build-essential pkg-config python3-venv python3-pip)
+# Python's venv for the PyPI packages below; libjpeg-turbo for JPEG encoding.
+DEBIAN_PACKAGES=(build-essential pkg-config python3-venv python3-pip libturbojpeg0-dev)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

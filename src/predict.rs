@@ -11,6 +11,7 @@ use inspectflow::operators::infer::model::LoadedModel;
 use inspectflow::operators::package::ModelPackage;
 use inspectflow::operators::packet::ModelOutput;
 use inspectflow::operators::transform::anomaly::AnomalyPostprocess;
+use inspectflow::operators::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 use inspectflow::operators::transform::heatmap::{self, HeatmapParams};
 use inspectflow::train::padim;
 
@@ -74,6 +75,11 @@ pub fn run(
         outline: true,
         label: true,
     };
+    let mut jpeg = JpegEncoder::new(EncodeParams {
+        quality: 90,
+        source: EncodeSource::Frame,
+    })
+    .map_err(|e| e.to_string())?;
     let mut verdicts = Vec::new();
     let mut failures = Vec::new();
     for (index, image) in images.iter().enumerate() {
@@ -107,7 +113,7 @@ pub fn run(
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let path = dir.join(format!("{stem}.overlay.jpg"));
-                    write_jpeg(&path, &drawn)?;
+                    write_jpeg(&mut jpeg, &path, &drawn)?;
                     Some(path)
                 }
                 None => None,
@@ -164,23 +170,20 @@ pub fn run(
     Ok(failures.is_empty())
 }
 
-fn write_jpeg(path: &Path, frame: &inspectflow::operators::Frame) -> Result<(), String> {
-    let (width, height) = (frame.layout.width as u16, frame.layout.height as u16);
-    let mut encoded = Vec::new();
-    jpeg_encoder::Encoder::new(&mut encoded, 90)
-        .encode(
-            &frame.pixels()[..frame.layout.byte_len()],
-            width,
-            height,
-            jpeg_encoder::ColorType::Rgb,
-        )
+fn write_jpeg(
+    encoder: &mut JpegEncoder,
+    path: &Path,
+    frame: &inspectflow::operators::Frame,
+) -> Result<(), String> {
+    let encoded = encoder
+        .encode(frame)
         .map_err(|e| format!("encoding {}: {e}", path.display()))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let temporary = path.with_file_name(format!(".{name}.partial"));
-    std::fs::write(&temporary, &encoded)
+    std::fs::write(&temporary, encoded.bytes())
         .map_err(|e| format!("writing {}: {e}", temporary.display()))?;
     std::fs::rename(&temporary, path).map_err(|e| format!("writing {}: {e}", path.display()))
 }

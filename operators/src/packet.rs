@@ -236,6 +236,25 @@ pub struct Packet {
     pub prediction: Option<Arc<Prediction>>,
     /// The frame with the heatmap drawn over it, once a `heatmap` operator has run.
     pub overlay: Option<Frame>,
+    /// An encoded image (the overlay when there is one, else the frame), once an encoder ran.
+    pub encoded: Option<Arc<EncodedImage>>,
+}
+
+/// An encoded image in a pooled buffer.
+pub struct EncodedImage {
+    /// File format (`jpeg`).
+    pub format: &'static str,
+    /// The bytes: `buffer[..len]`.
+    pub buffer: PooledBuffer<u8>,
+    /// Bytes used.
+    pub len: usize,
+}
+
+impl EncodedImage {
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buffer[..self.len]
+    }
 }
 
 impl Packet {
@@ -247,6 +266,7 @@ impl Packet {
             inference: None,
             prediction: None,
             overlay: None,
+            encoded: None,
         }
     }
 }

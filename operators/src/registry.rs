@@ -200,6 +200,7 @@ impl Registry {
             crate::infer::operator::descriptor(),
             crate::transform::anomaly::descriptor(),
             crate::transform::heatmap::descriptor(),
+            crate::transform::encode::descriptor(),
             crate::transform::identity::descriptor(),
             crate::sink::null::descriptor(),
             crate::sink::folder::descriptor(),

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::contract::{OpError, OperatorInstance, OperatorKind, PortType, Sink};
 use crate::packet::{Frame, Packet, PixelFormat};
 use crate::registry::OperatorDescriptor;
+use crate::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 
 /// Image file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -94,6 +95,8 @@ pub struct FolderSink {
     params: FolderParams,
     index: BufWriter<File>,
     encoded: Vec<u8>,
+    /// libjpeg-turbo, for `format: jpeg`.
+    jpeg: Option<JpegEncoder>,
     /// Rows without padding, when a frame's rows are padded.
     packed_scratch: Vec<u8>,
     /// RGB copy of a BGR frame for the PNG encoder, which has no BGR input.
@@ -156,10 +159,18 @@ impl FolderSink {
             .append(true)
             .open(&index_path)
             .map_err(|e| OpError::io(format!("cannot write to {}", index_path.display()), e))?;
+        let jpeg = match params.format {
+            ImageFormat::Jpeg => Some(JpegEncoder::new(EncodeParams {
+                quality: params.quality,
+                source: EncodeSource::Frame,
+            })?),
+            _ => None,
+        };
         Ok(Self {
             params,
             index: BufWriter::new(index),
             encoded: Vec::new(),
+            jpeg,
             packed_scratch: Vec::new(),
             rgb_scratch: Vec::new(),
         })
@@ -175,54 +186,41 @@ impl FolderSink {
     }
 
     fn write_image(&mut self, frame: &Frame, name: &str) -> Result<(), OpError> {
+        match self.params.format {
+            ImageFormat::Jpeg => {
+                if let Some(jpeg) = &mut self.jpeg {
+                    let encoded = jpeg.encode(frame)?;
+                    return write_atomically(&self.params.path, name, encoded.bytes());
+                }
+                return Err(OpError::Failed("JPEG encoder missing".into()));
+            }
+            ImageFormat::Png => {}
+            ImageFormat::None => return Ok(()),
+        }
         self.encoded.clear();
         let pixels = packed_pixels(frame, &mut self.packed_scratch);
         let layout = frame.layout;
-        match self.params.format {
-            ImageFormat::Jpeg => {
-                let (width, height) =
-                    match (u16::try_from(layout.width), u16::try_from(layout.height)) {
-                        (Ok(w), Ok(h)) => (w, h),
-                        _ => {
-                            return Err(OpError::UnsupportedInput(
-                                "JPEG is limited to 65535x65535 pixels".into(),
-                            ));
-                        }
-                    };
-                let colour = match layout.format {
-                    PixelFormat::Rgb => jpeg_encoder::ColorType::Rgb,
-                    PixelFormat::Bgr => jpeg_encoder::ColorType::Bgr,
-                    PixelFormat::Gray => jpeg_encoder::ColorType::Luma,
-                };
-                jpeg_encoder::Encoder::new(&mut self.encoded, self.params.quality)
-                    .encode(pixels, width, height, colour)
-                    .map_err(|e| OpError::Failed(format!("JPEG encoding: {e}")))?;
-            }
-            ImageFormat::Png => {
-                let pixels = if layout.format == PixelFormat::Bgr {
-                    swap_to_rgb(pixels, &mut self.rgb_scratch)
-                } else {
-                    pixels
-                };
-                let mut encoder = png::Encoder::new(&mut self.encoded, layout.width, layout.height);
-                encoder.set_color(match layout.format {
-                    PixelFormat::Gray => png::ColorType::Grayscale,
-                    PixelFormat::Rgb | PixelFormat::Bgr => png::ColorType::Rgb,
-                });
-                encoder.set_depth(png::BitDepth::Eight);
-                encoder.set_compression(png::Compression::Fast);
-                let mut writer = encoder
-                    .write_header()
-                    .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
-                writer
-                    .write_image_data(pixels)
-                    .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
-                writer
-                    .finish()
-                    .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
-            }
-            ImageFormat::None => return Ok(()),
-        }
+        let pixels = if layout.format == PixelFormat::Bgr {
+            swap_to_rgb(pixels, &mut self.rgb_scratch)
+        } else {
+            pixels
+        };
+        let mut encoder = png::Encoder::new(&mut self.encoded, layout.width, layout.height);
+        encoder.set_color(match layout.format {
+            PixelFormat::Gray => png::ColorType::Grayscale,
+            PixelFormat::Rgb | PixelFormat::Bgr => png::ColorType::Rgb,
+        });
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_compression(png::Compression::Fast);
+        let mut writer = encoder
+            .write_header()
+            .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
+        writer
+            .write_image_data(pixels)
+            .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
+        writer
+            .finish()
+            .map_err(|e| OpError::Failed(format!("PNG encoding: {e}")))?;
         write_atomically(&self.params.path, name, &self.encoded)
     }
 }
