@@ -46,10 +46,40 @@ fn every_example_graph_validates() {
     );
 }
 
+/// Trains the demo model package that `graphs/inspection.yaml` uses, as scripts/run.sh does:
+/// normal images from `graphs/normal_images.yaml`, then `inspectflow train`.
+fn train_demo_model(workdir: &Path) {
+    let status = binary()
+        .arg("run")
+        .arg(repo_path("graphs/normal_images.yaml"))
+        .current_dir(workdir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("runs");
+    assert!(status.success());
+    let output = binary()
+        .args([
+            "train",
+            "--normal",
+            "out/normal-images",
+            "--out",
+            "out/models/demo",
+        ])
+        .current_dir(workdir)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn every_example_graph_runs_to_completion() {
+    let workdir = tempfile::tempdir().expect("temp dir");
+    train_demo_model(workdir.path());
     for file in example_graphs() {
-        let workdir = tempfile::tempdir().expect("temp dir");
         let metrics = workdir.path().join("metrics.json");
         let output = binary()
             .arg("run")

@@ -1,4 +1,6 @@
 //! `sink.folder`: writes each frame as an image file plus one JSON line per frame in an index file.
+//! The image is the heatmap overlay when a `heatmap` ran upstream (already-encoded JPEG bytes from
+//! `encode.jpeg` are written as they are), and the line carries the verdict when `anomaly` ran.
 //!
 //! Nothing half-written is ever visible: an image is encoded to a hidden temporary file in the
 //! same directory and renamed into place, and its JSON line is appended (and flushed) only after
@@ -113,6 +115,17 @@ struct IndexLine<'a> {
     width: u32,
     height: u32,
     pixel_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prediction: Option<PredictionLine>,
+}
+
+/// The verdict part of an index line, when an `anomaly` operator ran upstream.
+#[derive(serde::Serialize)]
+struct PredictionLine {
+    score: f32,
+    raw_score: f32,
+    threshold: f32,
+    label: &'static str,
 }
 
 impl FolderSink {
@@ -233,7 +246,13 @@ impl Sink for FolderSink {
             format => Some(format!("{}.{}", self.file_stem(frame), format.extension())),
         };
         if let Some(name) = &file {
-            self.write_image(frame, name)?;
+            match (&packet.encoded, self.params.format) {
+                // An upstream encode.jpeg already encoded the overlay: write its bytes as they are.
+                (Some(encoded), ImageFormat::Jpeg) => {
+                    write_atomically(&self.params.path, name, encoded.bytes())?
+                }
+                _ => self.write_image(packet.overlay.as_ref().unwrap_or(frame), name)?,
+            }
         }
         let line = IndexLine {
             file: file.as_deref(),
@@ -243,6 +262,12 @@ impl Sink for FolderSink {
             width: frame.layout.width,
             height: frame.layout.height,
             pixel_format: frame.layout.format.name(),
+            prediction: packet.prediction.as_ref().map(|p| PredictionLine {
+                score: p.score,
+                raw_score: p.raw_score,
+                threshold: p.threshold,
+                label: if p.anomalous { "Anomalous" } else { "Normal" },
+            }),
         };
         let index_path = || {
             self.params
