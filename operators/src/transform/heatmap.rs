@@ -105,22 +105,36 @@ pub fn render(
     let layout = ImageLayout::packed(source.width, source.height, PixelFormat::Rgb);
     let mut pixels = pool.get(layout.byte_len());
     let (width, height) = (source.width as usize, source.height as usize);
-    let alpha = params.alpha;
+    // Integer blend through a 256-entry table of pre-weighted colours: no float work per pixel.
+    let weight = (params.alpha * 256.0).round() as u32;
+    let keep = 256 - weight;
+    let mut colours = [[0u32; 3]; 256];
+    for (level, colour) in colours.iter_mut().enumerate() {
+        let rgb = jet(level as f32 / 255.0);
+        *colour = [
+            u32::from(rgb[0]) * weight,
+            u32::from(rgb[1]) * weight,
+            u32::from(rgb[2]) * weight,
+        ];
+    }
     let channels = source.format.channels();
     for y in 0..height {
         let row = &frame.pixels()[y * source.stride..y * source.stride + width * channels];
-        for x in 0..width {
-            let p = &row[x * channels..x * channels + channels];
+        let map_row = &prediction.map[y * width..(y + 1) * width];
+        let out_row = &mut pixels[y * width * 3..(y + 1) * width * 3];
+        for ((p, level), target) in row
+            .chunks_exact(channels)
+            .zip(map_row)
+            .zip(out_row.chunks_exact_mut(3))
+        {
             let rgb = match source.format {
                 PixelFormat::Rgb => [p[0], p[1], p[2]],
                 PixelFormat::Bgr => [p[2], p[1], p[0]],
                 PixelFormat::Gray => [p[0], p[0], p[0]],
             };
-            let colour = jet(prediction.map[y * width + x]);
-            let target = &mut pixels[(y * width + x) * 3..(y * width + x) * 3 + 3];
+            let colour = &colours[(level.clamp(0.0, 1.0) * 255.0) as usize];
             for c in 0..3 {
-                target[c] =
-                    (f32::from(rgb[c]) * (1.0 - alpha) + f32::from(colour[c]) * alpha) as u8;
+                target[c] = ((u32::from(rgb[c]) * keep + colour[c]) >> 8) as u8;
             }
         }
     }
