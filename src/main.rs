@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand};
 
-mod predict;
+mod model_commands;
 use inspectflow::graph::{self, schema};
 use inspectflow::operators::Registry;
 use inspectflow::runtime::Pipeline;
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
             image_size,
             seed,
             out,
-        } => match predict::train(&normal, &model, &backbone, image_size, seed, &out) {
+        } => match model_commands::train(&normal, &model, &backbone, image_size, seed, &out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error}");
@@ -182,7 +182,7 @@ fn main() -> ExitCode {
             out,
             json,
             threshold,
-        } => match predict::run(&model, &images, out.as_deref(), json, threshold) {
+        } => match model_commands::predict(&model, &images, out.as_deref(), json, threshold) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(error) => {

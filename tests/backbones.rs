@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use inspectflow::backbone::Backbone;
 use inspectflow::operators::decode;
-use inspectflow::operators::infer::model::{CompileOptions, LoadedModel, PerformanceHint};
+use inspectflow::operators::infer::model::{CompileOptions, LoadedModel};
 use inspectflow::operators::infer::runtime;
 use inspectflow::operators::transform::preprocess::{Preprocess, PreprocessParams};
 use inspectflow::operators::{BufferPool, CaptureTime, Frame, ImageLayout, PixelFormat};
@@ -66,18 +66,8 @@ fn check(backbone: Backbone) {
     let dir = tempfile::tempdir().expect("temp dir");
     let xml = dir.path().join(format!("{}.xml", backbone.name()));
     backbone.import(224, &xml).unwrap_or_else(|e| panic!("{e}"));
-    let mut model = LoadedModel::load(
-        &xml,
-        &CompileOptions {
-            device: "CPU".into(),
-            hint: PerformanceHint::Latency,
-            threads: None,
-            streams: None,
-            precision: inspectflow::operators::infer::model::Precision::F32,
-            batch: 1,
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut model =
+        LoadedModel::load(&xml, &CompileOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, vec!["features_s8", "features_s16", "logits"]);
     let [s8, s16] = backbone.feature_channels();

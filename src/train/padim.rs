@@ -8,9 +8,7 @@
 
 use std::path::Path;
 
-use inspectflow_operators::infer::model::{
-    CompileOptions, LoadedModel, ModelError, PerformanceHint,
-};
+use inspectflow_operators::infer::model::{CompileOptions, LoadedModel, ModelError};
 use inspectflow_operators::transform::preprocess::{Preprocess, PreprocessParams};
 use inspectflow_operators::{Frame, OpError};
 
@@ -106,17 +104,7 @@ fn embedding(network: &mut Network, indices: &[usize]) -> Output {
 }
 
 fn compile(path: &Path) -> Result<LoadedModel, ModelError> {
-    LoadedModel::load(
-        path,
-        &CompileOptions {
-            device: "CPU".into(),
-            hint: PerformanceHint::Latency,
-            threads: None,
-            streams: None,
-            precision: inspectflow_operators::infer::model::Precision::F32,
-            batch: 1,
-        },
-    )
+    LoadedModel::load(path, &CompileOptions::default())
 }
 
 /// The preprocessing every PaDiM model uses: bilinear resize to the input size, RGB in [0, 1].

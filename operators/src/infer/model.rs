@@ -119,6 +119,20 @@ pub struct CompileOptions {
     pub batch: usize,
 }
 
+impl Default for CompileOptions {
+    /// One frame at a time on the CPU, latency hint, f32: what tools and training use.
+    fn default() -> Self {
+        Self {
+            device: "CPU".into(),
+            hint: PerformanceHint::Latency,
+            threads: None,
+            streams: None,
+            precision: Precision::F32,
+            batch: 1,
+        }
+    }
+}
+
 /// Name and static shape of a model input or output.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PortInfo {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use inspectflow::operators::BufferPool;
 use inspectflow::operators::decode;
-use inspectflow::operators::infer::model::LoadedModel;
+use inspectflow::operators::infer::model::{CompileOptions, LoadedModel};
 use inspectflow::operators::package::ModelPackage;
 use inspectflow::operators::packet::ModelOutput;
 use inspectflow::operators::transform::anomaly::AnomalyPostprocess;
@@ -36,7 +36,7 @@ struct Failure {
 /// Scores `images`; returns whether every image was scored. Errors that concern the model (it
 /// cannot be opened or compiled) end the command; errors that concern one image are reported and
 /// the others are still scored.
-pub fn run(
+pub fn predict(
     model_dir: &Path,
     images: &[PathBuf],
     out: Option<&Path>,
@@ -45,18 +45,8 @@ pub fn run(
 ) -> Result<bool, String> {
     let package = ModelPackage::open(model_dir).map_err(|e| e.to_string())?;
     let manifest = &package.manifest;
-    let mut model = LoadedModel::load(
-        &package.model_path(),
-        &inspectflow::operators::infer::model::CompileOptions {
-            device: "CPU".into(),
-            hint: inspectflow::operators::infer::model::PerformanceHint::Latency,
-            threads: None,
-            streams: None,
-            precision: inspectflow::operators::infer::model::Precision::F32,
-            batch: 1,
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let mut model = LoadedModel::load(&package.model_path(), &CompileOptions::default())
+        .map_err(|e| e.to_string())?;
     let mut preprocess = padim::preprocessor(manifest.input_size).map_err(|e| e.to_string())?;
     let threshold = threshold.unwrap_or(manifest.threshold);
     if !(0.0..=1.0).contains(&threshold) {
