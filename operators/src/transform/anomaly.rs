@@ -28,6 +28,11 @@ pub struct AnomalyParams {
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub threshold: Option<f32>,
+    /// Gaussian smoothing of the raw map, sigma in map pixels (0: none). inspectflow's PaDiM
+    /// packages smooth inside the model; set this for models that do not.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 64.0))]
+    pub smoothing_sigma: f32,
 }
 
 /// The registry entry.
@@ -49,17 +54,75 @@ pub struct AnomalyPostprocess {
     resizer: Resizer,
     normalised: Vec<f32>,
     pool: BufferPool<f32>,
+    smoothing: Option<GaussianBlur>,
+}
+
+/// Separable Gaussian blur with edge pixels repeated beyond the border.
+struct GaussianBlur {
+    kernel: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl GaussianBlur {
+    /// A kernel of radius `ceil(4 sigma)` (anomalib's size), normalised to sum 1.
+    fn new(sigma: f32) -> Self {
+        let radius = (4.0 * sigma).ceil().max(1.0) as i64;
+        let mut kernel: Vec<f32> = (-radius..=radius)
+            .map(|i| (-(i as f32).powi(2) / (2.0 * sigma * sigma)).exp())
+            .collect();
+        let total: f32 = kernel.iter().sum();
+        kernel.iter_mut().for_each(|k| *k /= total);
+        Self {
+            kernel,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Blurs a `width` x `height` map in place.
+    fn apply(&mut self, values: &mut [f32], width: usize, height: usize) {
+        let radius = (self.kernel.len() / 2) as i64;
+        self.scratch.clear();
+        self.scratch.resize(values.len(), 0.0);
+        let clamp = |i: i64, n: usize| i.clamp(0, n as i64 - 1) as usize;
+        for y in 0..height {
+            for x in 0..width {
+                self.scratch[y * width + x] = self
+                    .kernel
+                    .iter()
+                    .enumerate()
+                    .map(|(k, weight)| {
+                        weight * values[y * width + clamp(x as i64 + k as i64 - radius, width)]
+                    })
+                    .sum();
+            }
+        }
+        for y in 0..height {
+            for x in 0..width {
+                values[y * width + x] = self
+                    .kernel
+                    .iter()
+                    .enumerate()
+                    .map(|(k, weight)| {
+                        weight
+                            * self.scratch[clamp(y as i64 + k as i64 - radius, height) * width + x]
+                    })
+                    .sum();
+            }
+        }
+    }
 }
 
 impl AnomalyPostprocess {
-    /// With the statistics of a package and a threshold on normalised scores.
-    pub fn new(normalization: Normalization, threshold: f32) -> Self {
+    /// With the statistics of a package, a threshold on normalised scores and an optional
+    /// smoothing of the raw map (`sigma` in map pixels, 0 for none).
+    pub fn new(normalization: Normalization, threshold: f32, smoothing_sigma: f32) -> Self {
         Self {
             normalization,
             threshold,
             resizer: Resizer::new(),
             normalised: Vec::new(),
             pool: BufferPool::new(32),
+            smoothing: (smoothing_sigma > 0.0).then(|| GaussianBlur::new(smoothing_sigma)),
         }
     }
 
@@ -90,8 +153,18 @@ impl AnomalyPostprocess {
             }
         };
         self.normalised.clear();
+        self.normalised.extend_from_slice(&map.values);
+        if let Some(blur) = &mut self.smoothing {
+            blur.apply(
+                &mut self.normalised,
+                map_width as usize,
+                map_height as usize,
+            );
+        }
+        let normalization = self.normalization;
         self.normalised
-            .extend(map.values.iter().map(|v| self.normalization.apply(*v)));
+            .iter_mut()
+            .for_each(|v| *v = normalization.apply(*v));
         let mut resized = self.pool.get(width as usize * height as usize);
         if (map_width, map_height) == (width, height) {
             resized.copy_from_slice(&self.normalised);
@@ -156,7 +229,11 @@ impl Anomaly {
             .map_err(|e| OpError::param("model", e.to_string()))?;
         let threshold = params.threshold.unwrap_or(package.manifest.threshold);
         Ok(Self {
-            postprocess: AnomalyPostprocess::new(package.manifest.normalization, threshold),
+            postprocess: AnomalyPostprocess::new(
+                package.manifest.normalization,
+                threshold,
+                params.smoothing_sigma,
+            ),
         })
     }
 }
@@ -176,5 +253,64 @@ impl Transform for Anomaly {
         )?));
         out.emit(0, packet);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(name: &str, shape: Vec<usize>, values: &[f32]) -> ModelOutput {
+        let pool = BufferPool::new(1);
+        let mut buffer = pool.get(values.len());
+        buffer.copy_from_slice(values);
+        ModelOutput {
+            name: name.into(),
+            shape,
+            values: buffer,
+        }
+    }
+
+    #[test]
+    fn normalisation_puts_the_threshold_at_one_half() {
+        let normalization = Normalization {
+            threshold: 10.0,
+            min: 2.0,
+            max: 18.0,
+        };
+        assert_eq!(normalization.apply(10.0), 0.5);
+        assert_eq!(normalization.apply(14.0), 0.75);
+        assert_eq!(normalization.apply(-100.0), 0.0);
+        assert_eq!(normalization.apply(100.0), 1.0);
+    }
+
+    #[test]
+    fn labels_by_the_normalised_score_and_resizes_the_map_to_the_frame() {
+        let normalization = Normalization {
+            threshold: 10.0,
+            min: 0.0,
+            max: 20.0,
+        };
+        let mut postprocess = AnomalyPostprocess::new(normalization, 0.5, 0.0);
+        let map = output("anomaly_map", vec![1, 1, 2, 2], &[0.0, 10.0, 10.0, 20.0]);
+        let score = output("pred_score", vec![1], &[16.0]);
+        let prediction = postprocess.predict(&[map, score], 4, 4).expect("predicts");
+        assert!((prediction.score - 0.8).abs() < 1e-6);
+        assert!(prediction.anomalous);
+        assert_eq!(prediction.map.len(), 16);
+        assert!(
+            prediction.map[0] < prediction.map[15],
+            "the hot corner stays hot after resizing"
+        );
+    }
+
+    #[test]
+    fn smoothing_spreads_a_peak_and_keeps_its_mass() {
+        let mut blur = GaussianBlur::new(1.0);
+        let mut values = vec![0.0f32; 81];
+        values[40] = 81.0;
+        blur.apply(&mut values, 9, 9);
+        assert!(values[40] < 81.0 && values[40] > values[41] && values[41] > 0.0);
+        assert!((values.iter().sum::<f32>() - 81.0).abs() < 1e-3);
     }
 }
