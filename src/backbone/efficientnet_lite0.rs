@@ -6,7 +6,7 @@
 
 use super::Network;
 use super::ir::{IrGraph, Output};
-use super::layers::{Weights, WeightsError, normalise, same_tensorflow};
+use super::layers::{BlockSpec, Weights, WeightsError, normalise, run_stages, same_tensorflow};
 
 /// `(expansion, output channels, repeats, first stride)` per stage; kernel sizes come from the
 /// depthwise weights.
@@ -34,32 +34,16 @@ pub fn build(weights: &Weights, height: usize, width: usize) -> Result<Network, 
     x = conv_bn_same(weights, &mut graph, x, "_conv_stem", "_bn0", 2)?;
     x = graph.clamp("stem/relu6", x, 0.0, 6.0);
 
-    let mut block = 0;
-    let mut in_channels = 32;
-    let mut stride_8: Option<Output> = None;
-    let mut stride_16: Option<Output> = None;
-    for (expansion, out_channels, repeats, first_stride) in STAGES {
-        for repeat in 0..repeats {
-            let stride = if repeat == 0 { first_stride } else { 1 };
-            x = mobile_block(
-                weights,
-                &mut graph,
-                x,
-                block,
-                expansion,
-                stride,
-                in_channels == out_channels,
-            )?;
-            in_channels = out_channels;
-            if block == STRIDE_8_BLOCK {
-                stride_8 = Some(x);
-            }
-            if block == STRIDE_16_BLOCK {
-                stride_16 = Some(x);
-            }
-            block += 1;
-        }
-    }
+    let stages = run_stages(
+        &STAGES,
+        0,
+        32,
+        x,
+        [STRIDE_8_BLOCK, STRIDE_16_BLOCK],
+        |x, spec| mobile_block(weights, &mut graph, x, spec),
+    )?;
+    let [stride_8, stride_16] = stages.taps;
+    x = stages.last;
     x = conv_bn_same(weights, &mut graph, x, "_conv_head", "_bn1", 1)?;
     x = graph.clamp("head/relu6", x, 0.0, 6.0);
     let pooled = graph.global_average_pool("pool", x);
@@ -100,11 +84,14 @@ fn mobile_block(
     weights: &Weights,
     graph: &mut IrGraph,
     input: Output,
-    index: usize,
-    expansion: usize,
-    stride: usize,
-    same_channels: bool,
+    spec: BlockSpec,
 ) -> Result<Output, WeightsError> {
+    let BlockSpec {
+        index,
+        expansion,
+        stride,
+        residual,
+    } = spec;
     let prefix = format!("_blocks.{index}");
     let mut x = input;
     if expansion != 1 {
@@ -135,7 +122,7 @@ fn mobile_block(
         &format!("{prefix}._bn2"),
         1,
     )?;
-    if stride == 1 && same_channels {
+    if residual {
         x = graph.add(&format!("{prefix}/residual"), x, input);
     }
     Ok(x)

@@ -125,6 +125,66 @@ impl Weights<'_> {
     }
 }
 
+/// Where a block of a MobileNet-style stage table sits and how it is shaped.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSpec {
+    /// Index in the checkpoint's block list.
+    pub index: usize,
+    /// Channel expansion of the block (1: no expansion convolution).
+    pub expansion: usize,
+    /// Stride of its depthwise convolution.
+    pub stride: usize,
+    /// Whether the skip connection applies (stride 1, same channels in and out).
+    pub residual: bool,
+}
+
+/// Outputs of [`run_stages`]: the last block's and the two tapped blocks'.
+pub struct StageOutputs {
+    /// After the last block.
+    pub last: Output,
+    /// After the blocks named in `taps`, in that order.
+    pub taps: [Option<Output>; 2],
+}
+
+/// Walks a stage table of `(expansion, out_channels, repeats, first_stride)`, numbering blocks
+/// from `first_index`, and builds each block with `block`.
+pub fn run_stages(
+    stages: &[(usize, usize, usize, usize)],
+    first_index: usize,
+    in_channels: usize,
+    input: Output,
+    taps: [usize; 2],
+    mut block: impl FnMut(Output, BlockSpec) -> Result<Output, WeightsError>,
+) -> Result<StageOutputs, WeightsError> {
+    let mut x = input;
+    let mut index = first_index;
+    let mut channels = in_channels;
+    let mut tapped = [None, None];
+    for &(expansion, out_channels, repeats, first_stride) in stages {
+        for repeat in 0..repeats {
+            let stride = if repeat == 0 { first_stride } else { 1 };
+            let spec = BlockSpec {
+                index,
+                expansion,
+                stride,
+                residual: stride == 1 && channels == out_channels,
+            };
+            x = block(x, spec)?;
+            channels = out_channels;
+            for (slot, tap) in tapped.iter_mut().zip(taps) {
+                if tap == index {
+                    *slot = Some(x);
+                }
+            }
+            index += 1;
+        }
+    }
+    Ok(StageOutputs {
+        last: x,
+        taps: tapped,
+    })
+}
+
 /// `x * scale + shift` per channel on an NCHW input, for normalisation inside the IR.
 pub fn normalise(graph: &mut IrGraph, input: Output, scale: [f32; 3], shift: [f32; 3]) -> Output {
     let scale = graph.constant_f32("normalise/scale", &[1, 3, 1, 1], &scale);

@@ -5,7 +5,7 @@
 
 use super::Network;
 use super::ir::{IrGraph, Output};
-use super::layers::{Weights, WeightsError, normalise, same_symmetric};
+use super::layers::{BlockSpec, Weights, WeightsError, normalise, run_stages, same_symmetric};
 
 /// `(expansion, output channels, repeats, first stride)` per stage, as in the paper.
 const STAGES: [(usize, usize, usize, usize); 7] = [
@@ -42,32 +42,16 @@ pub fn build(weights: &Weights, height: usize, width: usize) -> Result<Network, 
     )?;
     x = graph.clamp("features.0/relu6", x, 0.0, 6.0);
 
-    let mut block = 1;
-    let mut in_channels = 32;
-    let mut stride_8: Option<Output> = None;
-    let mut stride_16: Option<Output> = None;
-    for (expansion, out_channels, repeats, first_stride) in STAGES {
-        for repeat in 0..repeats {
-            let stride = if repeat == 0 { first_stride } else { 1 };
-            x = inverted_residual(
-                weights,
-                &mut graph,
-                x,
-                block,
-                expansion,
-                stride,
-                in_channels == out_channels,
-            )?;
-            in_channels = out_channels;
-            if block == STRIDE_8_BLOCK {
-                stride_8 = Some(x);
-            }
-            if block == STRIDE_16_BLOCK {
-                stride_16 = Some(x);
-            }
-            block += 1;
-        }
-    }
+    let stages = run_stages(
+        &STAGES,
+        1,
+        32,
+        x,
+        [STRIDE_8_BLOCK, STRIDE_16_BLOCK],
+        |x, spec| inverted_residual(weights, &mut graph, x, spec),
+    )?;
+    let [stride_8, stride_16] = stages.taps;
+    x = stages.last;
     x = weights.conv_bn(&mut graph, x, "features.18.0", "features.18.1", 1, [0; 4])?;
     x = graph.clamp("features.18/relu6", x, 0.0, 6.0);
     let pooled = graph.global_average_pool("pool", x);
@@ -93,11 +77,14 @@ fn inverted_residual(
     weights: &Weights,
     graph: &mut IrGraph,
     input: Output,
-    index: usize,
-    expansion: usize,
-    stride: usize,
-    same_channels: bool,
+    spec: BlockSpec,
 ) -> Result<Output, WeightsError> {
+    let BlockSpec {
+        index,
+        expansion,
+        stride,
+        residual,
+    } = spec;
     let prefix = format!("features.{index}.conv");
     let mut x = input;
     let mut layer = 0;
@@ -130,7 +117,7 @@ fn inverted_residual(
         1,
         [0; 4],
     )?;
-    if stride == 1 && same_channels {
+    if residual {
         x = graph.add(&format!("features.{index}/residual"), x, input);
     }
     Ok(x)
