@@ -144,11 +144,6 @@ impl Frame {
         &self.pixels
     }
 
-    /// Whether two frames share one pixel buffer (fan-out without copies).
-    pub fn shares_pixels_with(&self, other: &Frame) -> bool {
-        Arc::ptr_eq(&self.pixels, &other.pixels)
-    }
-
     /// Address of the pixel buffer, for tests and diagnostics that follow a buffer through a graph.
     pub fn pixels_addr(&self) -> usize {
         self.pixels.as_ptr() as usize

@@ -83,16 +83,6 @@ impl OperatorDescriptor {
     pub fn build(&self, params: Value, node_id: &str) -> Result<OperatorInstance, OpError> {
         (self.build)(params, node_id)
     }
-
-    /// Index of the named input port.
-    pub fn input_index(&self, port: &str) -> Option<usize> {
-        self.inputs.iter().position(|p| p.name == port)
-    }
-
-    /// Index of the named output port.
-    pub fn output_index(&self, port: &str) -> Option<usize> {
-        self.outputs.iter().position(|p| p.name == port)
-    }
 }
 
 /// Builder returned by [`OperatorDescriptor::builder`].

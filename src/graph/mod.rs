@@ -134,11 +134,6 @@ pub struct ValidatedGraph {
 }
 
 impl ValidatedGraph {
-    /// Index of the node called `id`.
-    pub fn node_index(&self, id: &str) -> Option<usize> {
-        self.nodes.iter().position(|node| &*node.id == id)
-    }
-
     /// `node.port` label of an edge's producer.
     pub fn from_label(&self, edge: &ValidatedEdge) -> String {
         let node = &self.nodes[edge.from];

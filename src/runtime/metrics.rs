@@ -16,7 +16,6 @@ const BUCKETS: usize = 64 * SUB_BUCKETS;
 /// A log-linear histogram of durations in nanoseconds, safe to record from any thread.
 pub struct Histogram {
     buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
     sum_ns: AtomicU64,
     max_ns: AtomicU64,
 }
@@ -25,7 +24,6 @@ impl Default for Histogram {
     fn default() -> Self {
         Self {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
             sum_ns: AtomicU64::new(0),
             max_ns: AtomicU64::new(0),
         }
@@ -62,15 +60,9 @@ impl Histogram {
     pub fn record_n(&self, duration: Duration, n: u64) {
         let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[bucket_of(nanos)].fetch_add(n, Ordering::Relaxed);
-        self.count.fetch_add(n, Ordering::Relaxed);
         self.sum_ns
             .fetch_add(nanos.saturating_mul(n), Ordering::Relaxed);
         self.max_ns.fetch_max(nanos, Ordering::Relaxed);
-    }
-
-    /// Number of recorded values.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
     }
 
     /// Summary in milliseconds, or `None` when nothing was recorded.
