@@ -11,6 +11,7 @@
 pub mod backbone;
 pub mod graph;
 pub mod runtime;
+pub mod synth;
 pub mod train;
 
 pub use inspectflow_operators as operators;

@@ -57,27 +57,15 @@ enum Command {
         #[command(subcommand)]
         action: Option<BackbonesAction>,
     },
-    /// Train an anomaly model on a folder of normal images and write a model package.
-    Train {
-        /// Folder of normal images (PNG or JPEG).
-        #[arg(long)]
-        normal: PathBuf,
-        /// Model family.
-        #[arg(long, default_value = "padim")]
-        model: String,
-        /// mobilenet_v2 or efficientnet_lite0.
-        #[arg(long, default_value = "mobilenet_v2")]
-        backbone: String,
-        /// Square input size (a multiple of 32).
-        #[arg(long, default_value_t = 256)]
-        image_size: usize,
-        /// Seed of the random choices (PaDiM's channel subset).
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// The package directory to create (must not exist).
-        #[arg(long)]
-        out: PathBuf,
-    },
+    /// Train an anomaly model (PaDiM or PatchCore) on a folder of normal images, calibrate it on
+    /// held-out normal images and labelled or generated anomalies, and write a model package.
+    Train(model_commands::TrainArgs),
+    /// Measure a model package on labelled images: image AUROC and F1, and pixel AUROC, F1 and
+    /// PRO when masks are given; prints a summary and a per-image table.
+    Eval(model_commands::EvalArgs),
+    /// Write a generated dataset (procedural textures with scratches, holes, stains and
+    /// foreign-texture blobs, with masks) for trying out training and evaluation.
+    Synth(model_commands::SynthArgs),
     /// Score images with a model package: prints score and label per image and writes overlay
     /// images (heatmap, outline, label) when --out is given.
     Predict {
@@ -162,20 +150,9 @@ fn main() -> ExitCode {
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
         Command::Devices { json } => devices(json),
-        Command::Train {
-            normal,
-            model,
-            backbone,
-            image_size,
-            seed,
-            out,
-        } => match model_commands::train(&normal, &model, &backbone, image_size, seed, &out) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("error: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Train(args) => report(model_commands::train(&args)),
+        Command::Eval(args) => report(model_commands::eval(&args)),
+        Command::Synth(args) => report(model_commands::synth(&args)),
         Command::Predict {
             model,
             images,
@@ -191,6 +168,17 @@ fn main() -> ExitCode {
             }
         },
         Command::Backbones { action } => backbones(action),
+    }
+}
+
+/// Exit status of a command that either succeeds or fails with a message.
+fn report(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,10 +1,12 @@
-//! `inspectflow train` and `inspectflow predict`: fit a model package on a folder of normal
-//! images; score image files with a package, print the verdicts and write overlay images.
+//! `inspectflow train`, `eval`, `synth` and `predict`: fit a model package on a folder of
+//! normal images, measure one on labelled images, generate a dataset to try them on, and score
+//! image files with a package (verdicts and overlay images).
 //! Prediction uses the same operators as pipelines (preprocess, the anomaly post-processing and
 //! the heatmap), so a verdict here is the verdict a camera pipeline gives.
 
 use std::path::{Path, PathBuf};
 
+use inspectflow::backbone::Backbone;
 use inspectflow::operators::BufferPool;
 use inspectflow::operators::decode;
 use inspectflow::operators::infer::model::{CompileOptions, LoadedModel};
@@ -13,7 +15,8 @@ use inspectflow::operators::packet::ModelOutput;
 use inspectflow::operators::transform::anomaly::AnomalyPostprocess;
 use inspectflow::operators::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 use inspectflow::operators::transform::heatmap::{self, HeatmapParams};
-use inspectflow::train::padim;
+use inspectflow::synth::{SynthOptions, Texture};
+use inspectflow::train::{self, Architecture, TrainConfig, dataset, evaluate};
 
 /// One image's verdict.
 #[derive(Debug, serde::Serialize)]
@@ -47,7 +50,7 @@ pub fn predict(
     let manifest = &package.manifest;
     let mut model = LoadedModel::load(&package.model_path(), &CompileOptions::default())
         .map_err(|e| e.to_string())?;
-    let mut preprocess = padim::preprocessor(manifest.input_size).map_err(|e| e.to_string())?;
+    let mut preprocess = train::preprocessor(manifest.input_size).map_err(|e| e.to_string())?;
     let threshold = threshold.unwrap_or(manifest.threshold);
     if !(0.0..=1.0).contains(&threshold) {
         return Err(format!("--threshold {threshold} is outside 0-1"));
@@ -178,57 +181,289 @@ fn write_jpeg(
     std::fs::rename(&temporary, path).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// Trains a model on every PNG or JPEG in `normal_dir` (sorted by name) and writes the package.
-pub fn train(
-    normal_dir: &Path,
-    family: &str,
-    backbone: &str,
+/// Options of `inspectflow train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Folder of normal images (PNG or JPEG; sizes may differ).
+    #[arg(long)]
+    normal: PathBuf,
+    /// Folder of anomalous images; with it, calibration uses them instead of generated anomalies.
+    #[arg(long)]
+    anomalous: Option<PathBuf>,
+    /// Folder of masks of the anomalous images (`<name>.png` or `<name>_mask.png`).
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// Model family.
+    #[arg(long, value_enum, default_value = "padim")]
+    model: Architecture,
+    /// mobilenet_v2 or efficientnet_lite0.
+    #[arg(long, default_value = "mobilenet_v2")]
+    backbone: String,
+    /// Square input size (a multiple of 32).
+    #[arg(long, default_value_t = 256)]
     image_size: usize,
+    /// Seed of every random choice; the same seed on the same data gives the same model.
+    #[arg(long, default_value_t = 42)]
     seed: u64,
-    out: &Path,
-) -> Result<(), String> {
-    if family != "padim" {
-        return Err(format!("--model {family}: only padim is available so far"));
+    /// PaDiM: channels kept of the concatenated features.
+    #[arg(long, default_value_t = 100)]
+    padim_channels: usize,
+    /// PatchCore: memory bank rows (its head costs about rows x channels x 1024 multiply-adds
+    /// per 256x256 image).
+    #[arg(long, default_value_t = 1024)]
+    memory_bank: usize,
+    /// Where dataset snapshots are cached (default: $XDG_CACHE_HOME/inspectflow/snapshots or
+    /// ~/.cache/inspectflow/snapshots).
+    #[arg(long)]
+    snapshots: Option<PathBuf>,
+    /// The package directory to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The default snapshot cache.
+fn default_snapshot_cache() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("inspectflow").join("snapshots")
+}
+
+/// Draws progress on standard error: a bar per stage on a terminal, a line per stage otherwise.
+struct ProgressBar {
+    terminal: bool,
+    stage: String,
+    drawn: i32,
+}
+
+impl ProgressBar {
+    fn new() -> Self {
+        Self {
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            stage: String::new(),
+            drawn: -1,
+        }
     }
-    let backbone = inspectflow::backbone::Backbone::from_name(backbone)
-        .ok_or_else(|| format!("--backbone {backbone}: use mobilenet_v2 or efficientnet_lite0"))?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(normal_dir)
-        .map_err(|e| format!("cannot read {}: {e}", normal_dir.display()))?
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(format!(
-            "{} holds no PNG or JPEG images",
-            normal_dir.display()
-        ));
+
+    fn update(&mut self, stage: &str, fraction: f32) {
+        let percent = (fraction.clamp(0.0, 1.0) * 100.0) as i32;
+        if stage != self.stage {
+            if self.terminal && !self.stage.is_empty() {
+                eprintln!();
+            }
+            self.stage = stage.to_string();
+            self.drawn = -1;
+            if !self.terminal {
+                eprintln!("{stage}...");
+            }
+        }
+        if self.terminal && percent != self.drawn {
+            let filled = (percent / 5) as usize;
+            eprint!(
+                "\r{stage:<12} [{}{}] {percent:>3}%",
+                "#".repeat(filled),
+                " ".repeat(20 - filled)
+            );
+            self.drawn = percent;
+        }
     }
-    let pool = BufferPool::new(files.len() + 1);
-    let mut frames = Vec::with_capacity(files.len());
-    for (index, file) in files.iter().enumerate() {
-        frames.push(decode::read_rgb(file, &pool, index as u64).map_err(|e| e.to_string())?);
+
+    fn finish(&self) {
+        if self.terminal && !self.stage.is_empty() {
+            eprintln!();
+        }
     }
-    let config = padim::PadimConfig {
+}
+
+fn metric(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
+}
+
+/// `inspectflow train`.
+pub fn train(args: &TrainArgs) -> Result<(), String> {
+    let backbone = Backbone::from_name(&args.backbone).ok_or_else(|| {
+        format!(
+            "--backbone {}: use mobilenet_v2 or efficientnet_lite0",
+            args.backbone
+        )
+    })?;
+    let config = TrainConfig {
+        architecture: args.model,
         backbone,
-        input_size: image_size,
-        channels: 100.min(backbone.feature_channels().iter().sum()),
-        seed,
+        input_size: args.image_size,
+        seed: args.seed,
+        padim_channels: args.padim_channels,
+        memory_bank: args.memory_bank,
+        neighbours: 9,
+        snapshot_cache: args
+            .snapshots
+            .clone()
+            .unwrap_or_else(default_snapshot_cache),
     };
-    let started = std::time::Instant::now();
-    let package = padim::train(&config, &frames, out).map_err(|e| e.to_string())?;
+    let sources = dataset::Sources {
+        normal: &args.normal,
+        anomalous: args.anomalous.as_deref(),
+        masks: args.masks.as_deref(),
+    };
+    let mut bar = ProgressBar::new();
+    let result = train::train(&config, &sources, &args.out, &mut |stage, fraction| {
+        bar.update(stage, fraction)
+    });
+    bar.finish();
+    let report = result.map_err(|e| e.to_string())?;
+    let manifest = &report.package.manifest;
+    let summary = &report.validation.summary;
     println!(
-        "trained {} on {} images ({} for calibration) in {:.1} s -> {}",
-        package.manifest.architecture,
-        package.manifest.provenance.training_images,
-        package.manifest.provenance.calibration_images,
-        started.elapsed().as_secs_f64(),
-        package.dir.display()
+        "trained {} ({}) on {} images in {:.1} s{} -> {}",
+        manifest.architecture,
+        manifest.backbone,
+        manifest.provenance.training_images,
+        report.seconds,
+        if report.snapshot_reused {
+            ", dataset snapshot reused"
+        } else {
+            ""
+        },
+        report.package.dir.display()
+    );
+    println!(
+        "validation ({} normal, {} {} anomalous): image AUROC {}, F1 {}; pixel AUROC {}, F1 {}, PRO {}",
+        summary.normal,
+        summary.anomalous,
+        manifest.metrics["validation_anomalies"]
+            .as_str()
+            .unwrap_or("labelled"),
+        metric(summary.image_auroc),
+        metric(summary.image_f1),
+        metric(summary.pixel_auroc),
+        metric(summary.pixel_f1),
+        metric(summary.pro),
+    );
+    Ok(())
+}
+
+/// Options of `inspectflow eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// The model package directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Folder of normal test images.
+    #[arg(long)]
+    normal: PathBuf,
+    /// Folder of anomalous test images.
+    #[arg(long)]
+    anomalous: PathBuf,
+    /// Folder of their masks (`<name>.png` or `<name>_mask.png`); enables pixel metrics.
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// Normalised threshold (0-1) instead of the package's.
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Print one JSON document (summary and per-image rows) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `inspectflow eval`.
+pub fn eval(args: &EvalArgs) -> Result<(), String> {
+    if let Some(threshold) = args.threshold
+        && !(0.0..=1.0).contains(&threshold)
+    {
+        return Err(format!("--threshold {threshold} is outside 0-1"));
+    }
+    let sources = dataset::Sources {
+        normal: &args.normal,
+        anomalous: Some(&args.anomalous),
+        masks: args.masks.as_deref(),
+    };
+    let mut bar = ProgressBar::new();
+    let result = evaluate::evaluate_package(&args.model, &sources, args.threshold, &mut |f| {
+        bar.update("scoring", f)
+    });
+    bar.finish();
+    let evaluation = result.map_err(|e| e.to_string())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&evaluation).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let table = evaluation
+        .table()
+        .and_then(|t| {
+            t.drop("path")
+                .map_err(|e| inspectflow::train::TrainError::Invalid(e.to_string()))
+        })
+        .map_err(|e| e.to_string())?;
+    // Every row, not polars' elided preview.
+    for row in &evaluation.images {
+        let _ = row;
+    }
+    println!("{table}");
+    let summary = &evaluation.summary;
+    println!(
+        "{} images ({} normal, {} anomalous), threshold {:.2}: image AUROC {}, F1 {}; pixel AUROC {}, F1 {}, PRO {}",
+        summary.images,
+        summary.normal,
+        summary.anomalous,
+        summary.threshold,
+        metric(summary.image_auroc),
+        metric(summary.image_f1),
+        metric(summary.pixel_auroc),
+        metric(summary.pixel_f1),
+        metric(summary.pro),
+    );
+    Ok(())
+}
+
+/// Options of `inspectflow synth`.
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Directory to create (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// Texture family.
+    #[arg(long, value_enum, default_value = "carpet")]
+    texture: Texture,
+    /// Image size in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Normal training images.
+    #[arg(long, default_value_t = 40)]
+    train: usize,
+    /// Normal test images.
+    #[arg(long, default_value_t = 20)]
+    test_normal: usize,
+    /// Anomalous test images (scratch, hole, stain, blob in turn).
+    #[arg(long, default_value_t = 20)]
+    test_anomalous: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+/// `inspectflow synth`.
+pub fn synth(args: &SynthArgs) -> Result<(), String> {
+    let options = SynthOptions {
+        texture: args.texture,
+        size: args.size,
+        train_normal: args.train,
+        test_normal: args.test_normal,
+        test_anomalous: args.test_anomalous,
+        seed: args.seed,
+    };
+    inspectflow::synth::write_dataset(&args.out, &options).map_err(|e| e.to_string())?;
+    println!(
+        "wrote {} {} images ({} train, {} test normal, {} test anomalous with masks) to {}",
+        args.train + args.test_normal + args.test_anomalous,
+        args.texture.name(),
+        args.train,
+        args.test_normal,
+        args.test_anomalous,
+        args.out.display()
     );
     Ok(())
 }

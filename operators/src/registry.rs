@@ -186,6 +186,7 @@ impl Registry {
         let mut registry = Self::empty();
         for descriptor in [
             crate::source::synthetic::descriptor(),
+            crate::source::files::descriptor(),
             crate::transform::preprocess::descriptor(),
             crate::infer::operator::descriptor(),
             crate::transform::anomaly::descriptor(),

@@ -46,6 +46,17 @@ struct Layer {
     outputs: Vec<(Vec<usize>, ElementType, Option<String>)>,
 }
 
+/// How [`IrGraph::reduce`] combines values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// Sum.
+    Sum,
+    /// Maximum.
+    Max,
+    /// Minimum.
+    Min,
+}
+
 /// A graph under construction.
 pub struct IrGraph {
     name: String,
@@ -421,8 +432,14 @@ impl IrGraph {
         )
     }
 
-    /// Sum (or maximum, with `max`) over `axes`, dropping them.
-    pub fn reduce(&mut self, name: &str, input: Output, axes: &[usize], max: bool) -> Output {
+    /// Reduces over `axes`, dropping them.
+    pub fn reduce(
+        &mut self,
+        name: &str,
+        input: Output,
+        axes: &[usize],
+        reduction: Reduction,
+    ) -> Output {
         let shape: Vec<usize> = self
             .shape(input)
             .iter()
@@ -432,12 +449,108 @@ impl IrGraph {
             .collect();
         let axes: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
         let axes = self.constant_i64(&format!("{name}/axes"), &[axes.len()], &axes);
-        let kind = if max { "ReduceMax" } else { "ReduceSum" };
+        let kind = match reduction {
+            Reduction::Sum => "ReduceSum",
+            Reduction::Max => "ReduceMax",
+            Reduction::Min => "ReduceMin",
+        };
         self.push(
             name,
             kind,
             vec![("keep_dims", "false".into())],
             &[input, axes],
+            shape,
+        )
+    }
+
+    /// Average pooling of an NCHW tensor over `kernel` x `kernel` windows with stride 1, padded
+    /// to keep the size; border windows average only the pixels inside the image.
+    pub fn average_pool_same(&mut self, name: &str, input: Output, kernel: usize) -> Output {
+        let shape = self.shape(input).to_vec();
+        let pad = kernel / 2;
+        self.push(
+            name,
+            "AvgPool",
+            vec![
+                ("strides", "1,1".into()),
+                ("pads_begin", format!("{pad},{pad}")),
+                ("pads_end", format!("{pad},{pad}")),
+                ("kernel", format!("{kernel},{kernel}")),
+                ("exclude-pad", "true".into()),
+                ("rounding_type", "floor".into()),
+                ("auto_pad", "explicit".into()),
+            ],
+            &[input],
+            shape,
+        )
+    }
+
+    /// The `k` largest (or smallest, without `largest`) values along `axis`, sorted, and their
+    /// indices (i64).
+    pub fn top_k(
+        &mut self,
+        name: &str,
+        input: Output,
+        axis: usize,
+        k: usize,
+        largest: bool,
+    ) -> (Output, Output) {
+        let mut shape = self.shape(input).to_vec();
+        shape[axis] = k;
+        let k_const = self.constant_i64(&format!("{name}/k"), &[], &[k as i64]);
+        self.layers.push(Layer {
+            name: name.to_string(),
+            kind: "TopK",
+            version: "opset11",
+            data: vec![
+                ("axis", axis.to_string()),
+                ("mode", if largest { "max" } else { "min" }.into()),
+                ("sort", "value".into()),
+                ("index_element_type", "i64".into()),
+                ("stable", "true".into()),
+            ],
+            inputs: vec![input, k_const],
+            outputs: vec![
+                (shape.clone(), ElementType::F32, None),
+                (shape, ElementType::I64, None),
+            ],
+        });
+        let layer = self.layers.len() - 1;
+        (Output { layer, port: 0 }, Output { layer, port: 1 })
+    }
+
+    /// Picks entries of `input` along `axis` at run-time `indices` (i64); the output shape is
+    /// `input`'s with `axis` replaced by the shape of `indices`.
+    pub fn gather_at(&mut self, name: &str, input: Output, indices: Output, axis: usize) -> Output {
+        let input_shape = self.shape(input).to_vec();
+        let element = self.layers[input.layer].outputs[input.port].1;
+        let mut shape = input_shape[..axis].to_vec();
+        shape.extend_from_slice(self.shape(indices));
+        shape.extend_from_slice(&input_shape[axis + 1..]);
+        let axis_const = self.constant_i64(&format!("{name}/axis"), &[], &[axis as i64]);
+        self.layers.push(Layer {
+            name: name.to_string(),
+            kind: "Gather",
+            version: "opset8",
+            data: vec![("batch_dims", "0".into())],
+            inputs: vec![input, indices, axis_const],
+            outputs: vec![(shape, element, None)],
+        });
+        Output {
+            layer: self.layers.len() - 1,
+            port: 0,
+        }
+    }
+
+    /// Softmax along `axis`.
+    pub fn softmax(&mut self, name: &str, input: Output, axis: usize) -> Output {
+        let shape = self.shape(input).to_vec();
+        self.push_versioned(
+            name,
+            "SoftMax",
+            "opset8",
+            vec![("axis", axis.to_string())],
+            &[input],
             shape,
         )
     }

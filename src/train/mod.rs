@@ -1,4 +1,368 @@
-//! Training: fitting anomaly models on normal images and exporting them as model packages (one
-//! OpenVINO IR holding backbone and head, plus a manifest).
+//! Training: fitting anomaly models on images of good parts and exporting them as model packages
+//! (one OpenVINO IR holding backbone and head, plus a manifest with calibration and metrics).
+//!
+//! A run is a sequence of stages, each reported through one progress callback:
+//! 1. `snapshot`: freeze the dataset ([`dataset`]);
+//! 2. `features`: run backbone + embedding over the training images as a batch graph
+//!    ([`batch`]);
+//! 3. `fitting`: PaDiM's Gaussians ([`padim`]) or PatchCore's memory bank ([`patchcore`]);
+//! 4. `calibration`: score a validation split of held-out normal images and anomalies, labelled
+//!    ones when the dataset has them, generated ones ([`crate::synth`]) otherwise; choose the
+//!    F1-adaptive threshold and the min-max normalisation, and measure ([`evaluate`]);
+//! 5. `export`: write the package atomically.
 
+pub mod batch;
+pub mod dataset;
+pub mod evaluate;
+pub mod metrics;
 pub mod padim;
+pub mod patchcore;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use inspectflow_operators::OpError;
+use inspectflow_operators::package::{self, Manifest, ModelPackage, Provenance};
+use inspectflow_operators::transform::preprocess::{Preprocess, PreprocessParams};
+
+use crate::backbone::ir::{Conv2d, IrGraph, Output};
+use crate::backbone::{Backbone, BackboneError};
+
+/// Training or evaluation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The backbone could not be built.
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    /// The package could not be written or read.
+    #[error(transparent)]
+    Package(#[from] package::PackageError),
+    /// Bad input or a failed step, with what and where.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let context = context.into();
+    move |source| TrainError::Io { context, source }
+}
+
+/// The model families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Architecture {
+    /// Per-position Gaussians, Mahalanobis distance.
+    Padim,
+    /// Coreset memory bank, nearest-neighbour distance.
+    Patchcore,
+}
+
+impl Architecture {
+    /// Lower-case name, as in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Padim => "padim",
+            Architecture::Patchcore => "patchcore",
+        }
+    }
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Model family.
+    pub architecture: Architecture,
+    /// Feature extractor.
+    pub backbone: Backbone,
+    /// Square input size in pixels (a multiple of 32).
+    pub input_size: usize,
+    /// Seed of every random choice (splits, channel subset, coreset start, generated anomalies).
+    pub seed: u64,
+    /// PaDiM: channels kept (the random subset).
+    pub padim_channels: usize,
+    /// PatchCore: memory bank rows.
+    pub memory_bank: usize,
+    /// PatchCore: support set size of the image-score re-weighting.
+    pub neighbours: usize,
+    /// Where dataset snapshots are cached.
+    pub snapshot_cache: PathBuf,
+}
+
+/// Embeddings of the training images: `maps[i]` is `[channels, height, width]`.
+pub struct FeatureMaps {
+    /// Channels.
+    pub channels: usize,
+    /// Feature map height.
+    pub height: usize,
+    /// Feature map width.
+    pub width: usize,
+    /// One map per image.
+    pub maps: Vec<Vec<f32>>,
+}
+
+/// A normalised Gaussian kernel of odd `size`.
+pub fn gaussian_kernel(size: usize, sigma: f32) -> Vec<f32> {
+    let centre = (size / 2) as f32;
+    let one_d: Vec<f32> = (0..size)
+        .map(|i| (-((i as f32 - centre).powi(2)) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = one_d.iter().sum::<f32>().powi(2);
+    let mut kernel = Vec::with_capacity(size * size);
+    for a in &one_d {
+        for b in &one_d {
+            kernel.push(a * b / total);
+        }
+    }
+    kernel
+}
+
+/// Smooths a stride-8 map `[1, 1, h, w]` (a Gaussian of sigma 4 input pixels) and resizes it to
+/// the input: (smoothed, resized).
+pub fn smooth_and_resize(graph: &mut IrGraph, map: Output, input_size: usize) -> (Output, Output) {
+    let kernel = gaussian_kernel(5, 0.5);
+    let smoothed = graph.convolution(
+        "head/smooth",
+        map,
+        &Conv2d {
+            weight_shape: [1, 1, 5, 5],
+            weights: &kernel,
+            bias: &[0.0],
+            stride: 1,
+            pads: [2, 2, 2, 2],
+            groups: 1,
+        },
+    );
+    let full = graph.resize_bilinear("anomaly_map_resize", smoothed, input_size, input_size);
+    (smoothed, full)
+}
+
+/// The preprocessing every model uses: bilinear resize to the input size, RGB in [0, 1].
+pub fn preprocessor(input_size: usize) -> Result<Preprocess, OpError> {
+    let params: PreprocessParams = serde_json::from_value(serde_json::json!({
+        "width": input_size, "height": input_size, "resize": "bilinear"
+    }))
+    .map_err(|e| OpError::param("input_size", e.to_string()))?;
+    Preprocess::new(params)
+}
+
+/// Progress reports: a stage name and the fraction of it done.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, f32);
+
+/// What a training run produced.
+pub struct TrainReport {
+    /// The package.
+    pub package: ModelPackage,
+    /// Validation results (also in the manifest).
+    pub validation: evaluate::Evaluation,
+    /// Whether the dataset snapshot was reused from the cache.
+    pub snapshot_reused: bool,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+/// The fitted head of either family.
+enum Head {
+    Padim(padim::PadimStats),
+    Patchcore(patchcore::PatchcoreBank),
+}
+
+/// Backbone plus the family's embedding; the output is `[1, channels, h/8, w/8]`.
+fn network_with_embedding(
+    config: &TrainConfig,
+    padim_indices: &[usize],
+) -> Result<(IrGraph, Output), TrainError> {
+    let mut network = config.backbone.network(config.input_size)?;
+    let embedded = match config.architecture {
+        Architecture::Padim => padim::embedding(&mut network, padim_indices),
+        Architecture::Patchcore => patchcore::embedding(&mut network),
+    };
+    Ok((network.graph, embedded))
+}
+
+/// Trains a model on the dataset at `sources` and writes its package to `out` (which must not
+/// exist). Nothing is left at `out` unless the whole run succeeds.
+pub fn train(
+    config: &TrainConfig,
+    sources: &dataset::Sources,
+    out: &Path,
+    progress: Progress,
+) -> Result<TrainReport, TrainError> {
+    let started = Instant::now();
+    if out.exists() {
+        return Err(TrainError::Invalid(format!(
+            "{} already exists; choose a new model directory",
+            out.display()
+        )));
+    }
+    if config.input_size < 64 || config.input_size % 32 != 0 {
+        return Err(TrainError::Invalid(format!(
+            "--image-size {} must be a multiple of 32, at least 64",
+            config.input_size
+        )));
+    }
+    progress("snapshot", 0.0);
+    let snapshot = dataset::snapshot(sources, config.seed, &config.snapshot_cache)?;
+    progress("snapshot", 1.0);
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let scratch = out.with_file_name(format!(".{name}.scratch"));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)
+        .map_err(io_error(format!("creating {}", scratch.display())))?;
+    let result = train_in(config, &snapshot, out, &scratch, started, progress);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn train_in(
+    config: &TrainConfig,
+    snapshot: &dataset::Snapshot,
+    out: &Path,
+    scratch: &Path,
+    started: Instant,
+    progress: Progress,
+) -> Result<TrainReport, TrainError> {
+    let training: Vec<PathBuf> = snapshot
+        .entries
+        .iter()
+        .filter(|e| e.split == dataset::Split::Train)
+        .map(|e| e.path.clone())
+        .collect();
+
+    // Features of the training images, through the embedding graph.
+    let [c8, c16] = config.backbone.feature_channels();
+    let padim_indices = padim::channel_subset(c8 + c16, config.padim_channels, config.seed);
+    let (mut graph, embedded) = network_with_embedding(config, &padim_indices)?;
+    let shape = graph.shape(embedded).to_vec();
+    graph.result("embedding", embedded);
+    let embedding_xml = scratch.join("embedding.xml");
+    graph
+        .write(&embedding_xml)
+        .map_err(io_error(format!("writing {}", embedding_xml.display())))?;
+    let outputs = batch::run_model(&embedding_xml, &training, config.input_size, &mut |f| {
+        progress("features", f)
+    })?;
+    let features = FeatureMaps {
+        channels: shape[1],
+        height: shape[2],
+        width: shape[3],
+        maps: outputs
+            .into_iter()
+            .map(|mut o| o.remove("embedding").unwrap_or_default())
+            .collect(),
+    };
+
+    // Fitting.
+    let head = match config.architecture {
+        Architecture::Padim => {
+            Head::Padim(padim::fit(&features, padim_indices.clone(), &mut |f| {
+                progress("fitting", f)
+            })?)
+        }
+        Architecture::Patchcore => Head::Patchcore(patchcore::fit(
+            &features,
+            config.memory_bank,
+            config.neighbours,
+            config.seed,
+            &mut |f| progress("fitting", f),
+        )?),
+    };
+    drop(features);
+
+    // The deployable IR.
+    let (mut graph, embedded) = network_with_embedding(config, &padim_indices)?;
+    match &head {
+        Head::Padim(stats) => padim::head(&mut graph, embedded, stats, config.input_size),
+        Head::Patchcore(bank) => patchcore::head(&mut graph, embedded, bank, config.input_size),
+    }
+    let model_xml = scratch.join(package::MODEL_FILE);
+    graph
+        .write(&model_xml)
+        .map_err(io_error(format!("writing {}", model_xml.display())))?;
+
+    // Calibration on the validation split.
+    let mut validation: Vec<dataset::Entry> = snapshot
+        .entries
+        .iter()
+        .filter(|e| e.split == dataset::Split::Validation)
+        .cloned()
+        .collect();
+    let labelled = validation
+        .iter()
+        .any(|e| e.label == dataset::Label::Anomalous);
+    if !labelled {
+        let generated =
+            evaluate::generate_anomalies(&validation, &scratch.join("generated"), config.seed)?;
+        validation.extend(generated);
+    }
+    let scored = evaluate::score(&model_xml, &validation, config.input_size, &mut |f| {
+        progress("calibration", f)
+    })?;
+    let normalization = evaluate::calibrate(&scored)?;
+    let evaluation = evaluate::evaluate(&scored, normalization, 0.5)?;
+
+    // Export.
+    progress("export", 0.0);
+    let mut metrics = serde_json::json!({
+        "validation": evaluation.summary,
+        "validation_anomalies": if labelled { "labelled" } else { "generated" },
+        "training_seconds": started.elapsed().as_secs_f64(),
+    });
+    if let Head::Patchcore(bank) = &head {
+        metrics["memory_bank"] = serde_json::json!({
+            "rows": bank.bank.len() / bank.dim,
+            "dim": bank.dim,
+            "neighbours": bank.neighbours,
+        });
+    }
+    let manifest = Manifest {
+        format_version: package::FORMAT_VERSION,
+        architecture: config.architecture.name().into(),
+        backbone: config.backbone.name().into(),
+        input_size: config.input_size,
+        model_file: package::MODEL_FILE.into(),
+        normalization,
+        threshold: 0.5,
+        metrics,
+        provenance: Provenance {
+            inspectflow_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            training_images: training.len(),
+            calibration_images: scored.len(),
+            seed: config.seed,
+            dataset_snapshot: Some(snapshot.id.clone()),
+        },
+    };
+    let mut table = evaluation.table()?;
+    let package = ModelPackage::create(out, &manifest, |target| {
+        std::fs::rename(&model_xml, target)?;
+        std::fs::rename(
+            model_xml.with_extension("bin"),
+            target.with_extension("bin"),
+        )?;
+        let dir = target.parent().unwrap_or(Path::new("."));
+        std::fs::copy(&snapshot.file, dir.join("dataset.parquet"))?;
+        dataset::write_parquet(&dir.join("validation.parquet"), &mut table)
+            .map_err(std::io::Error::other)
+    })?;
+    progress("export", 1.0);
+    Ok(TrainReport {
+        package,
+        validation: evaluation,
+        snapshot_reused: snapshot.reused,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
