@@ -391,18 +391,32 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    let table = evaluation
-        .table()
-        .and_then(|t| {
-            t.drop("path")
-                .map_err(|e| inspectflow::train::TrainError::Invalid(e.to_string()))
-        })
-        .map_err(|e| e.to_string())?;
-    // Every row, not polars' elided preview.
+    let width = evaluation
+        .images
+        .iter()
+        .map(|row| row.filename.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    println!(
+        "{:<width$}  {:<9}  {:>10}  {:>6}  prediction",
+        "image", "label", "raw score", "score"
+    );
     for row in &evaluation.images {
-        let _ = row;
+        println!(
+            "{:<width$}  {:<9}  {:>10.4}  {:>6.3}  {}{}",
+            row.filename,
+            row.label,
+            row.raw_score,
+            row.score,
+            row.prediction,
+            if row.prediction == row.label {
+                ""
+            } else {
+                "  (wrong)"
+            }
+        );
     }
-    println!("{table}");
     let summary = &evaluation.summary;
     println!(
         "{} images ({} normal, {} anomalous), threshold {:.2}: image AUROC {}, F1 {}; pixel AUROC {}, F1 {}, PRO {}",

@@ -64,6 +64,8 @@ fn train_demo_model(workdir: &Path) {
             "out/normal-images",
             "--out",
             "out/models/demo",
+            "--snapshots",
+            "out/snapshots",
         ])
         .current_dir(workdir)
         .output()

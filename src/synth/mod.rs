@@ -102,7 +102,7 @@ pub fn normal_image(texture: Texture, size: usize, seed: u64, index: u64) -> Can
 
 /// Paints a defect of `kind` on `canvas`, seeded; returns the mask.
 pub fn add_defect(canvas: &mut Canvas, kind: Defect, seed: u64) -> Vec<bool> {
-    kind.paint(canvas, &mut Rng::new(seed ^ 0xDEFE_C7))
+    kind.paint(canvas, &mut Rng::new(seed ^ 0x00DE_FEC7))
 }
 
 /// Writes a dataset to `out` (created; it must not exist or be empty). The files appear

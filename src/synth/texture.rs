@@ -114,11 +114,9 @@ impl Texture {
             Texture::Fabric => {
                 let warp = (u * 0.55).sin();
                 let weft = (v * 0.55).sin();
-                let over = if (u * 0.55 / std::f32::consts::PI).floor() as i64
-                    + (v * 0.55 / std::f32::consts::PI).floor() as i64
-                    & 1
-                    == 0
-                {
+                let cell_x = (u * 0.55 / std::f32::consts::PI).floor() as i64;
+                let cell_y = (v * 0.55 / std::f32::consts::PI).floor() as i64;
+                let over = if (cell_x + cell_y) & 1 == 0 {
                     warp.abs()
                 } else {
                     weft.abs()

@@ -202,7 +202,7 @@ pub fn train(
             out.display()
         )));
     }
-    if config.input_size < 64 || config.input_size % 32 != 0 {
+    if config.input_size < 64 || !config.input_size.is_multiple_of(32) {
         return Err(TrainError::Invalid(format!(
             "--image-size {} must be a multiple of 32, at least 64",
             config.input_size
