@@ -445,6 +445,10 @@ pub struct SynthArgs {
     /// Image size in pixels.
     #[arg(long, default_value_t = 256)]
     size: usize,
+    /// Take the normal images as random crops of this photo of a surface (PNG or JPEG) instead
+    /// of drawing a texture.
+    #[arg(long)]
+    photo: Option<PathBuf>,
     /// Normal training images.
     #[arg(long, default_value_t = 40)]
     train: usize,
@@ -468,12 +472,28 @@ pub fn synth(args: &SynthArgs) -> Result<(), String> {
         test_normal: args.test_normal,
         test_anomalous: args.test_anomalous,
         seed: args.seed,
+        photo: match &args.photo {
+            Some(path) => {
+                let image = image::open(path)
+                    .map_err(|e| format!("--photo {}: {e}", path.display()))?
+                    .into_rgb8();
+                Some(inspectflow::synth::Canvas::from_rgb8(
+                    image.width() as usize,
+                    image.height() as usize,
+                    image.as_raw(),
+                ))
+            }
+            None => None,
+        },
     };
     inspectflow::synth::write_dataset(&args.out, &options).map_err(|e| e.to_string())?;
     println!(
         "wrote {} {} images ({} train, {} test normal, {} test anomalous with masks) to {}",
         args.train + args.test_normal + args.test_anomalous,
-        args.texture.name(),
+        match &args.photo {
+            Some(path) => path.display().to_string(),
+            None => args.texture.name().to_string(),
+        },
         args.train,
         args.test_normal,
         args.test_anomalous,

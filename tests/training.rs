@@ -27,6 +27,7 @@ fn dataset(dir: &Path) -> PathBuf {
             test_normal: 10,
             test_anomalous: 12,
             seed: 11,
+            photo: None,
         },
     )
     .expect("dataset");

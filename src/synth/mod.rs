@@ -35,6 +35,10 @@ pub struct SynthOptions {
     pub test_anomalous: usize,
     /// Seed of everything.
     pub seed: u64,
+    /// A photo of a surface to take the normal images from (random crops) instead of a
+    /// procedural texture.
+    #[serde(skip)]
+    pub photo: Option<Canvas>,
 }
 
 /// Writing a generated dataset failed.
@@ -100,6 +104,22 @@ pub fn normal_image(texture: Texture, size: usize, seed: u64, index: u64) -> Can
     texture.draw(size, &mut rng)
 }
 
+/// A seeded random `size` x `size` crop of `photo` (which must be at least that large).
+pub fn crop(photo: &Canvas, size: usize, seed: u64, index: u64) -> Canvas {
+    let mut rng = Rng::new(seed.wrapping_mul(0x100_0000_01B3).wrapping_add(index));
+    let x0 = rng.below(photo.width - size + 1);
+    let y0 = rng.below(photo.height - size + 1);
+    let mut pixels = Vec::with_capacity(size * size);
+    for y in y0..y0 + size {
+        pixels.extend_from_slice(&photo.pixels[y * photo.width + x0..y * photo.width + x0 + size]);
+    }
+    Canvas {
+        width: size,
+        height: size,
+        pixels,
+    }
+}
+
 /// Paints a defect of `kind` on `canvas`, seeded; returns the mask.
 pub fn add_defect(canvas: &mut Canvas, kind: Defect, seed: u64) -> Vec<bool> {
     kind.paint(canvas, &mut Rng::new(seed ^ 0x00DE_FEC7))
@@ -112,6 +132,14 @@ pub fn write_dataset(out: &Path, options: &SynthOptions) -> Result<(), SynthErro
         return Err(SynthError::Invalid(format!(
             "--size {} is outside 32-2048",
             options.size
+        )));
+    }
+    if let Some(photo) = &options.photo
+        && (photo.width < options.size || photo.height < options.size)
+    {
+        return Err(SynthError::Invalid(format!(
+            "--photo is {}x{}, smaller than --size {}",
+            photo.width, photo.height, options.size
         )));
     }
     if options.train_normal == 0 {
@@ -153,19 +181,23 @@ fn write_into(dir: &Path, options: &SynthOptions) -> Result<(), SynthError> {
         write_png(&path, size, size, 3, &canvas.to_rgb8())
             .map_err(io(format!("writing {}", path.display())))
     };
+    let normal = |index: u64| match &options.photo {
+        Some(photo) => crop(photo, size, options.seed, index),
+        None => normal_image(options.texture, size, options.seed, index),
+    };
     let mut index = 0u64;
     for i in 0..options.train_normal {
-        let canvas = normal_image(options.texture, size, options.seed, index);
+        let canvas = normal(index);
         index += 1;
         write_rgb(dir.join(format!("train/normal/{i:04}.png")), &canvas)?;
     }
     for i in 0..options.test_normal {
-        let canvas = normal_image(options.texture, size, options.seed, index);
+        let canvas = normal(index);
         index += 1;
         write_rgb(dir.join(format!("test/normal/{i:04}.png")), &canvas)?;
     }
     for i in 0..options.test_anomalous {
-        let mut canvas = normal_image(options.texture, size, options.seed, index);
+        let mut canvas = normal(index);
         let kind = Defect::ALL[i % Defect::ALL.len()];
         let mask = add_defect(&mut canvas, kind, options.seed.wrapping_add(index));
         index += 1;
@@ -178,7 +210,7 @@ fn write_into(dir: &Path, options: &SynthOptions) -> Result<(), SynthError> {
     }
     let description = serde_json::json!({
         "generator": "inspectflow synth",
-        "texture": options.texture.name(),
+        "texture": if options.photo.is_some() { "photo" } else { options.texture.name() },
         "options": options,
         "layout": folders,
     });
