@@ -8,7 +8,7 @@
 #   3. inference throughput (benchmark_app, f32, throughput hint, 10 s) of the exported package
 #      against the bare backbone.
 #
-#   benches/training_report.sh [DATA_DIR]     (default: ../shared/data)
+#   [MEMORY_BANK=256] benches/training_report.sh [DATA_DIR]     (default: ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=$(realpath "${1:-../shared/data}")
@@ -18,6 +18,7 @@ bin=$PWD/target/release/inspectflow
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cache=$work/snapshots
+bank=${MEMORY_BANK:-256}
 
 python3 benches/prepare_deeppcb.py "$data/deeppcb" "$work/deeppcb" >&2
 for texture in brick grass gravel; do
@@ -39,7 +40,7 @@ for backbone in mobilenet_v2 efficientnet_lite0; do
   for model in padim patchcore; do
     for set in deeppcb brick grass gravel; do
       package=$work/models/$set-$model-$backbone
-      "$bin" train --normal "$work/$set/train/normal" --model "$model" --backbone "$backbone" \
+      "$bin" train --normal "$work/$set/train/normal" --model "$model" --backbone "$backbone" --memory-bank "$bank" \
         --snapshots "$cache" --out "$package" > /dev/null 2>&1
       "$bin" eval --model "$package" --normal "$work/$set/test/normal" \
         --anomalous "$work/$set/test/anomalous" --masks "$work/$set/masks" --json \
@@ -62,7 +63,7 @@ for backbone in mobilenet_v2 efficientnet_lite0; do
   for model in padim patchcore; do
     package=$work/models/timing-$model-$backbone
     start=$(date +%s%N)
-    "$bin" train --normal "$work/timing/train/normal" --model "$model" --backbone "$backbone" \
+    "$bin" train --normal "$work/timing/train/normal" --model "$model" --backbone "$backbone" --memory-bank "$bank" \
       --snapshots "$cache" --out "$package" > /dev/null 2>&1
     seconds=$(python3 -c "print(($(date +%s%N) - $start) / 1e9)")
     packaged=$(fps "$package/model.xml")

@@ -208,9 +208,10 @@ pub struct TrainArgs {
     /// PaDiM: channels kept of the concatenated features.
     #[arg(long, default_value_t = 100)]
     padim_channels: usize,
-    /// PatchCore: memory bank rows (its head costs about rows x channels x 1024 multiply-adds
-    /// per 256x256 image).
-    #[arg(long, default_value_t = 1024)]
+    /// PatchCore: memory bank rows. The head costs about rows x channels x 1024 multiply-adds
+    /// per 256x256 image: with MobileNetV2, 256 rows cost next to nothing, 1024 rows a third of
+    /// the throughput (BENCHMARKS.md).
+    #[arg(long, default_value_t = 256)]
     memory_bank: usize,
     /// Where dataset snapshots are cached (default: $XDG_CACHE_HOME/inspectflow/snapshots or
     /// ~/.cache/inspectflow/snapshots).
