@@ -277,8 +277,17 @@ impl ProgressBar {
     }
 }
 
-fn metric(value: Option<f64>) -> String {
-    value.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
+/// "image AUROC .., F1 ..; pixel AUROC .., F1 .., PRO .." ("-" where not measured).
+fn metrics_text(summary: &evaluate::Summary) -> String {
+    let metric = |value: Option<f64>| value.map_or_else(|| "-".into(), |v| format!("{v:.4}"));
+    format!(
+        "image AUROC {}, F1 {}; pixel AUROC {}, F1 {}, PRO {}",
+        metric(summary.image_auroc),
+        metric(summary.image_f1),
+        metric(summary.pixel_auroc),
+        metric(summary.pixel_f1),
+        metric(summary.pro),
+    )
 }
 
 /// `inspectflow train`.
@@ -329,17 +338,13 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         report.package.dir.display()
     );
     println!(
-        "validation ({} normal, {} {} anomalous): image AUROC {}, F1 {}; pixel AUROC {}, F1 {}, PRO {}",
+        "validation ({} normal, {} {} anomalous): {}",
         summary.normal,
         summary.anomalous,
         manifest.metrics["validation_anomalies"]
             .as_str()
             .unwrap_or("labelled"),
-        metric(summary.image_auroc),
-        metric(summary.image_f1),
-        metric(summary.pixel_auroc),
-        metric(summary.pixel_f1),
-        metric(summary.pro),
+        metrics_text(summary),
     );
     Ok(())
 }
@@ -420,16 +425,12 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     }
     let summary = &evaluation.summary;
     println!(
-        "{} images ({} normal, {} anomalous), threshold {:.2}: image AUROC {}, F1 {}; pixel AUROC {}, F1 {}, PRO {}",
+        "{} images ({} normal, {} anomalous), threshold {:.2}: {}",
         summary.images,
         summary.normal,
         summary.anomalous,
         summary.threshold,
-        metric(summary.image_auroc),
-        metric(summary.image_f1),
-        metric(summary.pixel_auroc),
-        metric(summary.pixel_f1),
-        metric(summary.pro),
+        metrics_text(summary),
     );
     Ok(())
 }
@@ -475,14 +476,7 @@ pub fn synth(args: &SynthArgs) -> Result<(), String> {
         seed: args.seed,
         photo: match &args.photo {
             Some(path) => {
-                let image = image::open(path)
-                    .map_err(|e| format!("--photo {}: {e}", path.display()))?
-                    .into_rgb8();
-                Some(inspectflow::synth::Canvas::from_rgb8(
-                    image.width() as usize,
-                    image.height() as usize,
-                    image.as_raw(),
-                ))
+                Some(inspectflow::synth::read_canvas(path).map_err(|e| format!("--photo: {e}"))?)
             }
             None => None,
         },

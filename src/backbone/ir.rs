@@ -37,6 +37,7 @@ impl ElementType {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     name: String,
     kind: &'static str,
@@ -58,6 +59,7 @@ pub enum Reduction {
 }
 
 /// A graph under construction.
+#[derive(Clone)]
 pub struct IrGraph {
     name: String,
     layers: Vec<Layer>,

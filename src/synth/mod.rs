@@ -120,6 +120,20 @@ pub fn crop(photo: &Canvas, size: usize, seed: u64, index: u64) -> Canvas {
     }
 }
 
+/// Reads a PNG or JPEG file into a canvas, with the decoder pipelines use.
+pub fn read_canvas(path: &Path) -> Result<Canvas, inspectflow_operators::OpError> {
+    let frame = inspectflow_operators::decode::read_rgb(
+        path,
+        &inspectflow_operators::BufferPool::new(1),
+        0,
+    )?;
+    Ok(Canvas::from_rgb8(
+        frame.layout.width as usize,
+        frame.layout.height as usize,
+        frame.pixels(),
+    ))
+}
+
 /// Paints a defect of `kind` on `canvas`, seeded; returns the mask.
 pub fn add_defect(canvas: &mut Canvas, kind: Defect, seed: u64) -> Vec<bool> {
     kind.paint(canvas, &mut Rng::new(seed ^ 0x00DE_FEC7))

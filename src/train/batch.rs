@@ -93,8 +93,7 @@ pub fn run_model(
         "name": "batch",
         "nodes": [
             {"id": "images", "op": "source.files", "params": {"paths": files}},
-            {"id": "preprocess", "op": "preprocess",
-             "params": {"width": input_size, "height": input_size, "resize": "bilinear"}},
+            {"id": "preprocess", "op": "preprocess", "params": super::preprocess_params(input_size)},
             {"id": "model", "op": "infer.openvino", "params": {"model": model_xml, "requests": 2}},
             {"id": "collect", "op": "collect", "params": {}}
         ],

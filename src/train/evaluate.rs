@@ -10,7 +10,7 @@ use polars::prelude::*;
 
 use super::dataset::{Entry, Label, Split};
 use super::{TrainError, batch, io_error, metrics};
-use crate::synth::{Canvas, Defect};
+use crate::synth::Defect;
 
 /// One scored image.
 pub struct Scored {
@@ -46,11 +46,9 @@ pub fn generate_anomalies(
     let mut generated = Vec::with_capacity(count);
     for index in 0..count {
         let source = normals[index % normals.len()];
-        let image = image::open(&source.path)
-            .map_err(|e| TrainError::Invalid(format!("{}: {e}", source.path.display())))?
-            .into_rgb8();
-        let (width, height) = (image.width() as usize, image.height() as usize);
-        let mut canvas = Canvas::from_rgb8(width, height, image.as_raw());
+        let mut canvas = crate::synth::read_canvas(&source.path)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let (width, height) = (canvas.width, canvas.height);
         let kind = Defect::ALL[index % Defect::ALL.len()];
         let mask = crate::synth::add_defect(&mut canvas, kind, seed.wrapping_add(index as u64));
         let path = dir.join(format!("{index:04}_{}.png", kind.name()));

@@ -109,7 +109,7 @@ pub struct FeatureMaps {
 }
 
 /// A normalised Gaussian kernel of odd `size`.
-pub fn gaussian_kernel(size: usize, sigma: f32) -> Vec<f32> {
+fn gaussian_kernel(size: usize, sigma: f32) -> Vec<f32> {
     let centre = (size / 2) as f32;
     let one_d: Vec<f32> = (0..size)
         .map(|i| (-((i as f32 - centre).powi(2)) / (2.0 * sigma * sigma)).exp())
@@ -144,12 +144,16 @@ pub fn smooth_and_resize(graph: &mut IrGraph, map: Output, input_size: usize) ->
     (smoothed, full)
 }
 
-/// The preprocessing every model uses: bilinear resize to the input size, RGB in [0, 1].
+/// The `preprocess` parameters every model uses: bilinear resize to the input size, RGB in
+/// [0, 1]. Batch graphs and [`preprocessor`] both take them from here.
+pub fn preprocess_params(input_size: usize) -> serde_json::Value {
+    serde_json::json!({"width": input_size, "height": input_size, "resize": "bilinear"})
+}
+
+/// The preprocessing every model uses, outside a pipeline (`predict`).
 pub fn preprocessor(input_size: usize) -> Result<Preprocess, OpError> {
-    let params: PreprocessParams = serde_json::from_value(serde_json::json!({
-        "width": input_size, "height": input_size, "resize": "bilinear"
-    }))
-    .map_err(|e| OpError::param("input_size", e.to_string()))?;
+    let params: PreprocessParams = serde_json::from_value(preprocess_params(input_size))
+        .map_err(|e| OpError::param("input_size", e.to_string()))?;
     Preprocess::new(params)
 }
 
@@ -239,14 +243,16 @@ fn train_in(
         .map(|e| e.path.clone())
         .collect();
 
-    // Features of the training images, through the embedding graph.
+    // Features of the training images, through the embedding graph. The deployable IR is the
+    // same graph with the head appended instead of the `embedding` output.
     let [c8, c16] = config.backbone.feature_channels();
     let padim_indices = padim::channel_subset(c8 + c16, config.padim_channels, config.seed);
     let (mut graph, embedded) = network_with_embedding(config, &padim_indices)?;
     let shape = graph.shape(embedded).to_vec();
-    graph.result("embedding", embedded);
+    let mut embedding_graph = graph.clone();
+    embedding_graph.result("embedding", embedded);
     let embedding_xml = scratch.join("embedding.xml");
-    graph
+    embedding_graph
         .write(&embedding_xml)
         .map_err(io_error(format!("writing {}", embedding_xml.display())))?;
     let outputs = batch::run_model(&embedding_xml, &training, config.input_size, &mut |f| {
@@ -264,11 +270,7 @@ fn train_in(
 
     // Fitting.
     let head = match config.architecture {
-        Architecture::Padim => {
-            Head::Padim(padim::fit(&features, padim_indices.clone(), &mut |f| {
-                progress("fitting", f)
-            })?)
-        }
+        Architecture::Padim => Head::Padim(padim::fit(&features, &mut |f| progress("fitting", f))?),
         Architecture::Patchcore => Head::Patchcore(patchcore::fit(
             &features,
             config.memory_bank,
@@ -278,9 +280,9 @@ fn train_in(
         )?),
     };
     drop(features);
+    drop(embedding_graph);
 
     // The deployable IR.
-    let (mut graph, embedded) = network_with_embedding(config, &padim_indices)?;
     match &head {
         Head::Padim(stats) => padim::head(&mut graph, embedded, stats, config.input_size),
         Head::Patchcore(bank) => patchcore::head(&mut graph, embedded, bank, config.input_size),
@@ -365,4 +367,16 @@ fn train_in(
         snapshot_reused: snapshot.reused,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaussian_kernels_sum_to_one() {
+        let kernel = gaussian_kernel(5, 0.5);
+        assert!((kernel.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(kernel[12] > kernel[0]);
+    }
 }

@@ -23,8 +23,6 @@ pub struct PadimStats {
     pub mean: Vec<f32>,
     /// Inverse covariances, `[position][channel][channel]`.
     pub inverse_covariance: Vec<f32>,
-    /// The channel subset, as indices into the concatenated features.
-    pub channel_indices: Vec<usize>,
 }
 
 /// `count` distinct indices below `total`, chosen by a seeded shuffle (sorted).
@@ -58,10 +56,9 @@ pub fn embedding(network: &mut Network, indices: &[usize]) -> Output {
 }
 
 /// Fits the Gaussians on the embeddings of the training images (`features`, from
-/// [`embedding`] with `indices`).
+/// [`embedding`]).
 pub fn fit(
     features: &FeatureMaps,
-    indices: Vec<usize>,
     progress: &mut dyn FnMut(f32),
 ) -> Result<PadimStats, TrainError> {
     let n_images = features.maps.len();
@@ -130,7 +127,6 @@ pub fn fit(
         width,
         mean,
         inverse_covariance,
-        channel_indices: indices,
     })
 }
 
