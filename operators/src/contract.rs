@@ -2,8 +2,8 @@
 //! it promises (typed ports, one of three kinds). Operators never own threads or queues; the
 //! runtime does, so the same operator runs in a live pipeline, a training batch graph or a test.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::packet::Packet;
@@ -202,12 +202,70 @@ impl StopSignal {
     }
 }
 
+/// Whether a source's outside end (a camera, a server) is delivering, and how often it was not.
+/// The source updates it; the runtime shows it in metrics. Sources start online; one that loses
+/// its camera goes offline (an outage is counted) until frames flow again.
+#[derive(Default)]
+pub struct SourceHealth {
+    offline: AtomicBool,
+    outages: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceHealth {
+    /// Frames flow. Returns true when this ends an outage.
+    pub fn set_online(&self) -> bool {
+        self.offline.swap(false, Ordering::SeqCst)
+    }
+
+    /// Frames stopped, because of `reason`. Returns true when this starts an outage (counted).
+    pub fn set_offline(&self, reason: &str) -> bool {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        let started = !self.offline.swap(true, Ordering::SeqCst);
+        if started {
+            self.outages.fetch_add(1, Ordering::SeqCst);
+        }
+        started
+    }
+
+    /// Whether frames flow.
+    pub fn is_online(&self) -> bool {
+        !self.offline.load(Ordering::SeqCst)
+    }
+
+    /// Outages so far.
+    pub fn outages(&self) -> u64 {
+        self.outages.load(Ordering::SeqCst)
+    }
+
+    /// Why the source last went offline.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// What a source may ask of the runtime.
 pub struct SourceContext {
     /// Raised when the source should stop producing; `next` should return soon after.
     pub stop: StopSignal,
     /// The node id, used as the default stream id.
     pub node_id: Arc<str>,
+    /// Where the source reports whether its camera or server delivers.
+    pub health: Arc<SourceHealth>,
+}
+
+impl SourceContext {
+    /// A context for running a source outside a pipeline (tests, tools).
+    pub fn detached(node_id: &str) -> Self {
+        Self {
+            stop: StopSignal::new(),
+            node_id: Arc::from(node_id),
+            health: Arc::default(),
+        }
+    }
 }
 
 /// Produces packets. `next` may block for up to about 100 ms (waiting for a camera), and must

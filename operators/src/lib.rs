@@ -5,7 +5,9 @@
 //! - [`pool`]: the buffer pools behind them;
 //! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
 //! - [`registry`]: operator descriptors (ports, parameter schema, factory) and the registry;
-//! - [`source`], [`transform`], [`sink`]: one module per operator family.
+//! - [`source`], [`transform`], [`sink`]: one module per operator family;
+//! - [`video`]: GStreamer-backed video sources and sinks (feature `gstreamer`, on by default);
+//! - [`yuv`]: I420 frames from video decoders, and their conversion to RGB.
 //!
 //! This crate knows nothing about threads, queues or graph files: the engine (`inspectflow`) owns
 //! scheduling, so each operator can be tested alone and reused in live and batch graphs.
@@ -20,10 +22,13 @@ pub mod registry;
 pub mod sink;
 pub mod source;
 pub mod transform;
+#[cfg(feature = "gstreamer")]
+pub mod video;
+pub mod yuv;
 
 pub use contract::{
     Emitter, InputPort, OpError, OperatorInstance, OperatorKind, OutputPort, OutputType, PortType,
-    Sink, Source, SourceContext, SourcePoll, StopSignal, Transform,
+    Sink, Source, SourceContext, SourceHealth, SourcePoll, StopSignal, Transform,
 };
 pub use packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout};
 pub use pool::{BufferPool, PoolStats, PooledBuffer};

@@ -10,7 +10,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::pool::PooledBuffer;
 
-/// Pixel layouts the runtime understands. All are 8 bits per channel, interleaved.
+/// Pixel layouts the runtime understands, all 8 bits per sample. RGB, BGR and gray are
+/// interleaved; I420 is what video decoders produce (see [`PixelFormat::I420`]).
 #[derive(
     Debug,
     Clone,
@@ -30,14 +31,20 @@ pub enum PixelFormat {
     Bgr,
     /// One luminance channel.
     Gray,
+    /// Planar YUV 4:2:0 as video decoders produce it: a full-size Y plane (`stride` bytes a row),
+    /// then U and V planes of half width and height (rounded up), rows packed. Video sources keep
+    /// frames in this form so that full-size colour conversion never happens on the hot path;
+    /// operators convert at the size they need (see [`crate::yuv`]). Colour matrix: BT.709 for
+    /// frames 720 rows high or more, BT.601 below, limited range (GStreamer's own default).
+    I420,
 }
 
 impl PixelFormat {
-    /// Bytes per pixel.
+    /// Bytes per pixel (of the first plane, for planar formats).
     pub const fn channels(self) -> usize {
         match self {
             PixelFormat::Rgb | PixelFormat::Bgr => 3,
-            PixelFormat::Gray => 1,
+            PixelFormat::Gray | PixelFormat::I420 => 1,
         }
     }
 
@@ -47,6 +54,7 @@ impl PixelFormat {
             PixelFormat::Rgb => "rgb",
             PixelFormat::Bgr => "bgr",
             PixelFormat::Gray => "gray",
+            PixelFormat::I420 => "i420",
         }
     }
 }
@@ -99,9 +107,24 @@ impl ImageLayout {
         }
     }
 
-    /// Bytes the pixels occupy.
+    /// Bytes the pixels occupy (all planes).
     pub const fn byte_len(&self) -> usize {
-        self.stride * self.height as usize
+        let first_plane = self.stride * self.height as usize;
+        match self.format {
+            PixelFormat::I420 => {
+                let (chroma_width, chroma_height) = self.chroma_size();
+                first_plane + 2 * chroma_width * chroma_height
+            }
+            _ => first_plane,
+        }
+    }
+
+    /// Width and height of the U and V planes of an I420 image.
+    pub const fn chroma_size(&self) -> (usize, usize) {
+        (
+            (self.width as usize).div_ceil(2),
+            (self.height as usize).div_ceil(2),
+        )
     }
 }
 
@@ -117,6 +140,16 @@ pub struct Frame {
     /// When the source captured it.
     pub capture: CaptureTime,
     pixels: Arc<PooledBuffer<u8>>,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("layout", &self.layout)
+            .field("stream_id", &self.stream_id)
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Frame {

@@ -187,6 +187,7 @@ impl Registry {
         for descriptor in [
             crate::source::synthetic::descriptor(),
             crate::source::files::descriptor(),
+            crate::source::images_folder::descriptor(),
             crate::transform::preprocess::descriptor(),
             crate::infer::operator::descriptor(),
             crate::transform::anomaly::descriptor(),
@@ -195,6 +196,14 @@ impl Registry {
             crate::transform::identity::descriptor(),
             crate::sink::null::descriptor(),
             crate::sink::folder::descriptor(),
+        ] {
+            registry.register(descriptor);
+        }
+        #[cfg(feature = "gstreamer")]
+        for descriptor in [
+            crate::video::file::descriptor(),
+            crate::video::camera::ip_camera_descriptor(),
+            crate::video::camera::usb_camera_descriptor(),
         ] {
             registry.register(descriptor);
         }

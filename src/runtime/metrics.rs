@@ -4,7 +4,10 @@
 //! Recording costs a handful of relaxed atomic operations; nothing allocates per packet.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use inspectflow_operators::SourceHealth;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -133,6 +136,8 @@ pub struct NodeMetrics {
     pub latency: Histogram,
     /// Capture to completion at this sink.
     pub end_to_end: Histogram,
+    /// Whether a source's camera or server delivers (sources only).
+    pub source_health: Arc<SourceHealth>,
     first_activity_ns: AtomicU64,
     last_activity_ns: AtomicU64,
     activity_count: AtomicU64,
@@ -205,6 +210,19 @@ pub struct NodeReport {
     pub batches: u64,
     /// Capture-to-sink latency (sinks only).
     pub end_to_end_ms: Option<LatencySummary>,
+    /// Whether the source's camera or server delivers (sources only).
+    pub source: Option<SourceReport>,
+}
+
+/// The outside end of a source: online or not, and its outages.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct SourceReport {
+    /// `online` while frames flow, `offline` during an outage.
+    pub state: String,
+    /// Outages so far (a camera that dropped, a server that went away).
+    pub outages: u64,
+    /// Why the source last went offline.
+    pub last_error: Option<String>,
 }
 
 /// One edge in a report.
@@ -351,6 +369,22 @@ impl MetricsReport {
             "counter",
             "Operator restarts after failures.",
             per_node(|n| Some(n.restarts as f64)),
+        );
+        family(
+            "inspectflow_source_online",
+            "gauge",
+            "1 while a source's camera or server delivers, 0 during an outage.",
+            per_node(|n| {
+                n.source
+                    .as_ref()
+                    .map(|s| f64::from(u8::from(s.state == "online")))
+            }),
+        );
+        family(
+            "inspectflow_source_outages_total",
+            "counter",
+            "Outages of a source's camera or server.",
+            per_node(|n| n.source.as_ref().map(|s| s.outages as f64)),
         );
         family(
             "inspectflow_fps",

@@ -20,7 +20,9 @@ use inspectflow_operators::{
     SourcePoll, StopSignal, Transform,
 };
 
-use super::metrics::{EdgeReport, MetricsReport, NodeMetrics, NodeReport, QueueReport};
+use super::metrics::{
+    EdgeReport, MetricsReport, NodeMetrics, NodeReport, QueueReport, SourceReport,
+};
 use super::queue::{EdgeSender, EdgeStats, InputQueue, PopOutcome};
 use crate::graph::{RestartPolicy, ValidatedGraph, ValidatedNode};
 
@@ -338,6 +340,16 @@ impl Pipeline {
                     restarts: m.restarts.load(Ordering::Relaxed),
                     batches: m.batches.load(Ordering::Relaxed),
                     end_to_end_ms: m.end_to_end.summary(),
+                    source: (node.kind == "source").then(|| SourceReport {
+                        state: if m.source_health.is_online() {
+                            "online"
+                        } else {
+                            "offline"
+                        }
+                        .to_string(),
+                        outages: m.source_health.outages(),
+                        last_error: m.source_health.last_error(),
+                    }),
                 }
             })
             .collect();
@@ -500,6 +512,7 @@ impl NodeRuntime {
         let ctx = SourceContext {
             stop: self.control.stop.clone(),
             node_id: Arc::clone(&self.id),
+            health: Arc::clone(&self.metrics.source_health),
         };
         while !ctx.stop.is_raised() {
             match source.next(&ctx) {

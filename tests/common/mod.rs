@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use inspectflow::graph::{self, ValidatedGraph};
 use inspectflow::operators::{
-    OpError, OperatorDescriptor, OperatorInstance, OperatorKind, Packet, PortType, Registry, Sink,
+    Frame, OpError, OperatorDescriptor, OperatorInstance, OperatorKind, Packet, PortType, Registry,
+    Sink,
 };
 use inspectflow::runtime::{Pipeline, RunOutcome};
 
@@ -21,6 +22,8 @@ pub struct Seen {
     pub had_tensor: bool,
     /// Name and shape of each model output attached to the packet.
     pub inference: Vec<(String, Vec<usize>)>,
+    /// The frame itself (shares the pixels).
+    pub frame: Frame,
 }
 
 /// Records, per probe node id, every packet it consumed.
@@ -47,6 +50,7 @@ impl Sink for Probe {
             pixels_addr: packet.frame.pixels_addr(),
             end_to_end: packet.frame.capture.instant.elapsed(),
             had_tensor: packet.tensor.is_some(),
+            frame: packet.frame.clone(),
             inference: packet
                 .inference
                 .iter()

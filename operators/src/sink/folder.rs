@@ -14,8 +14,10 @@ use serde::Deserialize;
 
 use crate::contract::{OpError, OperatorInstance, OperatorKind, PortType, Sink};
 use crate::packet::{Frame, Packet, PixelFormat};
+use crate::pool::BufferPool;
 use crate::registry::OperatorDescriptor;
 use crate::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
+use crate::yuv;
 
 /// Image file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -103,6 +105,8 @@ pub struct FolderSink {
     packed_scratch: Vec<u8>,
     /// RGB copy of a BGR frame for the PNG encoder, which has no BGR input.
     rgb_scratch: Vec<u8>,
+    /// RGB conversions of I420 frames.
+    rgb_pool: BufferPool<u8>,
 }
 
 /// One line of the index file.
@@ -186,6 +190,7 @@ impl FolderSink {
             jpeg,
             packed_scratch: Vec::new(),
             rgb_scratch: Vec::new(),
+            rgb_pool: BufferPool::new(2),
         })
     }
 
@@ -211,6 +216,13 @@ impl FolderSink {
             ImageFormat::None => return Ok(()),
         }
         self.encoded.clear();
+        let converted;
+        let frame = if frame.layout.format == PixelFormat::I420 {
+            converted = yuv::to_rgb_frame(frame, &self.rgb_pool);
+            &converted
+        } else {
+            frame
+        };
         let pixels = packed_pixels(frame, &mut self.packed_scratch);
         let layout = frame.layout;
         let pixels = if layout.format == PixelFormat::Bgr {
@@ -221,7 +233,7 @@ impl FolderSink {
         let mut encoder = png::Encoder::new(&mut self.encoded, layout.width, layout.height);
         encoder.set_color(match layout.format {
             PixelFormat::Gray => png::ColorType::Grayscale,
-            PixelFormat::Rgb | PixelFormat::Bgr => png::ColorType::Rgb,
+            PixelFormat::Rgb | PixelFormat::Bgr | PixelFormat::I420 => png::ColorType::Rgb,
         });
         encoder.set_depth(png::BitDepth::Eight);
         encoder.set_compression(png::Compression::Fast);

@@ -2,4 +2,5 @@
 //! number and the capture time, and fills pooled buffers.
 
 pub mod files;
+pub mod images_folder;
 pub mod synthetic;

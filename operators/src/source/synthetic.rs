@@ -112,6 +112,12 @@ impl SyntheticSource {
         if !(params.fps.is_finite() && params.fps > 0.0) {
             return Err(OpError::param("fps", "must be a positive number"));
         }
+        if params.format == PixelFormat::I420 {
+            return Err(OpError::param(
+                "format",
+                "i420 frames come from video sources; use rgb, bgr or gray",
+            ));
+        }
         let layout = ImageLayout::packed(params.width, params.height, params.format);
         let base = render(params.pattern, layout);
         let stream_id: Arc<str> = params.stream_id.as_deref().unwrap_or(node_id).into();
@@ -218,7 +224,7 @@ fn put_pixel(pixels: &mut [u8], layout: ImageLayout, x: usize, y: usize, rgb: [u
     match layout.format {
         PixelFormat::Rgb => pixels[offset..offset + 3].copy_from_slice(&rgb),
         PixelFormat::Bgr => pixels[offset..offset + 3].copy_from_slice(&[rgb[2], rgb[1], rgb[0]]),
-        PixelFormat::Gray => {
+        PixelFormat::Gray | PixelFormat::I420 => {
             pixels[offset] =
                 ((77 * rgb[0] as u32 + 150 * rgb[1] as u32 + 29 * rgb[2] as u32) >> 8) as u8
         }
@@ -244,7 +250,6 @@ fn draw_moving_square(pixels: &mut [u8], layout: ImageLayout, sequence: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::StopSignal;
 
     fn params(json: serde_json::Value) -> SyntheticParams {
         serde_json::from_value(json).expect("valid params")
@@ -257,10 +262,7 @@ mod tests {
             "cam",
         )
         .expect("builds");
-        let ctx = SourceContext {
-            stop: StopSignal::new(),
-            node_id: "cam".into(),
-        };
+        let ctx = SourceContext::detached("cam");
         let mut sequences = Vec::new();
         loop {
             match source.next(&ctx).expect("no error") {
@@ -283,10 +285,7 @@ mod tests {
             "cam",
         )
         .expect("builds");
-        let ctx = SourceContext {
-            stop: StopSignal::new(),
-            node_id: "cam".into(),
-        };
+        let ctx = SourceContext::detached("cam");
         let mut next = || match source.next(&ctx).expect("no error") {
             SourcePoll::Packet(packet) => packet.frame.pixels().to_vec(),
             _ => panic!("endless source ended"),

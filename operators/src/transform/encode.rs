@@ -13,6 +13,7 @@ use crate::contract::{
 use crate::packet::{EncodedImage, Frame, Packet, PixelFormat};
 use crate::pool::BufferPool;
 use crate::registry::OperatorDescriptor;
+use crate::yuv;
 
 /// Which image to encode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -65,6 +66,8 @@ pub struct JpegEncoder {
     compressor: Compressor,
     source: EncodeSource,
     pool: BufferPool<u8>,
+    /// RGB conversions of I420 frames.
+    rgb_pool: BufferPool<u8>,
 }
 
 impl JpegEncoder {
@@ -81,16 +84,27 @@ impl JpegEncoder {
             compressor,
             source: params.source,
             pool: BufferPool::new(32),
+            rgb_pool: BufferPool::new(2),
         })
     }
 
-    /// Encodes one frame.
+    /// Encodes one frame (I420 frames are converted to RGB first).
     pub fn encode(&mut self, frame: &Frame) -> Result<EncodedImage, OpError> {
+        let converted;
+        let frame = if frame.layout.format == PixelFormat::I420 {
+            converted = yuv::to_rgb_frame(frame, &self.rgb_pool);
+            &converted
+        } else {
+            frame
+        };
         let layout = frame.layout;
         let format = match layout.format {
             PixelFormat::Rgb => turbojpeg::PixelFormat::RGB,
             PixelFormat::Bgr => turbojpeg::PixelFormat::BGR,
             PixelFormat::Gray => turbojpeg::PixelFormat::GRAY,
+            PixelFormat::I420 => {
+                return Err(OpError::Failed("I420 frame left unconverted".into()));
+            }
         };
         let (width, height) = (layout.width as usize, layout.height as usize);
         let capacity =

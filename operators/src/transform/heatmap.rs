@@ -13,6 +13,7 @@ use crate::contract::{
 use crate::packet::{Frame, ImageLayout, Packet, PixelFormat, Prediction};
 use crate::pool::BufferPool;
 use crate::registry::OperatorDescriptor;
+use crate::yuv;
 
 /// Parameters of `heatmap`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -117,11 +118,26 @@ pub fn render(
             u32::from(rgb[2]) * weight,
         ];
     }
+    let blend = |rgb: [u8; 3], level: f32, target: &mut [u8]| {
+        let colour = &colours[(level.clamp(0.0, 1.0) * 255.0) as usize];
+        for c in 0..3 {
+            target[c] = ((u32::from(rgb[c]) * keep + colour[c]) >> 8) as u8;
+        }
+    };
+    let yuv = yuv::Planes::of(frame);
+    let matrix = yuv::matrix_for_height(source.height);
     let channels = source.format.channels();
     for y in 0..height {
-        let row = &frame.pixels()[y * source.stride..y * source.stride + width * channels];
         let map_row = &prediction.map[y * width..(y + 1) * width];
         let out_row = &mut pixels[y * width * 3..(y + 1) * width * 3];
+        if let Some(planes) = &yuv {
+            for (x, (level, target)) in map_row.iter().zip(out_row.chunks_exact_mut(3)).enumerate()
+            {
+                blend(planes.rgb_at(&matrix, x, y), *level, target);
+            }
+            continue;
+        }
+        let row = &frame.pixels()[y * source.stride..y * source.stride + width * channels];
         for ((p, level), target) in row
             .chunks_exact(channels)
             .zip(map_row)
@@ -130,12 +146,9 @@ pub fn render(
             let rgb = match source.format {
                 PixelFormat::Rgb => [p[0], p[1], p[2]],
                 PixelFormat::Bgr => [p[2], p[1], p[0]],
-                PixelFormat::Gray => [p[0], p[0], p[0]],
+                PixelFormat::Gray | PixelFormat::I420 => [p[0], p[0], p[0]],
             };
-            let colour = &colours[(level.clamp(0.0, 1.0) * 255.0) as usize];
-            for c in 0..3 {
-                target[c] = ((u32::from(rgb[c]) * keep + colour[c]) >> 8) as u8;
-            }
+            blend(rgb, *level, target);
         }
     }
     if params.outline {

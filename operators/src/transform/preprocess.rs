@@ -1,6 +1,9 @@
 //! `preprocess`: frame to model input. A SIMD resize (fast_image_resize: AVX2/SSE4.1/NEON chosen at
 //! run time) on 8-bit pixels, then colour conversion and normalisation in one table-driven pass
 //! into a pooled f32 tensor (NCHW by default). The frame stays on the packet for later operators.
+//!
+//! I420 frames from video sources are never converted at full size: the Y, U and V planes are
+//! each resized to the tensor size and only those pixels are converted to RGB.
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -12,6 +15,7 @@ use crate::contract::{
 use crate::packet::{Frame, Packet, PixelFormat, Tensor, TensorLayout};
 use crate::pool::BufferPool;
 use crate::registry::OperatorDescriptor;
+use crate::yuv;
 
 /// Resampling method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -109,6 +113,8 @@ pub struct Preprocess {
     resizer: Resizer,
     options: ResizeOptions,
     resized: Vec<u8>,
+    /// Y, U and V planes resized to the tensor size (I420 frames only).
+    resized_planes: [Vec<u8>; 3],
     /// `lut[c][v]`: normalised value of byte `v` in tensor channel `c`.
     lut: Vec<[f32; 256]>,
     pool: BufferPool<f32>,
@@ -122,6 +128,9 @@ impl Preprocess {
                 format!("std[{index}]"),
                 "must be a finite non-zero number",
             ));
+        }
+        if params.color == PixelFormat::I420 {
+            return Err(OpError::param("color", "a tensor is rgb, bgr or gray"));
         }
         let channels = params.color.channels();
         let lut = (0..channels)
@@ -143,6 +152,7 @@ impl Preprocess {
             resizer: Resizer::new(),
             options: ResizeOptions::new().resize_alg(algorithm),
             resized: Vec::new(),
+            resized_planes: Default::default(),
             lut,
             pool: BufferPool::new(64),
         })
@@ -150,6 +160,10 @@ impl Preprocess {
 
     /// Makes the tensor for one frame.
     pub fn tensor_for(&mut self, frame: &Frame) -> Result<Tensor, OpError> {
+        if frame.layout.format == PixelFormat::I420 {
+            self.resize_i420(frame)?;
+            return Ok(self.normalise(PixelFormat::Rgb, None));
+        }
         let layout = frame.layout;
         let source_channels = layout.format.channels();
         if layout.stride != layout.width as usize * source_channels {
@@ -160,7 +174,7 @@ impl Preprocess {
         }
         let (width, height) = (self.params.width, self.params.height);
         let pixel_type = match layout.format {
-            PixelFormat::Gray => PixelType::U8,
+            PixelFormat::Gray | PixelFormat::I420 => PixelType::U8,
             PixelFormat::Rgb | PixelFormat::Bgr => PixelType::U8x3,
         };
         let same_size = layout.width == width && layout.height == height;
@@ -180,12 +194,69 @@ impl Preprocess {
                 .resize(&source, &mut target, &self.options)
                 .map_err(|e| OpError::Failed(format!("resize: {e}")))?;
         }
-        let pixels: &[u8] = if same_size {
-            frame.pixels()
-        } else {
-            &self.resized
-        };
-        let sources = channel_sources(layout.format, self.params.color);
+        Ok(self.normalise(layout.format, same_size.then(|| frame.pixels())))
+    }
+
+    /// Resizes the three planes of an I420 frame to the tensor size and converts them into
+    /// `self.resized` as RGB.
+    fn resize_i420(&mut self, frame: &Frame) -> Result<(), OpError> {
+        let planes = yuv::Planes::of(frame).ok_or_else(|| {
+            OpError::UnsupportedInput("I420 frame buffer shorter than its layout".into())
+        })?;
+        let (width, height) = (self.params.width, self.params.height);
+        let target_len = width as usize * height as usize;
+        let (luma_width, luma_height) = (frame.layout.width, frame.layout.height);
+        let sources = [
+            (planes.y, planes.y_stride, luma_width, luma_height),
+            (
+                planes.u,
+                planes.chroma_width,
+                planes.chroma_width as u32,
+                planes.chroma_height as u32,
+            ),
+            (
+                planes.v,
+                planes.chroma_width,
+                planes.chroma_width as u32,
+                planes.chroma_height as u32,
+            ),
+        ];
+        for ((plane, stride, plane_width, plane_height), target) in
+            sources.into_iter().zip(&mut self.resized_planes)
+        {
+            if stride != plane_width as usize {
+                return Err(OpError::UnsupportedInput(format!(
+                    "I420 rows are padded (stride {stride} for width {plane_width}); preprocess needs packed rows"
+                )));
+            }
+            target.resize(target_len, 0);
+            let source = ImageRef::new(plane_width, plane_height, plane, PixelType::U8)
+                .map_err(|e| OpError::UnsupportedInput(format!("frame plane: {e}")))?;
+            let mut resized = Image::from_slice_u8(width, height, target, PixelType::U8)
+                .map_err(|e| OpError::Failed(format!("resize buffer: {e}")))?;
+            self.resizer
+                .resize(&source, &mut resized, &self.options)
+                .map_err(|e| OpError::Failed(format!("resize: {e}")))?;
+        }
+        self.resized.resize(target_len * 3, 0);
+        let [y, u, v] = &self.resized_planes;
+        yuv::full_planes_to_rgb(
+            &yuv::matrix_for_height(luma_height),
+            y,
+            u,
+            v,
+            &mut self.resized,
+        );
+        Ok(())
+    }
+
+    /// Normalises tensor-sized pixels of format `format` (`pixels`, or `self.resized` when
+    /// `None`) into a pooled tensor.
+    fn normalise(&self, format: PixelFormat, pixels: Option<&[u8]>) -> Tensor {
+        let (width, height) = (self.params.width, self.params.height);
+        let source_channels = format.channels();
+        let pixels = pixels.unwrap_or(&self.resized);
+        let sources = channel_sources(format, self.params.color);
         let plane = width as usize * height as usize;
         let channels = sources.len();
         let mut data = self.pool.get(plane * channels);
@@ -208,11 +279,11 @@ impl Preprocess {
                 }
             }
         }
-        Ok(Tensor::new(
+        Tensor::new(
             data,
             [1, channels, height as usize, width as usize],
             self.params.layout,
-        ))
+        )
     }
 }
 
@@ -253,8 +324,14 @@ fn channel_sources(from: PixelFormat, to: PixelFormat) -> Vec<ChannelSource> {
         (PixelFormat::Rgb, PixelFormat::Bgr) | (PixelFormat::Bgr, PixelFormat::Rgb) => {
             vec![Channel(2), Channel(1), Channel(0)]
         }
-        (PixelFormat::Gray, PixelFormat::Gray) => vec![Channel(0)],
-        (PixelFormat::Gray, PixelFormat::Rgb | PixelFormat::Bgr) => vec![Channel(0); 3],
+        // An I420 source here is its luma plane; `new` refuses an I420 tensor.
+        (PixelFormat::Gray | PixelFormat::I420, PixelFormat::Gray | PixelFormat::I420) => {
+            vec![Channel(0)]
+        }
+        (PixelFormat::Gray | PixelFormat::I420, PixelFormat::Rgb | PixelFormat::Bgr) => {
+            vec![Channel(0); 3]
+        }
+        (PixelFormat::Rgb | PixelFormat::Bgr, PixelFormat::I420) => vec![Channel(0)],
         (PixelFormat::Rgb, PixelFormat::Gray) => vec![Luma {
             red: 0,
             green: 1,

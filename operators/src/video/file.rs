@@ -1,0 +1,142 @@
+//! `source.video_file`: decodes a video file (any container and codec the installed GStreamer
+//! decodes) into frames. By default it decodes as fast as the graph consumes, holding the decoder
+//! back when the graph is slow, so that under `block` every frame is delivered exactly once, in
+//! order; end of file ends the stream (a batch run finishes). `loop` starts again at the end;
+//! `realtime` plays at the file's own frame rate, like a camera (the node is then live).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gstreamer::prelude::*;
+use serde::Deserialize;
+
+use super::{AppSinkReader, Pace, Pulled, VideoFormat, link_decoded_video, make};
+use crate::contract::{
+    OpError, OperatorInstance, OperatorKind, OutputType, PortType, Source, SourceContext,
+    SourcePoll,
+};
+use crate::packet::{CaptureTime, Frame, Packet};
+use crate::registry::OperatorDescriptor;
+
+/// Parameters of `source.video_file`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VideoFileParams {
+    /// The video file.
+    pub path: PathBuf,
+    /// Start again from the beginning at the end of the file (the stream never ends).
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+    /// Play at the file's frame rate, like a camera (the node is live: its edges default to
+    /// `drop_oldest`). Off: decode as fast as the graph takes frames, losing none.
+    #[serde(default)]
+    pub realtime: bool,
+    /// Pixel format of the frames.
+    #[serde(default)]
+    pub format: VideoFormat,
+    /// Stream id stamped on frames (default: the node id).
+    #[serde(default)]
+    pub stream_id: Option<String>,
+}
+
+/// The registry entry.
+pub fn descriptor() -> OperatorDescriptor {
+    OperatorDescriptor::builder::<VideoFileParams>(
+        "source.video_file",
+        OperatorKind::Source,
+        "Decodes a video file with GStreamer (any container and codec installed), every frame once and in order; end of file ends the stream unless `loop`.",
+    )
+    .output("out", OutputType::Fixed(PortType::Image))
+    .live_when(|params| params.realtime)
+    .build_with(|params, node_id| {
+        Ok(OperatorInstance::Source(Box::new(VideoFileSource::open(
+            params, node_id,
+        )?)))
+    })
+}
+
+/// The running source.
+pub struct VideoFileSource {
+    reader: AppSinkReader,
+    path: PathBuf,
+    looping: bool,
+    stream_id: Arc<str>,
+    sequence: u64,
+    /// Frames delivered since the last rewind (a looped file must deliver at least one per pass).
+    frames_this_pass: u64,
+}
+
+impl VideoFileSource {
+    /// Opens the file and starts decoding; a missing or unreadable file fails here.
+    pub fn open(params: VideoFileParams, node_id: &str) -> Result<Self, OpError> {
+        let path = params.path;
+        if !path.is_file() {
+            return Err(OpError::param(
+                "path",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        let filesrc = make("filesrc")?;
+        filesrc.set_property("location", path.to_string_lossy().as_ref());
+        let decodebin = make("decodebin")?;
+        let pace = if params.realtime {
+            Pace::Realtime
+        } else {
+            Pace::AsFastAsConsumed
+        };
+        let reader = AppSinkReader::new(
+            &[filesrc, decodebin],
+            link_decoded_video,
+            params.format,
+            pace,
+        )?;
+        reader
+            .start()
+            .map_err(|e| OpError::Failed(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            reader,
+            path,
+            looping: params.looping,
+            stream_id: params.stream_id.as_deref().unwrap_or(node_id).into(),
+            sequence: 0,
+            frames_this_pass: 0,
+        })
+    }
+}
+
+impl Source for VideoFileSource {
+    fn next(&mut self, _ctx: &SourceContext) -> Result<SourcePoll, OpError> {
+        let pulled = self
+            .reader
+            .pull(Duration::from_millis(100))
+            .map_err(|e| OpError::Failed(format!("cannot decode {}: {e}", self.path.display())))?;
+        match pulled {
+            Pulled::Frame(pixels, layout) => {
+                let frame = Frame::new(
+                    pixels,
+                    layout,
+                    Arc::clone(&self.stream_id),
+                    self.sequence,
+                    CaptureTime::now(),
+                );
+                self.sequence += 1;
+                self.frames_this_pass += 1;
+                Ok(SourcePoll::Packet(Packet::from_frame(frame)))
+            }
+            Pulled::Waiting => Ok(SourcePoll::Pending),
+            Pulled::EndOfStream if self.looping && self.frames_this_pass > 0 => {
+                self.frames_this_pass = 0;
+                self.reader.rewind().map_err(|e| {
+                    OpError::Failed(format!("looping {}: {e}", self.path.display()))
+                })?;
+                Ok(SourcePoll::Pending)
+            }
+            Pulled::EndOfStream if self.sequence == 0 => Err(OpError::Failed(format!(
+                "{} holds no video frames",
+                self.path.display()
+            ))),
+            Pulled::EndOfStream => Ok(SourcePoll::EndOfStream),
+        }
+    }
+}

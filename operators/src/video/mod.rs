@@ -1,0 +1,337 @@
+//! Video through GStreamer 1.22: decoding files and camera streams into the runtime's frames, and
+//! encoding frames to H.264.
+//!
+//! GStreamer does the media work (demuxing, decoding, RTSP, V4L2); the runtime owns the frames
+//! afterwards. Every source here builds a small GStreamer pipeline that ends in an `appsink`,
+//! and copies each decoded picture once, plane by plane, into a pooled buffer ([`AppSinkReader`]).
+//! Frames stay in the decoder's I420 by default: a full-size RGB conversion at 1080p costs more
+//! than decoding (see BENCHMARKS.md), so operators convert at the size they need.
+//!
+//! - [`file`] has `source.video_file`;
+//! - [`camera`] has `source.ip_camera` and `source.usb_camera`, which reconnect with backoff.
+
+
+pub mod camera;
+pub mod file;
+
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+
+use crate::contract::OpError;
+use crate::packet::{ImageLayout, PixelFormat};
+use crate::pool::{BufferPool, PooledBuffer};
+
+/// Initialises GStreamer once per process; the error says what is missing.
+pub fn init() -> Result<(), OpError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| gst::init().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| OpError::Failed(format!("cannot initialise GStreamer: {e}")))
+}
+
+/// Makes a GStreamer element, naming the Debian package to install when it is missing.
+pub(crate) fn make(factory: &str) -> Result<gst::Element, OpError> {
+    init()?;
+    gst::ElementFactory::make(factory).build().map_err(|_| {
+        OpError::Failed(format!(
+            "GStreamer element '{factory}' is not installed (scripts/setup.sh installs the \
+             gstreamer1.0-plugins-* packages that provide it)"
+        ))
+    })
+}
+
+/// Pixel formats a video source can deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoFormat {
+    /// Planar YUV 4:2:0 as decoders produce it: no colour conversion at full size (fastest).
+    #[default]
+    I420,
+    /// Interleaved RGB, converted by GStreamer at full size.
+    Rgb,
+    /// Interleaved BGR, converted by GStreamer at full size.
+    Bgr,
+    /// Luminance only.
+    Gray,
+}
+
+impl VideoFormat {
+    fn gst_name(self) -> &'static str {
+        match self {
+            VideoFormat::I420 => "I420",
+            VideoFormat::Rgb => "RGB",
+            VideoFormat::Bgr => "BGR",
+            VideoFormat::Gray => "GRAY8",
+        }
+    }
+
+    fn pixel_format(self) -> PixelFormat {
+        match self {
+            VideoFormat::I420 => PixelFormat::I420,
+            VideoFormat::Rgb => PixelFormat::Rgb,
+            VideoFormat::Bgr => PixelFormat::Bgr,
+            VideoFormat::Gray => PixelFormat::Gray,
+        }
+    }
+}
+
+/// How an [`AppSinkReader`] treats a slow consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pace {
+    /// Decode as fast as the graph takes frames; a full appsink holds the decoder back, so no
+    /// frame is ever lost (files under `block`).
+    AsFastAsConsumed,
+    /// Follow the stream's clock (cameras, files played in real time); when the graph is slow the
+    /// appsink keeps only the newest frames.
+    Realtime,
+}
+
+/// What one pull from the appsink produced.
+pub(crate) enum Pulled {
+    /// A decoded picture, copied into a pooled buffer.
+    Frame(PooledBuffer<u8>, ImageLayout),
+    /// Nothing within the timeout.
+    Waiting,
+    /// The stream ended.
+    EndOfStream,
+}
+
+/// A GStreamer pipeline whose last element is an appsink delivering raw video in one format.
+/// Dropping it stops the pipeline.
+pub(crate) struct AppSinkReader {
+    pipeline: gst::Pipeline,
+    appsink: gst_app::AppSink,
+    format: VideoFormat,
+    pool: BufferPool<u8>,
+    /// Caps of the last sample and the video info parsed from them (parsed again only when the
+    /// caps change).
+    info: Option<(gst::Caps, gst_video::VideoInfo)>,
+}
+
+impl AppSinkReader {
+    /// Builds `upstream` (which must produce raw or decodable video on its last element's pads,
+    /// possibly dynamic ones) followed by `videoconvert ! appsink`, without starting it.
+    /// `link_upstream` links the last upstream element to the given converter.
+    pub(crate) fn new(
+        upstream: &[gst::Element],
+        link_upstream: impl FnOnce(&gst::Element, &gst::Element) -> Result<(), OpError>,
+        format: VideoFormat,
+        pace: Pace,
+    ) -> Result<Self, OpError> {
+        init()?;
+        let pipeline = gst::Pipeline::new();
+        let convert = make("videoconvert")?;
+        if format != VideoFormat::I420 {
+            // A real conversion: use every core. (I420 from a decoder passes through untouched.)
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            convert.set_property("n-threads", cores as u32);
+        }
+        let caps = gst::Caps::builder("video/x-raw")
+            .field("format", format.gst_name())
+            .build();
+        let appsink = gst_app::AppSink::builder()
+            .caps(&caps)
+            .max_buffers(2)
+            .drop(pace == Pace::Realtime)
+            .sync(pace == Pace::Realtime)
+            .build();
+        let mut elements: Vec<&gst::Element> = upstream.iter().collect();
+        elements.push(&convert);
+        elements.push(appsink.upcast_ref());
+        pipeline
+            .add_many(elements.iter().copied())
+            .map_err(|e| OpError::Failed(format!("building the GStreamer pipeline: {e}")))?;
+        for pair in upstream.windows(2) {
+            link_when_ready(&pair[0], &pair[1])?;
+        }
+        if let Some(last) = upstream.last() {
+            link_upstream(last, &convert)?;
+        }
+        convert
+            .link(&appsink)
+            .map_err(|e| OpError::Failed(format!("linking videoconvert to appsink: {e}")))?;
+        Ok(Self {
+            pipeline,
+            appsink,
+            format,
+            pool: BufferPool::new(8),
+            info: None,
+        })
+    }
+
+    /// Starts playing. Errors that GStreamer reports right away (a file it cannot open) come
+    /// back here; later ones from [`AppSinkReader::pull`].
+    pub(crate) fn start(&self) -> Result<(), String> {
+        if self.pipeline.set_state(gst::State::Playing).is_err() {
+            return Err(self
+                .bus_error()
+                .unwrap_or_else(|| "the pipeline refused to start".into()));
+        }
+        Ok(())
+    }
+
+    /// The first error message waiting on the bus, described.
+    fn bus_error(&self) -> Option<String> {
+        let bus = self.pipeline.bus()?;
+        let message = bus.pop_filtered(&[gst::MessageType::Error])?;
+        match message.view() {
+            gst::MessageView::Error(error) => Some(describe_error(error)),
+            _ => None,
+        }
+    }
+
+    /// Waits up to `timeout` for the next picture.
+    pub(crate) fn pull(&mut self, timeout: Duration) -> Result<Pulled, String> {
+        if let Some(error) = self.bus_error() {
+            return Err(error);
+        }
+        let timeout = gst::ClockTime::from_nseconds(timeout.as_nanos() as u64);
+        let Some(sample) = self.appsink.try_pull_sample(timeout) else {
+            if let Some(error) = self.bus_error() {
+                return Err(error);
+            }
+            return Ok(if self.appsink.is_eos() {
+                Pulled::EndOfStream
+            } else {
+                Pulled::Waiting
+            });
+        };
+        let (buffer, layout) = self.copy_sample(&sample)?;
+        Ok(Pulled::Frame(buffer, layout))
+    }
+
+    /// Seeks back to the start (looping files).
+    pub(crate) fn rewind(&self) -> Result<(), String> {
+        self.pipeline
+            .seek_simple(
+                gst::SeekFlags::FLUSH | gst::SeekFlags::ACCURATE,
+                gst::ClockTime::ZERO,
+            )
+            .map_err(|e| format!("cannot seek back to the start: {e}"))
+    }
+
+    /// Copies one sample, plane by plane and without row padding, into a pooled buffer: the one
+    /// copy between GStreamer's memory and the runtime's.
+    fn copy_sample(
+        &mut self,
+        sample: &gst::Sample,
+    ) -> Result<(PooledBuffer<u8>, ImageLayout), String> {
+        let caps = sample.caps().ok_or("decoded sample without caps")?;
+        let stale = self
+            .info
+            .as_ref()
+            .is_none_or(|(known, _)| known.as_ptr() != caps.as_ptr());
+        if stale {
+            let info = gst_video::VideoInfo::from_caps(caps)
+                .map_err(|e| format!("unusable video caps {caps}: {e}"))?;
+            self.info = Some((caps.to_owned(), info));
+        }
+        let Some((_, info)) = &self.info else {
+            return Err("no video info".into());
+        };
+        let buffer = sample.buffer().ok_or("decoded sample without a buffer")?;
+        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info)
+            .map_err(|e| format!("cannot map a decoded picture: {e}"))?;
+        let layout = ImageLayout::packed(info.width(), info.height(), self.format.pixel_format());
+        let mut pixels = self.pool.get(layout.byte_len());
+        let mut offset = 0;
+        for plane in 0..frame.n_planes() {
+            let (row_bytes, rows) = plane_size(&layout, plane);
+            let data = frame
+                .plane_data(plane)
+                .map_err(|e| format!("plane {plane}: {e}"))?;
+            let stride = frame.plane_stride()[plane as usize] as usize;
+            for row in 0..rows {
+                let start = row * stride;
+                let source = data
+                    .get(start..start + row_bytes)
+                    .ok_or_else(|| format!("plane {plane} shorter than its layout"))?;
+                pixels[offset..offset + row_bytes].copy_from_slice(source);
+                offset += row_bytes;
+            }
+        }
+        Ok((pixels, layout))
+    }
+}
+
+/// Bytes per row and rows of `plane` of a packed image.
+fn plane_size(layout: &ImageLayout, plane: u32) -> (usize, usize) {
+    match (layout.format, plane) {
+        (PixelFormat::I420, 1 | 2) => layout.chroma_size(),
+        _ => (layout.stride, layout.height as usize),
+    }
+}
+
+impl Drop for AppSinkReader {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// An error message from the bus as one line: the element, the error and GStreamer's details.
+fn describe_error(error: &gst::message::Error) -> String {
+    let source = error
+        .src()
+        .map(|s| s.name().to_string())
+        .unwrap_or_else(|| "pipeline".into());
+    match error.debug() {
+        Some(debug) => format!("{source}: {} ({})", error.error(), debug.replace('\n', " ")),
+        None => format!("{source}: {}", error.error()),
+    }
+}
+
+/// Links `from` to `to` now, or, when `from`'s output pads only appear once it runs (rtspsrc,
+/// demuxers), as soon as one appears.
+fn link_when_ready(from: &gst::Element, to: &gst::Element) -> Result<(), OpError> {
+    if from.static_pad("src").is_some() {
+        return from.link(to).map_err(|e| {
+            OpError::Failed(format!("linking {} to {}: {e}", from.name(), to.name()))
+        });
+    }
+    let to = to.downgrade();
+    from.connect_pad_added(move |_, pad| {
+        if let Some(sink) = to.upgrade().and_then(|to| to.static_pad("sink"))
+            && !sink.is_linked()
+            && let Err(error) = pad.link(&sink)
+        {
+            tracing::warn!("cannot link {}: {error:?}", pad.name());
+        }
+    });
+    Ok(())
+}
+
+/// Links `decodebin`'s video pad, once it appears, to `target`'s sink pad. Audio and other
+/// streams are left unlinked.
+pub(crate) fn link_decoded_video(
+    decodebin: &gst::Element,
+    target: &gst::Element,
+) -> Result<(), OpError> {
+    let target = target.downgrade();
+    decodebin.connect_pad_added(move |_, pad| {
+        let Some(target) = target.upgrade() else {
+            return;
+        };
+        let is_video = pad
+            .current_caps()
+            .or_else(|| Some(pad.query_caps(None)))
+            .and_then(|caps| caps.structure(0).map(|s| s.name().starts_with("video/")))
+            .unwrap_or(false);
+        let Some(sink) = target.static_pad("sink") else {
+            return;
+        };
+        if is_video
+            && !sink.is_linked()
+            && let Err(error) = pad.link(&sink)
+        {
+            tracing::warn!("cannot link decoded video: {error:?}");
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! YUV 4:2:0 (I420) frames, as video decoders produce them: plane access and conversion to RGB.
+//!
+//! Video sources keep frames in I420 so that the expensive full-size colour conversion does not
+//! run on every frame (at 1080p it costs more than decoding). Operators that need RGB convert at
+//! the size they work at: `preprocess` resizes the three planes to the model's input size first
+//! and converts only those pixels; the heatmap overlay converts per pixel as it blends; encoders
+//! and the folder sink convert the whole frame with [`to_rgb_frame`], only when they run.
+//!
+//! Limited-range ("TV") YUV with the BT.709 matrix for frames 720 rows high or more and BT.601
+//! below, the same default GStreamer assumes when a stream does not say.
+
+use crate::packet::{Frame, ImageLayout, PixelFormat};
+use crate::pool::BufferPool;
+
+/// Fixed-point (16 fractional bits) coefficients of one YUV to RGB matrix, limited range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Matrix {
+    luma: i32,
+    red_from_v: i32,
+    green_from_u: i32,
+    green_from_v: i32,
+    blue_from_u: i32,
+}
+
+const fn fixed(value: f64) -> i32 {
+    (value * 65536.0 + 0.5) as i32
+}
+
+/// ITU-R BT.601 (standard definition).
+pub const BT601: Matrix = Matrix {
+    luma: fixed(1.164_383),
+    red_from_v: fixed(1.596_027),
+    green_from_u: fixed(0.391_762),
+    green_from_v: fixed(0.812_968),
+    blue_from_u: fixed(2.017_232),
+};
+
+/// ITU-R BT.709 (high definition).
+pub const BT709: Matrix = Matrix {
+    luma: fixed(1.164_383),
+    red_from_v: fixed(1.792_741),
+    green_from_u: fixed(0.213_249),
+    green_from_v: fixed(0.532_909),
+    blue_from_u: fixed(2.112_402),
+};
+
+/// The matrix assumed for a frame of this height.
+pub const fn matrix_for_height(height: u32) -> Matrix {
+    if height >= 720 { BT709 } else { BT601 }
+}
+
+impl Matrix {
+    /// One pixel to RGB.
+    #[inline(always)]
+    pub fn to_rgb(&self, y: u8, u: u8, v: u8) -> [u8; 3] {
+        let luma = (i32::from(y) - 16) * self.luma + (1 << 15);
+        let u = i32::from(u) - 128;
+        let v = i32::from(v) - 128;
+        let clamp = |value: i32| (value >> 16).clamp(0, 255) as u8;
+        [
+            clamp(luma + self.red_from_v * v),
+            clamp(luma - self.green_from_u * u - self.green_from_v * v),
+            clamp(luma + self.blue_from_u * u),
+        ]
+    }
+}
+
+/// The three planes of an I420 frame.
+pub struct Planes<'a> {
+    /// Luma, `y_stride` bytes a row.
+    pub y: &'a [u8],
+    /// Blue-difference chroma, `chroma_width` bytes a row.
+    pub u: &'a [u8],
+    /// Red-difference chroma, `chroma_width` bytes a row.
+    pub v: &'a [u8],
+    /// Bytes per luma row.
+    pub y_stride: usize,
+    /// Chroma plane width (and bytes per row).
+    pub chroma_width: usize,
+    /// Chroma plane height.
+    pub chroma_height: usize,
+}
+
+impl<'a> Planes<'a> {
+    /// Splits an I420 frame's buffer into its planes; `None` for other formats.
+    pub fn of(frame: &'a Frame) -> Option<Self> {
+        Self::split(frame.layout, frame.pixels())
+    }
+
+    /// Splits a buffer laid out as `layout` (which must be I420).
+    pub fn split(layout: ImageLayout, pixels: &'a [u8]) -> Option<Self> {
+        if layout.format != PixelFormat::I420 || pixels.len() < layout.byte_len() {
+            return None;
+        }
+        let (chroma_width, chroma_height) = layout.chroma_size();
+        let luma_len = layout.stride * layout.height as usize;
+        let chroma_len = chroma_width * chroma_height;
+        Some(Self {
+            y: &pixels[..luma_len],
+            u: &pixels[luma_len..luma_len + chroma_len],
+            v: &pixels[luma_len + chroma_len..luma_len + 2 * chroma_len],
+            y_stride: layout.stride,
+            chroma_width,
+            chroma_height,
+        })
+    }
+
+    /// Pixel (x, y) as RGB.
+    #[inline(always)]
+    pub fn rgb_at(&self, matrix: &Matrix, x: usize, y: usize) -> [u8; 3] {
+        let chroma = (y / 2) * self.chroma_width + x / 2;
+        matrix.to_rgb(
+            self.y[y * self.y_stride + x],
+            self.u[chroma],
+            self.v[chroma],
+        )
+    }
+}
+
+/// Interleaves three same-size planes (Y, and U and V already upsampled to it) into RGB.
+pub fn full_planes_to_rgb(matrix: &Matrix, y: &[u8], u: &[u8], v: &[u8], rgb: &mut [u8]) {
+    for (((pixel, &y), &u), &v) in rgb.chunks_exact_mut(3).zip(y).zip(u).zip(v) {
+        pixel.copy_from_slice(&matrix.to_rgb(y, u, v));
+    }
+}
+
+/// The whole frame as packed RGB in a buffer from `pool`; provenance is kept. Frames that are not
+/// I420 are returned as they are (a pointer copy).
+pub fn to_rgb_frame(frame: &Frame, pool: &BufferPool<u8>) -> Frame {
+    let Some(planes) = Planes::of(frame) else {
+        return frame.clone();
+    };
+    let (width, height) = (frame.layout.width as usize, frame.layout.height as usize);
+    let matrix = matrix_for_height(frame.layout.height);
+    let layout = ImageLayout::packed(frame.layout.width, frame.layout.height, PixelFormat::Rgb);
+    let mut pixels = pool.get(layout.byte_len());
+    for (row_index, row) in pixels.chunks_exact_mut(width * 3).take(height).enumerate() {
+        for (x, pixel) in row.chunks_exact_mut(3).enumerate() {
+            pixel.copy_from_slice(&planes.rgb_at(&matrix, x, row_index));
+        }
+    }
+    Frame::new(
+        pixels,
+        layout,
+        frame.stream_id.clone(),
+        frame.sequence,
+        frame.capture,
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::packet::CaptureTime;
+
+    /// An I420 frame whose every pixel is the YUV triple `(y, u, v)`.
+    pub(crate) fn uniform_i420(width: u32, height: u32, yuv: [u8; 3]) -> Frame {
+        let layout = ImageLayout::packed(width, height, PixelFormat::I420);
+        let pool = BufferPool::new(1);
+        let mut pixels = pool.get(layout.byte_len());
+        let luma = layout.stride * height as usize;
+        let (cw, ch) = layout.chroma_size();
+        pixels[..luma].fill(yuv[0]);
+        pixels[luma..luma + cw * ch].fill(yuv[1]);
+        pixels[luma + cw * ch..].fill(yuv[2]);
+        Frame::new(pixels, layout, "test".into(), 0, CaptureTime::now())
+    }
+
+    #[test]
+    fn reference_colours_convert_within_one_level() {
+        // Limited-range BT.601: black, white and the primaries.
+        let cases = [
+            ([16, 128, 128], [0, 0, 0]),
+            ([235, 128, 128], [255, 255, 255]),
+            ([81, 90, 240], [255, 0, 0]),
+            ([145, 54, 34], [0, 255, 0]),
+            ([41, 240, 110], [0, 0, 255]),
+        ];
+        for (yuv, expected) in cases {
+            let rgb = BT601.to_rgb(yuv[0], yuv[1], yuv[2]);
+            for (got, want) in rgb.iter().zip(expected) {
+                assert!(
+                    (i32::from(*got) - want).abs() <= 2,
+                    "{yuv:?} gave {rgb:?}, expected {expected:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn odd_sized_frames_have_rounded_up_chroma_planes() {
+        let frame = uniform_i420(5, 3, [235, 128, 128]);
+        assert_eq!(frame.layout.byte_len(), 15 + 2 * 3 * 2);
+        let rgb = to_rgb_frame(&frame, &BufferPool::new(1));
+        assert_eq!(rgb.layout.format, PixelFormat::Rgb);
+        assert!(rgb.pixels().iter().all(|&value| value == 255));
+        assert_eq!(rgb.sequence, frame.sequence);
+    }
+}
