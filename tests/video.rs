@@ -553,3 +553,112 @@ fn a_folder_read_without_watching_ends_after_its_images() {
         .collect();
     assert_eq!(levels, vec![5, 6, 7]);
 }
+
+/// NAL unit types in an Annex B byte stream.
+fn nal_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut index = 0;
+    while index + 3 < bytes.len() {
+        if bytes[index..index + 3] == [0, 0, 1] {
+            types.push(bytes[index + 3] & 0x1f);
+            index += 3;
+        } else {
+            index += 1;
+        }
+    }
+    types
+}
+
+#[test]
+fn encode_h264_attaches_one_access_unit_per_frame_with_parameter_sets_at_key_frames() {
+    let (registry, recordings) = registry_with_probe();
+    let yaml = r#"
+nodes:
+  - {id: camera, op: source.synthetic, params: {width: 320, height: 240, frames: 40}}
+  - {id: h264, op: encode.h264, params: {keyframe_interval: 15, preset: ultrafast}}
+  - {id: probe, op: test.probe}
+edges:
+  - {from: camera, to: h264}
+  - {from: h264, to: probe}
+"#;
+    let outcome = run_to_end(&graph_from_yaml(&registry, yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let seen = seen_by(&recordings, "probe");
+    assert_eq!(seen.len(), 40);
+    let mut key_frames = 0;
+    for (index, packet) in seen.iter().enumerate() {
+        let (format, bytes) = packet.encoded.as_ref().expect("every packet is encoded");
+        assert_eq!(*format, "h264");
+        let types = nal_types(bytes);
+        assert!(
+            types.iter().any(|t| *t == 1 || *t == 5),
+            "frame {index}: {types:?}"
+        );
+        if types.contains(&5) {
+            key_frames += 1;
+            assert!(
+                types.contains(&7) && types.contains(&8),
+                "SPS and PPS before key frame {index}"
+            );
+        }
+    }
+    assert!(
+        nal_types(&seen[0].encoded.as_ref().expect("first").1).contains(&5),
+        "starts on a key frame"
+    );
+    assert_eq!(key_frames, 3, "a key frame every 15 frames");
+}
+
+#[test]
+fn sink_video_file_records_an_mp4_that_reads_back_frame_for_frame() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("numbered.mp4");
+    write_numbered_mp4(&input, 45);
+    let recording = dir.path().join("recording.mp4");
+    let (registry, recordings) = registry_with_probe();
+    let record = format!(
+        r#"
+nodes:
+  - {{id: video, op: source.video_file, params: {{path: "{}"}}}}
+  - {{id: record, op: sink.video_file, params: {{path: "{}", bitrate_kbps: 2000}}}}
+edges:
+  - {{from: video, to: record}}
+"#,
+        input.display(),
+        recording.display()
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &record), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    assert!(
+        recording.is_file(),
+        "the recording is complete under its name"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "no partial file left behind");
+
+    let read_back = format!(
+        "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe}}\nedges:\n  - {{from: video, to: probe}}\n",
+        recording.display()
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &read_back), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let numbers: Vec<usize> = seen_by(&recordings, "probe")
+        .iter()
+        .map(|s| read_number(&s.frame))
+        .collect();
+    assert_eq!(numbers, (0..45).collect::<Vec<usize>>());
+
+    // An existing file is not overwritten unless asked.
+    let error = Pipeline::start(&graph_from_yaml(&registry, &record))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("record") && error.contains("overwrite"),
+        "{error}"
+    );
+}

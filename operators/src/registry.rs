@@ -204,6 +204,8 @@ impl Registry {
             crate::video::file::descriptor(),
             crate::video::camera::ip_camera_descriptor(),
             crate::video::camera::usb_camera_descriptor(),
+            crate::video::h264::encode_descriptor(),
+            crate::video::h264::sink_descriptor(),
         ] {
             registry.register(descriptor);
         }

@@ -24,6 +24,8 @@ pub struct Seen {
     pub inference: Vec<(String, Vec<usize>)>,
     /// The frame itself (shares the pixels).
     pub frame: Frame,
+    /// Format and bytes of the encoding attached to the packet, if any.
+    pub encoded: Option<(&'static str, Vec<u8>)>,
 }
 
 /// Records, per probe node id, every packet it consumed.
@@ -51,6 +53,10 @@ impl Sink for Probe {
             end_to_end: packet.frame.capture.instant.elapsed(),
             had_tensor: packet.tensor.is_some(),
             frame: packet.frame.clone(),
+            encoded: packet
+                .encoded
+                .as_ref()
+                .map(|encoded| (encoded.format, encoded.bytes().to_vec())),
             inference: packet
                 .inference
                 .iter()

@@ -399,6 +399,31 @@ mod tests {
     }
 
     #[test]
+    fn i420_frames_become_the_same_tensor_as_their_rgb_conversion() {
+        // Limited-range BT.601 red (81, 90, 240), resized from 64x48 to 8x8.
+        let i420 = crate::yuv::tests::uniform_i420(64, 48, [81, 90, 240]);
+        let rgb = crate::yuv::to_rgb_frame(&i420, &BufferPool::new(1));
+        let mut op =
+            Preprocess::new(params(serde_json::json!({"width": 8, "height": 8}))).expect("builds");
+        let from_i420 = op.tensor_for(&i420).expect("runs");
+        let from_rgb = op.tensor_for(&rgb).expect("runs");
+        assert_eq!(from_i420.shape, [1, 3, 8, 8]);
+        assert_eq!(from_i420.data(), from_rgb.data());
+        assert!(from_i420.data()[0] > 0.95, "red channel is high");
+        assert!(from_i420.data()[64] < 0.05, "green channel is low");
+    }
+
+    #[test]
+    fn an_i420_tensor_is_refused() {
+        let error = Preprocess::new(params(
+            serde_json::json!({"width": 8, "height": 8, "color": "i420"}),
+        ))
+        .err()
+        .expect("refused");
+        assert!(error.to_string().contains("color"), "{error}");
+    }
+
+    #[test]
     fn converts_bgr_frames_to_rgb_tensors_and_supports_nhwc() {
         let input = frame(2, 2, PixelFormat::Bgr, |_, _, c| [1, 2, 3][c]);
         let mut op = Preprocess::new(params(serde_json::json!({

@@ -8,12 +8,12 @@
 //! than decoding (see BENCHMARKS.md), so operators convert at the size they need.
 //!
 //! - [`file`] has `source.video_file`;
-//! - [`camera`] has `source.ip_camera` and `source.usb_camera`, which reconnect with backoff.
-
+//! - [`camera`] has `source.ip_camera` and `source.usb_camera`, which reconnect with backoff;
+//! - [`h264`] has `encode.h264` and `sink.video_file`.
 
 pub mod camera;
 pub mod file;
-
+pub mod h264;
 
 use std::sync::OnceLock;
 use std::time::Duration;
