@@ -113,7 +113,7 @@ fn a_video_file_under_block_delivers_every_frame_once_in_order() {
 nodes:
   - {{id: video, op: source.video_file, params: {{path: "{}"}}}}
   - {{id: slow, op: identity, params: {{sleep_ms: 3}}}}
-  - {{id: probe, op: test.probe}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
 edges:
   - {{from: video, to: slow, queue: {{capacity: 2}}}}
   - {{from: slow, to: probe, queue: {{capacity: 2}}}}
@@ -129,13 +129,13 @@ edges:
     let seen = seen_by(&recordings, "probe");
     let sequences: Vec<u64> = seen.iter().map(|s| s.sequence).collect();
     assert_eq!(sequences, (0..90).collect::<Vec<u64>>());
-    let numbers: Vec<usize> = seen.iter().map(|s| read_number(&s.frame)).collect();
+    let numbers: Vec<usize> = seen.iter().map(|s| read_number(s.kept_frame())).collect();
     assert_eq!(
         numbers,
         (0..90).collect::<Vec<usize>>(),
         "every frame once, in order"
     );
-    let first = &seen[0].frame;
+    let first = seen[0].kept_frame();
     assert_eq!(first.layout.format, PixelFormat::I420);
     assert_eq!((first.layout.width, first.layout.height), (320, 240));
     assert!(outcome.report.edges.iter().all(|edge| edge.dropped == 0));
@@ -151,7 +151,7 @@ fn a_looping_file_in_rgb_goes_round_and_keeps_numbering_frames() {
         r#"
 nodes:
   - {{id: video, op: source.video_file, params: {{path: "{}", loop: true, format: rgb}}}}
-  - {{id: probe, op: test.probe}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
 edges:
   - {{from: video, to: probe}}
 "#,
@@ -168,10 +168,10 @@ edges:
     let outcome = pipeline.wait();
     assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
     let seen = seen_by(&recordings, "probe");
-    assert_eq!(seen[0].frame.layout.format, PixelFormat::Rgb);
+    assert_eq!(seen[0].kept_frame().layout.format, PixelFormat::Rgb);
     for (index, seen) in seen.iter().enumerate().take(25) {
         assert_eq!(seen.sequence, index as u64);
-        assert_eq!(read_number(&seen.frame), index % 10, "frame {index}");
+        assert_eq!(read_number(seen.kept_frame()), index % 10, "frame {index}");
     }
 }
 
@@ -266,10 +266,6 @@ fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
 
 #[test]
 fn an_rtsp_camera_that_drops_is_shown_offline_and_flows_again_without_a_restart() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_test_writer()
-        .try_init();
     let port = free_port();
     let server = RtspServer::start(port);
     let (registry, recordings) = registry_with_probe();
@@ -282,7 +278,7 @@ nodes:
       url: "rtsp://operator:s3cret@127.0.0.1:{port}/cam"
       latency_ms: 50
       reconnect: {{initial_backoff_ms: 200, max_backoff_ms: 1000, stall_timeout_ms: 1500}}
-  - {{id: probe, op: test.probe}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
 edges:
   - {{from: camera, to: probe}}
 "#
@@ -356,7 +352,7 @@ nodes:
     op: source.ip_camera
     params: {{url: "http://127.0.0.1:{port}/mjpeg", reconnect: {{initial_backoff_ms: 100}}}}
   - {{id: usb, op: source.usb_camera, params: {{device: /dev/video-missing}}}}
-  - {{id: probe, op: test.probe}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
 edges:
   - {{from: camera, to: probe}}
   - {{from: mjpeg, to: probe}}
@@ -413,7 +409,7 @@ fn corrupt_and_missing_video_files_give_errors_naming_the_file() {
 
     for path in [&garbage, &truncated] {
         let yaml = format!(
-            "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe}}\nedges:\n  - {{from: video, to: probe}}\n",
+            "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}\nedges:\n  - {{from: video, to: probe}}\n",
             path.display()
         );
         let graph = graph_from_yaml(&registry, &yaml);
@@ -443,7 +439,7 @@ fn corrupt_and_missing_video_files_give_errors_naming_the_file() {
     }
 
     let missing = format!(
-        "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe}}\nedges:\n  - {{from: video, to: probe}}\n",
+        "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}\nedges:\n  - {{from: video, to: probe}}\n",
         dir.path().join("missing.mp4").display()
     );
     let error = Pipeline::start(&graph_from_yaml(&registry, &missing))
@@ -484,7 +480,7 @@ nodes:
   - id: folder
     op: source.images_folder
     params: {{path: "{}", poll_interval_ms: 50, settle_ms: 300, incomplete_timeout_ms: 1500}}
-  - {{id: probe, op: test.probe}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
 edges:
   - {{from: folder, to: probe}}
 "#,
@@ -494,7 +490,7 @@ edges:
     let levels = || -> Vec<u8> {
         seen_by(&recordings, "probe")
             .iter()
-            .map(|s| s.frame.pixels()[0])
+            .map(|s| s.kept_frame().pixels()[0])
             .collect()
     };
     wait_for("the existing images", LIMIT, || levels().len() >= 2);
@@ -542,31 +538,39 @@ fn a_folder_read_without_watching_ends_after_its_images() {
     }
     let (registry, recordings) = registry_with_probe();
     let yaml = format!(
-        "nodes:\n  - {{id: folder, op: source.images_folder, params: {{path: \"{}\", watch: false, settle_ms: 0}}}}\n  - {{id: probe, op: test.probe}}\nedges:\n  - {{from: folder, to: probe}}\n",
+        "nodes:\n  - {{id: folder, op: source.images_folder, params: {{path: \"{}\", watch: false, settle_ms: 0}}}}\n  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}\nedges:\n  - {{from: folder, to: probe}}\n",
         dir.path().display()
     );
     let outcome = run_to_end(&graph_from_yaml(&registry, &yaml), LIMIT);
     assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
     let levels: Vec<u8> = seen_by(&recordings, "probe")
         .iter()
-        .map(|s| s.frame.pixels()[0])
+        .map(|s| s.kept_frame().pixels()[0])
         .collect();
     assert_eq!(levels, vec![5, 6, 7]);
 }
 
 /// NAL unit types in an Annex B byte stream.
 fn nal_types(bytes: &[u8]) -> Vec<u8> {
-    let mut types = Vec::new();
-    let mut index = 0;
-    while index + 3 < bytes.len() {
-        if bytes[index..index + 3] == [0, 0, 1] {
-            types.push(bytes[index + 3] & 0x1f);
-            index += 3;
-        } else {
-            index += 1;
-        }
-    }
-    types
+    nal_units(bytes).map(|unit| unit[0] & 0x1f).collect()
+}
+
+/// The NAL units of an Annex B byte stream (each starting at its header byte).
+fn nal_units(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let starts: Vec<usize> = (0..bytes.len().saturating_sub(3))
+        .filter(|&i| bytes[i..i + 3] == [0, 0, 1])
+        .map(|i| i + 3)
+        .collect();
+    let ends: Vec<usize> = starts
+        .iter()
+        .skip(1)
+        .map(|&next| next - 3)
+        .chain([bytes.len()])
+        .collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .map(move |(start, end)| &bytes[start..end])
 }
 
 #[test]
@@ -576,7 +580,7 @@ fn encode_h264_attaches_one_access_unit_per_frame_with_parameter_sets_at_key_fra
 nodes:
   - {id: camera, op: source.synthetic, params: {width: 320, height: 240, frames: 40}}
   - {id: h264, op: encode.h264, params: {keyframe_interval: 15, preset: ultrafast}}
-  - {id: probe, op: test.probe}
+  - {id: probe, op: test.probe, params: {keep_frames: true}}
 edges:
   - {from: camera, to: h264}
   - {from: h264, to: probe}
@@ -602,9 +606,17 @@ edges:
             );
         }
     }
+    let first = &seen[0].encoded.as_ref().expect("first").1;
+    assert!(nal_types(first).contains(&5), "starts on a key frame");
+    // The synthetic frames are RGB; x264 must still get 8-bit 4:2:0, which every player and
+    // browser decodes (profile_idc 66 baseline, 77 main or 100 high; not 244, High 4:4:4).
+    let sps = nal_units(first)
+        .find(|unit| unit[0] & 0x1f == 7)
+        .expect("an SPS");
     assert!(
-        nal_types(&seen[0].encoded.as_ref().expect("first").1).contains(&5),
-        "starts on a key frame"
+        [66, 77, 100].contains(&sps[1]),
+        "profile_idc {} is not a 4:2:0 8-bit profile",
+        sps[1]
     );
     assert_eq!(key_frames, 3, "a key frame every 15 frames");
 }
@@ -641,14 +653,14 @@ edges:
     assert!(leftovers.is_empty(), "no partial file left behind");
 
     let read_back = format!(
-        "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe}}\nedges:\n  - {{from: video, to: probe}}\n",
+        "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}\nedges:\n  - {{from: video, to: probe}}\n",
         recording.display()
     );
     let outcome = run_to_end(&graph_from_yaml(&registry, &read_back), LIMIT);
     assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
     let numbers: Vec<usize> = seen_by(&recordings, "probe")
         .iter()
-        .map(|s| read_number(&s.frame))
+        .map(|s| read_number(s.kept_frame()))
         .collect();
     assert_eq!(numbers, (0..45).collect::<Vec<usize>>());
 

@@ -46,9 +46,7 @@ mod tests {
     #[test]
     fn rejects_bytes_that_are_not_an_image_and_names_them() {
         let pool = BufferPool::new(1);
-        let error = decode_rgb(b"not an image", "notes.txt", &pool, 0)
-            .err()
-            .expect("fails");
+        let error = decode_rgb(b"not an image", "notes.txt", &pool, 0).expect_err("fails");
         assert!(error.to_string().contains("notes.txt"), "{error}");
     }
 

@@ -22,10 +22,20 @@ pub struct Seen {
     pub had_tensor: bool,
     /// Name and shape of each model output attached to the packet.
     pub inference: Vec<(String, Vec<usize>)>,
-    /// The frame itself (shares the pixels).
-    pub frame: Frame,
+    /// The frame itself (shares the pixels), when the probe has `keep_frames: true`. Off by
+    /// default: kept frames never return to their pool.
+    pub frame: Option<Frame>,
     /// Format and bytes of the encoding attached to the packet, if any.
     pub encoded: Option<(&'static str, Vec<u8>)>,
+}
+
+impl Seen {
+    /// The kept frame; panics when the probe did not keep frames.
+    pub fn kept_frame(&self) -> &Frame {
+        self.frame
+            .as_ref()
+            .expect("the probe keeps frames only with `keep_frames: true`")
+    }
 }
 
 /// Records, per probe node id, every packet it consumed.
@@ -36,11 +46,14 @@ pub type Recordings = Arc<Mutex<HashMap<String, Vec<Seen>>>>;
 struct ProbeParams {
     #[serde(default)]
     sleep_ms: f64,
+    #[serde(default)]
+    keep_frames: bool,
 }
 
 struct Probe {
     node: String,
     delay: Duration,
+    keep_frames: bool,
     recordings: Recordings,
 }
 
@@ -52,7 +65,7 @@ impl Sink for Probe {
             pixels_addr: packet.frame.pixels_addr(),
             end_to_end: packet.frame.capture.instant.elapsed(),
             had_tensor: packet.tensor.is_some(),
-            frame: packet.frame.clone(),
+            frame: self.keep_frames.then(|| packet.frame.clone()),
             encoded: packet
                 .encoded
                 .as_ref()
@@ -94,6 +107,7 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
             Ok(OperatorInstance::Sink(Box::new(Probe {
                 node: node_id.to_string(),
                 delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
+                keep_frames: params.keep_frames,
                 recordings: Arc::clone(&shared),
             })))
         }),
@@ -110,6 +124,7 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
             Ok(OperatorInstance::Sink(Box::new(Probe {
                 node: node_id.to_string(),
                 delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
+                keep_frames: params.keep_frames,
                 recordings: Arc::clone(&tensors),
             })))
         }),

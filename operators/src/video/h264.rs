@@ -260,6 +260,15 @@ impl Encoder {
             .max_bytes(4 * layout.byte_len() as u64)
             .build();
         let convert = make("videoconvert")?;
+        // 8-bit 4:2:0 whatever comes in: given RGB, x264 would otherwise pick 4:4:4 (High 4:4:4
+        // Predictive), which browsers and most players cannot decode.
+        let to_i420 = make("capsfilter")?;
+        to_i420.set_property(
+            "caps",
+            gst::Caps::builder("video/x-raw")
+                .field("format", "I420")
+                .build(),
+        );
         let x264 = make("x264enc")?;
         x264.set_property_from_str("tune", "zerolatency");
         x264.set_property_from_str("speed-preset", &settings.preset);
@@ -267,8 +276,13 @@ impl Encoder {
         x264.set_property("key-int-max", settings.keyframe_interval);
         let parse = make("h264parse")?;
         let pipeline = gst::Pipeline::new();
-        let mut chain: Vec<gst::Element> =
-            vec![appsrc.clone().upcast(), convert, x264, parse.clone()];
+        let mut chain: Vec<gst::Element> = vec![
+            appsrc.clone().upcast(),
+            convert,
+            to_i420,
+            x264,
+            parse.clone(),
+        ];
         let output = match file {
             Some(path) => {
                 let mux = make("mp4mux")?;
