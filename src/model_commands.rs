@@ -55,7 +55,8 @@ pub fn predict(
     if !(0.0..=1.0).contains(&threshold) {
         return Err(format!("--threshold {threshold} is outside 0-1"));
     }
-    let mut postprocess = AnomalyPostprocess::new(manifest.normalization, threshold, 0.0);
+    let mut postprocess =
+        AnomalyPostprocess::new(&package.id(), manifest.normalization, threshold, 0.0);
     if let Some(dir) = out {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

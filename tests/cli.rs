@@ -262,7 +262,11 @@ fn ctrl_c_drains_and_exits_cleanly() {
     for line in &lines {
         assert!(
             dir.path()
-                .join(line["file"].as_str().expect("file"))
+                .join(
+                    line["images"]["with_predictions"]["file"]
+                        .as_str()
+                        .expect("file"),
+                )
                 .is_file()
         );
     }

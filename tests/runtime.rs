@@ -46,7 +46,9 @@ edges:
         "N in, N out, in order"
     );
     for line in &lines {
-        let file = line["file"].as_str().expect("file name");
+        let file = line["images"]["with_predictions"]["file"]
+            .as_str()
+            .expect("file name");
         assert!(dir.path().join(file).is_file(), "{file} listed but missing");
     }
     assert!(outcome.report.edges.iter().all(|edge| edge.dropped == 0));

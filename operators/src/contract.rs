@@ -202,17 +202,21 @@ impl StopSignal {
     }
 }
 
-/// Whether a source's outside end (a camera, a server) is delivering, and how often it was not.
-/// The source updates it; the runtime shows it in metrics. Sources start online; one that loses
-/// its camera goes offline (an outage is counted) until frames flow again.
+/// Whether a node's outside end (a camera or server feeding a source, a broker or receiver behind
+/// a sink) is reachable, and how often it was not. The operator updates it; the runtime shows it
+/// in metrics. Endpoints start online; one that is lost goes offline (an outage is counted) until
+/// it works again. Sinks also count results they gave up on (`failed`) and results their
+/// dispatch settings left out on purpose (`skipped`: rate limit, anomalous only).
 #[derive(Default)]
-pub struct SourceHealth {
+pub struct EndpointHealth {
     offline: AtomicBool,
     outages: AtomicU64,
     last_error: Mutex<Option<String>>,
+    failed: AtomicU64,
+    skipped: AtomicU64,
 }
 
-impl SourceHealth {
+impl EndpointHealth {
     /// Frames flow. Returns true when this ends an outage.
     pub fn set_online(&self) -> bool {
         self.offline.swap(false, Ordering::SeqCst)
@@ -238,7 +242,27 @@ impl SourceHealth {
         self.outages.load(Ordering::SeqCst)
     }
 
-    /// Why the source last went offline.
+    /// A result that could not be delivered and was given up (after retries).
+    pub fn count_failed(&self) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Results given up so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// A result left out on purpose (rate limit, anomalous only).
+    pub fn count_skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Results left out on purpose so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::SeqCst)
+    }
+
+    /// Why the endpoint last went offline.
     pub fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
@@ -254,7 +278,7 @@ pub struct SourceContext {
     /// The node id, used as the default stream id.
     pub node_id: Arc<str>,
     /// Where the source reports whether its camera or server delivers.
-    pub health: Arc<SourceHealth>,
+    pub health: Arc<EndpointHealth>,
 }
 
 impl SourceContext {
@@ -319,8 +343,38 @@ pub trait Transform: Send {
     }
 }
 
+/// What a sink may ask of the runtime; handed to [`Sink::attach`] before the first packet.
+#[derive(Clone)]
+pub struct SinkContext {
+    /// Raised when the pipeline is asked to stop: a sink stops waiting (retry backoffs) and
+    /// drains what it has with one attempt per result.
+    pub stop: StopSignal,
+    /// The pipeline's name, for the messages a sink sends.
+    pub pipeline: Arc<str>,
+    /// The node id.
+    pub node_id: Arc<str>,
+    /// Where the sink reports whether its receiver or broker is reachable, and what it gave up
+    /// on or skipped.
+    pub health: Arc<EndpointHealth>,
+}
+
+impl SinkContext {
+    /// A context for running a sink outside a pipeline (tests, tools).
+    pub fn detached(pipeline: &str, node_id: &str) -> Self {
+        Self {
+            stop: StopSignal::new(),
+            pipeline: Arc::from(pipeline),
+            node_id: Arc::from(node_id),
+            health: Arc::default(),
+        }
+    }
+}
+
 /// Consumes packets.
 pub trait Sink: Send {
+    /// Called once before the first packet (and again after a restart rebuilt the sink).
+    fn attach(&mut self, _ctx: &SinkContext) {}
+
     /// Handle one packet. Returning only after the result is durable (written, sent) is what lets
     /// the runtime promise that a `block` edge loses nothing.
     fn consume(&mut self, packet: Packet) -> Result<(), OpError>;

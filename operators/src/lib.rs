@@ -27,8 +27,9 @@ pub mod video;
 pub mod yuv;
 
 pub use contract::{
-    Emitter, InputPort, OpError, OperatorInstance, OperatorKind, OutputPort, OutputType, PortType,
-    Sink, Source, SourceContext, SourceHealth, SourcePoll, StopSignal, Transform,
+    Emitter, EndpointHealth, InputPort, OpError, OperatorInstance, OperatorKind, OutputPort,
+    OutputType, PortType, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal,
+    Transform,
 };
 pub use packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout};
 pub use pool::{BufferPool, PoolStats, PooledBuffer};

@@ -151,6 +151,15 @@ impl ModelPackage {
         })
     }
 
+    /// The package's id: its directory's name (canonicalised, so `.` and `models/demo/` give
+    /// the real name).
+    pub fn id(&self) -> String {
+        let dir = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
+        dir.file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string())
+    }
+
     /// The IR file.
     pub fn model_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.model_file)

@@ -243,6 +243,8 @@ pub struct Prediction {
     pub threshold: f32,
     /// `score >= threshold`.
     pub anomalous: bool,
+    /// Which model decided: the model package's id (its directory name).
+    pub model: Arc<str>,
     /// Normalised anomaly map in [0, 1] at the frame's resolution, row-major.
     pub map: PooledBuffer<f32>,
     /// Map width (the frame's).

@@ -196,6 +196,8 @@ impl Registry {
             crate::transform::identity::descriptor(),
             crate::sink::null::descriptor(),
             crate::sink::folder::descriptor(),
+            crate::sink::webhook::descriptor(),
+            crate::sink::mqtt::descriptor(),
         ] {
             registry.register(descriptor);
         }

@@ -1,9 +1,11 @@
-//! JSON Schemas generated from the code: the graph file model and every operator's parameters.
+//! JSON Schemas generated from the code: the graph file model, every operator's parameters and
+//! the prediction message that result sinks send.
 //! `inspectflow schemas --out schemas/` writes them; a test fails when the checked-in copies are
 //! stale, so the published schemas always match what validation enforces.
 
 use std::path::{Path, PathBuf};
 
+use inspectflow_operators::sink::message::PredictionMessage;
 use inspectflow_operators::{Registry, simplify_enum_schemas};
 use serde_json::{Value, json};
 
@@ -85,10 +87,18 @@ pub fn render_all(registry: &Registry) -> Vec<(PathBuf, String)> {
             serde_json::to_string_pretty(value).unwrap_or_default()
         )
     };
-    let mut files = vec![(
-        PathBuf::from("graph.schema.json"),
-        pretty(&published_graph_schema(registry)),
-    )];
+    let mut message = schemars::schema_for!(PredictionMessage).to_value();
+    simplify_enum_schemas(&mut message);
+    let mut files = vec![
+        (
+            PathBuf::from("graph.schema.json"),
+            pretty(&published_graph_schema(registry)),
+        ),
+        (
+            PathBuf::from("prediction-message.schema.json"),
+            pretty(&message),
+        ),
+    ];
     for descriptor in registry.iter() {
         files.push((
             PathBuf::from("operators").join(format!("{}.schema.json", descriptor.name)),

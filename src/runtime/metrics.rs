@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use inspectflow_operators::SourceHealth;
+use inspectflow_operators::EndpointHealth;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -137,7 +137,7 @@ pub struct NodeMetrics {
     /// Capture to completion at this sink.
     pub end_to_end: Histogram,
     /// Whether a source's camera or server delivers (sources only).
-    pub source_health: Arc<SourceHealth>,
+    pub endpoint_health: Arc<EndpointHealth>,
     first_activity_ns: AtomicU64,
     last_activity_ns: AtomicU64,
     activity_count: AtomicU64,
@@ -212,6 +212,23 @@ pub struct NodeReport {
     pub end_to_end_ms: Option<LatencySummary>,
     /// Whether the source's camera or server delivers (sources only).
     pub source: Option<SourceReport>,
+    /// The sink's receiver or broker, and results it gave up on or skipped (sinks only).
+    pub sink: Option<SinkReport>,
+}
+
+/// The outside end of a sink (a webhook receiver, an MQTT broker; always online for local sinks).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct SinkReport {
+    /// `online` while results go through, `offline` while the receiver is unreachable.
+    pub state: String,
+    /// Outages so far.
+    pub outages: u64,
+    /// Why the receiver last went offline.
+    pub last_error: Option<String>,
+    /// Results given up after every retry failed.
+    pub failed: u64,
+    /// Results left out on purpose (`rate_limit`, `only_anomalous`).
+    pub skipped: u64,
 }
 
 /// The outside end of a source: online or not, and its outages.
@@ -385,6 +402,34 @@ impl MetricsReport {
             "counter",
             "Outages of a source's camera or server.",
             per_node(|n| n.source.as_ref().map(|s| s.outages as f64)),
+        );
+        family(
+            "inspectflow_sink_online",
+            "gauge",
+            "1 while a sink's receiver or broker is reachable, 0 during an outage.",
+            per_node(|n| {
+                n.sink
+                    .as_ref()
+                    .map(|s| f64::from(u8::from(s.state == "online")))
+            }),
+        );
+        family(
+            "inspectflow_sink_outages_total",
+            "counter",
+            "Outages of a sink's receiver or broker.",
+            per_node(|n| n.sink.as_ref().map(|s| s.outages as f64)),
+        );
+        family(
+            "inspectflow_sink_failed_total",
+            "counter",
+            "Results a sink gave up on after every retry failed.",
+            per_node(|n| n.sink.as_ref().map(|s| s.failed as f64)),
+        );
+        family(
+            "inspectflow_sink_skipped_total",
+            "counter",
+            "Results a sink left out on purpose (rate limit, anomalous only).",
+            per_node(|n| n.sink.as_ref().map(|s| s.skipped as f64)),
         );
         family(
             "inspectflow_fps",

@@ -5,5 +5,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod queue;
 
-pub use metrics::MetricsReport;
+pub use metrics::{MetricsReport, NodeReport, SinkReport, SourceReport};
 pub use pipeline::{NodeFailure, Pipeline, RunOutcome, StartError, StopHandle};

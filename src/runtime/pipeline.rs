@@ -16,12 +16,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inspectflow_operators::{
-    Emitter, OpError, OperatorDescriptor, OperatorInstance, Packet, Sink, Source, SourceContext,
-    SourcePoll, StopSignal, Transform,
+    Emitter, EndpointHealth, OpError, OperatorDescriptor, OperatorInstance, Packet, Sink,
+    SinkContext, Source, SourceContext, SourcePoll, StopSignal, Transform,
 };
 
 use super::metrics::{
-    EdgeReport, MetricsReport, NodeMetrics, NodeReport, QueueReport, SourceReport,
+    EdgeReport, MetricsReport, NodeMetrics, NodeReport, QueueReport, SinkReport, SourceReport,
 };
 use super::queue::{EdgeSender, EdgeStats, InputQueue, PopOutcome};
 use crate::graph::{RestartPolicy, ValidatedGraph, ValidatedNode};
@@ -133,6 +133,7 @@ struct EdgeInfo {
 
 /// Everything a node's thread needs besides its operator.
 struct NodeRuntime {
+    pipeline: Arc<str>,
     id: Arc<str>,
     descriptor: Arc<OperatorDescriptor>,
     params: serde_json::Value,
@@ -232,6 +233,7 @@ impl Pipeline {
         for (index, (node, instance)) in graph.nodes.iter().zip(instances).enumerate() {
             let Some(instance) = instance else { continue };
             let runtime = NodeRuntime {
+                pipeline: Arc::from(graph.name.as_str()),
                 id: Arc::clone(&node.id),
                 descriptor: Arc::clone(&node.descriptor),
                 params: node.params.clone(),
@@ -340,15 +342,23 @@ impl Pipeline {
                     restarts: m.restarts.load(Ordering::Relaxed),
                     batches: m.batches.load(Ordering::Relaxed),
                     end_to_end_ms: m.end_to_end.summary(),
-                    source: (node.kind == "source").then(|| SourceReport {
-                        state: if m.source_health.is_online() {
-                            "online"
-                        } else {
-                            "offline"
+                    source: (node.kind == "source").then(|| {
+                        let (state, outages, last_error) = endpoint_state(&m.endpoint_health);
+                        SourceReport {
+                            state,
+                            outages,
+                            last_error,
                         }
-                        .to_string(),
-                        outages: m.source_health.outages(),
-                        last_error: m.source_health.last_error(),
+                    }),
+                    sink: (node.kind == "sink").then(|| {
+                        let (state, outages, last_error) = endpoint_state(&m.endpoint_health);
+                        SinkReport {
+                            state,
+                            outages,
+                            last_error,
+                            failed: m.endpoint_health.failed(),
+                            skipped: m.endpoint_health.skipped(),
+                        }
                     }),
                 }
             })
@@ -512,7 +522,7 @@ impl NodeRuntime {
         let ctx = SourceContext {
             stop: self.control.stop.clone(),
             node_id: Arc::clone(&self.id),
-            health: Arc::clone(&self.metrics.source_health),
+            health: Arc::clone(&self.metrics.endpoint_health),
         };
         while !ctx.stop.is_raised() {
             match source.next(&ctx) {
@@ -596,6 +606,13 @@ impl NodeRuntime {
         let Some(input) = self.input.clone() else {
             return;
         };
+        let ctx = SinkContext {
+            stop: self.control.stop.clone(),
+            pipeline: Arc::clone(&self.pipeline),
+            node_id: Arc::clone(&self.id),
+            health: Arc::clone(&self.metrics.endpoint_health),
+        };
+        sink.attach(&ctx);
         let mut batch = Vec::with_capacity(1);
         loop {
             batch.clear();
@@ -624,10 +641,23 @@ impl NodeRuntime {
                     .end_to_end
                     .record(finished.saturating_duration_since(captured)),
                 Err(error) => match self.recover(error) {
-                    Some(OperatorInstance::Sink(rebuilt)) => sink = rebuilt,
+                    Some(OperatorInstance::Sink(rebuilt)) => {
+                        sink = rebuilt;
+                        sink.attach(&ctx);
+                    }
                     _ => return,
                 },
             }
         }
     }
+}
+
+/// `online`/`offline`, outages and the last error of a node's outside end.
+fn endpoint_state(health: &EndpointHealth) -> (String, u64, Option<String>) {
+    let state = if health.is_online() {
+        "online"
+    } else {
+        "offline"
+    };
+    (state.to_string(), health.outages(), health.last_error())
 }

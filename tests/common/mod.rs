@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inspectflow::graph::{self, ValidatedGraph};
+use inspectflow::operators::packet::Prediction;
 use inspectflow::operators::{
-    Frame, OpError, OperatorDescriptor, OperatorInstance, OperatorKind, Packet, PortType, Registry,
-    Sink,
+    BufferPool, CaptureTime, Emitter, Frame, OpError, OperatorDescriptor, OperatorInstance,
+    OperatorKind, OutputType, Packet, PortType, Registry, Sink, Transform,
 };
 use inspectflow::runtime::{Pipeline, RunOutcome};
 
@@ -129,7 +130,71 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
             })))
         }),
     );
+    registry.register(
+        OperatorDescriptor::builder::<VerdictParams>(
+            "test.verdict",
+            OperatorKind::Transform,
+            "Attaches a made-up verdict and restamps capture times on a fixed clock.",
+        )
+        .input("in", PortType::Image)
+        .output("out", OutputType::Fixed(PortType::Prediction))
+        .build_with(|params, _node_id| {
+            Ok(OperatorInstance::Transform(Box::new(Verdict {
+                params,
+                base: None,
+                pool: BufferPool::new(8),
+            })))
+        }),
+    );
     (registry, recordings)
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct VerdictParams {
+    /// Frames whose sequence is a multiple of this are anomalous.
+    anomalous_every: u64,
+    /// When given, frame n is stamped as captured n/fps seconds after the first one (so rate
+    /// limits give exact counts whatever the machine's speed).
+    #[serde(default)]
+    fps: Option<f64>,
+}
+
+/// `test.verdict`: a stand-in for `infer.openvino` + `anomaly` with a known answer.
+struct Verdict {
+    params: VerdictParams,
+    base: Option<CaptureTime>,
+    pool: BufferPool<f32>,
+}
+
+impl Transform for Verdict {
+    fn process(&mut self, mut packet: Packet, out: &mut Emitter) -> Result<(), OpError> {
+        let sequence = packet.frame.sequence;
+        if let Some(fps) = self.params.fps {
+            let base = *self.base.get_or_insert(packet.frame.capture);
+            let offset = Duration::from_secs_f64(sequence as f64 / fps);
+            packet.frame.capture = CaptureTime {
+                instant: base.instant + offset,
+                unix_nanos: base.unix_nanos + offset.as_nanos(),
+            };
+        }
+        let anomalous = sequence.is_multiple_of(self.params.anomalous_every);
+        let score = if anomalous { 0.9 } else { 0.1 };
+        let mut map = self.pool.get(4);
+        map.iter_mut().for_each(|value| *value = score);
+        packet.prediction = Some(Arc::new(Prediction {
+            raw_score: score * 10.0,
+            score,
+            threshold: 0.5,
+            anomalous,
+            model: Arc::from("test-model"),
+            map,
+            map_width: 2,
+            map_height: 2,
+        }));
+        out.emit(0, packet);
+        Ok(())
+    }
 }
 
 /// Validates YAML graph text, panicking with the errors when invalid.

@@ -1,18 +1,25 @@
-//! `sink.folder`: writes each frame as an image file plus one JSON line per frame in an index file.
-//! The image is the heatmap overlay when a `heatmap` ran upstream (already-encoded JPEG bytes from
-//! `encode.jpeg` are written as they are), and the line carries the verdict when `anomaly` ran.
+//! `sink.folder`: writes the images a result asks for as files and one prediction message per
+//! result as a line of an index file (JSON lines; the shape is `schemas/prediction-message.schema.json`,
+//! with each image's `file` named relative to the folder).
 //!
 //! Nothing half-written is ever visible: an image is encoded to a hidden temporary file in the
-//! same directory and renamed into place, and its JSON line is appended (and flushed) only after
-//! the rename, so every line names a complete file.
+//! same directory and renamed into place, and its line is appended (and flushed) only after
+//! the rename, so every line names complete files. With `retention`, the oldest images (including
+//! those of earlier runs) are deleted once the folder holds more than `keep_last` images or
+//! `keep_bytes` bytes of them; the index keeps their lines as history.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::contract::{OpError, OperatorInstance, OperatorKind, PortType, Sink};
+use super::message::{Dispatch, DispatchParams, ImagePart, Images, OutputFormat};
+use crate::contract::{
+    EndpointHealth, OpError, OperatorInstance, OperatorKind, PortType, Sink, SinkContext,
+};
 use crate::packet::{Frame, Packet, PixelFormat};
 use crate::pool::BufferPool;
 use crate::registry::OperatorDescriptor;
@@ -32,6 +39,15 @@ pub enum ImageFormat {
 }
 
 impl ImageFormat {
+    /// The format's name in messages.
+    fn extension_name(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Png => "png",
+            ImageFormat::None => "none",
+        }
+    }
+
     fn extension(self) -> &'static str {
         match self {
             ImageFormat::Jpeg => "jpg",
@@ -68,6 +84,25 @@ pub struct FolderParams {
     #[serde(default = "default_index_file")]
     #[schemars(length(min = 1))]
     pub index_file: String,
+    /// Delete the oldest images beyond these limits (none by default).
+    #[serde(default)]
+    pub retention: Retention,
+    /// Which results are written and what they carry (default output formats:
+    /// `image_with_predictions` and `predictions`).
+    #[serde(flatten)]
+    pub dispatch: DispatchParams,
+}
+
+/// How many images `sink.folder` keeps.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep at most this many image files.
+    #[schemars(range(min = 1))]
+    pub keep_last: Option<u64>,
+    /// Keep at most this many bytes of image files.
+    #[schemars(range(min = 1))]
+    pub keep_bytes: Option<u64>,
 }
 
 fn default_format() -> ImageFormat {
@@ -97,7 +132,13 @@ pub fn descriptor() -> OperatorDescriptor {
 /// The running sink.
 pub struct FolderSink {
     params: FolderParams,
+    dispatch: Dispatch,
+    pipeline: Arc<str>,
+    health: Arc<EndpointHealth>,
     index: BufWriter<File>,
+    /// Image files present, oldest first, with their sizes (for `retention`).
+    kept: VecDeque<(PathBuf, u64)>,
+    kept_bytes: u64,
     encoded: Vec<u8>,
     /// libjpeg-turbo, for `format: jpeg`.
     jpeg: Option<JpegEncoder>,
@@ -109,32 +150,9 @@ pub struct FolderSink {
     rgb_pool: BufferPool<u8>,
 }
 
-/// One line of the index file.
-#[derive(serde::Serialize)]
-struct IndexLine<'a> {
-    file: Option<&'a str>,
-    stream: &'a str,
-    sequence: u64,
-    capture_unix_ms: u64,
-    width: u32,
-    height: u32,
-    pixel_format: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prediction: Option<PredictionLine>,
-}
-
-/// The verdict part of an index line, when an `anomaly` operator ran upstream.
-#[derive(serde::Serialize)]
-struct PredictionLine {
-    score: f32,
-    raw_score: f32,
-    threshold: f32,
-    label: &'static str,
-}
-
 impl FolderSink {
     /// Checks that the directory exists (or creates it) and is writable, and opens the index.
-    pub fn open(params: FolderParams) -> Result<Self, OpError> {
+    pub fn open(mut params: FolderParams) -> Result<Self, OpError> {
         if !(1..=100).contains(&params.quality) {
             return Err(OpError::param("quality", "must be between 1 and 100"));
         }
@@ -175,7 +193,24 @@ impl FolderSink {
             .create(true)
             .append(true)
             .open(&index_path)
-            .map_err(|e| OpError::io(format!("cannot write to {}", index_path.display()), e))?;
+            .map_err(|e| {
+                OpError::param(
+                    "path",
+                    format!(
+                        "cannot write the index {} ({e}): is the directory writable?",
+                        index_path.display()
+                    ),
+                )
+            })?;
+        let dispatch = Dispatch::new(
+            std::mem::take(&mut params.dispatch),
+            &[
+                OutputFormat::ImageWithPredictions,
+                OutputFormat::Predictions,
+            ],
+        )?;
+        let kept = existing_images(dir)?;
+        let kept_bytes = kept.iter().map(|(_, size)| size).sum();
         let jpeg = match params.format {
             ImageFormat::Jpeg => Some(JpegEncoder::new(EncodeParams {
                 quality: params.quality,
@@ -185,7 +220,12 @@ impl FolderSink {
         };
         Ok(Self {
             params,
+            dispatch,
+            pipeline: Arc::from(""),
+            health: Arc::default(),
             index: BufWriter::new(index),
+            kept,
+            kept_bytes,
             encoded: Vec::new(),
             jpeg,
             packed_scratch: Vec::new(),
@@ -250,37 +290,102 @@ impl FolderSink {
     }
 }
 
-impl Sink for FolderSink {
-    fn consume(&mut self, packet: Packet) -> Result<(), OpError> {
-        let frame = &packet.frame;
-        let file = match self.params.format {
-            ImageFormat::None => None,
-            format => Some(format!("{}.{}", self.file_stem(frame), format.extension())),
+impl FolderSink {
+    /// Writes one image file for `format` and describes it for the message.
+    fn write_part(
+        &mut self,
+        packet: &Packet,
+        format: OutputFormat,
+        name: String,
+    ) -> Result<ImagePart, OpError> {
+        let frame = match format {
+            OutputFormat::ImageOriginal => &packet.frame,
+            _ => packet.overlay.as_ref().unwrap_or(&packet.frame),
         };
-        if let Some(name) = &file {
-            match (&packet.encoded, self.params.format) {
-                // An upstream encode.jpeg already encoded the overlay: write its bytes as they are.
-                (Some(encoded), ImageFormat::Jpeg) => {
-                    write_atomically(&self.params.path, name, encoded.bytes())?
-                }
-                _ => self.write_image(packet.overlay.as_ref().unwrap_or(frame), name)?,
+        match (&packet.encoded, self.params.format, format) {
+            // An upstream encode.jpeg already encoded the overlay: write its bytes as they are.
+            (Some(encoded), ImageFormat::Jpeg, OutputFormat::ImageWithPredictions)
+                if encoded.format == "jpeg" =>
+            {
+                write_atomically(&self.params.path, &name, encoded.bytes())?
             }
+            _ => self.write_image(frame, &name)?,
         }
-        let line = IndexLine {
-            file: file.as_deref(),
-            stream: &frame.stream_id,
-            sequence: frame.sequence,
-            capture_unix_ms: (frame.capture.unix_nanos / 1_000_000) as u64,
+        self.keep(&name)?;
+        Ok(ImagePart {
+            format: self.params.format.extension_name().to_string(),
             width: frame.layout.width,
             height: frame.layout.height,
-            pixel_format: frame.layout.format.name(),
-            prediction: packet.prediction.as_ref().map(|p| PredictionLine {
-                score: p.score,
-                raw_score: p.raw_score,
-                threshold: p.threshold,
-                label: if p.anomalous { "Anomalous" } else { "Normal" },
-            }),
-        };
+            data: None,
+            file: Some(name),
+        })
+    }
+
+    /// Notes a new image file and deletes the oldest ones beyond the retention limits.
+    fn keep(&mut self, name: &str) -> Result<(), OpError> {
+        let path = self.params.path.join(name);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        self.kept.push_back((path, size));
+        self.kept_bytes += size;
+        let Retention {
+            keep_last,
+            keep_bytes,
+        } = self.params.retention;
+        while self.kept.len() > 1
+            && (keep_last.is_some_and(|n| self.kept.len() as u64 > n)
+                || keep_bytes.is_some_and(|n| self.kept_bytes > n))
+        {
+            let Some((oldest, size)) = self.kept.pop_front() else {
+                break;
+            };
+            self.kept_bytes -= size;
+            match std::fs::remove_file(&oldest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(OpError::io(
+                        format!("deleting {} (retention)", oldest.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink for FolderSink {
+    fn attach(&mut self, ctx: &SinkContext) {
+        self.pipeline = Arc::clone(&ctx.pipeline);
+        self.health = Arc::clone(&ctx.health);
+    }
+
+    fn consume(&mut self, packet: Packet) -> Result<(), OpError> {
+        if !self.dispatch.admit(&packet, &self.health) {
+            return Ok(());
+        }
+        let mut images = Images::default();
+        if self.params.format != ImageFormat::None {
+            let stem = self.file_stem(&packet.frame);
+            let extension = self.params.format.extension();
+            let both = self.dispatch.wants(OutputFormat::ImageOriginal)
+                && self.dispatch.wants(OutputFormat::ImageWithPredictions);
+            if self.dispatch.wants(OutputFormat::ImageWithPredictions) {
+                let name = format!("{stem}.{extension}");
+                images.with_predictions =
+                    Some(self.write_part(&packet, OutputFormat::ImageWithPredictions, name)?);
+            }
+            if self.dispatch.wants(OutputFormat::ImageOriginal) {
+                let name = if both {
+                    format!("{stem}_original.{extension}")
+                } else {
+                    format!("{stem}.{extension}")
+                };
+                images.original =
+                    Some(self.write_part(&packet, OutputFormat::ImageOriginal, name)?);
+            }
+        }
+        let line = self.dispatch.message(&self.pipeline, &packet, images);
         let index_path = || {
             self.params
                 .path
@@ -302,6 +407,32 @@ impl Sink for FolderSink {
             .sync_all()
             .map_err(|e| OpError::io(format!("syncing {}", self.params.index_file), e))
     }
+}
+
+/// The image files already in `dir` (from earlier runs), oldest first, with their sizes.
+fn existing_images(dir: &Path) -> Result<VecDeque<(PathBuf, u64)>, OpError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| OpError::io(format!("listing {}", dir.display()), e))?;
+    let mut images: Vec<(std::time::SystemTime, PathBuf, u64)> = entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            !name.starts_with('.') && (name.ends_with(".jpg") || name.ends_with(".png"))
+        })
+        .filter_map(|entry| {
+            let metadata = entry.metadata().ok()?;
+            let modified = metadata.modified().ok()?;
+            metadata
+                .is_file()
+                .then(|| (modified, entry.path(), metadata.len()))
+        })
+        .collect();
+    images.sort();
+    Ok(images
+        .into_iter()
+        .map(|(_, path, size)| (path, size))
+        .collect())
 }
 
 /// Writes `bytes` to `dir/name` through a hidden temporary file and a rename, so readers only ever

@@ -1,4 +1,7 @@
 //! Sinks: where results leave the engine.
 
 pub mod folder;
+pub mod message;
+pub mod mqtt;
 pub mod null;
+pub mod webhook;

@@ -49,6 +49,7 @@ pub fn descriptor() -> OperatorDescriptor {
 
 /// The post-processing, usable without a pipeline (the `predict` command uses it).
 pub struct AnomalyPostprocess {
+    model: Arc<str>,
     normalization: Normalization,
     threshold: f32,
     resizer: Resizer,
@@ -113,10 +114,17 @@ impl GaussianBlur {
 }
 
 impl AnomalyPostprocess {
-    /// With the statistics of a package, a threshold on normalised scores and an optional
-    /// smoothing of the raw map (`sigma` in map pixels, 0 for none).
-    pub fn new(normalization: Normalization, threshold: f32, smoothing_sigma: f32) -> Self {
+    /// For the model package `model` (its id, named in every prediction), with its statistics,
+    /// a threshold on normalised scores and an optional smoothing of the raw map (`sigma` in map
+    /// pixels, 0 for none).
+    pub fn new(
+        model: &str,
+        normalization: Normalization,
+        threshold: f32,
+        smoothing_sigma: f32,
+    ) -> Self {
         Self {
+            model: Arc::from(model),
             normalization,
             threshold,
             resizer: Resizer::new(),
@@ -193,6 +201,7 @@ impl AnomalyPostprocess {
             score,
             threshold: self.threshold,
             anomalous: score >= self.threshold,
+            model: Arc::clone(&self.model),
             map: resized,
             map_width: width,
             map_height: height,
@@ -230,6 +239,7 @@ impl Anomaly {
         let threshold = params.threshold.unwrap_or(package.manifest.threshold);
         Ok(Self {
             postprocess: AnomalyPostprocess::new(
+                &package.id(),
                 package.manifest.normalization,
                 threshold,
                 params.smoothing_sigma,
@@ -291,7 +301,7 @@ mod tests {
             min: 0.0,
             max: 20.0,
         };
-        let mut postprocess = AnomalyPostprocess::new(normalization, 0.5, 0.0);
+        let mut postprocess = AnomalyPostprocess::new("test-model", normalization, 0.5, 0.0);
         let map = output("anomaly_map", vec![1, 1, 2, 2], &[0.0, 10.0, 10.0, 20.0]);
         let score = output("pred_score", vec![1], &[16.0]);
         let prediction = postprocess.predict(&[map, score], 4, 4).expect("predicts");

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gstreamer::prelude::*;
 use serde::Deserialize;
@@ -65,7 +65,18 @@ pub struct VideoFileSource {
     sequence: u64,
     /// Frames delivered since the last rewind (a looped file must deliver at least one per pass).
     frames_this_pass: u64,
+    /// Since when `next` has found no frame (never counting time the graph held the source
+    /// back), to catch a stalled decoder.
+    waiting_since: Option<Instant>,
+    /// How long decoding may produce nothing before the file counts as broken.
+    stall_limit: Duration,
 }
+
+/// A file read as fast as it decodes that yields nothing for this long is broken (some truncated
+/// files make demuxers wait forever instead of failing).
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+/// The same in real time, where a still scene may legitimately hold frames back for a while.
+const REALTIME_STALL_LIMIT: Duration = Duration::from_secs(60);
 
 impl VideoFileSource {
     /// Opens the file and starts decoding; a missing or unreadable file fails here.
@@ -101,6 +112,12 @@ impl VideoFileSource {
             stream_id: params.stream_id.as_deref().unwrap_or(node_id).into(),
             sequence: 0,
             frames_this_pass: 0,
+            waiting_since: None,
+            stall_limit: if params.realtime {
+                REALTIME_STALL_LIMIT
+            } else {
+                STALL_LIMIT
+            },
         })
     }
 }
@@ -122,11 +139,23 @@ impl Source for VideoFileSource {
                 );
                 self.sequence += 1;
                 self.frames_this_pass += 1;
+                self.waiting_since = None;
                 Ok(SourcePoll::Packet(Packet::from_frame(frame)))
             }
-            Pulled::Waiting => Ok(SourcePoll::Pending),
+            Pulled::Waiting => {
+                let since = *self.waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.stall_limit {
+                    return Err(OpError::Failed(format!(
+                        "cannot decode {}: no frame for {} s (a truncated or unsupported file?)",
+                        self.path.display(),
+                        self.stall_limit.as_secs()
+                    )));
+                }
+                Ok(SourcePoll::Pending)
+            }
             Pulled::EndOfStream if self.looping && self.frames_this_pass > 0 => {
                 self.frames_this_pass = 0;
+                self.waiting_since = None;
                 self.reader.rewind().map_err(|e| {
                     OpError::Failed(format!("looping {}: {e}", self.path.display()))
                 })?;

@@ -1,0 +1,323 @@
+//! `sink.webhook`: sends each result as a prediction message (JSON) to an HTTP(S) endpoint.
+//!
+//! Requests go out one at a time, in order. Connection errors, timeouts and the answers that mean
+//! "try again later" (5xx, 408, 429) are retried with a backoff that doubles from
+//! `initial_backoff_ms` to `max_backoff_ms`, at most `retries` times; meanwhile the sink is shown
+//! offline in the metrics and its input edge buffers results (its capacity and policy decide
+//! whether the pipeline waits or the oldest results are dropped, and every drop is counted). A
+//! result that still fails, or that the receiver refuses (another 4xx), is given up, logged and
+//! counted as `failed`; the pipeline carries on. After a stop request, waiting ends: each result
+//! left gets one attempt.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use super::message::{Dispatch, DispatchParams, InlineImages, OutputFormat};
+use crate::contract::{
+    EndpointHealth, OpError, OperatorInstance, OperatorKind, PortType, Sink, SinkContext,
+    StopSignal,
+};
+use crate::packet::Packet;
+use crate::registry::OperatorDescriptor;
+
+/// HTTP method of the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    /// POST (the default).
+    #[default]
+    Post,
+    /// PUT.
+    Put,
+    /// PATCH.
+    Patch,
+}
+
+/// Parameters of `sink.webhook`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookParams {
+    /// The endpoint, `http://` or `https://`.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// `POST`, `PUT` or `PATCH`.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Extra request headers (for example `Authorization`); values are never logged.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Time allowed for one request, connection included, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    #[schemars(range(min = 1))]
+    pub timeout_ms: u64,
+    /// Further attempts after a failed one (connection error, timeout, 5xx, 408, 429).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Wait before the first retry, in milliseconds; doubled after each.
+    #[serde(default = "default_initial_backoff_ms")]
+    #[schemars(range(min = 1))]
+    pub initial_backoff_ms: u64,
+    /// Longest wait between retries, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    #[schemars(range(min = 1))]
+    pub max_backoff_ms: u64,
+    /// JPEG quality of the images sent inline (1-100).
+    #[serde(default = "default_image_quality")]
+    #[schemars(range(min = 1, max = 100))]
+    pub image_quality: u8,
+    /// Which results are sent and what they carry (default output format: `predictions`).
+    #[serde(flatten)]
+    pub dispatch: DispatchParams,
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_retries() -> u32 {
+    5
+}
+fn default_initial_backoff_ms() -> u64 {
+    200
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+fn default_image_quality() -> u8 {
+    85
+}
+
+/// The registry entry.
+pub fn descriptor() -> OperatorDescriptor {
+    OperatorDescriptor::builder::<WebhookParams>(
+        "sink.webhook",
+        OperatorKind::Sink,
+        "Sends each result as a JSON prediction message to an HTTP(S) endpoint, in order, retrying with backoff while the receiver is down.",
+    )
+    .input("in", PortType::Image)
+    .build_with(|params, _node_id| {
+        Ok(OperatorInstance::Sink(Box::new(WebhookSink::new(params)?)))
+    })
+}
+
+/// The running sink.
+pub struct WebhookSink {
+    client: Client,
+    method: reqwest::Method,
+    url: reqwest::Url,
+    retries: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    dispatch: Dispatch,
+    images: InlineImages,
+    pipeline: Arc<str>,
+    stop: StopSignal,
+    health: Arc<EndpointHealth>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Delivered,
+    /// Worth retrying (connection error, timeout, 5xx, 408, 429).
+    Retry(String),
+    /// The receiver refused the message; retrying will not help.
+    Refused(String),
+}
+
+impl WebhookSink {
+    /// Checks the URL and headers and builds the HTTP client (nothing is sent yet).
+    pub fn new(mut params: WebhookParams) -> Result<Self, OpError> {
+        let url = reqwest::Url::parse(&params.url).map_err(|e| {
+            OpError::param(
+                "url",
+                format!("'{}' is not a URL: {e}", redact(&params.url)),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(OpError::param(
+                "url",
+                format!(
+                    "'{}' must start with http:// or https://",
+                    redact(&params.url)
+                ),
+            ));
+        }
+        if params.max_backoff_ms < params.initial_backoff_ms {
+            return Err(OpError::param(
+                "max_backoff_ms",
+                "must not be below initial_backoff_ms",
+            ));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in &params.headers {
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                OpError::param("headers", format!("'{name}' is not a valid header name"))
+            })?;
+            let mut value = HeaderValue::from_str(value).map_err(|_| {
+                OpError::param("headers", format!("the value of '{name}' is not valid"))
+            })?;
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+        let client = Client::builder()
+            .default_headers(headers)
+            .timeout(Duration::from_millis(params.timeout_ms))
+            .build()
+            .map_err(|e| OpError::Failed(format!("cannot build the HTTP client: {e}")))?;
+        let dispatch = Dispatch::new(
+            std::mem::take(&mut params.dispatch),
+            &[OutputFormat::Predictions],
+        )?;
+        Ok(Self {
+            client,
+            method: match params.method {
+                HttpMethod::Post => reqwest::Method::POST,
+                HttpMethod::Put => reqwest::Method::PUT,
+                HttpMethod::Patch => reqwest::Method::PATCH,
+            },
+            url,
+            retries: params.retries,
+            initial_backoff: Duration::from_millis(params.initial_backoff_ms),
+            max_backoff: Duration::from_millis(params.max_backoff_ms),
+            dispatch,
+            images: InlineImages::new(params.image_quality)?,
+            pipeline: Arc::from(""),
+            stop: StopSignal::new(),
+            health: Arc::default(),
+        })
+    }
+
+    fn attempt(&self, body: &[u8]) -> Attempt {
+        let sent = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .body(body.to_vec())
+            .send();
+        match sent {
+            Ok(response) if response.status().is_success() => Attempt::Delivered,
+            Ok(response) => {
+                let status = response.status();
+                let reason = format!("{} answered {status}", redact(self.url.as_str()));
+                if status.is_server_error()
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                {
+                    Attempt::Retry(reason)
+                } else {
+                    Attempt::Refused(reason)
+                }
+            }
+            Err(error) => Attempt::Retry(format!(
+                "{}: {}",
+                redact(self.url.as_str()),
+                error.without_url()
+            )),
+        }
+    }
+
+    /// Sends `body`, retrying as configured; false when it was given up.
+    fn deliver(&self, body: &[u8], sequence: u64) -> bool {
+        let mut backoff = self.initial_backoff;
+        let mut attempts_left = self.retries;
+        loop {
+            match self.attempt(body) {
+                Attempt::Delivered => {
+                    if self.health.set_online() {
+                        tracing::info!(url = %redact(self.url.as_str()), "webhook receiver is back");
+                    }
+                    return true;
+                }
+                Attempt::Refused(reason) => {
+                    tracing::warn!("result {sequence} given up: {reason}");
+                    return false;
+                }
+                Attempt::Retry(reason) => {
+                    if self.health.set_offline(&reason) {
+                        tracing::warn!("webhook receiver unreachable: {reason}");
+                    }
+                    if attempts_left == 0 || self.stop.is_raised() {
+                        tracing::warn!(
+                            "result {sequence} given up after {} attempts: {reason}",
+                            self.retries + 1 - attempts_left
+                        );
+                        return false;
+                    }
+                    attempts_left -= 1;
+                    if !self.stop.sleep_until(Instant::now() + backoff) {
+                        continue; // stop requested: one last attempt, no more waiting
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+        }
+    }
+}
+
+impl Sink for WebhookSink {
+    fn attach(&mut self, ctx: &SinkContext) {
+        self.pipeline = Arc::clone(&ctx.pipeline);
+        self.stop = ctx.stop.clone();
+        self.health = Arc::clone(&ctx.health);
+    }
+
+    fn consume(&mut self, packet: Packet) -> Result<(), OpError> {
+        if !self.dispatch.admit(&packet, &self.health) {
+            return Ok(());
+        }
+        let images = self.images.encode(&self.dispatch, &packet)?;
+        let message = self.dispatch.message(&self.pipeline, &packet, images);
+        let body = serde_json::to_vec(&message)
+            .map_err(|e| OpError::Failed(format!("serialising a prediction message: {e}")))?;
+        if !self.deliver(&body, packet.frame.sequence) {
+            self.health.count_failed();
+        }
+        Ok(())
+    }
+}
+
+/// `url` without user name and password.
+fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => "(unparsable URL)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_the_url_never_show() {
+        assert_eq!(
+            redact("https://user:secret@example.com/hook"),
+            "https://example.com/hook"
+        );
+        let error = WebhookSink::new(WebhookParams {
+            url: "ftp://user:secret@example.com/".into(),
+            method: HttpMethod::Post,
+            headers: BTreeMap::new(),
+            timeout_ms: 100,
+            retries: 0,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            image_quality: 85,
+            dispatch: DispatchParams::default(),
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(error.contains("url"), "{error}");
+        assert!(!error.contains("secret"), "{error}");
+    }
+}
