@@ -3,6 +3,7 @@
 //! - [`backbone`]: importing pretrained backbones (PyTorch checkpoints) into OpenVINO IR;
 //! - [`graph`]: graph files (YAML/JSON), validation with precise errors, schemas, DOT;
 //! - [`runtime`]: queues with backpressure policies, one thread per node, metrics;
+//! - [`server`]: the REST API (`inspectflow serve`) over a redb store;
 //! - [`train`]: fitting anomaly models and exporting them as model packages.
 //!
 //! Operators and the packet types live in the `inspectflow-operators` crate, re-exported here as
@@ -11,6 +12,7 @@
 pub mod backbone;
 pub mod graph;
 pub mod runtime;
+pub mod server;
 pub mod synth;
 pub mod train;
 

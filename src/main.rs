@@ -100,6 +100,19 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Serve the REST API (projects so far) over a store in the data directory, until Ctrl-C.
+    Serve {
+        /// Address to listen on (port 0 picks a free one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        bind: std::net::SocketAddr,
+        /// Where the store and files live.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Require `Authorization: Bearer <token>` on every route (default: the
+        /// INSPECTFLOW_API_TOKEN environment variable, if set).
+        #[arg(long, env = "INSPECTFLOW_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +162,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
+        Command::Serve {
+            bind,
+            data_dir,
+            token,
+        } => report(inspectflow::server::serve(bind, &data_dir, token)),
         Command::Devices { json } => devices(json),
         Command::Train(args) => report(model_commands::train(&args)),
         Command::Eval(args) => report(model_commands::eval(&args)),

@@ -1,0 +1,338 @@
+//! The REST API's routes (warp) and its error contract: every error is JSON `{"detail": ...}`
+//! with an honest status code (400, 401, 404, 405, 409, 413, 415, 422), and bad input never
+//! gives a 500.
+//!
+//! Resources so far: `/api/projects` (list with `limit`/`offset`, create, get, rename, delete)
+//! and `/health`. Store calls run on tokio's blocking pool, since redb commits wait for the disk.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::store::{PROJECTS, Store, StoreError};
+use inspectflow_operators::sink::message::rfc3339_utc;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The metadata store.
+    pub store: Store,
+    /// When set, every route needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// An API error: a status and the `detail` the client sees.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    fn reject(status: StatusCode, detail: impl Into<String>) -> Rejection {
+        warp::reject::custom(Self {
+            status,
+            detail: detail.into(),
+        })
+    }
+
+    fn not_found(what: &str, id: &str) -> Rejection {
+        Self::reject(StatusCode::NOT_FOUND, format!("{what} {id} not found"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::error!("store: {error}");
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            detail: format!("the store failed: {error}"),
+        }
+    }
+}
+
+/// A project: the unit that owns media, models, pipelines and jobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Project {
+    /// UUID.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Creation time, RFC 3339 UTC.
+    pub created_at: String,
+    /// Last change, RFC 3339 UTC.
+    pub updated_at: String,
+}
+
+/// Body of `POST /api/projects` and `PATCH /api/projects/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectBody {
+    name: String,
+}
+
+impl ProjectBody {
+    fn checked_name(self) -> Result<String, Rejection> {
+        let name = self.name.trim().to_string();
+        if name.is_empty() || name.len() > 200 {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "name: must be 1 to 200 characters",
+            ));
+        }
+        Ok(name)
+    }
+}
+
+/// `limit` and `offset` of a list request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    offset: usize,
+}
+
+fn default_limit() -> usize {
+    20
+}
+
+/// The `pagination` part of a list response.
+#[derive(Debug, Serialize)]
+struct Pagination {
+    offset: usize,
+    limit: usize,
+    count: usize,
+    total: usize,
+}
+
+const MAX_LIMIT: usize = 1000;
+/// Largest JSON body accepted.
+const MAX_JSON_BYTES: u64 = 1 << 20;
+
+fn now() -> String {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    rfc3339_utc(unix_ms)
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<AppState>,
+    call: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Rejection> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || call(&state.store))
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| warp::reject::custom(ApiError::from(e)))
+}
+
+/// Every route, with authentication and error handling.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let with_state = {
+        let state = Arc::clone(&state);
+        warp::any().map(move || Arc::clone(&state))
+    };
+    let json_body =
+        || warp::body::content_length_limit(MAX_JSON_BYTES).and(warp::body::json::<ProjectBody>());
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
+    let list = warp::path!("api" / "projects")
+        .and(warp::get())
+        .and(warp::query::<Page>())
+        .and(with_state.clone())
+        .and_then(list_projects);
+    let create = warp::path!("api" / "projects")
+        .and(warp::post())
+        .and(json_body())
+        .and(with_state.clone())
+        .and_then(create_project);
+    let get = warp::path!("api" / "projects" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .and_then(get_project);
+    let rename = warp::path!("api" / "projects" / String)
+        .and(warp::patch())
+        .and(json_body())
+        .and(with_state.clone())
+        .and_then(rename_project);
+    let delete = warp::path!("api" / "projects" / String)
+        .and(warp::delete())
+        .and(with_state.clone())
+        .and_then(delete_project);
+    let api = list
+        .or(create)
+        .unify()
+        .or(get)
+        .unify()
+        .or(rename)
+        .unify()
+        .or(delete)
+        .unify();
+    authenticated(state)
+        .and(health.or(api).unify())
+        .recover(into_json_error)
+        .unify()
+}
+
+/// Passes when no token is configured or the request carries it.
+fn authenticated(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |header: Option<String>| {
+            let state = Arc::clone(&state);
+            async move {
+                match &state.token {
+                    None => Ok(()),
+                    Some(token) if header.as_deref() == Some(&format!("Bearer {token}")) => Ok(()),
+                    Some(_) => Err(ApiError::reject(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong bearer token (Authorization: Bearer <token>)",
+                    )),
+                }
+            }
+        })
+        .untuple_one()
+}
+
+async fn list_projects(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
+    if page.limit == 0 || page.limit > MAX_LIMIT {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("limit: must be 1 to {MAX_LIMIT}"),
+        ));
+    }
+    let mut projects: Vec<Project> = blocking(&state, |store| store.all(PROJECTS)).await?;
+    projects.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let total = projects.len();
+    let items: Vec<Project> = projects
+        .into_iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .collect();
+    let pagination = Pagination {
+        offset: page.offset,
+        limit: page.limit,
+        count: items.len(),
+        total,
+    };
+    Ok(
+        warp::reply::json(&serde_json::json!({"projects": items, "pagination": pagination}))
+            .into_response(),
+    )
+}
+
+async fn create_project(body: ProjectBody, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let now = now();
+    let project = Project {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: body.checked_name()?,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let stored = project.clone();
+    blocking(&state, move |store| {
+        store.put(PROJECTS, &stored.id, &stored)
+    })
+    .await?;
+    Ok(warp::reply::with_status(warp::reply::json(&project), StatusCode::CREATED).into_response())
+}
+
+async fn get_project(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let key = id.clone();
+    match blocking(&state, move |store| store.get::<Project>(PROJECTS, &key)).await? {
+        Some(project) => Ok(warp::reply::json(&project).into_response()),
+        None => Err(ApiError::not_found("project", &id)),
+    }
+}
+
+async fn rename_project(
+    id: String,
+    body: ProjectBody,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let name = body.checked_name()?;
+    let key = id.clone();
+    let Some(mut project) =
+        blocking(&state, move |store| store.get::<Project>(PROJECTS, &key)).await?
+    else {
+        return Err(ApiError::not_found("project", &id));
+    };
+    project.name = name;
+    project.updated_at = now();
+    let stored = project.clone();
+    blocking(&state, move |store| {
+        store.put(PROJECTS, &stored.id, &stored)
+    })
+    .await?;
+    Ok(warp::reply::json(&project).into_response())
+}
+
+async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let key = id.clone();
+    if blocking(&state, move |store| store.remove(PROJECTS, &key)).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found("project", &id))
+    }
+}
+
+/// Turns every rejection into `{"detail": ...}` with the right status.
+async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
+    let (status, detail) = if let Some(error) = rejection.find::<ApiError>() {
+        (error.status, error.detail.clone())
+    } else if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such route".to_string())
+    } else if let Some(error) = rejection.find::<warp::filters::body::BodyDeserializeError>() {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("request body: {error}"),
+        )
+    } else if let Some(error) = rejection.find::<warp::reject::InvalidQuery>() {
+        (StatusCode::UNPROCESSABLE_ENTITY, format!("query: {error}"))
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_JSON_BYTES} bytes"),
+        )
+    } else if rejection
+        .find::<warp::reject::UnsupportedMediaType>()
+        .is_some()
+    {
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be application/json".to_string(),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "the request needs a Content-Length".to_string(),
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route".to_string(),
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("bad request: {rejection:?}"),
+        )
+    };
+    Ok(warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({ "detail": detail })),
+        status,
+    )
+    .into_response())
+}
