@@ -100,7 +100,13 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Serve the REST API (projects so far) over a store in the data directory, until Ctrl-C.
+    /// Write the REST API's OpenAPI 3 description (the same as the server's /api/openapi.json).
+    GenApi {
+        /// The JSON file to write.
+        #[arg(long)]
+        target_path: PathBuf,
+    },
+    /// Serve the REST API (projects, trainable models, devices so far) over a store in the data directory, until Ctrl-C.
     Serve {
         /// Address to listen on (port 0 picks a free one; the address is printed).
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -162,6 +168,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
+        Command::GenApi { target_path } => report(
+            serde_json::to_string_pretty(&inspectflow::server::openapi::spec())
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    std::fs::write(&target_path, text + "\n")
+                        .map_err(|e| format!("cannot write {}: {e}", target_path.display()))
+                }),
+        ),
         Command::Serve {
             bind,
             data_dir,

@@ -237,3 +237,84 @@ fn a_token_is_required_on_every_route_once_configured() {
     );
     assert_eq!(status, StatusCode::CREATED);
 }
+
+#[test]
+fn every_documented_route_is_served_and_gen_api_writes_the_servers_spec() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), None);
+    let http = client();
+    let (status, served) = call(http.get(server.url("/api/openapi.json")));
+    assert_eq!(status, StatusCode::OK);
+    let written = dir.path().join("openapi.json");
+    let generated = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+        .args(["gen-api", "--target-path"])
+        .arg(&written)
+        .status()
+        .expect("gen-api runs");
+    assert!(generated.success());
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(&written).expect("written")).expect("JSON");
+    assert_eq!(on_disk, served, "gen-api and the running server agree");
+
+    // Every documented method and path reaches a handler: never "no such route", never 405.
+    let paths = served["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 5, "{paths:?}");
+    for (path, methods) in paths {
+        let concrete = path.replace("{project_id}", "00000000-0000-0000-0000-000000000000");
+        for method in methods.as_object().expect("methods").keys() {
+            let request = match method.as_str() {
+                "get" => http.get(server.url(&concrete)),
+                "post" => http.post(server.url(&concrete)).json(&json!({"name": "x"})),
+                "patch" => http
+                    .patch(server.url(&concrete))
+                    .json(&json!({"name": "x"})),
+                "delete" => http.delete(server.url(&concrete)),
+                other => panic!("undocumented method {other}"),
+            };
+            let (status, body) = call(request);
+            let documented: Vec<u16> = methods[method]["responses"]
+                .as_object()
+                .expect("responses")
+                .keys()
+                .map(|code| code.parse().expect("status code"))
+                .collect();
+            assert!(
+                documented.contains(&status.as_u16()),
+                "{method} {path} answered {status} ({body}), documented {documented:?}"
+            );
+            assert_ne!(body["detail"], "no such route", "{method} {path}");
+        }
+    }
+}
+
+#[test]
+fn trainable_models_and_devices_describe_what_this_build_and_machine_offer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), None);
+    let http = client();
+    let (status, body) = call(http.get(server.url("/api/trainable-models")));
+    assert_eq!(status, StatusCode::OK);
+    let models = body["trainable_models"].as_array().expect("list");
+    let names: Vec<&str> = models
+        .iter()
+        .map(|m| m["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, vec!["padim", "patchcore"]);
+    assert_eq!(
+        models.iter().filter(|m| m["recommended"] == true).count(),
+        1,
+        "exactly one recommended family"
+    );
+    assert_eq!(models[0]["parameters"]["input_size"]["default"], 256);
+
+    let (status, body) = call(http.get(server.url("/api/devices")));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let devices: Vec<&str> = body["inference_devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["name"].as_str().expect("name"))
+        .collect();
+    assert!(devices.contains(&"CPU"), "{devices:?}");
+    assert!(body["cameras"].is_array());
+}

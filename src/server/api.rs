@@ -2,18 +2,20 @@
 //! with an honest status code (400, 401, 404, 405, 409, 413, 415, 422), and bad input never
 //! gives a 500.
 //!
-//! Resources so far: `/api/projects` (list with `limit`/`offset`, create, get, rename, delete)
-//! and `/health`. Store calls run on tokio's blocking pool, since redb commits wait for the disk.
+//! Resources so far: `/api/projects` (list with `limit`/`offset`, create, get, rename, delete),
+//! `/api/trainable-models`, `/api/devices`, `/api/openapi.json` and `/health`. Store calls run on tokio's blocking pool, since redb commits wait for the disk.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use super::store::{PROJECTS, Store, StoreError};
+use crate::train::Architecture;
 use inspectflow_operators::sink::message::rfc3339_utc;
 
 /// What every handler shares.
@@ -172,6 +174,15 @@ pub fn routes(
         .and(warp::delete())
         .and(with_state.clone())
         .and_then(delete_project);
+    let openapi = warp::path!("api" / "openapi.json")
+        .and(warp::get())
+        .map(|| warp::reply::json(&super::openapi::spec()).into_response());
+    let trainable = warp::path!("api" / "trainable-models")
+        .and(warp::get())
+        .map(|| warp::reply::json(&trainable_models()).into_response());
+    let devices = warp::path!("api" / "devices")
+        .and(warp::get())
+        .and_then(list_devices);
     let api = list
         .or(create)
         .unify()
@@ -180,6 +191,12 @@ pub fn routes(
         .or(rename)
         .unify()
         .or(delete)
+        .unify()
+        .or(openapi)
+        .unify()
+        .or(trainable)
+        .unify()
+        .or(devices)
         .unify();
     authenticated(state)
         .and(health.or(api).unify())
@@ -286,6 +303,64 @@ async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Re
     } else {
         Err(ApiError::not_found("project", &id))
     }
+}
+
+/// The model families training supports, as `GET /api/trainable-models` lists them.
+fn trainable_models() -> Value {
+    let common = json!({
+        "backbone": {"type": "string", "default": "mobilenet_v2", "choices": ["mobilenet_v2", "efficientnet_lite0"]},
+        "input_size": {"type": "integer", "default": 256, "multiple_of": 32},
+        "seed": {"type": "integer", "default": 42}
+    });
+    let with = |extra: Value| {
+        let mut parameters = common.clone();
+        if let (Some(all), Some(more)) = (parameters.as_object_mut(), extra.as_object()) {
+            all.extend(more.clone());
+        }
+        parameters
+    };
+    json!({"trainable_models": [
+        {
+            "name": Architecture::Padim.name(),
+            "description": "PaDiM: a Gaussian per feature-map position, Mahalanobis distance; fast to train and to run, best when the camera and the part are fixed.",
+            "recommended": true,
+            "parameters": with(json!({"padim_channels": {"type": "integer", "default": 100}}))
+        },
+        {
+            "name": Architecture::Patchcore.name(),
+            "description": "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; tolerates position changes, costs more per frame as the bank grows.",
+            "recommended": false,
+            "parameters": with(json!({
+                "memory_bank": {"type": "integer", "default": 256},
+                "neighbours": {"type": "integer", "default": 9}
+            }))
+        }
+    ]})
+}
+
+async fn list_devices() -> Result<Response, Rejection> {
+    let inference =
+        tokio::task::spawn_blocking(inspectflow_operators::infer::runtime::available_devices)
+            .await
+            .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mut cameras: Vec<Value> = std::fs::read_dir("/dev")
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .filter_map(|entry| {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let index: u32 = name.strip_prefix("video")?.parse().ok()?;
+                    Some(json!({"index": index, "path": format!("/dev/{name}"), "type": "usb_camera"}))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    cameras.sort_by_key(|camera| camera["index"].as_u64());
+    Ok(
+        warp::reply::json(&json!({"inference_devices": inference, "cameras": cameras}))
+            .into_response(),
+    )
 }
 
 /// Turns every rejection into `{"detail": ...}` with the right status.

@@ -1,12 +1,14 @@
 //! `inspectflow serve`: the control plane, a warp REST API over a redb store in a data directory.
 //!
 //! - [`store`]: the redb database (a table per resource, JSON records, schema version);
-//! - [`api`]: the routes and the JSON error contract.
+//! - [`api`]: the routes and the JSON error contract;
+//! - [`openapi`]: the OpenAPI 3 description of every route.
 //!
 //! The server binds to 127.0.0.1 unless told otherwise, and with a token (`--token` or
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
 pub mod api;
+pub mod openapi;
 pub mod store;
 
 use std::net::SocketAddr;
