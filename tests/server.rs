@@ -172,7 +172,7 @@ fn bad_requests_get_json_details_with_honest_codes() {
                 .header("content-type", "application/json")
                 .body(vec![b' '; 2 << 20]),
             StatusCode::PAYLOAD_TOO_LARGE,
-            "larger",
+            "too large",
         ),
         (
             http.post(server.url("/api/projects"))
@@ -260,7 +260,9 @@ fn every_documented_route_is_served_and_gen_api_writes_the_servers_spec() {
     let paths = served["paths"].as_object().expect("paths");
     assert!(paths.len() >= 5, "{paths:?}");
     for (path, methods) in paths {
-        let concrete = path.replace("{project_id}", "00000000-0000-0000-0000-000000000000");
+        let concrete = path
+            .replace("{project_id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{media_id}", "00000000-0000-0000-0000-000000000001");
         for method in methods.as_object().expect("methods").keys() {
             let request = match method.as_str() {
                 "get" => http.get(server.url(&concrete)),
@@ -317,4 +319,205 @@ fn trainable_models_and_devices_describe_what_this_build_and_machine_offer() {
         .collect();
     assert!(devices.contains(&"CPU"), "{devices:?}");
     assert!(body["cameras"].is_array());
+}
+
+fn png(width: u32, height: u32, level: u8) -> Vec<u8> {
+    let image =
+        image::RgbImage::from_pixel(width, height, image::Rgb([level, level / 2, 255 - level]));
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .expect("encode PNG");
+    bytes
+}
+
+fn upload_form(
+    file: Vec<u8>,
+    label: Option<&str>,
+    mask: Option<Vec<u8>>,
+) -> reqwest::blocking::multipart::Form {
+    let mut form = reqwest::blocking::multipart::Form::new().part(
+        "file",
+        reqwest::blocking::multipart::Part::bytes(file).file_name("part.png"),
+    );
+    if let Some(label) = label {
+        form = form.text("label", label.to_string());
+    }
+    if let Some(mask) = mask {
+        form = form.part(
+            "mask",
+            reqwest::blocking::multipart::Part::bytes(mask).file_name("mask.png"),
+        );
+    }
+    form
+}
+
+#[test]
+fn media_are_uploaded_with_labels_and_masks_checked_listed_downloaded_and_deleted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http = client();
+    let server = Server::start(dir.path(), None);
+    let (_, project) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "line"})),
+    );
+    let media_url = server.url(&format!(
+        "/api/projects/{}/media",
+        project["id"].as_str().expect("id")
+    ));
+
+    let mut ids = Vec::new();
+    for level in [10u8, 20, 30] {
+        let (status, media) = call(http.post(&media_url).multipart(upload_form(
+            png(640, 480, level),
+            Some("normal"),
+            None,
+        )));
+        assert_eq!(status, StatusCode::CREATED, "{media}");
+        assert_eq!(
+            (media["width"].as_u64(), media["height"].as_u64()),
+            (Some(640), Some(480))
+        );
+        assert_eq!(media["label"], "normal");
+        ids.push(media["id"].as_str().expect("id").to_string());
+    }
+    let original = png(64, 48, 200);
+    let (status, anomalous) = call(http.post(&media_url).multipart(upload_form(
+        original.clone(),
+        Some("anomalous"),
+        Some(png(64, 48, 255)),
+    )));
+    assert_eq!(status, StatusCode::CREATED, "{anomalous}");
+    assert_eq!(
+        (anomalous["label"].as_str(), anomalous["has_mask"].as_bool()),
+        (Some("anomalous"), Some(true))
+    );
+    let anomalous_id = anomalous["id"].as_str().expect("id").to_string();
+
+    // Refusals, each naming the field.
+    for (form, expected, mentions) in [
+        (
+            upload_form(png(8, 8, 1), Some("scratched"), None),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "label",
+        ),
+        (
+            upload_form(b"GIF89a not really".to_vec(), None, None),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "file",
+        ),
+        (
+            upload_form(png(8, 8, 1), None, Some(png(4, 4, 1))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "mask",
+        ),
+        (
+            reqwest::blocking::multipart::Form::new().text("label", "normal"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "file",
+        ),
+    ] {
+        let (status, body) = call(http.post(&media_url).multipart(form));
+        assert_eq!(status, expected, "{body}");
+        assert!(
+            body["detail"].as_str().expect("detail").contains(mentions),
+            "{body}"
+        );
+    }
+    let (status, _) = call(
+        http.post(server.url("/api/projects/no-such-project/media"))
+            .multipart(upload_form(png(8, 8, 1), None, None)),
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, page) = call(http.get(format!("{media_url}?limit=10")));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        page["pagination"]["total"], 4,
+        "the refused uploads left nothing"
+    );
+    let listed: Vec<&str> = page["media"]
+        .as_array()
+        .expect("media")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        &listed[..3],
+        &[ids[0].as_str(), ids[1].as_str(), ids[2].as_str()]
+    );
+
+    let download = http
+        .get(format!("{media_url}/{anomalous_id}/full"))
+        .send()
+        .expect("download");
+    assert_eq!(download.headers()["content-type"], "image/png");
+    assert_eq!(
+        download.bytes().expect("bytes").to_vec(),
+        original,
+        "byte for byte"
+    );
+    let thumbnail = http
+        .get(format!("{media_url}/{}/thumbnail", ids[0]))
+        .send()
+        .expect("thumbnail");
+    assert_eq!(thumbnail.headers()["content-type"], "image/jpeg");
+    let thumbnail = image::load_from_memory(&thumbnail.bytes().expect("bytes")).expect("a JPEG");
+    assert_eq!((thumbnail.width(), thumbnail.height()), (256, 192));
+    let (status, _) = call(http.get(format!("{media_url}/{}/mask", ids[0])));
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "no mask was uploaded with it"
+    );
+    let mask = http
+        .get(format!("{media_url}/{anomalous_id}/mask"))
+        .send()
+        .expect("mask");
+    assert_eq!(mask.status(), StatusCode::OK);
+
+    let (status, _) = call(http.delete(format!("{media_url}/{}", ids[1])));
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(http.get(format!("{media_url}/{}", ids[1])));
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let files: Vec<String> = walk(dir.path());
+    assert!(
+        !files.iter().any(|f| f.contains(&ids[1])),
+        "its files are gone: {files:?}"
+    );
+    assert!(!files.iter().any(|f| f.ends_with(".partial")), "{files:?}");
+    // Three images with thumbnails, one mask.
+    assert_eq!(
+        files.iter().filter(|f| f.contains("/media/")).count(),
+        3 * 2 + 1,
+        "{files:?}"
+    );
+
+    // Deleting the project takes its media along.
+    let project_url = server.url(&format!(
+        "/api/projects/{}",
+        project["id"].as_str().expect("id")
+    ));
+    let (status, _) = call(http.delete(&project_url));
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(http.get(format!("{media_url}/{anomalous_id}")));
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!walk(dir.path()).iter().any(|f| f.contains("/media/")));
+}
+
+/// Every file under `dir`, as paths.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path.display().to_string());
+        }
+    }
+    files
 }

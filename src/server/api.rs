@@ -3,7 +3,8 @@
 //! gives a 500.
 //!
 //! Resources so far: `/api/projects` (list with `limit`/`offset`, create, get, rename, delete),
-//! `/api/trainable-models`, `/api/devices`, `/api/openapi.json` and `/health`. Store calls run on tokio's blocking pool, since redb commits wait for the disk.
+//! media (see [`super::media`]), `/api/trainable-models`, `/api/devices`, `/api/openapi.json`
+//! and `/health`. Store calls run on tokio's blocking pool, since redb commits wait for the disk.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::store::{PROJECTS, Store, StoreError};
+use super::store::{MEDIA, PROJECTS, Store, StoreError};
 use crate::train::Architecture;
 use inspectflow_operators::sink::message::rfc3339_utc;
 
@@ -24,6 +25,8 @@ pub struct AppState {
     pub store: Store,
     /// When set, every route needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Where files (media, models) live.
+    pub data_dir: std::path::PathBuf,
 }
 
 /// An API error: a status and the `detail` the client sees.
@@ -36,14 +39,14 @@ pub struct ApiError {
 impl warp::reject::Reject for ApiError {}
 
 impl ApiError {
-    fn reject(status: StatusCode, detail: impl Into<String>) -> Rejection {
+    pub(crate) fn reject(status: StatusCode, detail: impl Into<String>) -> Rejection {
         warp::reject::custom(Self {
             status,
             detail: detail.into(),
         })
     }
 
-    fn not_found(what: &str, id: &str) -> Rejection {
+    pub(crate) fn not_found(what: &str, id: &str) -> Rejection {
         Self::reject(StatusCode::NOT_FOUND, format!("{what} {id} not found"))
     }
 }
@@ -94,7 +97,7 @@ impl ProjectBody {
 /// `limit` and `offset` of a list request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Page {
+pub(crate) struct Page {
     #[serde(default = "default_limit")]
     limit: usize,
     #[serde(default)]
@@ -107,7 +110,7 @@ fn default_limit() -> usize {
 
 /// The `pagination` part of a list response.
 #[derive(Debug, Serialize)]
-struct Pagination {
+pub(crate) struct Pagination {
     offset: usize,
     limit: usize,
     count: usize,
@@ -118,7 +121,7 @@ const MAX_LIMIT: usize = 1000;
 /// Largest JSON body accepted.
 const MAX_JSON_BYTES: u64 = 1 << 20;
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -127,7 +130,7 @@ fn now() -> String {
 }
 
 /// Runs a store call on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
     call: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Rejection> {
@@ -197,6 +200,8 @@ pub fn routes(
         .or(trainable)
         .unify()
         .or(devices)
+        .unify()
+        .or(super::media::routes(Arc::clone(&state)))
         .unify();
     authenticated(state)
         .and(health.or(api).unify())
@@ -223,17 +228,16 @@ fn authenticated(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Reje
         .untuple_one()
 }
 
-async fn list_projects(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
+/// One page of `items` (already in order) and its `pagination` part.
+pub(crate) fn paginate<T>(items: Vec<T>, page: &Page) -> Result<(Vec<T>, Pagination), Rejection> {
     if page.limit == 0 || page.limit > MAX_LIMIT {
         return Err(ApiError::reject(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("limit: must be 1 to {MAX_LIMIT}"),
         ));
     }
-    let mut projects: Vec<Project> = blocking(&state, |store| store.all(PROJECTS)).await?;
-    projects.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
-    let total = projects.len();
-    let items: Vec<Project> = projects
+    let total = items.len();
+    let items: Vec<T> = items
         .into_iter()
         .skip(page.offset)
         .take(page.limit)
@@ -244,6 +248,13 @@ async fn list_projects(page: Page, state: Arc<AppState>) -> Result<Response, Rej
         count: items.len(),
         total,
     };
+    Ok((items, pagination))
+}
+
+async fn list_projects(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let mut projects: Vec<Project> = blocking(&state, |store| store.all(PROJECTS)).await?;
+    projects.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let (items, pagination) = paginate(projects, &page)?;
     Ok(
         warp::reply::json(&serde_json::json!({"projects": items, "pagination": pagination}))
             .into_response(),
@@ -296,9 +307,24 @@ async fn rename_project(
     Ok(warp::reply::json(&project).into_response())
 }
 
+/// Deletes a project with its media: records first, then files (a crash in between leaves
+/// orphan files, never records without files).
 async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
     let key = id.clone();
-    if blocking(&state, move |store| store.remove(PROJECTS, &key)).await? {
+    let data_dir = state.data_dir.clone();
+    let removed = blocking(&state, move |store| {
+        let media: Vec<super::media::Media> = store.all(MEDIA)?;
+        for item in media.iter().filter(|m| m.project_id == key) {
+            store.remove(MEDIA, &item.id)?;
+        }
+        let removed = store.remove(PROJECTS, &key)?;
+        if removed {
+            let _ = std::fs::remove_dir_all(data_dir.join("projects").join(&key));
+        }
+        Ok(removed)
+    })
+    .await?;
+    if removed {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found("project", &id))
@@ -379,7 +405,10 @@ async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body larger than {MAX_JSON_BYTES} bytes"),
+            format!(
+                "request body too large (JSON: {MAX_JSON_BYTES} bytes, uploads: {} bytes)",
+                super::media::MAX_UPLOAD_BYTES
+            ),
         )
     } else if rejection
         .find::<warp::reject::UnsupportedMediaType>()

@@ -2,12 +2,14 @@
 //!
 //! - [`store`]: the redb database (a table per resource, JSON records, schema version);
 //! - [`api`]: the routes and the JSON error contract;
+//! - [`media`]: image uploads with labels and masks, thumbnails, downloads;
 //! - [`openapi`]: the OpenAPI 3 description of every route.
 //!
 //! The server binds to 127.0.0.1 unless told otherwise, and with a token (`--token` or
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
 pub mod api;
+pub mod media;
 pub mod openapi;
 pub mod store;
 
@@ -20,7 +22,11 @@ use std::sync::Arc;
 pub fn serve(bind: SocketAddr, data_dir: &Path, token: Option<String>) -> Result<(), String> {
     let store = store::Store::open(data_dir)
         .map_err(|e| format!("cannot open the store in {}: {e}", data_dir.display()))?;
-    let state = Arc::new(api::AppState { store, token });
+    let state = Arc::new(api::AppState {
+        store,
+        token,
+        data_dir: data_dir.to_path_buf(),
+    });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores)

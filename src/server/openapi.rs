@@ -16,6 +16,8 @@ pub struct RouteDoc {
     pub responses: &'static [u16],
     /// Whether it takes a JSON body (`{"name": ...}` for projects).
     pub json_body: bool,
+    /// Whether it takes a `multipart/form-data` upload (media).
+    pub multipart_body: bool,
 }
 
 /// Every route.
@@ -26,6 +28,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Liveness: {\"status\": \"ok\"}.",
         responses: &[200, 401],
         json_body: false,
+        multipart_body: false,
     },
     RouteDoc {
         method: "get",
@@ -33,6 +36,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "This description.",
         responses: &[200, 401],
         json_body: false,
+        multipart_body: false,
     },
     RouteDoc {
         method: "get",
@@ -40,6 +44,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Projects in creation order, paginated with limit (1-1000, default 20) and offset.",
         responses: &[200, 401, 422],
         json_body: false,
+        multipart_body: false,
     },
     RouteDoc {
         method: "post",
@@ -47,6 +52,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Create a project: {\"name\": ...} (1-200 characters).",
         responses: &[201, 401, 413, 415, 422],
         json_body: true,
+        multipart_body: false,
     },
     RouteDoc {
         method: "get",
@@ -54,6 +60,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "One project.",
         responses: &[200, 401, 404],
         json_body: false,
+        multipart_body: false,
     },
     RouteDoc {
         method: "patch",
@@ -61,6 +68,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Rename a project: {\"name\": ...}.",
         responses: &[200, 401, 404, 413, 415, 422],
         json_body: true,
+        multipart_body: false,
     },
     RouteDoc {
         method: "delete",
@@ -68,6 +76,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Delete a project.",
         responses: &[204, 401, 404],
         json_body: false,
+        multipart_body: false,
     },
     RouteDoc {
         method: "get",
@@ -75,6 +84,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "The model families training supports, with description, recommended flag and parameters.",
         responses: &[200, 401],
         json_body: false,
+        multipart_body: false,
     },
     RouteDoc {
         method: "get",
@@ -82,6 +92,63 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "OpenVINO inference devices and V4L2 cameras.",
         responses: &[200, 401, 503],
         json_body: false,
+        multipart_body: false,
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/media",
+        summary: "Upload an image: multipart fields file (PNG or JPEG), label (normal or anomalous, default normal), mask (optional PNG of the same size).",
+        responses: &[201, 400, 401, 404, 413, 415, 422],
+        json_body: false,
+        multipart_body: true,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media",
+        summary: "A project's media in upload order, paginated with limit and offset.",
+        responses: &[200, 401, 404, 422],
+        json_body: false,
+        multipart_body: false,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}",
+        summary: "One media record.",
+        responses: &[200, 401, 404],
+        json_body: false,
+        multipart_body: false,
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/api/projects/{project_id}/media/{media_id}",
+        summary: "Delete an image, its thumbnail and its mask.",
+        responses: &[204, 401, 404],
+        json_body: false,
+        multipart_body: false,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}/full",
+        summary: "Download the image as uploaded.",
+        responses: &[200, 401, 404],
+        json_body: false,
+        multipart_body: false,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}/thumbnail",
+        summary: "A JPEG thumbnail, 256 pixels on the longer side.",
+        responses: &[200, 401, 404],
+        json_body: false,
+        multipart_body: false,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}/mask",
+        summary: "The mask, when one was uploaded.",
+        responses: &[200, 401, 404],
+        json_body: false,
+        multipart_body: false,
     },
 ];
 
@@ -90,6 +157,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         201 => "Created",
         204 => "No Content",
+        400 => "Malformed request",
         401 => "Missing or wrong bearer token",
         404 => "Not found",
         413 => "Body too large",
@@ -130,6 +198,20 @@ pub fn spec() -> Value {
             operation["requestBody"] = json!({
                 "required": true,
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ProjectBody"}}}
+            });
+        }
+        if route.multipart_body {
+            operation["requestBody"] = json!({
+                "required": true,
+                "content": {"multipart/form-data": {"schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "label": {"type": "string", "enum": ["normal", "anomalous"]},
+                        "mask": {"type": "string", "format": "binary"}
+                    }
+                }}}
             });
         }
         let entry = paths

@@ -22,6 +22,8 @@ pub type Collection = TableDefinition<'static, &'static str, &'static [u8]>;
 
 /// Projects.
 pub const PROJECTS: Collection = TableDefinition::new("projects");
+/// Media (uploaded images).
+pub const MEDIA: Collection = TableDefinition::new("media");
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +81,9 @@ impl Store {
                 meta.insert("schema_version", SCHEMA_VERSION)
                     .map_err(db_error)?;
             }
-            write.open_table(PROJECTS).map_err(db_error)?;
+            for table in [PROJECTS, MEDIA] {
+                write.open_table(table).map_err(db_error)?;
+            }
         }
         write.commit().map_err(db_error)?;
         Ok(store)

@@ -1,0 +1,384 @@
+//! Media: a project's images, uploaded with a label (normal or anomalous) and an optional mask.
+//!
+//! `POST /api/projects/{project_id}/media` takes `multipart/form-data` with the fields `file` (PNG
+//! or JPEG), `label` (`normal` or `anomalous`) and optionally `mask` (PNG, the image's size). Only
+//! images that decode are accepted. The image, its 256-pixel JPEG thumbnail and the mask are
+//! written under `projects/{project_id}/media/` through hidden temporary names and renamed into
+//! place before the record is committed, so a crash never leaves a record without its files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Buf;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::api::{ApiError, AppState, Page, Project, blocking, now, paginate};
+use super::store::{MEDIA, PROJECTS};
+
+/// Largest upload (image plus mask) accepted.
+pub const MAX_UPLOAD_BYTES: u64 = 32 << 20;
+/// Longest side of a thumbnail, in pixels.
+const THUMBNAIL_SIZE: u32 = 256;
+
+/// One uploaded image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Media {
+    /// UUID.
+    pub id: String,
+    /// The project it belongs to.
+    pub project_id: String,
+    /// The name it was uploaded with.
+    pub filename: String,
+    /// `normal` or `anomalous`.
+    pub label: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `png` or `jpeg`.
+    pub format: String,
+    /// Size of the image file in bytes.
+    pub size_bytes: u64,
+    /// Whether a mask was uploaded with it.
+    pub has_mask: bool,
+    /// Upload time, RFC 3339 UTC.
+    pub created_at: String,
+}
+
+impl Media {
+    /// The folder of a project's media files.
+    pub fn folder(data_dir: &Path, project_id: &str) -> PathBuf {
+        data_dir.join("projects").join(project_id).join("media")
+    }
+
+    fn extension(&self) -> &'static str {
+        if self.format == "png" { "png" } else { "jpg" }
+    }
+
+    /// The image file.
+    pub fn image_path(&self, data_dir: &Path) -> PathBuf {
+        Self::folder(data_dir, &self.project_id).join(format!("{}.{}", self.id, self.extension()))
+    }
+
+    /// The thumbnail file.
+    pub fn thumbnail_path(&self, data_dir: &Path) -> PathBuf {
+        Self::folder(data_dir, &self.project_id).join(format!("{}.thumbnail.jpg", self.id))
+    }
+
+    /// The mask file.
+    pub fn mask_path(&self, data_dir: &Path) -> PathBuf {
+        Self::folder(data_dir, &self.project_id).join(format!("{}.mask.png", self.id))
+    }
+}
+
+/// The media routes.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let with_state = warp::any().map(move || Arc::clone(&state));
+    let upload = warp::path!("api" / "projects" / String / "media")
+        .and(warp::post())
+        .and(multipart_content_type())
+        .and(warp::multipart::form().max_length(MAX_UPLOAD_BYTES))
+        .and(with_state.clone())
+        .and_then(upload);
+    let list = warp::path!("api" / "projects" / String / "media")
+        .and(warp::get())
+        .and(warp::query::<Page>())
+        .and(with_state.clone())
+        .and_then(list);
+    let get = warp::path!("api" / "projects" / String / "media" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .and_then(get);
+    let file = warp::path!("api" / "projects" / String / "media" / String / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .and_then(file);
+    let delete = warp::path!("api" / "projects" / String / "media" / String)
+        .and(warp::delete())
+        .and(with_state)
+        .and_then(delete);
+    upload
+        .or(list)
+        .unify()
+        .or(get)
+        .unify()
+        .or(file)
+        .unify()
+        .or(delete)
+        .unify()
+}
+
+/// Passes `multipart/form-data` requests; refuses others with 415 (rather than letting warp's
+/// rejection ranking answer 405).
+fn multipart_content_type() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and_then(|content_type: Option<String>| async move {
+            match content_type {
+                Some(value) if value.starts_with("multipart/form-data") => Ok(()),
+                _ => Err(ApiError::reject(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "upload as multipart/form-data with the fields file, label and mask",
+                )),
+            }
+        })
+        .untuple_one()
+}
+
+async fn project_exists(state: &Arc<AppState>, project_id: &str) -> Result<(), Rejection> {
+    let key = project_id.to_string();
+    match blocking(state, move |store| store.get::<Project>(PROJECTS, &key)).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found("project", project_id)),
+    }
+}
+
+async fn media_of(
+    state: &Arc<AppState>,
+    project_id: &str,
+    media_id: &str,
+) -> Result<Media, Rejection> {
+    let key = media_id.to_string();
+    match blocking(state, move |store| store.get::<Media>(MEDIA, &key)).await? {
+        Some(media) if media.project_id == project_id => Ok(media),
+        _ => Err(ApiError::not_found("media", media_id)),
+    }
+}
+
+/// The parts of an upload form.
+#[derive(Default)]
+struct UploadForm {
+    file: Option<(String, Vec<u8>)>,
+    label: Option<String>,
+    mask: Option<Vec<u8>>,
+}
+
+async fn read_form(form: warp::multipart::FormData) -> Result<UploadForm, Rejection> {
+    let parts: Vec<(String, Option<String>, Vec<u8>)> = form
+        .and_then(|part| async move {
+            let name = part.name().to_string();
+            let filename = part.filename().map(str::to_string);
+            let bytes = part
+                .stream()
+                .try_fold(Vec::new(), |mut bytes, mut chunk| async move {
+                    while chunk.has_remaining() {
+                        let piece = chunk.chunk();
+                        bytes.extend_from_slice(piece);
+                        let taken = piece.len();
+                        chunk.advance(taken);
+                    }
+                    Ok(bytes)
+                })
+                .await?;
+            Ok((name, filename, bytes))
+        })
+        .try_collect()
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("limit") || text.contains("too large") {
+                ApiError::reject(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("upload larger than {MAX_UPLOAD_BYTES} bytes"),
+                )
+            } else {
+                ApiError::reject(StatusCode::BAD_REQUEST, format!("multipart form: {text}"))
+            }
+        })?;
+    let mut form = UploadForm::default();
+    for (name, filename, bytes) in parts {
+        match name.as_str() {
+            "file" => form.file = Some((filename.unwrap_or_else(|| "image".into()), bytes)),
+            "label" => form.label = Some(String::from_utf8_lossy(&bytes).trim().to_string()),
+            "mask" => form.mask = Some(bytes),
+            other => {
+                return Err(ApiError::reject(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{other}: unknown form field (expected file, label, mask)"),
+                ));
+            }
+        }
+    }
+    Ok(form)
+}
+
+/// Writes `bytes` to `path` through a hidden temporary name in the same folder.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&temporary);
+    })
+}
+
+async fn upload(
+    project_id: String,
+    form: warp::multipart::FormData,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    project_exists(&state, &project_id).await?;
+    let form = read_form(form).await?;
+    let unprocessable = |detail: &str| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, detail);
+    let Some((filename, bytes)) = form.file else {
+        return Err(unprocessable("file: missing (a PNG or JPEG image)"));
+    };
+    let label = match form.label.as_deref() {
+        Some("normal") | None => "normal",
+        Some("anomalous") => "anomalous",
+        Some(other) => {
+            return Err(unprocessable(&format!(
+                "label: '{other}' is neither normal nor anomalous"
+            )));
+        }
+    };
+    let format = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Png) => "png",
+        Ok(image::ImageFormat::Jpeg) => "jpeg",
+        _ => {
+            return Err(ApiError::reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("file: {filename} is not a PNG or JPEG image"),
+            ));
+        }
+    };
+    let decoded = image::load_from_memory(&bytes).map_err(|e| {
+        ApiError::reject(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("file: {filename} does not decode: {e}"),
+        )
+    })?;
+    if let Some(mask) = &form.mask {
+        let mask = image::load_from_memory(mask).map_err(|e| {
+            ApiError::reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("mask: does not decode: {e}"),
+            )
+        })?;
+        if (mask.width(), mask.height()) != (decoded.width(), decoded.height()) {
+            return Err(unprocessable(&format!(
+                "mask: {}x{} does not match the image's {}x{}",
+                mask.width(),
+                mask.height(),
+                decoded.width(),
+                decoded.height()
+            )));
+        }
+    }
+    let media = Media {
+        id: uuid::Uuid::new_v4().to_string(),
+        project_id,
+        filename: filename
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(255)
+            .collect(),
+        label: label.to_string(),
+        width: decoded.width(),
+        height: decoded.height(),
+        format: format.to_string(),
+        size_bytes: bytes.len() as u64,
+        has_mask: form.mask.is_some(),
+        created_at: now(),
+    };
+    let mut thumbnail = Vec::new();
+    decoded
+        .thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        .to_rgb8()
+        .write_to(
+            &mut std::io::Cursor::new(&mut thumbnail),
+            image::ImageFormat::Jpeg,
+        )
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let record = media.clone();
+    let data_dir = state.data_dir.clone();
+    let mask = form.mask;
+    blocking(&state, move |store| {
+        let io = |e: std::io::Error| super::store::StoreError::Database(e.to_string());
+        std::fs::create_dir_all(Media::folder(&data_dir, &record.project_id)).map_err(io)?;
+        write_atomically(&record.image_path(&data_dir), &bytes).map_err(io)?;
+        write_atomically(&record.thumbnail_path(&data_dir), &thumbnail).map_err(io)?;
+        if let Some(mask) = &mask {
+            write_atomically(&record.mask_path(&data_dir), mask).map_err(io)?;
+        }
+        store.put(MEDIA, &record.id, &record)
+    })
+    .await?;
+    Ok(warp::reply::with_status(warp::reply::json(&media), StatusCode::CREATED).into_response())
+}
+
+async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
+    project_exists(&state, &project_id).await?;
+    let mut media: Vec<Media> = blocking(&state, |store| store.all(MEDIA)).await?;
+    media.retain(|m| m.project_id == project_id);
+    media.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let (items, pagination) = paginate(media, &page)?;
+    Ok(warp::reply::json(&json!({"media": items, "pagination": pagination})).into_response())
+}
+
+async fn get(
+    project_id: String,
+    media_id: String,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let media = media_of(&state, &project_id, &media_id).await?;
+    Ok(warp::reply::json(&media).into_response())
+}
+
+/// `.../media/{id}/full`, `.../thumbnail` and `.../mask`: the files themselves.
+async fn file(
+    project_id: String,
+    media_id: String,
+    which: String,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let media = media_of(&state, &project_id, &media_id).await?;
+    let (path, content_type) = match which.as_str() {
+        "full" if media.format == "png" => (media.image_path(&state.data_dir), "image/png"),
+        "full" => (media.image_path(&state.data_dir), "image/jpeg"),
+        "thumbnail" => (media.thumbnail_path(&state.data_dir), "image/jpeg"),
+        "mask" if media.has_mask => (media.mask_path(&state.data_dir), "image/png"),
+        "mask" => return Err(ApiError::not_found("mask of media", &media_id)),
+        _ => return Err(warp::reject::not_found()),
+    };
+    let bytes = tokio::fs::read(&path).await.map_err(|e| {
+        ApiError::reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("media {media_id}: its file is unreadable: {e}"),
+        )
+    })?;
+    Ok(warp::reply::with_header(bytes, "content-type", content_type).into_response())
+}
+
+async fn delete(
+    project_id: String,
+    media_id: String,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let media = media_of(&state, &project_id, &media_id).await?;
+    let data_dir = state.data_dir.clone();
+    blocking(&state, move |store| {
+        // The record goes first: a crash in between leaves orphan files (check-db lists them),
+        // never a record without its file.
+        store.remove(MEDIA, &media.id)?;
+        for path in [
+            media.image_path(&data_dir),
+            media.thumbnail_path(&data_dir),
+            media.mask_path(&data_dir),
+        ] {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
