@@ -100,6 +100,19 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Create or upgrade the server's store in the data directory to this build's schema.
+    Migrate {
+        /// Where the store lives.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Check the server's store (stopped): schema version, records that do not parse or lack
+    /// their files, files without records, half-written files. Exits 1 when anything is wrong.
+    CheckDb {
+        /// Where the store lives.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Write the REST API's OpenAPI 3 description (the same as the server's /api/openapi.json).
     GenApi {
         /// The JSON file to write.
@@ -168,6 +181,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schemas { out, check } => schemas(&registry, &out, check),
+        Command::Migrate { data_dir } => report(
+            inspectflow::server::store::Store::open(&data_dir)
+                .and_then(|store| store.schema_version())
+                .map(|version| {
+                    println!("{}: schema version {version}", data_dir.display());
+                })
+                .map_err(|e| format!("{}: {e}", data_dir.display())),
+        ),
+        Command::CheckDb { data_dir } => check_db(&data_dir),
         Command::GenApi { target_path } => report(
             serde_json::to_string_pretty(&inspectflow::server::openapi::spec())
                 .map_err(|e| e.to_string())
@@ -204,6 +226,33 @@ fn main() -> ExitCode {
 }
 
 /// Exit status of a command that either succeeds or fails with a message.
+fn check_db(data_dir: &std::path::Path) -> ExitCode {
+    match inspectflow::server::check::check(data_dir) {
+        Ok(report) => {
+            println!(
+                "{}: schema version {}, {} records",
+                data_dir.display(),
+                report.schema_version,
+                report.records
+            );
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            if report.problems.is_empty() {
+                println!("consistent");
+                ExitCode::SUCCESS
+            } else {
+                println!("{} problems", report.problems.len());
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn report(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -521,3 +521,71 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     files
 }
+
+fn inspectflow(args: &[&str], data_dir: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("inspectflow runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn migrate_and_check_db_report_the_schema_and_every_inconsistency() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ok, out) = inspectflow(&["migrate"], dir.path());
+    assert!(ok && out.contains("schema version 1"), "{out}");
+    let (ok, out) = inspectflow(&["check-db"], dir.path());
+    assert!(ok && out.contains("consistent"), "{out}");
+
+    let http = client();
+    let (project, media) = {
+        let server = Server::start(dir.path(), None);
+        let (_, project) = call(
+            http.post(server.url("/api/projects"))
+                .json(&json!({"name": "line"})),
+        );
+        let project = project["id"].as_str().expect("id").to_string();
+        let media_url = server.url(&format!("/api/projects/{project}/media"));
+        let media: Vec<String> = (0..2)
+            .map(|n| {
+                let (_, media) = call(http.post(&media_url).multipart(upload_form(
+                    png(32, 32, n),
+                    None,
+                    None,
+                )));
+                media["id"].as_str().expect("id").to_string()
+            })
+            .collect();
+        (project, media)
+    }; // SIGKILL
+    let (ok, out) = inspectflow(&["check-db"], dir.path());
+    assert!(ok, "a killed server leaves a consistent store: {out}");
+    assert!(out.contains("3 records"), "{out}");
+
+    // Damage it three ways: a lost image, a stray file, a half-written upload.
+    let folder = dir.path().join("projects").join(&project).join("media");
+    std::fs::remove_file(folder.join(format!("{}.png", media[0]))).expect("remove");
+    std::fs::write(folder.join("stray.png"), b"x").expect("write");
+    std::fs::write(folder.join(".upload.png.partial"), b"x").expect("write");
+    let (ok, out) = inspectflow(&["check-db"], dir.path());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("media {} lacks its file", media[0])),
+        "{out}"
+    );
+    assert!(
+        out.contains("orphan file (no record)") && out.contains("stray.png"),
+        "{out}"
+    );
+    assert!(
+        out.contains("half-written file") && out.contains(".upload.png.partial"),
+        "{out}"
+    );
+    assert!(out.contains("3 problems"), "{out}");
+}

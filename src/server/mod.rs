@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the redb database (a table per resource, JSON records, schema version);
 //! - [`api`]: the routes and the JSON error contract;
+//! - [`check`]: `check-db`, the store's consistency with its files;
 //! - [`media`]: image uploads with labels and masks, thumbnails, downloads;
 //! - [`openapi`]: the OpenAPI 3 description of every route.
 //!
@@ -9,6 +10,7 @@
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
 pub mod api;
+pub mod check;
 pub mod media;
 pub mod openapi;
 pub mod store;
