@@ -1,6 +1,7 @@
 //! The inspectflow operator contract and the built-in operators.
 //!
 //! - [`packet`]: what flows on edges (frames, tensors) in pooled, reference-counted buffers;
+//! - [`files`]: writing files atomically (temporary name, then rename);
 //! - [`package`]: model packages (manifest + one OpenVINO IR);
 //! - [`pool`]: the buffer pools behind them;
 //! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
@@ -14,6 +15,7 @@
 
 pub mod contract;
 pub mod decode;
+pub mod files;
 pub mod infer;
 pub mod package;
 pub mod packet;

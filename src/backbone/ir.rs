@@ -659,19 +659,9 @@ impl IrGraph {
     /// rename.
     pub fn write(&self, xml_path: &Path) -> std::io::Result<()> {
         let bin_path = xml_path.with_extension("bin");
-        write_atomically(&bin_path, &self.weights)?;
-        write_atomically(xml_path, self.xml().as_bytes())
+        inspectflow_operators::files::write_atomically(&bin_path, &self.weights)?;
+        inspectflow_operators::files::write_atomically(xml_path, self.xml().as_bytes())
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{name}.partial"));
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }
 
 fn join(shape: &[usize]) -> String {

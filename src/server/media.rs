@@ -19,6 +19,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::api::{ApiError, AppState, Page, Project, blocking, now, paginate};
 use super::store::{MEDIA, PROJECTS};
+use inspectflow_operators::files::write_atomically;
 
 /// Largest upload (image plus mask) accepted.
 pub const MAX_UPLOAD_BYTES: u64 = 32 << 20;
@@ -206,19 +207,6 @@ async fn read_form(form: warp::multipart::FormData) -> Result<UploadForm, Reject
         }
     }
     Ok(form)
-}
-
-/// Writes `bytes` to `path` through a hidden temporary name in the same folder.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{name}.partial"));
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&temporary);
-    })
 }
 
 async fn upload(

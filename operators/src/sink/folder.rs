@@ -435,20 +435,11 @@ fn existing_images(dir: &Path) -> Result<VecDeque<(PathBuf, u64)>, OpError> {
         .collect())
 }
 
-/// Writes `bytes` to `dir/name` through a hidden temporary file and a rename, so readers only ever
-/// see complete files.
+/// Writes `bytes` to `dir/name` atomically (see [`crate::files::write_atomically`]).
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), OpError> {
-    let temporary = dir.join(format!(".{name}.partial"));
     let target = dir.join(name);
-    std::fs::write(&temporary, bytes)
-        .map_err(|e| OpError::io(format!("writing {}", temporary.display()), e))?;
-    std::fs::rename(&temporary, &target).map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        OpError::io(
-            format!("renaming {} to {}", temporary.display(), target.display()),
-            e,
-        )
-    })
+    crate::files::write_atomically(&target, bytes)
+        .map_err(|e| OpError::io(format!("writing {}", target.display()), e))
 }
 
 /// The frame's pixels without row padding (copied into `scratch` only when rows are padded).
