@@ -119,7 +119,7 @@ enum Command {
         #[arg(long)]
         target_path: PathBuf,
     },
-    /// Serve the REST API (projects, trainable models, devices so far) over a store in the data directory, until Ctrl-C.
+    /// Serve the REST API (projects, media, training jobs, models, sources, sinks, pipelines) over a store in the data directory, until Ctrl-C.
     Serve {
         /// Address to listen on (port 0 picks a free one; the address is printed).
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -131,6 +131,13 @@ enum Command {
         /// INSPECTFLOW_API_TOKEN environment variable, if set).
         #[arg(long, env = "INSPECTFLOW_API_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Training jobs that run at once (more queue).
+        #[arg(long, default_value_t = 1)]
+        max_jobs: usize,
+        /// A folder clients may name in sources, sinks and pipeline graphs (repeatable; the
+        /// data directory always is one).
+        #[arg(long = "path-root")]
+        path_roots: Vec<PathBuf>,
     },
 }
 
@@ -202,7 +209,17 @@ fn main() -> ExitCode {
             bind,
             data_dir,
             token,
-        } => report(inspectflow::server::serve(bind, &data_dir, token)),
+            max_jobs,
+            path_roots,
+        } => report(inspectflow::server::serve(
+            inspectflow::server::ServeOptions {
+                bind,
+                data_dir,
+                token,
+                max_jobs,
+                path_roots,
+            },
+        )),
         Command::Devices { json } => devices(json),
         Command::Train(args) => report(model_commands::train(&args)),
         Command::Eval(args) => report(model_commands::eval(&args)),

@@ -7,14 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use inspectflow::backbone::Backbone;
-use inspectflow::operators::BufferPool;
 use inspectflow::operators::decode;
-use inspectflow::operators::infer::model::{CompileOptions, LoadedModel};
-use inspectflow::operators::package::ModelPackage;
-use inspectflow::operators::packet::ModelOutput;
-use inspectflow::operators::transform::anomaly::AnomalyPostprocess;
 use inspectflow::operators::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
-use inspectflow::operators::transform::heatmap::{self, HeatmapParams};
+use inspectflow::predictor::Predictor;
 use inspectflow::synth::{SynthOptions, Texture};
 use inspectflow::train::{self, Architecture, TrainConfig, dataset, evaluate};
 
@@ -46,29 +41,11 @@ pub fn predict(
     json: bool,
     threshold: Option<f32>,
 ) -> Result<bool, String> {
-    let package = ModelPackage::open(model_dir).map_err(|e| e.to_string())?;
-    let manifest = &package.manifest;
-    let mut model = LoadedModel::load(&package.model_path(), &CompileOptions::default())
-        .map_err(|e| e.to_string())?;
-    let mut preprocess = train::preprocessor(manifest.input_size).map_err(|e| e.to_string())?;
-    let threshold = threshold.unwrap_or(manifest.threshold);
-    if !(0.0..=1.0).contains(&threshold) {
-        return Err(format!("--threshold {threshold} is outside 0-1"));
-    }
-    let mut postprocess =
-        AnomalyPostprocess::new(&package.id(), manifest.normalization, threshold, 0.0);
+    let mut predictor = Predictor::load(model_dir, threshold)?;
     if let Some(dir) = out {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let frames = BufferPool::new(4);
-    let outputs_pool = BufferPool::new(8);
-    let overlays = BufferPool::new(4);
-    let overlay_params = HeatmapParams {
-        alpha: 0.4,
-        outline: true,
-        label: true,
-    };
     let mut jpeg = JpegEncoder::new(EncodeParams {
         quality: 90,
         source: EncodeSource::Frame,
@@ -78,30 +55,12 @@ pub fn predict(
     let mut failures = Vec::new();
     for (index, image) in images.iter().enumerate() {
         let scored = (|| -> Result<Verdict, String> {
-            let frame =
-                decode::read_rgb(image, &frames, index as u64).map_err(|e| e.to_string())?;
-            let tensor = preprocess.tensor_for(&frame).map_err(|e| e.to_string())?;
-            let outputs: Vec<ModelOutput> = model
-                .infer(tensor.data())
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|output| {
-                    let mut values = outputs_pool.get(output.values.len());
-                    values.copy_from_slice(&output.values);
-                    ModelOutput {
-                        name: output.name,
-                        shape: output.shape.iter().map(|&d| d.max(0) as usize).collect(),
-                        values,
-                    }
-                })
-                .collect();
-            let prediction = postprocess
-                .predict(&outputs, frame.layout.width, frame.layout.height)
+            let frame = decode::read_rgb(image, predictor.frame_pool(), index as u64)
                 .map_err(|e| e.to_string())?;
+            let prediction = predictor.score(&frame)?;
             let overlay = match out {
                 Some(dir) => {
-                    let drawn = heatmap::render(&frame, &prediction, &overlay_params, &overlays)
-                        .map_err(|e| e.to_string())?;
+                    let drawn = predictor.overlay(&frame, &prediction)?;
                     let stem = image
                         .file_stem()
                         .map(|s| s.to_string_lossy().into_owned())
@@ -221,6 +180,20 @@ pub struct TrainArgs {
     /// The package directory to create (must not exist).
     #[arg(long)]
     out: PathBuf,
+    /// How progress is shown on standard error: `auto` (a bar on a terminal, a line per stage
+    /// otherwise) or `json` (one `{"stage": .., "percent": ..}` line per percent, for programs
+    /// such as the server's training worker).
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressFormat,
+}
+
+/// How `inspectflow train` reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressFormat {
+    /// A bar on a terminal, a line per stage otherwise.
+    Auto,
+    /// JSON lines.
+    Json,
 }
 
 /// The default snapshot cache.
@@ -232,17 +205,21 @@ fn default_snapshot_cache() -> PathBuf {
     cache.join("inspectflow").join("snapshots")
 }
 
-/// Draws progress on standard error: a bar per stage on a terminal, a line per stage otherwise.
+/// Draws progress on standard error: a bar per stage on a terminal, a line per stage otherwise,
+/// or JSON lines.
 struct ProgressBar {
+    json: bool,
     terminal: bool,
     stage: String,
     drawn: i32,
 }
 
 impl ProgressBar {
-    fn new() -> Self {
+    fn new(format: ProgressFormat) -> Self {
         Self {
-            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            json: format == ProgressFormat::Json,
+            terminal: format == ProgressFormat::Auto
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             stage: String::new(),
             drawn: -1,
         }
@@ -250,6 +227,17 @@ impl ProgressBar {
 
     fn update(&mut self, stage: &str, fraction: f32) {
         let percent = (fraction.clamp(0.0, 1.0) * 100.0) as i32;
+        if self.json {
+            if stage != self.stage || percent != self.drawn {
+                self.stage = stage.to_string();
+                self.drawn = percent;
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"stage": stage, "percent": percent})
+                );
+            }
+            return;
+        }
         if stage != self.stage {
             if self.terminal && !self.stage.is_empty() {
                 eprintln!();
@@ -317,7 +305,7 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         anomalous: args.anomalous.as_deref(),
         masks: args.masks.as_deref(),
     };
-    let mut bar = ProgressBar::new();
+    let mut bar = ProgressBar::new(args.progress);
     let result = train::train(&config, &sources, &args.out, &mut |stage, fraction| {
         bar.update(stage, fraction)
     });
@@ -385,7 +373,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         anomalous: Some(&args.anomalous),
         masks: args.masks.as_deref(),
     };
-    let mut bar = ProgressBar::new();
+    let mut bar = ProgressBar::new(ProgressFormat::Auto);
     let result = evaluate::evaluate_package(&args.model, &sources, args.threshold, &mut |f| {
         bar.update("scoring", f)
     });

@@ -8,6 +8,7 @@
 //! - [`registry`]: operator descriptors (ports, parameter schema, factory) and the registry;
 //! - [`source`], [`transform`], [`sink`]: one module per operator family;
 //! - [`video`]: GStreamer-backed video sources and sinks (feature `gstreamer`, on by default);
+//! - [`url`]: credentials out of URLs, and their redacted form for logs and responses;
 //! - [`yuv`]: I420 frames from video decoders, and their conversion to RGB.
 //!
 //! This crate knows nothing about threads, queues or graph files: the engine (`inspectflow`) owns
@@ -24,6 +25,7 @@ pub mod registry;
 pub mod sink;
 pub mod source;
 pub mod transform;
+pub mod url;
 #[cfg(feature = "gstreamer")]
 pub mod video;
 pub mod yuv;

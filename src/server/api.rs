@@ -2,9 +2,10 @@
 //! with an honest status code (400, 401, 404, 405, 409, 413, 415, 422), and bad input never
 //! gives a 500.
 //!
-//! Resources so far: `/api/projects` (list with `limit`/`offset`, create, get, rename, delete),
-//! media (see [`super::media`]), `/api/trainable-models`, `/api/devices`, `/api/openapi.json`
-//! and `/health`. Store calls run on tokio's blocking pool, since redb commits wait for the disk.
+//! Projects (list with `limit`/`offset`, create, get, rename, delete), `/api/trainable-models`,
+//! `/api/devices`, `/api/openapi.json` and `/health` live here; media, jobs, models, sources and
+//! sinks, and pipelines have their own modules. Store calls run on tokio's blocking pool, since
+//! redb commits wait for the disk.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +16,14 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::store::{MEDIA, PROJECTS, Store, StoreError};
+use super::endpoints::EndpointKind;
+use super::jobs::{Job, JobRunner};
+use super::models::LoadedModels;
+use super::pipelines::ActivePipelines;
+use super::roots::PathRoots;
+use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS, Store, StoreError};
 use crate::train::Architecture;
+use inspectflow_operators::Registry;
 use inspectflow_operators::sink::message::rfc3339_utc;
 
 /// What every handler shares.
@@ -27,13 +34,54 @@ pub struct AppState {
     pub token: Option<String>,
     /// Where files (media, models) live.
     pub data_dir: std::path::PathBuf,
+    /// Folders clients may name in sources, sinks and graphs.
+    pub roots: PathRoots,
+    /// The training worker.
+    pub jobs: JobRunner,
+    /// Compiled models for `:predict`.
+    pub models: LoadedModels,
+    /// Running pipelines.
+    pub pipelines: ActivePipelines,
 }
 
-/// An API error: a status and the `detail` the client sees.
+impl AppState {
+    /// `inspectflow_jobs{status}`: how many jobs are in each status.
+    pub fn jobs_prometheus(&self) -> String {
+        let jobs: Vec<Job> = self.store.all(JOBS).unwrap_or_default();
+        let mut text = String::from(
+            "# HELP inspectflow_jobs Training jobs by status.\n# TYPE inspectflow_jobs gauge\n",
+        );
+        for status in ["pending", "running", "completed", "failed", "canceled"] {
+            let count = jobs
+                .iter()
+                .filter(|job| {
+                    serde_json::to_value(job.status)
+                        .ok()
+                        .as_ref()
+                        .and_then(Value::as_str)
+                        == Some(status)
+                })
+                .count();
+            text.push_str(&format!(
+                "inspectflow_jobs{{status=\"{status}\"}} {count}\n"
+            ));
+        }
+        text
+    }
+}
+
+/// The operators graphs may use.
+pub(crate) fn registry() -> Registry {
+    Registry::builtin()
+}
+
+/// An API error: a status and the `detail` the client sees (plus, for graph validation, the
+/// list of `errors` with node, field, line and column).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     detail: String,
+    errors: Option<Value>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -43,6 +91,19 @@ impl ApiError {
         warp::reject::custom(Self {
             status,
             detail: detail.into(),
+            errors: None,
+        })
+    }
+
+    pub(crate) fn with_errors(
+        status: StatusCode,
+        detail: impl Into<String>,
+        errors: Value,
+    ) -> Rejection {
+        warp::reject::custom(Self {
+            status,
+            detail: detail.into(),
+            errors: Some(errors),
         })
     }
 
@@ -57,6 +118,7 @@ impl From<StoreError> for ApiError {
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             detail: format!("the store failed: {error}"),
+            errors: None,
         }
     }
 }
@@ -129,6 +191,26 @@ pub(crate) fn now() -> String {
     rfc3339_utc(unix_ms)
 }
 
+/// A JSON body of type `T`, at most [`MAX_JSON_BYTES`].
+pub(crate) fn json_body<T: serde::de::DeserializeOwned + Send>()
+-> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(MAX_JSON_BYTES).and(warp::body::json::<T>())
+}
+
+/// A path segment `<id>:<name>` (the colon-suffixed actions, as in `/api/jobs/{id}:cancel`),
+/// extracting the id.
+pub(crate) fn action(
+    name: &'static str,
+) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    warp::path::param::<String>().and_then(move |segment: String| async move {
+        segment
+            .strip_suffix(name)
+            .and_then(|rest| rest.strip_suffix(':'))
+            .map(str::to_string)
+            .ok_or_else(warp::reject::not_found)
+    })
+}
+
 /// Runs a store call on the blocking pool.
 pub(crate) async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
@@ -149,8 +231,7 @@ pub fn routes(
         let state = Arc::clone(&state);
         warp::any().map(move || Arc::clone(&state))
     };
-    let json_body =
-        || warp::body::content_length_limit(MAX_JSON_BYTES).and(warp::body::json::<ProjectBody>());
+    let json_body = json_body::<ProjectBody>;
     let health = warp::path!("health")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
@@ -202,6 +283,22 @@ pub fn routes(
         .or(devices)
         .unify()
         .or(super::media::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::jobs::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::models::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::endpoints::routes(
+            Arc::clone(&state),
+            EndpointKind::Source,
+        ))
+        .unify()
+        .or(super::endpoints::routes(
+            Arc::clone(&state),
+            EndpointKind::Sink,
+        ))
+        .unify()
+        .or(super::pipelines::routes(Arc::clone(&state)))
         .unify();
     authenticated(state)
         .and(health.or(api).unify())
@@ -311,14 +408,59 @@ async fn rename_project(
 /// orphan files, never records without files).
 async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
     let key = id.clone();
+    let busy = blocking(&state, move |store| {
+        let jobs: Vec<Job> = store.all(JOBS)?;
+        Ok(jobs
+            .into_iter()
+            .find(|job| job.project_id == key && !job.status.is_final()))
+    })
+    .await?;
+    if let Some(job) = busy {
+        return Err(ApiError::reject(
+            StatusCode::CONFLICT,
+            format!(
+                "project {id} has job {} in progress; cancel it first",
+                job.id
+            ),
+        ));
+    }
+    if let Some(pipeline) = state.pipelines.running_in_project(&id) {
+        return Err(ApiError::reject(
+            StatusCode::CONFLICT,
+            format!("project {id} has running pipeline {pipeline}; stop it first"),
+        ));
+    }
+    let key = id.clone();
     let data_dir = state.data_dir.clone();
     let removed = blocking(&state, move |store| {
         let media: Vec<super::media::Media> = store.all(MEDIA)?;
         for item in media.iter().filter(|m| m.project_id == key) {
             store.remove(MEDIA, &item.id)?;
         }
+        let models: Vec<super::models::Model> = store.all(MODELS)?;
+        let models: Vec<_> = models.into_iter().filter(|m| m.project_id == key).collect();
+        for model in &models {
+            store.remove(MODELS, &model.id)?;
+        }
+        let pipelines: Vec<super::pipelines::PipelineRecord> = store.all(PIPELINES)?;
+        for pipeline in pipelines.iter().filter(|p| p.project_id == key) {
+            store.remove(PIPELINES, &pipeline.id)?;
+        }
+        let jobs: Vec<Job> = store.all(JOBS)?;
+        let jobs: Vec<_> = jobs.into_iter().filter(|j| j.project_id == key).collect();
+        for job in &jobs {
+            store.remove(JOBS, &job.id)?;
+        }
         let removed = store.remove(PROJECTS, &key)?;
         if removed {
+            // Records first, files after: a crash in between leaves orphan files, which
+            // `check-db` lists, never records without files.
+            for model in &models {
+                let _ = std::fs::remove_dir_all(super::models::Model::dir(&data_dir, &model.id));
+            }
+            for job in &jobs {
+                let _ = std::fs::remove_file(data_dir.join("jobs").join(format!("{}.log", job.id)));
+            }
             let _ = std::fs::remove_dir_all(data_dir.join("projects").join(&key));
         }
         Ok(removed)
@@ -391,6 +533,18 @@ async fn list_devices() -> Result<Response, Rejection> {
 
 /// Turns every rejection into `{"detail": ...}` with the right status.
 async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
+    if let Some(ApiError {
+        status,
+        detail,
+        errors: Some(errors),
+    }) = rejection.find::<ApiError>()
+    {
+        return Ok(warp::reply::with_status(
+            warp::reply::json(&json!({"detail": detail, "errors": errors})),
+            *status,
+        )
+        .into_response());
+    }
     let (status, detail) = if let Some(error) = rejection.find::<ApiError>() {
         (error.status, error.detail.clone())
     } else if rejection.is_not_found() {

@@ -118,7 +118,7 @@ pub fn routes(
 
 /// Passes `multipart/form-data` requests; refuses others with 415 (rather than letting warp's
 /// rejection ranking answer 405).
-fn multipart_content_type() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+pub(crate) fn multipart_content_type() -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and_then(|content_type: Option<String>| async move {
             match content_type {
@@ -132,7 +132,10 @@ fn multipart_content_type() -> impl Filter<Extract = (), Error = Rejection> + Cl
         .untuple_one()
 }
 
-async fn project_exists(state: &Arc<AppState>, project_id: &str) -> Result<(), Rejection> {
+pub(crate) async fn project_exists(
+    state: &Arc<AppState>,
+    project_id: &str,
+) -> Result<(), Rejection> {
     let key = project_id.to_string();
     match blocking(state, move |store| store.get::<Project>(PROJECTS, &key)).await? {
         Some(_) => Ok(()),
@@ -154,13 +157,13 @@ async fn media_of(
 
 /// The parts of an upload form.
 #[derive(Default)]
-struct UploadForm {
-    file: Option<(String, Vec<u8>)>,
+pub(crate) struct UploadForm {
+    pub(crate) file: Option<(String, Vec<u8>)>,
     label: Option<String>,
     mask: Option<Vec<u8>>,
 }
 
-async fn read_form(form: warp::multipart::FormData) -> Result<UploadForm, Rejection> {
+pub(crate) async fn read_form(form: warp::multipart::FormData) -> Result<UploadForm, Rejection> {
     let parts: Vec<(String, Option<String>, Vec<u8>)> = form
         .and_then(|part| async move {
             let name = part.name().to_string();

@@ -24,6 +24,19 @@ pub type Collection = TableDefinition<'static, &'static str, &'static [u8]>;
 pub const PROJECTS: Collection = TableDefinition::new("projects");
 /// Media (uploaded images).
 pub const MEDIA: Collection = TableDefinition::new("media");
+/// Jobs (training runs).
+pub const JOBS: Collection = TableDefinition::new("jobs");
+/// Models (trained packages under `models/`).
+pub const MODELS: Collection = TableDefinition::new("models");
+/// Sources (stored source operator configurations).
+pub const SOURCES: Collection = TableDefinition::new("sources");
+/// Sinks (stored sink operator configurations).
+pub const SINKS: Collection = TableDefinition::new("sinks");
+/// Pipelines (graphs, or a project's source, model and sinks).
+pub const PIPELINES: Collection = TableDefinition::new("pipelines");
+
+/// Every resource table.
+pub const COLLECTIONS: [Collection; 7] = [PROJECTS, MEDIA, JOBS, MODELS, SOURCES, SINKS, PIPELINES];
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +94,7 @@ impl Store {
                 meta.insert("schema_version", SCHEMA_VERSION)
                     .map_err(db_error)?;
             }
-            for table in [PROJECTS, MEDIA] {
+            for table in COLLECTIONS {
                 write.open_table(table).map_err(db_error)?;
             }
         }
@@ -121,6 +134,27 @@ impl Store {
             .map_err(db_error)?
             .insert(id, bytes.as_slice())
             .map_err(db_error)?;
+        write.commit().map_err(db_error)
+    }
+
+    /// Writes several records in one transaction: all of them or none.
+    pub fn put_all(
+        &self,
+        records: &[(Collection, &str, &dyn erased::Record)],
+    ) -> Result<(), StoreError> {
+        let write = self.db.begin_write().map_err(db_error)?;
+        for (table, id, record) in records {
+            let bytes = record.to_json().map_err(|message| StoreError::Record {
+                table: table.to_string(),
+                id: id.to_string(),
+                message,
+            })?;
+            write
+                .open_table(*table)
+                .map_err(db_error)?
+                .insert(*id, bytes.as_slice())
+                .map_err(db_error)?;
+        }
         write.commit().map_err(db_error)
     }
 
@@ -170,4 +204,19 @@ fn parse<T: DeserializeOwned>(table: Collection, id: &str, bytes: &[u8]) -> Resu
         id: id.to_string(),
         message: e.to_string(),
     })
+}
+
+/// Records of different types in one [`Store::put_all`] call.
+pub mod erased {
+    /// Anything serialisable as a record.
+    pub trait Record {
+        /// The JSON bytes stored.
+        fn to_json(&self) -> Result<Vec<u8>, String>;
+    }
+
+    impl<T: serde::Serialize> Record for T {
+        fn to_json(&self) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(self).map_err(|e| e.to_string())
+        }
+    }
 }

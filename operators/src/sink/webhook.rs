@@ -134,7 +134,10 @@ impl WebhookSink {
         let url = reqwest::Url::parse(&params.url).map_err(|e| {
             OpError::param(
                 "url",
-                format!("'{}' is not a URL: {e}", redact(&params.url)),
+                format!(
+                    "'{}' is not a URL: {e}",
+                    crate::url::redact_url(&params.url)
+                ),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -142,7 +145,7 @@ impl WebhookSink {
                 "url",
                 format!(
                     "'{}' must start with http:// or https://",
-                    redact(&params.url)
+                    crate::url::redact_url(&params.url)
                 ),
             ));
         }
@@ -202,7 +205,10 @@ impl WebhookSink {
             Ok(response) if response.status().is_success() => Attempt::Delivered,
             Ok(response) => {
                 let status = response.status();
-                let reason = format!("{} answered {status}", redact(self.url.as_str()));
+                let reason = format!(
+                    "{} answered {status}",
+                    crate::url::redact_url(self.url.as_str())
+                );
                 if status.is_server_error()
                     || status == reqwest::StatusCode::REQUEST_TIMEOUT
                     || status == reqwest::StatusCode::TOO_MANY_REQUESTS
@@ -214,7 +220,7 @@ impl WebhookSink {
             }
             Err(error) => Attempt::Retry(format!(
                 "{}: {}",
-                redact(self.url.as_str()),
+                crate::url::redact_url(self.url.as_str()),
                 error.without_url()
             )),
         }
@@ -228,7 +234,7 @@ impl WebhookSink {
             match self.attempt(body) {
                 Attempt::Delivered => {
                     if self.health.set_online() {
-                        tracing::info!(url = %redact(self.url.as_str()), "webhook receiver is back");
+                        tracing::info!(url = %crate::url::redact_url(self.url.as_str()), "webhook receiver is back");
                     }
                     return true;
                 }
@@ -280,19 +286,6 @@ impl Sink for WebhookSink {
     }
 }
 
-/// `url` without user name and password.
-fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        Ok(_) => url.to_string(),
-        Err(_) => "(unparsable URL)".to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,8 +293,8 @@ mod tests {
     #[test]
     fn credentials_in_the_url_never_show() {
         assert_eq!(
-            redact("https://user:secret@example.com/hook"),
-            "https://example.com/hook"
+            crate::url::redact_url("https://user:secret@example.com/hook"),
+            "https://<credentials>@example.com/hook"
         );
         let error = WebhookSink::new(WebhookParams {
             url: "ftp://user:secret@example.com/".into(),

@@ -1,0 +1,455 @@
+//! Sources and sinks as stored configurations: `/api/sources` and `/api/sinks`.
+//!
+//! Each record names a type users of the reference system know (`video_file`, `images_folder`,
+//! `usb_camera`, `ip_camera`; `folder`, `webhook`, `mqtt`) and holds the parameters of the
+//! operator it maps to (`source.video_file`, ..., `sink.mqtt`; see `inspectflow operators` and
+//! `schemas/`). Parameters are validated exactly as a graph file's are, and errors name the
+//! field (`config.path`). Paths must lie under the server's path roots. A source is checked for
+//! reachability when created or changed (the file or folder exists, the camera device exists,
+//! the IP camera's host accepts a TCP connection), answering 422 when it is not. Changing or
+//! deleting one that a running pipeline uses answers 409.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::api::{ApiError, AppState, Page, blocking, json_body, now, paginate};
+use super::store::{Collection, SINKS, SOURCES};
+
+/// Which of the two resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointKind {
+    /// `/api/sources`.
+    Source,
+    /// `/api/sinks`.
+    Sink,
+}
+
+impl EndpointKind {
+    fn table(self) -> Collection {
+        match self {
+            Self::Source => SOURCES,
+            Self::Sink => SINKS,
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Sink => "sink",
+        }
+    }
+
+    /// The operator a type maps to.
+    pub fn operator(self, endpoint_type: &str) -> Option<&'static str> {
+        Some(match (self, endpoint_type) {
+            (Self::Source, "video_file") => "source.video_file",
+            (Self::Source, "images_folder") => "source.images_folder",
+            (Self::Source, "usb_camera") => "source.usb_camera",
+            (Self::Source, "ip_camera") => "source.ip_camera",
+            (Self::Sink, "folder") => "sink.folder",
+            (Self::Sink, "webhook") => "sink.webhook",
+            (Self::Sink, "mqtt") => "sink.mqtt",
+            _ => return None,
+        })
+    }
+
+    fn types(self) -> &'static str {
+        match self {
+            Self::Source => "video_file, images_folder, usb_camera, ip_camera",
+            Self::Sink => "folder, webhook, mqtt",
+        }
+    }
+}
+
+/// A stored source or sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// UUID.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// `video_file`, `images_folder`, `usb_camera`, `ip_camera`, `folder`, `webhook`, `mqtt`.
+    #[serde(rename = "type")]
+    pub endpoint_type: String,
+    /// The operator's parameters.
+    pub config: Value,
+    /// Creation time.
+    pub created_at: String,
+    /// Last change.
+    pub updated_at: String,
+}
+
+/// Body of create and update.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointBody {
+    name: String,
+    #[serde(rename = "type")]
+    endpoint_type: String,
+    #[serde(default = "empty_object")]
+    config: Value,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+/// The routes of one kind.
+pub fn routes(
+    state: Arc<AppState>,
+    kind: EndpointKind,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let with_state = warp::any().map(move || Arc::clone(&state));
+    let with_kind = warp::any().map(move || kind);
+    let collection = match kind {
+        EndpointKind::Source => "sources",
+        EndpointKind::Sink => "sinks",
+    };
+    let base = move || warp::path("api").and(warp::path(collection));
+    let list = base()
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(warp::query::<Page>())
+        .and(with_kind)
+        .and(with_state.clone())
+        .and_then(list);
+    let create = base()
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(json_body::<EndpointBody>())
+        .and(with_kind)
+        .and(with_state.clone())
+        .and_then(create);
+    let one = move || {
+        base()
+            .and(warp::path::param::<String>())
+            .and(warp::path::end())
+    };
+    let get = one()
+        .and(warp::get())
+        .and(with_kind)
+        .and(with_state.clone())
+        .and_then(get);
+    let update = one()
+        .and(warp::put())
+        .and(json_body::<EndpointBody>())
+        .and(with_kind)
+        .and(with_state.clone())
+        .and_then(update);
+    let delete = one()
+        .and(warp::delete())
+        .and(with_kind)
+        .and(with_state)
+        .and_then(delete);
+    list.or(create)
+        .unify()
+        .or(get)
+        .unify()
+        .or(update)
+        .unify()
+        .or(delete)
+        .unify()
+}
+
+async fn list(page: Page, kind: EndpointKind, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let mut items: Vec<Endpoint> = blocking(&state, move |store| store.all(kind.table())).await?;
+    items.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let (items, pagination) = paginate(items, &page)?;
+    let key = match kind {
+        EndpointKind::Source => "sources",
+        EndpointKind::Sink => "sinks",
+    };
+    Ok(warp::reply::json(&json!({key: items, "pagination": pagination})).into_response())
+}
+
+/// The stored endpoint, or 404.
+pub async fn endpoint(
+    state: &Arc<AppState>,
+    kind: EndpointKind,
+    id: &str,
+) -> Result<Endpoint, Rejection> {
+    let key = id.to_string();
+    blocking(state, move |store| {
+        store.get::<Endpoint>(kind.table(), &key)
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(kind.noun(), id))
+}
+
+async fn get(id: String, kind: EndpointKind, state: Arc<AppState>) -> Result<Response, Rejection> {
+    Ok(warp::reply::json(&redacted(endpoint(&state, kind, &id).await?)).into_response())
+}
+
+/// The record as answered: header values and passwords are not sent back.
+fn redacted(mut endpoint: Endpoint) -> Endpoint {
+    for secret in ["password", "headers"] {
+        if let Some(value) = endpoint.config.get_mut(secret)
+            && !value.is_null()
+        {
+            *value = json!("<redacted>");
+        }
+    }
+    if let Some(url) = endpoint.config.get_mut("url")
+        && let Some(text) = url.as_str()
+    {
+        *url = json!(crate::operators::url::redact_url(text));
+    }
+    endpoint
+}
+
+async fn create(
+    body: EndpointBody,
+    kind: EndpointKind,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let checked = check(&state, kind, body).await?;
+    let now = now();
+    let endpoint = Endpoint {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: checked.name,
+        endpoint_type: checked.endpoint_type,
+        config: checked.config,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let stored = endpoint.clone();
+    blocking(&state, move |store| {
+        store.put(kind.table(), &stored.id, &stored)
+    })
+    .await?;
+    Ok(
+        warp::reply::with_status(warp::reply::json(&redacted(endpoint)), StatusCode::CREATED)
+            .into_response(),
+    )
+}
+
+async fn update(
+    id: String,
+    body: EndpointBody,
+    kind: EndpointKind,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let mut endpoint = endpoint(&state, kind, &id).await?;
+    refuse_in_use(&state, kind, &id)?;
+    let checked = check(&state, kind, body).await?;
+    endpoint.name = checked.name;
+    endpoint.endpoint_type = checked.endpoint_type;
+    endpoint.config = checked.config;
+    endpoint.updated_at = now();
+    let stored = endpoint.clone();
+    blocking(&state, move |store| {
+        store.put(kind.table(), &stored.id, &stored)
+    })
+    .await?;
+    Ok(warp::reply::json(&redacted(endpoint)).into_response())
+}
+
+async fn delete(
+    id: String,
+    kind: EndpointKind,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    endpoint(&state, kind, &id).await?;
+    refuse_in_use(&state, kind, &id)?;
+    let key = id.clone();
+    blocking(&state, move |store| store.remove(kind.table(), &key)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn refuse_in_use(state: &AppState, kind: EndpointKind, id: &str) -> Result<(), Rejection> {
+    match state.pipelines.using_endpoint(kind, id) {
+        Some(pipeline) => Err(ApiError::reject(
+            StatusCode::CONFLICT,
+            format!(
+                "{} {id} is used by running pipeline {pipeline}; stop it first",
+                kind.noun()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Validates the body: the type, the operator's parameters (as a graph would), path roots and,
+/// for sources, reachability.
+async fn check(
+    state: &Arc<AppState>,
+    kind: EndpointKind,
+    body: EndpointBody,
+) -> Result<EndpointBody, Rejection> {
+    let invalid = |message: String| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, message);
+    let name = body.name.trim().to_string();
+    if name.is_empty() || name.len() > 200 {
+        return Err(invalid("name: must be 1 to 200 characters".into()));
+    }
+    let Some(operator) = kind.operator(&body.endpoint_type) else {
+        return Err(invalid(format!(
+            "type: {:?} is not a {} type ({})",
+            body.endpoint_type,
+            kind.noun(),
+            kind.types()
+        )));
+    };
+    if !body.config.is_object() {
+        return Err(invalid(
+            "config: must be an object of the operator's parameters".into(),
+        ));
+    }
+    validate_params(operator, &body.config).map_err(|error| invalid(format!("config{error}")))?;
+    if let Some(path) = body.config.get("path").and_then(Value::as_str) {
+        state
+            .roots
+            .check(Path::new(path))
+            .map_err(|error| invalid(format!("config.path: {error}")))?;
+    }
+    if kind == EndpointKind::Source {
+        let config = body.config.clone();
+        let endpoint_type = body.endpoint_type.clone();
+        tokio::task::spawn_blocking(move || reachable(&endpoint_type, &config))
+            .await
+            .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(invalid)?;
+    }
+    Ok(EndpointBody { name, ..body })
+}
+
+/// Validates `params` of `operator` through the graph validator (a one-node graph), so the
+/// rules and messages are those of `inspectflow validate`. The error starts with the field
+/// (`.path: ...`).
+fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
+    let graph =
+        json!({"name": "check", "nodes": [{"id": "endpoint", "op": operator, "params": params}]});
+    let text = graph.to_string();
+    match crate::graph::load_str("config", &text, true, &super::api::registry()) {
+        Ok(_) => Ok(()),
+        Err(errors) => {
+            let Some(error) = errors
+                .0
+                .iter()
+                .find(|e| e.node.as_deref() == Some("endpoint"))
+                .or(errors.0.first())
+            else {
+                return Ok(());
+            };
+            let field = error
+                .field
+                .as_deref()
+                .map(|f| {
+                    format!(
+                        ".{}",
+                        f.trim_start_matches("params.").trim_start_matches("params")
+                    )
+                })
+                .filter(|f| f != ".")
+                .unwrap_or_default();
+            Err(format!("{field}: {}", error.message))
+        }
+    }
+}
+
+/// Whether a source can be reached now.
+fn reachable(endpoint_type: &str, config: &Value) -> Result<(), String> {
+    let text = |field: &str| {
+        config
+            .get(field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    match endpoint_type {
+        "video_file" => {
+            let path = Path::new(text("path"));
+            std::fs::File::open(path)
+                .map(|_| ())
+                .map_err(|e| format!("config.path: cannot open {}: {e}", path.display()))
+        }
+        "images_folder" => {
+            let path = Path::new(text("path"));
+            if path.is_dir() {
+                Ok(())
+            } else {
+                Err(format!("config.path: {} is not a folder", path.display()))
+            }
+        }
+        "usb_camera" => {
+            let device = match config.get("device") {
+                Some(Value::Number(index)) => format!("/dev/video{index}"),
+                Some(Value::String(path)) => path.clone(),
+                _ => "/dev/video0".into(),
+            };
+            if Path::new(&device).exists() {
+                Ok(())
+            } else {
+                Err(format!("config.device: no camera at {device}"))
+            }
+        }
+        "ip_camera" => {
+            let url = text("url");
+            let (host, port) = host_and_port(url).ok_or_else(|| {
+                format!(
+                    "config.url: cannot read a host from {}",
+                    crate::operators::url::redact_url(url)
+                )
+            })?;
+            let addresses = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .map_err(|e| format!("config.url: cannot resolve {host}: {e}"))?;
+            for address in addresses {
+                if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(3)).is_ok() {
+                    return Ok(());
+                }
+            }
+            Err(format!(
+                "config.url: {host}:{port} does not accept connections"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Host and port of a camera URL (`rtsp://user:pw@host:8554/path`).
+fn host_and_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let default_port = match scheme {
+        "rtsp" => 554,
+        "rtsps" => 322,
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => Some((
+            host.trim_matches(['[', ']']).to_string(),
+            port.parse().ok()?,
+        )),
+        _ => Some((authority.trim_matches(['[', ']']).to_string(), default_port)),
+    }
+    .filter(|(host, _)| !host.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_and_port;
+
+    #[test]
+    fn camera_urls_give_host_and_port() {
+        assert_eq!(
+            host_and_port("rtsp://user:secret@10.0.0.5:8554/stream"),
+            Some(("10.0.0.5".into(), 8554))
+        );
+        assert_eq!(
+            host_and_port("http://camera.local/mjpeg"),
+            Some(("camera.local".into(), 80))
+        );
+        assert_eq!(host_and_port("rtsp:///x"), None);
+        assert_eq!(host_and_port("file:///x"), None);
+    }
+}

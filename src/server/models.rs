@@ -1,0 +1,461 @@
+//! Trained models: records of the packages under `models/<id>/` that training jobs register.
+//!
+//! - `GET /api/projects/{project_id}/models` and `.../models/{model_id}`: list and get;
+//! - `PATCH .../models/{model_id}`: rename, or move the decision threshold (0-1) that `:predict`
+//!   and pipelines built from the model use (the package keeps its calibrated one);
+//! - `DELETE .../models/{model_id}`: refused (409) while a running pipeline uses it;
+//! - `POST .../models/{model_id}:predict`: score an uploaded image (score, label, threshold, the
+//!   anomaly map as a PNG and the overlay as a JPEG, base64);
+//! - `POST .../models/{model_id}:export`: the package as a zip.
+//!
+//! Compiled models are kept per model for `:predict` and dropped when the model changes.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::api::{ApiError, AppState, Page, action, blocking, json_body, now, paginate};
+use super::jobs::Job;
+use super::store::MODELS;
+use crate::operators::package::ModelPackage;
+use crate::predictor::Predictor;
+
+/// A registered model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Model {
+    /// UUID (also its package folder's name).
+    pub id: String,
+    /// The project it was trained for.
+    pub project_id: String,
+    /// Display name.
+    pub name: String,
+    /// Always `openvino` (IR).
+    pub format: String,
+    /// Model family.
+    pub architecture: String,
+    /// Backbone.
+    pub backbone: String,
+    /// Square input size.
+    pub input_size: usize,
+    /// Decision threshold on normalised scores (0-1) used by `:predict` and pipelines.
+    pub threshold: f32,
+    /// The threshold training calibrated.
+    pub calibrated_threshold: f32,
+    /// Validation metrics from training.
+    pub metrics: serde_json::Value,
+    /// The job that trained it.
+    pub train_job_id: String,
+    /// Size of the package in bytes.
+    pub size_bytes: u64,
+    /// Registration time.
+    pub created_at: String,
+}
+
+impl Model {
+    /// The package folder of model `id`.
+    pub fn dir(data_dir: &Path, id: &str) -> PathBuf {
+        data_dir.join("models").join(id)
+    }
+
+    /// The record of the package just trained in `dir` by `job`.
+    pub fn from_package(dir: &Path, job: &Job) -> Result<Self, String> {
+        let package = ModelPackage::open(dir).map_err(|e| e.to_string())?;
+        let manifest = &package.manifest;
+        let size_bytes = std::fs::read_dir(dir)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .filter_map(|entry| entry.ok()?.metadata().ok())
+            .map(|metadata| metadata.len())
+            .sum();
+        Ok(Self {
+            id: job.model_id.clone(),
+            project_id: job.project_id.clone(),
+            name: job.payload.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{} {}",
+                    manifest.architecture,
+                    job.created_at.replace('T', " ")
+                )
+            }),
+            format: "openvino".into(),
+            architecture: manifest.architecture.clone(),
+            backbone: manifest.backbone.clone(),
+            input_size: manifest.input_size,
+            threshold: manifest.threshold,
+            calibrated_threshold: manifest.threshold,
+            metrics: manifest.metrics.clone(),
+            train_job_id: job.id.clone(),
+            size_bytes,
+            created_at: now(),
+        })
+    }
+}
+
+/// Compiled models for `:predict`, by model id.
+#[derive(Default)]
+pub struct LoadedModels {
+    loaded: Mutex<HashMap<String, Arc<Mutex<Predictor>>>>,
+}
+
+impl LoadedModels {
+    fn forget(&self, id: &str) {
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.remove(id);
+        }
+    }
+}
+
+/// Body of `PATCH .../models/{model_id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelChange {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    threshold: Option<f32>,
+}
+
+/// The model routes.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let with_state = warp::any().map(move || Arc::clone(&state));
+    let list = warp::path!("api" / "projects" / String / "models")
+        .and(warp::get())
+        .and(warp::query::<Page>())
+        .and(with_state.clone())
+        .and_then(list);
+    let get = warp::path!("api" / "projects" / String / "models" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .and_then(get);
+    let change = warp::path!("api" / "projects" / String / "models" / String)
+        .and(warp::patch())
+        .and(json_body::<ModelChange>())
+        .and(with_state.clone())
+        .and_then(change);
+    let delete = warp::path!("api" / "projects" / String / "models" / String)
+        .and(warp::delete())
+        .and(with_state.clone())
+        .and_then(delete);
+    let models_prefix = || {
+        warp::path("api")
+            .and(warp::path("projects"))
+            .and(warp::path::param::<String>())
+            .and(warp::path("models"))
+    };
+    let predict = models_prefix()
+        .and(action("predict"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(super::media::multipart_content_type())
+        .and(warp::multipart::form().max_length(super::media::MAX_UPLOAD_BYTES))
+        .and(with_state.clone())
+        .and_then(predict);
+    let export = models_prefix()
+        .and(action("export"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(with_state)
+        .and_then(export);
+    list.or(get)
+        .unify()
+        .or(change)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(predict)
+        .unify()
+        .or(export)
+        .unify()
+}
+
+/// The model `model_id` of project `project_id`, or 404.
+pub async fn model_of(
+    state: &Arc<AppState>,
+    project_id: &str,
+    model_id: &str,
+) -> Result<Model, Rejection> {
+    super::media::project_exists(state, project_id).await?;
+    let key = model_id.to_string();
+    match blocking(state, move |store| store.get::<Model>(MODELS, &key)).await? {
+        Some(model) if model.project_id == project_id => Ok(model),
+        _ => Err(ApiError::not_found("model", model_id)),
+    }
+}
+
+async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
+    super::media::project_exists(&state, &project_id).await?;
+    let mut models: Vec<Model> = blocking(&state, |store| store.all(MODELS)).await?;
+    models.retain(|model| model.project_id == project_id);
+    models.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let (items, pagination) = paginate(models, &page)?;
+    Ok(
+        warp::reply::json(&serde_json::json!({"models": items, "pagination": pagination}))
+            .into_response(),
+    )
+}
+
+async fn get(
+    project_id: String,
+    model_id: String,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    Ok(warp::reply::json(&model_of(&state, &project_id, &model_id).await?).into_response())
+}
+
+async fn change(
+    project_id: String,
+    model_id: String,
+    change: ModelChange,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let mut model = model_of(&state, &project_id, &model_id).await?;
+    if let Some(threshold) = change.threshold {
+        if !(0.0..=1.0).contains(&threshold) || threshold.is_nan() {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("threshold: {threshold} is outside 0-1"),
+            ));
+        }
+        model.threshold = threshold;
+    }
+    if let Some(name) = change.name {
+        let name = name.trim().to_string();
+        if name.is_empty() || name.len() > 200 {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "name: must be 1 to 200 characters",
+            ));
+        }
+        model.name = name;
+    }
+    let stored = model.clone();
+    blocking(&state, move |store| store.put(MODELS, &stored.id, &stored)).await?;
+    state.models.forget(&model.id);
+    Ok(warp::reply::json(&model).into_response())
+}
+
+async fn delete(
+    project_id: String,
+    model_id: String,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let model = model_of(&state, &project_id, &model_id).await?;
+    if let Some(pipeline) = state.pipelines.using_model(&model.id) {
+        return Err(ApiError::reject(
+            StatusCode::CONFLICT,
+            format!("model {model_id} is used by running pipeline {pipeline}; stop it first"),
+        ));
+    }
+    let id = model.id.clone();
+    blocking(&state, move |store| store.remove(MODELS, &id)).await?;
+    state.models.forget(&model.id);
+    // Record first, files after: a crash in between leaves an orphan folder, never a record
+    // without its package.
+    let _ = std::fs::remove_dir_all(Model::dir(&state.data_dir, &model.id));
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The verdict `:predict` answers.
+#[derive(Serialize)]
+struct PredictAnswer {
+    model_id: String,
+    score: f32,
+    raw_score: f32,
+    threshold: f32,
+    label: &'static str,
+    /// The normalised anomaly map as an 8-bit grey PNG at the image's size, base64.
+    anomaly_map: String,
+    /// The image with the heatmap drawn over it, JPEG, base64.
+    image_with_predictions: String,
+    width: u32,
+    height: u32,
+}
+
+async fn predict(
+    project_id: String,
+    model_id: String,
+    form: warp::multipart::FormData,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let model = model_of(&state, &project_id, &model_id).await?;
+    let form = super::media::read_form(form).await?;
+    let Some((filename, bytes)) = form.file else {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "file: the form needs an image in the field 'file'",
+        ));
+    };
+    let predictor = {
+        let cached = state
+            .models
+            .loaded
+            .lock()
+            .ok()
+            .and_then(|loaded| loaded.get(&model.id).cloned());
+        match cached {
+            Some(predictor) => predictor,
+            None => {
+                let dir = Model::dir(&state.data_dir, &model.id);
+                let threshold = model.threshold;
+                let loaded =
+                    tokio::task::spawn_blocking(move || Predictor::load(&dir, Some(threshold)))
+                        .await
+                        .map_err(|e| {
+                            ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                        })?
+                        .map_err(|e| {
+                            ApiError::reject(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("model {}: cannot be loaded: {e}", model.id),
+                            )
+                        })?;
+                let loaded = Arc::new(Mutex::new(loaded));
+                if let Ok(mut all) = state.models.loaded.lock() {
+                    all.insert(model.id.clone(), Arc::clone(&loaded));
+                }
+                loaded
+            }
+        }
+    };
+    let model_id = model.id.clone();
+    let answer = tokio::task::spawn_blocking(move || -> Result<PredictAnswer, Rejection> {
+        let mut predictor = predictor.lock().map_err(|_| {
+            ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, "model lock poisoned")
+        })?;
+        let frame =
+            crate::operators::decode::decode_rgb(&bytes, &filename, predictor.frame_pool(), 0)
+                .map_err(|e| {
+                    ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, format!("file: {e}"))
+                })?;
+        let prediction = predictor.score(&frame).map_err(|e| {
+            ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, format!("file: {e}"))
+        })?;
+        let overlay = predictor
+            .overlay(&frame, &prediction)
+            .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let internal = |e: String| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e);
+        let map: Vec<u8> = prediction
+            .map
+            .iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        let base64 = base64::engine::general_purpose::STANDARD;
+        Ok(PredictAnswer {
+            model_id,
+            score: prediction.score,
+            raw_score: prediction.raw_score,
+            threshold: prediction.threshold,
+            label: if prediction.anomalous {
+                "Anomalous"
+            } else {
+                "Normal"
+            },
+            anomaly_map: base64.encode(
+                encode_png_gray(&map, prediction.map_width, prediction.map_height)
+                    .map_err(internal)?,
+            ),
+            image_with_predictions: base64.encode(encode_jpeg(&overlay).map_err(internal)?),
+            width: frame.layout.width,
+            height: frame.layout.height,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(warp::reply::json(&answer).into_response())
+}
+
+fn encode_png_gray(pixels: &[u8], width: u32, height: u32) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut bytes)
+        .write_image(pixels, width, height, image::ExtendedColorType::L8)
+        .map_err(|e| format!("anomaly map PNG: {e}"))?;
+    Ok(bytes)
+}
+
+fn encode_jpeg(frame: &crate::operators::Frame) -> Result<Vec<u8>, String> {
+    use crate::operators::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
+    let mut encoder = JpegEncoder::new(EncodeParams {
+        quality: 85,
+        source: EncodeSource::Frame,
+    })
+    .map_err(|e| e.to_string())?;
+    let encoded = encoder.encode(frame).map_err(|e| e.to_string())?;
+    Ok(encoded.bytes().to_vec())
+}
+
+use image::ImageEncoder;
+
+/// `:export`: the package folder as a zip (stored, not deflated: the weights are float data that
+/// deflate barely shrinks), named after the model.
+async fn export(
+    project_id: String,
+    model_id: String,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let model = model_of(&state, &project_id, &model_id).await?;
+    let dir = Model::dir(&state.data_dir, &model.id);
+    let zipped = tokio::task::spawn_blocking(move || zip_folder(&dir))
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let filename: String = model
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut response = Response::new(zipped.into());
+    let headers = response.headers_mut();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/zip"),
+    );
+    if let Ok(value) =
+        warp::http::HeaderValue::from_str(&format!("attachment; filename=\"{filename}.zip\""))
+    {
+        headers.insert(warp::http::header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
+}
+
+fn zip_folder(dir: &Path) -> Result<Vec<u8>, String> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_file())
+        .collect();
+    names.sort();
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    for path in names {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        writer
+            .start_file(name.as_str(), options)
+            .and_then(|()| writer.write_all(&bytes).map_err(Into::into))
+            .map_err(|e| format!("zip {name}: {e}"))?;
+    }
+    writer
+        .finish()
+        .map(|cursor| cursor.into_inner())
+        .map_err(|e| format!("zip: {e}"))
+}
