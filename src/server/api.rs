@@ -137,9 +137,9 @@ pub struct Project {
 }
 
 /// Body of `POST /api/projects` and `PATCH /api/projects/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ProjectBody {
+pub(crate) struct ProjectBody {
     name: String,
 }
 

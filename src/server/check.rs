@@ -1,13 +1,15 @@
 //! `inspectflow check-db`: the store's consistency with the files beside it. It reports the
-//! schema version, records that do not parse, media whose project is gone or whose files are
-//! missing (dangling records), and files no record points to, including half-written `.partial`
-//! files (orphans). The server must not be running (redb locks the store).
+//! schema version, records that do not parse, media, models, jobs and pipelines whose project
+//! is gone, media and models whose files are missing (dangling records), files and model
+//! folders no record points to (orphans), half-written `.partial` files and packages, and jobs
+//! still marked running. The server must not be running (redb locks the store).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::media::Media;
-use super::store::{MEDIA, PROJECTS, Store};
+use super::models::Model;
+use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS, Store};
 
 /// What `check-db` found.
 pub struct Report {
@@ -71,11 +73,80 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
             problems.push(format!("orphan file (no record): {}", file.display()));
         }
     }
+    let mut records = projects.len() + media.len();
+    records += check_models_and_jobs(&store, data_dir, &projects, &mut problems);
     Ok(Report {
         schema_version: store.schema_version().map_err(|e| e.to_string())?,
-        records: projects.len() + media.len(),
+        records,
         problems,
     })
+}
+
+/// Models (records against `models/` folders), jobs and pipelines; returns how many records it
+/// checked.
+fn check_models_and_jobs(
+    store: &Store,
+    data_dir: &Path,
+    projects: &HashSet<String>,
+    problems: &mut Vec<String>,
+) -> usize {
+    let mut load = |table| -> Vec<serde_json::Value> {
+        store.all(table).unwrap_or_else(|error| {
+            problems.push(error.to_string());
+            Vec::new()
+        })
+    };
+    let models = load(MODELS);
+    let jobs = load(JOBS);
+    let pipelines = load(PIPELINES);
+    let text = |record: &serde_json::Value, field: &str| {
+        record[field].as_str().unwrap_or_default().to_string()
+    };
+    let mut model_ids = HashSet::new();
+    for (kind, records) in [("model", &models), ("job", &jobs), ("pipeline", &pipelines)] {
+        for record in records {
+            let project = text(record, "project_id");
+            if !projects.contains(&project) {
+                problems.push(format!(
+                    "dangling record: {kind} {} belongs to project {project}, which does not exist",
+                    text(record, "id")
+                ));
+            }
+        }
+    }
+    for model in &models {
+        let id = text(model, "id");
+        if !Model::dir(data_dir, &id).join("manifest.json").is_file() {
+            problems.push(format!(
+                "dangling record: model {id} lacks its package {}",
+                Model::dir(data_dir, &id).display()
+            ));
+        }
+        model_ids.insert(id);
+    }
+    for job in &jobs {
+        if matches!(text(job, "status").as_str(), "running" | "pending") {
+            problems.push(format!(
+                "job {} is still marked {} (the server marks it at its next start)",
+                text(job, "id"),
+                text(job, "status")
+            ));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("models")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                problems.push(format!("half-written package: {}", entry.path().display()));
+            } else if !model_ids.contains(&name) {
+                problems.push(format!(
+                    "orphan package (no record): {}",
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    models.len() + jobs.len() + pipelines.len()
 }
 
 /// Every file under `dir` (none when it does not exist).

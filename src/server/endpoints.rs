@@ -87,9 +87,9 @@ pub struct Endpoint {
 }
 
 /// Body of create and update.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct EndpointBody {
+pub(crate) struct EndpointBody {
     name: String,
     #[serde(rename = "type")]
     endpoint_type: String,
@@ -323,8 +323,18 @@ async fn check(
 /// rules and messages are those of `inspectflow validate`. The error starts with the field
 /// (`.path: ...`).
 fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
-    let graph =
-        json!({"name": "check", "nodes": [{"id": "endpoint", "op": operator, "params": params}]});
+    // The node alone would be an incomplete graph: give it a partner on its port.
+    let graph = if operator.starts_with("source.") {
+        json!({"name": "check", "nodes": [
+            {"id": "endpoint", "op": operator, "params": params},
+            {"id": "partner", "op": "sink.null"}
+        ], "edges": [{"from": "endpoint", "to": "partner"}]})
+    } else {
+        json!({"name": "check", "nodes": [
+            {"id": "partner", "op": "source.synthetic", "params": {"width": 8, "height": 8}},
+            {"id": "endpoint", "op": operator, "params": params}
+        ], "edges": [{"from": "partner", "to": "endpoint"}]})
+    };
     let text = graph.to_string();
     match crate::graph::load_str("config", &text, true, &super::api::registry()) {
         Ok(_) => Ok(()),
@@ -333,7 +343,6 @@ fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
                 .0
                 .iter()
                 .find(|e| e.node.as_deref() == Some("endpoint"))
-                .or(errors.0.first())
             else {
                 return Ok(());
             };

@@ -52,7 +52,7 @@ impl JobStatus {
 }
 
 /// What to train: the body of `POST /api/projects/{id}/train`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainPayload {
     /// Model family: `padim` or `patchcore` (see `/api/trainable-models`).
@@ -244,6 +244,15 @@ fn partial_model_dir(data_dir: &Path, model_id: &str) -> PathBuf {
     data_dir.join("models").join(format!(".{model_id}.partial"))
 }
 
+/// Removes a half-written package and the scratch folder training keeps beside it.
+fn remove_partial_package(data_dir: &Path, model_id: &str) {
+    let _ = std::fs::remove_dir_all(partial_model_dir(data_dir, model_id));
+    let scratch = data_dir
+        .join("models")
+        .join(format!("..{model_id}.partial.scratch"));
+    let _ = std::fs::remove_dir_all(scratch);
+}
+
 /// A job's working folder (its dataset links) and log file.
 fn job_dir(data_dir: &Path, job_id: &str) -> PathBuf {
     data_dir.join("jobs").join(job_id)
@@ -254,7 +263,7 @@ fn log_path(data_dir: &Path, job_id: &str) -> PathBuf {
 }
 
 fn remove_job_files(data_dir: &Path, job: &Job) {
-    let _ = std::fs::remove_dir_all(partial_model_dir(data_dir, &job.model_id));
+    remove_partial_package(data_dir, &job.model_id);
     let _ = std::fs::remove_dir_all(job_dir(data_dir, &job.id));
 }
 
@@ -349,7 +358,7 @@ async fn run(state: &Arc<AppState>, live: &LiveJob, mut job: Job) {
             publish(state, live, &job).await;
         }
     }
-    let _ = std::fs::remove_dir_all(partial_model_dir(data_dir, &job.model_id));
+    remove_partial_package(data_dir, &job.model_id);
     let _ = std::fs::remove_dir_all(job_dir(data_dir, &job.id));
 }
 

@@ -82,6 +82,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
     let shutdown = Arc::clone(&state);
     runtime.block_on(async move {
+        sweep_half_written(data_dir);
         jobs::JobRunner::recover(&state)?;
         let listener = tokio::net::TcpListener::bind(bind)
             .await
@@ -104,4 +105,49 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         shutdown.pipelines.stop_all();
         Ok(())
     })
+}
+
+/// Removes what a crash can leave half-written: upload files still under their temporary
+/// `.partial` name (their records were never committed), packages of interrupted training runs
+/// (`models/.<id>.partial` and its scratch folder) and job work folders. Runs before any request is answered.
+fn sweep_half_written(data_dir: &std::path::Path) {
+    fn partial_files(dir: &std::path::Path, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                partial_files(&path, found);
+            } else if path.extension().is_some_and(|e| e == "partial") {
+                found.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    partial_files(&data_dir.join("projects"), &mut files);
+    for file in files {
+        tracing::warn!("removing half-written {}", file.display());
+        let _ = std::fs::remove_file(file);
+    }
+    for folder in ["models", "jobs"] {
+        let Ok(entries) = std::fs::read_dir(data_dir.join(folder)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Training writes `.<id>.partial` (and its `..<id>.partial.scratch`); a finished
+            // package is renamed to its bare id.
+            let half_written = if folder == "models" {
+                name.starts_with('.')
+            } else {
+                path.is_dir()
+            };
+            if half_written {
+                tracing::warn!("removing half-written {}", path.display());
+                let _ = std::fs::remove_dir_all(path);
+            }
+        }
+    }
 }

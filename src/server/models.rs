@@ -112,9 +112,9 @@ impl LoadedModels {
 }
 
 /// Body of `PATCH .../models/{model_id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ModelChange {
+pub(crate) struct ModelChange {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]

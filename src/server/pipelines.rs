@@ -58,9 +58,9 @@ pub struct PipelineRecord {
 }
 
 /// Body of create and update.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PipelineBody {
+pub(crate) struct PipelineBody {
     name: String,
     #[serde(default)]
     graph: Option<Value>,
@@ -559,9 +559,9 @@ async fn assemble(
 }
 
 /// Body of `POST /api/active-pipelines`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct StartBody {
+pub(crate) struct StartBody {
     pipeline_id: String,
 }
 
