@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand};
 
+mod logging;
 mod model_commands;
 use inspectflow::graph::{self, schema};
 use inspectflow::operators::Registry;
@@ -158,13 +159,15 @@ enum BackbonesAction {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let log_dir = match &cli.command {
+        Command::Serve { data_dir, .. } => Some(data_dir.join("logs")),
+        _ => None,
+    };
+    if let Err(error) = logging::init(log_dir.as_deref()) {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
     let registry = Registry::builtin();
     match cli.command {
         Command::Run {

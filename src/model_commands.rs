@@ -326,6 +326,7 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         },
         report.package.dir.display()
     );
+    println!("dataset snapshot {}", report.snapshot_id);
     println!(
         "validation ({} normal, {} {} anomalous): {}",
         summary.normal,

@@ -859,6 +859,24 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         assert!(zip_text.contains(member), "the zip holds {member}");
     }
 
+    // The dataset snapshot it was trained on.
+    let snapshot_id = model["dataset_snapshot_id"].as_str().expect("snapshot id");
+    let (status, snapshot) = call(http.get(server.url(&format!("/api/snapshots/{snapshot_id}"))));
+    assert_eq!(status, StatusCode::OK, "{snapshot}");
+    assert_eq!(
+        (snapshot["count"].as_u64(), snapshot["anomalous"].as_u64()),
+        (Some(20), Some(0))
+    );
+    let parquet = http
+        .get(server.url(&format!("/api/snapshots/{snapshot_id}/download")))
+        .send()
+        .expect("download")
+        .bytes()
+        .expect("bytes");
+    assert_eq!(&parquet[..4], b"PAR1");
+    let (_, snapshots) = call(http.get(server.url("/api/snapshots")));
+    assert_eq!(snapshots["pagination"]["total"], 1);
+
     // 4. A video file source and a folder sink, assembled into a pipeline.
     let video = media_root.join("line1.mp4");
     mp4(&video, 45);
@@ -1013,6 +1031,12 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         sequences.windows(2).all(|w| w[0] < w[1]),
         "in order, each once"
     );
+    let app_log = std::fs::read_to_string(data.join("logs/app.log")).expect("app.log");
+    let inference_log =
+        std::fs::read_to_string(data.join("logs/inference.log")).expect("inference.log");
+    assert!(inference_log.contains(&pipeline_id), "{inference_log}");
+    assert!(app_log.contains(&pipeline_id), "{app_log}");
+    assert!(data.join("logs/dispatching.log").is_file());
     let (_, listed) =
         call(http.get(server.url(&format!("/api/projects/{project}/pipelines/{pipeline_id}"))));
     assert_eq!(listed["status"], "idle");
@@ -1244,5 +1268,101 @@ fn a_server_killed_during_uploads_and_training_restarts_consistent() {
         !walk(&data).iter().any(|f| f.contains(".partial")),
         "{:?}",
         walk(&data)
+    );
+}
+
+#[test]
+fn jobs_queue_one_at_a_time_and_cancel_while_pending_or_running_registers_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let server = Server::start_with(&data, &["--max-jobs", "1"]);
+    let http = client();
+    let project = create_project(&http, &server, "queue");
+    let (status, body) = call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "padim", "input_size": 64})),
+    );
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "no images yet: {body}"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("at least 3"),
+        "{body}"
+    );
+    upload_all(
+        &http,
+        &server,
+        &project,
+        &normal_images(dir.path(), 12, 128),
+    );
+    let submit = || {
+        let (status, job) = call(
+            http.post(server.url(&format!("/api/projects/{project}/train")))
+                // A large input makes the first job last long enough to cancel it mid-run.
+                .json(&json!({"model_name": "padim", "input_size": 512})),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{job}");
+        job["id"].as_str().expect("id").to_string()
+    };
+    let first = submit();
+    let second = submit();
+    poll(&http, &server.url(&format!("/api/jobs/{first}")), |job| {
+        job["status"] == "running"
+    });
+    let (_, waiting) = call(http.get(server.url(&format!("/api/jobs/{second}"))));
+    assert_eq!(waiting["status"], "pending", "one job at a time: {waiting}");
+
+    let (status, canceled) = call(http.post(server.url(&format!("/api/jobs/{second}:cancel"))));
+    assert_eq!(
+        (status, canceled["status"].as_str()),
+        (StatusCode::OK, Some("canceled")),
+        "{canceled}"
+    );
+    let (status, canceled) = call(http.post(server.url(&format!("/api/jobs/{first}:cancel"))));
+    assert_eq!(
+        (status, canceled["status"].as_str()),
+        (StatusCode::OK, Some("canceled")),
+        "{canceled}"
+    );
+    assert!(canceled["end_time"].is_string());
+
+    // The worker is free again: the next job runs to the end.
+    let (status, third) = call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "patchcore", "input_size": 64, "memory_bank": 64})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{third}");
+    let third = third["id"].as_str().expect("id").to_string();
+    let done = poll(&http, &server.url(&format!("/api/jobs/{third}")), |job| {
+        job["status"] != "pending" && job["status"] != "running"
+    });
+    assert_eq!(done["status"], "completed", "{done}");
+    let (_, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
+    assert_eq!(
+        models["pagination"]["total"], 1,
+        "canceled jobs register nothing: {models}"
+    );
+    assert_eq!(models["models"][0]["architecture"], "patchcore");
+    let (_, jobs) = call(http.get(server.url(&format!("/api/jobs?project_id={project}"))));
+    let statuses: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["canceled", "canceled", "completed"]);
+    let models_dir: Vec<String> = std::fs::read_dir(data.join("models"))
+        .expect("models folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        models_dir,
+        [models["models"][0]["id"].as_str().expect("id")],
+        "no leftovers"
     );
 }

@@ -299,6 +299,8 @@ pub fn routes(
         ))
         .unify()
         .or(super::pipelines::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::snapshots::routes(Arc::clone(&state)))
         .unify();
     authenticated(state)
         .and(health.or(api).unify())

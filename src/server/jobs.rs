@@ -491,13 +491,19 @@ async fn train(
     let mut stdout = BufReader::new(stdout).lines();
     let mut stderr = BufReader::new(stderr).lines();
     let mut last_error = None;
+    let mut snapshot_id = None;
     let mut saved_percent = 0u8;
     let mut stdout_open = true;
     let mut stderr_open = true;
     while stdout_open || stderr_open {
         tokio::select! {
             line = stdout.next_line(), if stdout_open => match line {
-                Ok(Some(line)) => log.line(live, &line).await,
+                Ok(Some(line)) => {
+                    if let Some(id) = line.strip_prefix("dataset snapshot ") {
+                        snapshot_id = Some(id.trim().to_string());
+                    }
+                    log.line(live, &line).await;
+                }
                 _ => stdout_open = false,
             },
             line = stderr.next_line(), if stderr_open => match line {
@@ -549,7 +555,7 @@ async fn train(
             model_dir.display()
         ))
     })?;
-    Model::from_package(&model_dir, job).map_err(|error| {
+    Model::from_package(&model_dir, job, snapshot_id).map_err(|error| {
         let _ = std::fs::remove_dir_all(&model_dir);
         Ended::Failed(error)
     })

@@ -9,6 +9,7 @@
 //! - [`endpoints`]: sources and sinks as stored operator configurations;
 //! - [`pipelines`]: stored pipelines and the running ones, with metrics;
 //! - [`roots`]: the folders clients may name;
+//! - [`snapshots`]: the Parquet dataset snapshots training writes;
 //! - [`openapi`]: the OpenAPI 3 description of every route.
 //!
 //! The server binds to 127.0.0.1 unless told otherwise, and with a token (`--token` or
@@ -23,6 +24,7 @@ pub mod models;
 pub mod openapi;
 pub mod pipelines;
 pub mod roots;
+pub mod snapshots;
 pub mod store;
 
 use std::net::SocketAddr;

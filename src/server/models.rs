@@ -52,6 +52,9 @@ pub struct Model {
     pub metrics: serde_json::Value,
     /// The job that trained it.
     pub train_job_id: String,
+    /// The dataset snapshot it was trained on (`/api/snapshots/{id}`).
+    #[serde(default)]
+    pub dataset_snapshot_id: Option<String>,
     /// Size of the package in bytes.
     pub size_bytes: u64,
     /// Registration time.
@@ -65,7 +68,11 @@ impl Model {
     }
 
     /// The record of the package just trained in `dir` by `job`.
-    pub fn from_package(dir: &Path, job: &Job) -> Result<Self, String> {
+    pub fn from_package(
+        dir: &Path,
+        job: &Job,
+        dataset_snapshot_id: Option<String>,
+    ) -> Result<Self, String> {
         let package = ModelPackage::open(dir).map_err(|e| e.to_string())?;
         let manifest = &package.manifest;
         let size_bytes = std::fs::read_dir(dir)
@@ -91,6 +98,7 @@ impl Model {
             calibrated_threshold: manifest.threshold,
             metrics: manifest.metrics.clone(),
             train_job_id: job.id.clone(),
+            dataset_snapshot_id,
             size_bytes,
             created_at: now(),
         })

@@ -368,6 +368,27 @@ pub const ROUTES: &[RouteDoc] = &[
         responses: &[200, 401],
         body: Body::None,
     },
+    RouteDoc {
+        method: "get",
+        path: "/api/snapshots",
+        summary: "Dataset snapshots (Parquet tables training froze its datasets into), paginated.",
+        responses: &[200, 401, 422],
+        body: Body::None,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/snapshots/{snapshot_id}",
+        summary: "A snapshot: image count, anomalous count, size, time.",
+        responses: &[200, 401, 404],
+        body: Body::None,
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/snapshots/{snapshot_id}/download",
+        summary: "The snapshot's Parquet file (path, filename, label, mask, split, sha256 per image).",
+        responses: &[200, 401, 404],
+        body: Body::None,
+    },
 ];
 
 fn reason(status: u16) -> &'static str {

@@ -168,6 +168,8 @@ pub struct TrainReport {
     pub validation: evaluate::Evaluation,
     /// Whether the dataset snapshot was reused from the cache.
     pub snapshot_reused: bool,
+    /// The dataset snapshot's id (its file in the cache is `<id>.parquet`).
+    pub snapshot_id: String,
     /// Seconds spent.
     pub seconds: f64,
 }
@@ -365,6 +367,7 @@ fn train_in(
         package,
         validation: evaluation,
         snapshot_reused: snapshot.reused,
+        snapshot_id: snapshot.id.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
