@@ -76,11 +76,7 @@ pub fn predict(
                 score: prediction.score,
                 raw_score: prediction.raw_score,
                 threshold: prediction.threshold,
-                label: if prediction.anomalous {
-                    "Anomalous"
-                } else {
-                    "Normal"
-                },
+                label: prediction.label().as_str(),
                 overlay,
             })
         })();

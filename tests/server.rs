@@ -1117,7 +1117,7 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
     let (status, second) = call(http.post(&pipelines_url).json(&json!({"name": "second", "graph": {
         "name": "second",
         "nodes": [
-            {"id": "camera", "op": "source.synthetic", "params": {"width": 32, "height": 32, "fps": 100, "realtime": true}},
+            {"id": "camera", "op": "source.synthetic", "params": {"width": 32, "height": 32, "fps": 100, "realtime": true, "format": "bgr"}},
             {"id": "out", "op": "sink.null"}
         ],
         "edges": [{"from": "camera", "to": "out"}]
@@ -1152,6 +1152,7 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
         active["active_pipelines"].as_array().expect("list").len(),
         2
     );
+    captures_save_the_frame_a_pipeline_sees_now(&http, &server, &project, &ids);
     let (status, body) = call(
         http.put(format!("{pipelines_url}/{}", ids[0]))
             .json(&json!({"name": "first", "graph": yaml})),
@@ -1184,6 +1185,11 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
         (status, stopped["status"].as_str()),
         (StatusCode::OK, Some("stopped"))
     );
+    let (status, body) = call(
+        http.post(server.url("/api/captures"))
+            .json(&json!({"pipeline_id": ids[0]})),
+    );
+    assert_eq!(status, StatusCode::CONFLICT, "a stopped pipeline: {body}");
     let body = poll(
         &http,
         &server.url(&format!("/api/active-pipelines/{}", ids[1])),
@@ -1198,6 +1204,108 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
     assert_eq!(status, StatusCode::OK);
     let (status, _) = call(http.get(server.url(&format!("/api/active-pipelines/{}", ids[1]))));
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Captures from the running pipelines of the two-pipelines test: the second one's synthetic
+/// camera draws BGR colour bars with a square whose place follows the frame's sequence, so the
+/// saved image must be exactly the frame the capture names.
+fn captures_save_the_frame_a_pipeline_sees_now(
+    http: &Client,
+    server: &Server,
+    project: &str,
+    ids: &[String],
+) {
+    let captures_url = server.url("/api/captures");
+    let (status, captured) = call(http.post(&captures_url).json(&json!({
+        "pipeline_id": ids[1], "label": "anomalous", "source_node": "camera"
+    })));
+    assert_eq!(status, StatusCode::CREATED, "{captured}");
+    assert_eq!(captured["project_id"], project);
+    assert_eq!(
+        (&captured["label"], &captured["format"]),
+        (&json!("anomalous"), &json!("png"))
+    );
+    assert_eq!(
+        (&captured["width"], &captured["height"]),
+        (&json!(32), &json!(32))
+    );
+    assert_eq!(captured["capture"]["pipeline_id"], ids[1].as_str());
+    assert_eq!(captured["capture"]["source_node"], "camera");
+    let sequence = captured["capture"]["sequence"].as_u64().expect("sequence");
+    let media_id = captured["id"].as_str().expect("id");
+    let file = http
+        .get(server.url(&format!("/api/projects/{project}/media/{media_id}/full")))
+        .send()
+        .expect("download");
+    let image = image::load_from_memory(&file.bytes().expect("bytes"))
+        .expect("a PNG")
+        .to_rgb8();
+    const BARS: [[u8; 3]; 8] = [
+        [255, 255, 255],
+        [255, 255, 0],
+        [0, 255, 255],
+        [0, 255, 0],
+        [255, 0, 255],
+        [255, 0, 0],
+        [0, 0, 255],
+        [0, 0, 0],
+    ];
+    // A 32x32 frame: bars 4 pixels wide, a 4-pixel square moved 4 pixels a frame along 29
+    // places.
+    let corner = (sequence * 4 % 29) as u32;
+    for (x, y, pixel) in image.enumerate_pixels() {
+        let in_square = (corner..corner + 4).contains(&x) && (corner..corner + 4).contains(&y);
+        let expected = if in_square {
+            [128, 128, 128]
+        } else {
+            BARS[x as usize / 4]
+        };
+        assert_eq!(pixel.0, expected, "pixel ({x}, {y}) of frame {sequence}");
+    }
+
+    // The first pipeline's frame by default, labelled normal.
+    let (status, normal) = call(
+        http.post(&captures_url)
+            .json(&json!({"pipeline_id": ids[0]})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{normal}");
+    assert_eq!(
+        (&normal["label"], &normal["width"]),
+        (&json!("normal"), &json!(64))
+    );
+
+    let (status, body) = call(http.post(&captures_url).json(&json!({
+        "pipeline_id": ids[1], "source_node": "out"
+    })));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("source_node: 'out'"),
+        "{body}"
+    );
+    let (status, body) = call(http.post(&captures_url).json(&json!({
+        "pipeline_id": ids[1], "label": "great"
+    })));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = call(http.post(&captures_url).json(&json!({
+        "pipeline_id": "00000000-0000-0000-0000-000000000000"
+    })));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    let (status, listed) = call(http.get(format!(
+        "{captures_url}?project_id={project}&limit=1&offset=1"
+    )));
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["pagination"]["total"], 2, "{listed}");
+    assert_eq!(listed["captures"][0]["id"], normal["id"], "oldest first");
+    let (_, media) = call(http.get(server.url(&format!("/api/projects/{project}/media"))));
+    assert_eq!(
+        media["media"].as_array().expect("media").len(),
+        2,
+        "captures are media"
+    );
 }
 
 #[test]
@@ -1368,6 +1476,11 @@ fn jobs_queue_one_at_a_time_and_cancel_while_pending_or_running_registers_nothin
         .filter_map(|j| j["status"].as_str())
         .collect();
     assert_eq!(statuses, ["canceled", "canceled", "completed"]);
+    let (status, page) =
+        call(http.get(server.url(&format!("/api/jobs?project_id={project}&limit=1&offset=2"))));
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["jobs"][0]["status"], "completed", "{page}");
+    assert_eq!(page["pagination"]["total"], 3, "{page}");
     let models_dir: Vec<String> = std::fs::read_dir(data.join("models"))
         .expect("models folder")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

@@ -253,6 +253,38 @@ pub struct Prediction {
     pub map_height: u32,
 }
 
+impl Prediction {
+    /// The verdict's label.
+    pub fn label(&self) -> Label {
+        if self.anomalous {
+            Label::Anomalous
+        } else {
+            Label::Normal
+        }
+    }
+}
+
+/// A frame's label as a model judged it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub enum Label {
+    /// Within what the model learned as normal.
+    Normal,
+    /// Scored at or above the threshold.
+    Anomalous,
+}
+
+impl Label {
+    /// The label as messages and the API write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "Normal",
+            Self::Anomalous => "Anomalous",
+        }
+    }
+}
+
 /// The unit of data on an edge: a frame plus what operators attached to it.
 #[derive(Clone)]
 pub struct Packet {

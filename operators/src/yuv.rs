@@ -148,6 +148,35 @@ pub fn to_rgb_frame(frame: &Frame, pool: &BufferPool<u8>) -> Frame {
     )
 }
 
+/// The frame as tightly packed RGB bytes (a fresh copy), whatever its pixel format. For saving a
+/// frame off the hot path (captures); operators use [`to_rgb_frame`] and their pools instead.
+pub fn packed_rgb(frame: &Frame) -> Vec<u8> {
+    let (width, height) = (frame.layout.width as usize, frame.layout.height as usize);
+    let mut rgb = Vec::with_capacity(width * height * 3);
+    if let Some(planes) = Planes::of(frame) {
+        let matrix = matrix_for_height(frame.layout.height);
+        for y in 0..height {
+            for x in 0..width {
+                rgb.extend_from_slice(&planes.rgb_at(&matrix, x, y));
+            }
+        }
+        return rgb;
+    }
+    let format = frame.layout.format;
+    let row_bytes = width * format.channels();
+    for y in 0..height {
+        let start = y * frame.layout.stride;
+        for pixel in frame.pixels()[start..start + row_bytes].chunks_exact(format.channels()) {
+            match format {
+                PixelFormat::Bgr => rgb.extend_from_slice(&[pixel[2], pixel[1], pixel[0]]),
+                PixelFormat::Gray => rgb.extend_from_slice(&[pixel[0]; 3]),
+                PixelFormat::Rgb | PixelFormat::I420 => rgb.extend_from_slice(&pixel[..3]),
+            }
+        }
+    }
+    rgb
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -185,6 +214,28 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn packed_rgb_converts_every_format_and_drops_row_padding() {
+        let white = uniform_i420(5, 3, [235, 128, 128]);
+        assert_eq!(packed_rgb(&white), vec![255; 5 * 3 * 3]);
+
+        // 2x2 BGR with 2 bytes of padding after each row.
+        let layout = ImageLayout {
+            width: 2,
+            height: 2,
+            stride: 8,
+            format: PixelFormat::Bgr,
+        };
+        let pool = BufferPool::new(1);
+        let mut pixels = pool.get(16);
+        pixels.copy_from_slice(&[1, 2, 3, 4, 5, 6, 0, 0, 7, 8, 9, 10, 11, 12, 0, 0]);
+        let bgr = Frame::new(pixels, layout, "test".into(), 0, CaptureTime::now());
+        assert_eq!(
+            packed_rgb(&bgr),
+            vec![3, 2, 1, 6, 5, 4, 9, 8, 7, 12, 11, 10]
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inspectflow_operators::{
-    Emitter, EndpointHealth, OpError, OperatorDescriptor, OperatorInstance, Packet, Sink,
-    SinkContext, Source, SourceContext, SourcePoll, StopSignal, Transform,
+    Emitter, EndpointHealth, Frame, OpError, OperatorDescriptor, OperatorInstance, OperatorKind,
+    Packet, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal, Transform,
 };
 
 use super::metrics::{
@@ -120,6 +120,8 @@ struct NodeInfo {
     op: &'static str,
     kind: &'static str,
     metrics: Arc<NodeMetrics>,
+    /// A source's most recent frame (sources only).
+    latest: Option<Arc<LatestFrame>>,
     queue: Option<Arc<InputQueue>>,
     incoming: Vec<Arc<EdgeStats>>,
 }
@@ -143,7 +145,30 @@ struct NodeRuntime {
     input: Option<Arc<InputQueue>>,
     outputs: Vec<Vec<EdgeSender>>,
     metrics: Arc<NodeMetrics>,
+    latest: Option<Arc<LatestFrame>>,
     control: Arc<Control>,
+}
+
+/// The most recent frame a source produced, kept for captures (saving what a camera sees now).
+/// Holding it costs a reference, not a copy: the frame's buffer goes back to its pool when the
+/// next frame replaces it.
+#[derive(Default)]
+struct LatestFrame(Mutex<Option<Frame>>);
+
+impl LatestFrame {
+    fn set(&self, frame: &Frame) {
+        let previous = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(frame.clone());
+        // The previous frame (maybe its buffer's last reference) is released outside the lock.
+        drop(previous);
+    }
+
+    fn get(&self) -> Option<Frame> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl Pipeline {
@@ -215,6 +240,14 @@ impl Pipeline {
             });
         }
 
+        let latest: Vec<Option<Arc<LatestFrame>>> = graph
+            .nodes
+            .iter()
+            .map(|node| {
+                (node.descriptor.kind == OperatorKind::Source)
+                    .then(|| Arc::new(LatestFrame::default()))
+            })
+            .collect();
         let nodes: Vec<NodeInfo> = graph
             .nodes
             .iter()
@@ -224,6 +257,7 @@ impl Pipeline {
                 op: node.descriptor.name,
                 kind: node.descriptor.kind.name(),
                 metrics: Arc::clone(&metrics[i]),
+                latest: latest[i].clone(),
                 queue: queues[i].clone(),
                 incoming: std::mem::take(&mut incoming[i]),
             })
@@ -248,6 +282,7 @@ impl Pipeline {
                 input: queues[index].clone(),
                 outputs: std::mem::take(&mut outputs[index]),
                 metrics: Arc::clone(&metrics[index]),
+                latest: latest[index].clone(),
                 control: Arc::clone(&control),
             };
             let spawned = std::thread::Builder::new()
@@ -291,6 +326,25 @@ impl Pipeline {
     /// Whether every node thread has finished.
     pub fn is_finished(&self) -> bool {
         self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// The most recent frame of source node `node`, or of the first source that has produced
+    /// one when `node` is `None`, with the source's node id. `None` before any frame arrived (or
+    /// when `node` is not a source).
+    pub fn latest_frame(&self, node: Option<&str>) -> Option<(String, Frame)> {
+        self.nodes
+            .iter()
+            .filter(|info| node.is_none_or(|id| info.id == id))
+            .find_map(|info| Some((info.id.clone(), info.latest.as_ref()?.get()?)))
+    }
+
+    /// Ids of the source nodes.
+    pub fn source_nodes(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|info| info.latest.is_some())
+            .map(|info| info.id.clone())
+            .collect()
     }
 
     /// Current metrics.
@@ -528,6 +582,9 @@ impl NodeRuntime {
             match source.next(&ctx) {
                 Ok(SourcePoll::Packet(packet)) => {
                     self.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+                    if let Some(latest) = &self.latest {
+                        latest.set(&packet.frame);
+                    }
                     self.metrics
                         .mark_activity(self.control.started, Instant::now(), 1);
                     if !self.forward(0, packet) {

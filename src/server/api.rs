@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use super::endpoints::EndpointKind;
-use super::jobs::{Job, JobRunner};
+use super::jobs::{Job, JobRunner, JobStatus};
 use super::models::LoadedModels;
 use super::pipelines::ActivePipelines;
 use super::roots::PathRoots;
@@ -51,19 +52,11 @@ impl AppState {
         let mut text = String::from(
             "# HELP inspectflow_jobs Training jobs by status.\n# TYPE inspectflow_jobs gauge\n",
         );
-        for status in ["pending", "running", "completed", "failed", "canceled"] {
-            let count = jobs
-                .iter()
-                .filter(|job| {
-                    serde_json::to_value(job.status)
-                        .ok()
-                        .as_ref()
-                        .and_then(Value::as_str)
-                        == Some(status)
-                })
-                .count();
+        for status in JobStatus::ALL {
+            let count = jobs.iter().filter(|job| job.status == status).count();
             text.push_str(&format!(
-                "inspectflow_jobs{{status=\"{status}\"}} {count}\n"
+                "inspectflow_jobs{{status=\"{}\"}} {count}\n",
+                status.name()
             ));
         }
         text
@@ -170,6 +163,30 @@ fn default_limit() -> usize {
     20
 }
 
+/// `project_id`, `limit` and `offset` of a list request that filters by project. (Not a
+/// flattened [`Page`]: query strings carry numbers as text, which serde's `flatten` cannot
+/// parse into numbers.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProjectPage {
+    #[serde(default)]
+    pub(crate) project_id: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    offset: usize,
+}
+
+impl ProjectPage {
+    /// The `limit` and `offset` part.
+    pub(crate) fn page(&self) -> Page {
+        Page {
+            limit: self.limit,
+            offset: self.offset,
+        }
+    }
+}
+
 /// The `pagination` part of a list response.
 #[derive(Debug, Serialize)]
 pub(crate) struct Pagination {
@@ -267,7 +284,9 @@ pub fn routes(
     let devices = warp::path!("api" / "devices")
         .and(warp::get())
         .and_then(list_devices);
-    let api = list
+    // Each group is boxed: chaining the concrete filter types of every route into one type made
+    // type checking this crate take over ten minutes.
+    let projects: BoxedFilter<(Response,)> = list
         .or(create)
         .unify()
         .or(get)
@@ -282,6 +301,8 @@ pub fn routes(
         .unify()
         .or(devices)
         .unify()
+        .boxed();
+    let api = projects
         .or(super::media::routes(Arc::clone(&state)))
         .unify()
         .or(super::jobs::routes(Arc::clone(&state)))
@@ -301,7 +322,10 @@ pub fn routes(
         .or(super::pipelines::routes(Arc::clone(&state)))
         .unify()
         .or(super::snapshots::routes(Arc::clone(&state)))
-        .unify();
+        .unify()
+        .or(super::captures::routes(Arc::clone(&state)))
+        .unify()
+        .boxed();
     authenticated(state)
         .and(health.or(api).unify())
         .recover(into_json_error)

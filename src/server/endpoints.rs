@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -102,10 +103,7 @@ fn empty_object() -> Value {
 }
 
 /// The routes of one kind.
-pub fn routes(
-    state: Arc<AppState>,
-    kind: EndpointKind,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(state: Arc<AppState>, kind: EndpointKind) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let with_kind = warp::any().map(move || kind);
     let collection = match kind {
@@ -156,6 +154,7 @@ pub fn routes(
         .unify()
         .or(delete)
         .unify()
+        .boxed()
 }
 
 async fn list(page: Page, kind: EndpointKind, state: Arc<AppState>) -> Result<Response, Rejection> {

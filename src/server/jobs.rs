@@ -18,11 +18,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, broadcast, watch};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, Project, action, blocking, now, paginate};
+use super::api::{ApiError, AppState, Project, ProjectPage, action, blocking, now, paginate};
 use super::media::Media;
 use super::models::Model;
 use super::store::{JOBS, MEDIA, MODELS, PROJECTS};
@@ -45,6 +46,26 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// Every status, in the order of a job's life.
+    pub const ALL: [JobStatus; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Completed,
+        Self::Failed,
+        Self::Canceled,
+    ];
+
+    /// The status as the API writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+        }
+    }
+
     /// Whether the job has ended.
     pub fn is_final(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Canceled)
@@ -187,7 +208,9 @@ fn overall_percent(stage: &str, percent: u8) -> u8 {
 /// A job the worker holds: its latest state, its log lines and its cancel switch.
 struct LiveJob {
     state: watch::Sender<Job>,
-    lines: broadcast::Sender<String>,
+    /// Each line with its number in the job's log file (from 0), so that a reader of the
+    /// file can tell which broadcast lines it has already read.
+    lines: broadcast::Sender<(u64, String)>,
     cancel: watch::Sender<bool>,
 }
 
@@ -372,8 +395,8 @@ enum Ended {
 /// subscribers.
 struct Log {
     job_id: String,
-    /// The job's own file and the shared training log.
-    files: tokio::sync::Mutex<(Option<tokio::fs::File>, Option<tokio::fs::File>)>,
+    /// The job's own file, the shared training log, and how many lines the job's file holds.
+    files: tokio::sync::Mutex<(Option<tokio::fs::File>, Option<tokio::fs::File>, u64)>,
 }
 
 impl Log {
@@ -390,11 +413,16 @@ impl Log {
                 .map_err(|e| tracing::error!("cannot open {}: {e}", path.display()))
                 .ok()
         };
+        // A job queued again after a restart appends to the lines of its first attempt.
+        let lines_before = tokio::fs::read_to_string(log_path(data_dir, job_id))
+            .await
+            .map(|text| text.lines().count() as u64)
+            .unwrap_or(0);
         let job_file = append(log_path(data_dir, job_id)).await;
         let training_file = append(data_dir.join("logs").join("training.log")).await;
         Self {
             job_id: job_id.to_string(),
-            files: tokio::sync::Mutex::new((job_file, training_file)),
+            files: tokio::sync::Mutex::new((job_file, training_file, lines_before)),
         }
     }
 
@@ -409,7 +437,9 @@ impl Log {
             let line = format!("{} job {} {text}\n", now(), self.job_id);
             let _ = file.write_all(line.as_bytes()).await;
         }
-        let _ = live.lines.send(stamped);
+        let number = files.2;
+        files.2 += 1;
+        let _ = live.lines.send((number, stamped));
     }
 }
 
@@ -652,9 +682,7 @@ fn link(from: &Path, to: &Path) -> Result<(), String> {
 const MIN_NORMAL_IMAGES: usize = 3;
 
 /// The job routes.
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let train = warp::path!("api" / "projects" / String / "train")
         .and(warp::post())
@@ -663,7 +691,7 @@ pub fn routes(
         .and_then(start_training);
     let list = warp::path!("api" / "jobs")
         .and(warp::get())
-        .and(warp::query::<JobQuery>())
+        .and(warp::query::<ProjectPage>())
         .and(with_state.clone())
         .and_then(list);
     let get = warp::path!("api" / "jobs" / String)
@@ -696,6 +724,7 @@ pub fn routes(
         .unify()
         .or(logs)
         .unify()
+        .boxed()
 }
 
 async fn start_training(
@@ -746,17 +775,7 @@ async fn start_training(
     Ok(warp::reply::with_status(warp::reply::json(&job), StatusCode::CREATED).into_response())
 }
 
-/// Query of `GET /api/jobs`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobQuery {
-    #[serde(default)]
-    project_id: Option<String>,
-    #[serde(flatten)]
-    page: Page,
-}
-
-async fn list(query: JobQuery, state: Arc<AppState>) -> Result<Response, Rejection> {
+async fn list(query: ProjectPage, state: Arc<AppState>) -> Result<Response, Rejection> {
     let mut jobs: Vec<Job> = blocking(&state, |store| store.all(JOBS)).await?;
     jobs.retain(|job| {
         query
@@ -765,7 +784,7 @@ async fn list(query: JobQuery, state: Arc<AppState>) -> Result<Response, Rejecti
             .is_none_or(|id| &job.project_id == id)
     });
     jobs.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
-    let (items, pagination) = paginate(jobs, &query.page)?;
+    let (items, pagination) = paginate(jobs, &query.page())?;
     Ok(
         warp::reply::json(&serde_json::json!({"jobs": items, "pagination": pagination}))
             .into_response(),
@@ -836,6 +855,19 @@ async fn progress_events(id: String, state: Arc<AppState>) -> Result<Response, R
     Ok(warp::sse::reply(warp::sse::keep_alive().stream(events)).into_response())
 }
 
+/// The next line already queued on `receiver` that the log file did not hold (numbered `seen`
+/// or later).
+fn queued_line(receiver: &mut broadcast::Receiver<(u64, String)>, seen: u64) -> Option<String> {
+    loop {
+        match receiver.try_recv() {
+            Ok((number, _)) if number < seen => continue,
+            Ok((_, line)) => return Some(line),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
 /// `GET /api/jobs/{id}/logs`: the job's log lines so far, then new ones as they come, as `log`
 /// events; the stream ends with the job.
 async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
@@ -847,7 +879,8 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
         .await
         .unwrap_or_default();
     let past: Vec<String> = written.lines().map(str::to_string).collect();
-    let seen: std::collections::HashSet<String> = past.iter().cloned().collect();
+    // Lines numbered below this were in the file already.
+    let seen = past.len() as u64;
     let ended = live.map(|live| live.state.subscribe());
     let past = futures::stream::iter(past.into_iter().map(Ok::<String, std::io::Error>));
     let future = futures::stream::unfold(
@@ -856,9 +889,7 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
             let mut receiver = receiver?;
             let Some(mut ended) = ended else {
                 // The job has ended: drain what was sent before its final status.
-                return receiver
-                    .try_recv()
-                    .ok()
+                return queued_line(&mut receiver, seen)
                     .map(|line| (Ok(line), (Some(receiver), None, seen)));
             };
             loop {
@@ -867,17 +898,15 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
                     _ = until_final(&mut ended) => None,
                 };
                 match next {
-                    Some(Ok(line)) if seen.contains(&line) => continue,
-                    Some(Ok(line)) => {
+                    Some(Ok((number, _))) if number < seen => continue,
+                    Some(Ok((_, line))) => {
                         return Some((Ok(line), (Some(receiver), Some(ended), seen)));
                     }
                     Some(Err(broadcast::error::RecvError::Lagged(_))) => continue,
                     Some(Err(broadcast::error::RecvError::Closed)) => return None,
                     // The job ended: lines sent before its final status are still queued.
                     None => {
-                        return receiver
-                            .try_recv()
-                            .ok()
+                        return queued_line(&mut receiver, seen)
                             .map(|line| (Ok(line), (Some(receiver), None, seen)));
                     }
                 }

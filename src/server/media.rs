@@ -13,6 +13,7 @@ use bytes::Buf;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -49,6 +50,9 @@ pub struct Media {
     pub has_mask: bool,
     /// Upload time, RFC 3339 UTC.
     pub created_at: String,
+    /// Where it came from when it was captured from a running pipeline (`/api/captures`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<super::captures::CaptureOrigin>,
 }
 
 impl Media {
@@ -78,9 +82,7 @@ impl Media {
 }
 
 /// The media routes.
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let upload = warp::path!("api" / "projects" / String / "media")
         .and(warp::post())
@@ -114,6 +116,7 @@ pub fn routes(
         .unify()
         .or(delete)
         .unify()
+        .boxed()
 }
 
 /// Passes `multipart/form-data` requests; refuses others with 415 (rather than letting warp's
@@ -280,7 +283,21 @@ async fn upload(
         size_bytes: bytes.len() as u64,
         has_mask: form.mask.is_some(),
         created_at: now(),
+        capture: None,
     };
+    let media = save(&state, media, bytes, &decoded, form.mask).await?;
+    Ok(warp::reply::with_status(warp::reply::json(&media), StatusCode::CREATED).into_response())
+}
+
+/// Writes a new item's image, its thumbnail (made from `decoded`) and its mask through hidden
+/// temporary names, then commits the record: a crash never leaves a record without its files.
+pub(crate) async fn save(
+    state: &Arc<AppState>,
+    media: Media,
+    bytes: Vec<u8>,
+    decoded: &image::DynamicImage,
+    mask: Option<Vec<u8>>,
+) -> Result<Media, Rejection> {
     let mut thumbnail = Vec::new();
     decoded
         .thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
@@ -292,8 +309,7 @@ async fn upload(
         .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let record = media.clone();
     let data_dir = state.data_dir.clone();
-    let mask = form.mask;
-    blocking(&state, move |store| {
+    blocking(state, move |store| {
         let io = |e: std::io::Error| super::store::StoreError::Database(e.to_string());
         std::fs::create_dir_all(Media::folder(&data_dir, &record.project_id)).map_err(io)?;
         write_atomically(&record.image_path(&data_dir), &bytes).map_err(io)?;
@@ -304,7 +320,7 @@ async fn upload(
         store.put(MEDIA, &record.id, &record)
     })
     .await?;
-    Ok(warp::reply::with_status(warp::reply::json(&media), StatusCode::CREATED).into_response())
+    Ok(media)
 }
 
 async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {

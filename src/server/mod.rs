@@ -10,12 +10,14 @@
 //! - [`pipelines`]: stored pipelines and the running ones, with metrics;
 //! - [`roots`]: the folders clients may name;
 //! - [`snapshots`]: the Parquet dataset snapshots training writes;
+//! - [`captures`]: a running pipeline's current frame saved as a project image;
 //! - [`openapi`]: the OpenAPI 3 description of every route.
 //!
 //! The server binds to 127.0.0.1 unless told otherwise, and with a token (`--token` or
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
 pub mod api;
+pub mod captures;
 pub mod check;
 pub mod endpoints;
 pub mod jobs;

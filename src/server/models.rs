@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -130,9 +131,7 @@ pub(crate) struct ModelChange {
 }
 
 /// The model routes.
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let list = warp::path!("api" / "projects" / String / "models")
         .and(warp::get())
@@ -182,6 +181,7 @@ pub fn routes(
         .unify()
         .or(export)
         .unify()
+        .boxed()
 }
 
 /// The model `model_id` of project `project_id`, or 404.
@@ -361,11 +361,7 @@ async fn predict(
             score: prediction.score,
             raw_score: prediction.raw_score,
             threshold: prediction.threshold,
-            label: if prediction.anomalous {
-                "Anomalous"
-            } else {
-                "Normal"
-            },
+            label: prediction.label().as_str(),
             anomaly_map: base64.encode(
                 encode_png_gray(&map, prediction.map_width, prediction.map_height)
                     .map_err(internal)?,

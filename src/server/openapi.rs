@@ -389,6 +389,20 @@ pub const ROUTES: &[RouteDoc] = &[
         responses: &[200, 401, 404],
         body: Body::None,
     },
+    RouteDoc {
+        method: "post",
+        path: "/api/captures",
+        summary: "Save a running pipeline's current frame as a PNG image of its project, labelled normal (default) or anomalous; 409 if it is not running or has no frame yet.",
+        responses: &[201, 401, 409, 413, 415, 422],
+        body: Body::Json("CaptureBody"),
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/captures",
+        summary: "Captured images (media with their origin), optionally of one project_id, paginated.",
+        responses: &[200, 401, 404, 422],
+        body: Body::None,
+    },
 ];
 
 fn reason(status: u16) -> &'static str {
@@ -514,5 +528,6 @@ fn body_schemas() -> Vec<(&'static str, Value)> {
         ("EndpointBody", schema::<super::endpoints::EndpointBody>()),
         ("PipelineBody", schema::<super::pipelines::PipelineBody>()),
         ("StartBody", schema::<super::pipelines::StartBody>()),
+        ("CaptureBody", schema::<super::captures::CaptureBody>()),
     ]
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -191,12 +192,56 @@ impl ActivePipelines {
         merge_prometheus(&texts)
     }
 
+    /// The current frame of running pipeline `id` for a capture: from source node `node`, or
+    /// from the first source with a frame.
+    pub(crate) fn latest_frame(&self, id: &str, node: Option<&str>) -> Latest {
+        let Some(active) = self.get(id).filter(|a| a.is_running()) else {
+            return Latest::NotRunning;
+        };
+        let Ok(guard) = active.pipeline.lock() else {
+            return Latest::NotRunning;
+        };
+        let Some(pipeline) = guard.as_ref() else {
+            return Latest::NotRunning;
+        };
+        let sources = pipeline.source_nodes();
+        if let Some(node) = node
+            && !sources.iter().any(|s| s == node)
+        {
+            return Latest::NotASource(sources);
+        }
+        match pipeline.latest_frame(node) {
+            Some((node, frame)) => Latest::Frame {
+                project_id: active.project_id.clone(),
+                node,
+                frame,
+            },
+            None => Latest::NoFrameYet,
+        }
+    }
+
     /// Stops every pipeline (server shutdown).
     pub fn stop_all(&self) {
         for active in self.all() {
             active.stop.stop();
         }
     }
+}
+
+/// What a capture finds in a pipeline.
+pub(crate) enum Latest {
+    /// The pipeline is not running.
+    NotRunning,
+    /// The node asked for is not one of these sources.
+    NotASource(Vec<String>),
+    /// No source has produced a frame yet.
+    NoFrameYet,
+    /// The frame, its source node and the pipeline's project.
+    Frame {
+        project_id: String,
+        node: String,
+        frame: inspectflow_operators::Frame,
+    },
 }
 
 /// Joins Prometheus texts, keeping each family's HELP and TYPE once and its samples together.
@@ -243,9 +288,7 @@ fn merge_prometheus(texts: &[String]) -> String {
 }
 
 /// The routes of stored and active pipelines, and `/metrics`.
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let list = warp::path!("api" / "projects" / String / "pipelines")
         .and(warp::get())
@@ -315,6 +358,7 @@ pub fn routes(
         .unify()
         .or(prometheus)
         .unify()
+        .boxed()
 }
 
 async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::json;
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -70,9 +71,7 @@ fn describe(file: &Path) -> Result<SnapshotInfo, String> {
 }
 
 /// The snapshot routes.
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let list = warp::path!("api" / "snapshots")
         .and(warp::get())
@@ -87,7 +86,7 @@ pub fn routes(
         .and(warp::get())
         .and(with_state)
         .and_then(download);
-    list.or(get).unify().or(download).unify()
+    list.or(get).unify().or(download).unify().boxed()
 }
 
 async fn list(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {

@@ -12,6 +12,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::contract::{EndpointHealth, OpError};
+pub use crate::packet::Label;
 use crate::packet::{Frame, Packet};
 use crate::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 
@@ -119,11 +120,7 @@ impl Dispatch {
                 .map(|p| PredictionPart {
                     score: p.score,
                     raw_score: p.raw_score,
-                    label: if p.anomalous {
-                        Label::Anomalous
-                    } else {
-                        Label::Normal
-                    },
+                    label: p.label(),
                     anomalous: p.anomalous,
                     threshold: p.threshold,
                     model: p.model.to_string(),
@@ -225,15 +222,6 @@ pub struct PredictionPart {
     pub threshold: f32,
     /// Id of the model package that decided.
     pub model: String,
-}
-
-/// A frame's label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub enum Label {
-    /// Within what the model learned as normal.
-    Normal,
-    /// Scored at or above the threshold.
-    Anomalous,
 }
 
 /// Latencies of a message.
