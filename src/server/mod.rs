@@ -68,11 +68,14 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         roots: roots::PathRoots::new(&path_roots),
         jobs: jobs::JobRunner::new(max_jobs),
         models: models::LoadedModels::default(),
-        pipelines: pipelines::ActivePipelines::default(),
+        // Created here, on the main thread: pipelines start on its launcher thread at normal
+        // priority, whereas the runtime's threads below run at a lower one.
+        pipelines: pipelines::ActivePipelines::new()?,
     });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores)
+        .on_thread_start(lower_priority)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
@@ -109,6 +112,27 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         shutdown.pipelines.stop_all();
         Ok(())
     })
+}
+
+/// The nice value of the API's threads (request handling, store calls, `:predict`) and of the
+/// training processes they start: the control plane and training yield the CPU to running
+/// pipelines, which keep normal priority. Measured by `benches/api_load.rs`.
+const CONTROL_PLANE_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to [`CONTROL_PLANE_NICE`] (on Linux the nice
+/// value is per thread, and threads and processes started from it inherit it).
+fn lower_priority() {
+    // SAFETY: plain system calls on the calling thread's own id.
+    let result = unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, CONTROL_PLANE_NICE)
+    };
+    if result != 0 {
+        tracing::warn!(
+            "cannot lower the API thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Removes what a crash can leave half-written: upload files still under their temporary

@@ -29,7 +29,7 @@ use super::models::{Model, model_of};
 use super::store::PIPELINES;
 use crate::graph::{GraphErrors, ValidatedGraph};
 use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::{Pipeline, StopHandle};
+use crate::runtime::pipeline::{Pipeline, StartError, StopHandle};
 
 /// A stored pipeline.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,13 +125,54 @@ impl Active {
     }
 }
 
+/// A request to the launcher thread: a graph to start, and where to send the result.
+type Launch = (
+    ValidatedGraph,
+    tokio::sync::oneshot::Sender<Result<Pipeline, StartError>>,
+);
+
 /// The running pipelines.
-#[derive(Default)]
 pub struct ActivePipelines {
     active: Mutex<HashMap<String, Arc<Active>>>,
+    /// Starts pipelines on a thread of normal priority (see [`ActivePipelines::new`]).
+    launcher: Mutex<std::sync::mpsc::Sender<Launch>>,
 }
 
 impl ActivePipelines {
+    /// Call from a thread of normal scheduling priority: pipelines are started by a launcher
+    /// thread spawned here, and their node threads inherit its priority. The API's own threads
+    /// run at a lower priority (see `serve`), so that on a busy machine the inspection line gets
+    /// the CPU before the control plane does.
+    pub fn new() -> Result<Self, String> {
+        let (launcher, requests) = std::sync::mpsc::channel::<Launch>();
+        std::thread::Builder::new()
+            .name("if-launcher".into())
+            .spawn(move || {
+                for (graph, reply) in requests {
+                    let _ = reply.send(Pipeline::start(&graph));
+                }
+            })
+            .map_err(|e| format!("cannot start the pipeline launcher thread: {e}"))?;
+        Ok(Self {
+            active: Mutex::new(HashMap::new()),
+            launcher: Mutex::new(launcher),
+        })
+    }
+
+    /// Starts `graph` on the launcher thread.
+    async fn launch(&self, graph: ValidatedGraph) -> Result<Pipeline, String> {
+        let (reply, started) = tokio::sync::oneshot::channel();
+        self.launcher
+            .lock()
+            .map_err(|_| "the pipeline launcher is gone".to_string())?
+            .send((graph, reply))
+            .map_err(|_| "the pipeline launcher is gone".to_string())?;
+        let started = started
+            .await
+            .map_err(|_| "the pipeline launcher is gone".to_string())?;
+        started.map_err(|error| error.to_string())
+    }
+
     fn all(&self) -> Vec<Arc<Active>> {
         let mut all: Vec<Arc<Active>> = self
             .active
@@ -628,10 +669,11 @@ async fn start(body: StartBody, state: Arc<AppState>) -> Result<Response, Reject
     })?;
     refuse_running(&state, &record.id)?;
     let (graph, uses) = resolve(&state, &record).await?;
-    let pipeline = tokio::task::spawn_blocking(move || Pipeline::start(&graph))
+    let pipeline = state
+        .pipelines
+        .launch(graph)
         .await
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|error| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()))?;
+        .map_err(|error| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, error))?;
     let active = Arc::new(Active {
         pipeline_id: record.id.clone(),
         project_id: record.project_id.clone(),
