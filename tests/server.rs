@@ -1153,6 +1153,7 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
         2
     );
     captures_save_the_frame_a_pipeline_sees_now(&http, &server, &project, &ids);
+    the_control_plane_runs_below_the_pipelines_priority(&server);
     let (status, body) = call(
         http.put(format!("{pipelines_url}/{}", ids[0]))
             .json(&json!({"name": "first", "graph": yaml})),
@@ -1204,6 +1205,48 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
     assert_eq!(status, StatusCode::OK);
     let (status, _) = call(http.get(server.url(&format!("/api/active-pipelines/{}", ids[1]))));
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// The server's threads by name (`comm`) with their nice values, from `/proc`.
+fn threads_and_nice_values(pid: u32) -> Vec<(String, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc tasks") {
+        let task = task.expect("task").path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the parenthesised name: state is field 3, nice is field 19.
+        let after_name = &stat[stat.rfind(')').expect("stat") + 2..];
+        let nice: i64 = after_name
+            .split_whitespace()
+            .nth(16)
+            .expect("nice field")
+            .parse()
+            .expect("a number");
+        threads.push((name.trim().to_string(), nice));
+    }
+    threads
+}
+
+/// While pipelines run: their node threads (`if-<node>`) keep normal priority, and the API's
+/// runtime threads run at nice 10.
+fn the_control_plane_runs_below_the_pipelines_priority(server: &Server) {
+    let threads = threads_and_nice_values(server.child.id());
+    let nodes: Vec<&(String, i64)> = threads
+        .iter()
+        .filter(|(name, _)| name == "if-camera" || name == "if-out")
+        .collect();
+    assert_eq!(nodes.len(), 4, "two pipelines of two nodes: {threads:?}");
+    assert!(nodes.iter().all(|(_, nice)| *nice == 0), "{threads:?}");
+    let runtime: Vec<&(String, i64)> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("tokio-"))
+        .collect();
+    assert!(!runtime.is_empty(), "{threads:?}");
+    assert!(runtime.iter().all(|(_, nice)| *nice == 10), "{threads:?}");
 }
 
 /// Captures from the running pipelines of the two-pipelines test: the second one's synthetic
@@ -1308,15 +1351,53 @@ fn captures_save_the_frame_a_pipeline_sees_now(
     );
 }
 
+/// Three pipelines of `project`: an endless one left running, one started and stopped, and one
+/// whose source ended by itself. Their ids, in that order.
+fn pipelines_running_stopped_and_finished(
+    http: &Client,
+    server: &Server,
+    project: &str,
+) -> [String; 3] {
+    let ids = [("running", "realtime: true"), ("stopped", "realtime: true"), ("finished", "frames: 5")]
+        .map(|(name, params)| {
+            let graph = format!(
+                "name: {name}\nnodes:\n  - id: camera\n    op: source.synthetic\n    params: {{width: 32, height: 32, fps: 50, {params}}}\n  - id: out\n    op: sink.null\nedges:\n  - {{from: camera, to: out}}\n"
+            );
+            let (status, created) = call(
+                http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+                    .json(&json!({"name": name, "graph": graph})),
+            );
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            let id = created["id"].as_str().expect("id").to_string();
+            let (status, started) = call(
+                http.post(server.url("/api/active-pipelines"))
+                    .json(&json!({"pipeline_id": id})),
+            );
+            assert_eq!(status, StatusCode::CREATED, "{started}");
+            id
+        });
+    let (status, _) = call(http.delete(server.url(&format!("/api/active-pipelines/{}", ids[1]))));
+    assert_eq!(status, StatusCode::OK);
+    for (id, keep_running) in [(&ids[0], true), (&ids[1], false), (&ids[2], false)] {
+        poll(
+            http,
+            &server.url(&format!("/api/projects/{project}/pipelines/{id}")),
+            |record| record["keep_running"] == keep_running,
+        );
+    }
+    ids
+}
+
 #[test]
 fn a_server_killed_during_uploads_and_training_restarts_consistent() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let images = normal_images(dir.path(), 24, 128);
     let http = client();
-    let (project, job_id) = {
+    let (project, job_id, pipelines) = {
         let server = Server::start(&data, None);
         let project = create_project(&http, &server, "killed");
+        let pipelines = pipelines_running_stopped_and_finished(&http, &server, &project);
         upload_all(&http, &server, &project, &images[..12]);
         let (status, job) = call(
             http.post(server.url(&format!("/api/projects/{project}/train")))
@@ -1349,10 +1430,27 @@ fn a_server_killed_during_uploads_and_training_restarts_consistent() {
         std::thread::sleep(Duration::from_millis(150));
         drop(server); // SIGKILL
         uploader.join().expect("uploader");
-        (project, job_id)
+        (project, job_id, pipelines)
     };
 
     let server = Server::start(&data, None);
+    // The pipeline that was running runs again; the stopped and the finished ones do not.
+    let [running, stopped, finished] = &pipelines;
+    let (status, active) = call(http.get(server.url(&format!("/api/active-pipelines/{running}"))));
+    assert_eq!(
+        (status, &active["status"]),
+        (StatusCode::OK, &json!("running")),
+        "{active}"
+    );
+    for id in [stopped, finished] {
+        let (status, body) = call(http.get(server.url(&format!("/api/active-pipelines/{id}"))));
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    }
+    let (status, _) = call(http.delete(server.url(&format!("/api/active-pipelines/{running}"))));
+    assert_eq!(status, StatusCode::OK);
+    let (_, record) =
+        call(http.get(server.url(&format!("/api/projects/{project}/pipelines/{running}"))));
+    assert_eq!(record["keep_running"], false, "stopped by a user: {record}");
     let (_, job) = call(http.get(server.url(&format!("/api/jobs/{job_id}"))));
     assert_eq!(job["status"], "failed", "{job}");
     assert!(

@@ -103,6 +103,11 @@ impl ApiError {
     pub(crate) fn not_found(what: &str, id: &str) -> Rejection {
         Self::reject(StatusCode::NOT_FOUND, format!("{what} {id} not found"))
     }
+
+    /// What the client is told.
+    pub(crate) fn detail(&self) -> String {
+        self.detail.clone()
+    }
 }
 
 impl From<StoreError> for ApiError {

@@ -91,6 +91,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     runtime.block_on(async move {
         sweep_half_written(data_dir);
         jobs::JobRunner::recover(&state)?;
+        pipelines::restart_kept(&state).await;
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .map_err(|e| format!("cannot listen on {bind}: {e}"))?;

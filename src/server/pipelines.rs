@@ -56,6 +56,11 @@ pub struct PipelineRecord {
     pub created_at: String,
     /// Last change.
     pub updated_at: String,
+    /// Whether the pipeline should be running: set when it is started, cleared when it is
+    /// stopped through the API or ends by itself (its source ended, or it failed). A server that
+    /// restarts (after a crash or a power cut) starts these pipelines again.
+    #[serde(default)]
+    pub keep_running: bool,
 }
 
 /// Body of create and update.
@@ -136,6 +141,9 @@ pub struct ActivePipelines {
     active: Mutex<HashMap<String, Arc<Active>>>,
     /// Starts pipelines on a thread of normal priority (see [`ActivePipelines::new`]).
     launcher: Mutex<std::sync::mpsc::Sender<Launch>>,
+    /// Set by [`ActivePipelines::stop_all`]: pipelines stopped by a server shutdown keep their
+    /// `keep_running`, so the next start brings them back.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl ActivePipelines {
@@ -156,6 +164,7 @@ impl ActivePipelines {
         Ok(Self {
             active: Mutex::new(HashMap::new()),
             launcher: Mutex::new(launcher),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -263,6 +272,8 @@ impl ActivePipelines {
 
     /// Stops every pipeline (server shutdown).
     pub fn stop_all(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for active in self.all() {
             active.stop.stop();
         }
@@ -454,6 +465,7 @@ async fn create(
         sink_ids: body.sink_ids,
         created_at: now.clone(),
         updated_at: now,
+        keep_running: false,
     };
     resolve(&state, &record).await?;
     let stored = record.clone();
@@ -668,7 +680,60 @@ async fn start(body: StartBody, state: Arc<AppState>) -> Result<Response, Reject
         )
     })?;
     refuse_running(&state, &record.id)?;
-    let (graph, uses) = resolve(&state, &record).await?;
+    let active = launch(&state, &record).await?;
+    Ok(
+        warp::reply::with_status(warp::reply::json(&active.status()), StatusCode::CREATED)
+            .into_response(),
+    )
+}
+
+/// Starts the pipelines that were running when the server went down (their records say
+/// `keep_running`). One that cannot start any more (its model was deleted, its file is gone)
+/// is logged and left stopped.
+pub async fn restart_kept(state: &Arc<AppState>) {
+    let records: Vec<PipelineRecord> = match blocking(state, |store| store.all(PIPELINES)).await {
+        Ok(records) => records,
+        Err(_) => {
+            tracing::error!("cannot read the pipelines to restart");
+            return;
+        }
+    };
+    for record in records.into_iter().filter(|r| r.keep_running) {
+        match launch(state, &record).await {
+            Ok(_) => tracing::info!(pipeline = %record.id, "restarted after a server restart"),
+            Err(rejection) => {
+                let reason = rejection
+                    .find::<ApiError>()
+                    .map_or_else(|| format!("{rejection:?}"), ApiError::detail);
+                tracing::error!(pipeline = %record.id, "cannot restart: {reason}");
+                set_keep_running(state, &record.id, false).await;
+            }
+        }
+    }
+}
+
+/// Records whether pipeline `id` should be running.
+async fn set_keep_running(state: &Arc<AppState>, id: &str, keep_running: bool) {
+    let key = id.to_string();
+    let updated = blocking(state, move |store| {
+        if let Some(mut record) = store.get::<PipelineRecord>(PIPELINES, &key)?
+            && record.keep_running != keep_running
+        {
+            record.keep_running = keep_running;
+            store.put(PIPELINES, &key, &record)?;
+        }
+        Ok(())
+    })
+    .await;
+    if updated.is_err() {
+        tracing::error!(pipeline = %id, "cannot record keep_running = {keep_running}");
+    }
+}
+
+/// Resolves and starts a stored pipeline, records that it should keep running, and watches it
+/// end by itself.
+async fn launch(state: &Arc<AppState>, record: &PipelineRecord) -> Result<Arc<Active>, Rejection> {
+    let (graph, uses) = resolve(state, record).await?;
     let pipeline = state
         .pipelines
         .launch(graph)
@@ -698,10 +763,24 @@ async fn start(body: StartBody, state: Arc<AppState>) -> Result<Response, Reject
         });
     }
     tracing::info!(pipeline = %record.id, "started");
-    Ok(
-        warp::reply::with_status(warp::reply::json(&active.status()), StatusCode::CREATED)
-            .into_response(),
-    )
+    set_keep_running(state, &record.id, true).await;
+    tokio::spawn(watch_until_ended(Arc::clone(state), Arc::clone(&active)));
+    Ok(active)
+}
+
+/// Clears `keep_running` once a run ends by itself (a finished file, a failure); a stop through
+/// the API clears it itself, and a server shutdown keeps it.
+async fn watch_until_ended(state: Arc<AppState>, active: Arc<Active>) {
+    while active.is_running() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let shutting_down = state
+        .pipelines
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if !shutting_down && !state.pipelines.is_running(&active.pipeline_id) {
+        set_keep_running(&state, &active.pipeline_id, false).await;
+    }
 }
 
 async fn status(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
@@ -743,6 +822,7 @@ async fn stop(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
     if let Ok(mut all) = state.pipelines.active.lock() {
         all.remove(&id);
     }
+    set_keep_running(&state, &id, false).await;
     tracing::info!(pipeline = %id, "stopped");
     Ok(warp::reply::json(&json!({
         "pipeline_id": id,
