@@ -395,8 +395,17 @@ enum Ended {
 /// subscribers.
 struct Log {
     job_id: String,
-    /// The job's own file, the shared training log, and how many lines the job's file holds.
-    files: tokio::sync::Mutex<(Option<tokio::fs::File>, Option<tokio::fs::File>, u64)>,
+    files: tokio::sync::Mutex<LogFiles>,
+}
+
+/// The open files of a job's log (`None` when one could not be opened: logged, not fatal).
+struct LogFiles {
+    /// `jobs/<id>.log`.
+    job: Option<tokio::fs::File>,
+    /// `logs/training.log`, shared by every job.
+    training: Option<tokio::fs::File>,
+    /// Lines the job's file holds: the number the next line gets.
+    job_lines: u64,
 }
 
 impl Log {
@@ -422,7 +431,11 @@ impl Log {
         let training_file = append(data_dir.join("logs").join("training.log")).await;
         Self {
             job_id: job_id.to_string(),
-            files: tokio::sync::Mutex::new((job_file, training_file, lines_before)),
+            files: tokio::sync::Mutex::new(LogFiles {
+                job: job_file,
+                training: training_file,
+                job_lines: lines_before,
+            }),
         }
     }
 
@@ -430,15 +443,15 @@ impl Log {
     async fn line(&self, live: &LiveJob, text: &str) {
         let stamped = format!("{} {text}", now());
         let mut files = self.files.lock().await;
-        if let Some(file) = files.0.as_mut() {
+        if let Some(file) = files.job.as_mut() {
             let _ = file.write_all(format!("{stamped}\n").as_bytes()).await;
         }
-        if let Some(file) = files.1.as_mut() {
+        if let Some(file) = files.training.as_mut() {
             let line = format!("{} job {} {text}\n", now(), self.job_id);
             let _ = file.write_all(line.as_bytes()).await;
         }
-        let number = files.2;
-        files.2 += 1;
+        let number = files.job_lines;
+        files.job_lines += 1;
         let _ = live.lines.send((number, stamped));
     }
 }
