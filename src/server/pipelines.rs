@@ -29,7 +29,7 @@ use super::models::{Model, model_of};
 use super::store::PIPELINES;
 use crate::graph::{GraphErrors, ValidatedGraph};
 use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::{Pipeline, StartError, StopHandle};
+use crate::runtime::pipeline::{Pipeline, StopHandle};
 
 /// A stored pipeline.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,7 +133,7 @@ impl Active {
 /// A request to the launcher thread: a graph to start, and where to send the result.
 type Launch = (
     ValidatedGraph,
-    tokio::sync::oneshot::Sender<Result<Pipeline, StartError>>,
+    tokio::sync::oneshot::Sender<Result<Pipeline, String>>,
 );
 
 /// The running pipelines.
@@ -157,7 +157,14 @@ impl ActivePipelines {
             .name("if-launcher".into())
             .spawn(move || {
                 for (graph, reply) in requests {
-                    let _ = reply.send(Pipeline::start(&graph));
+                    // A panic while building operators fails this start, not the launcher.
+                    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        Pipeline::start(&graph).map_err(|error| error.to_string())
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(format!("starting pipeline '{}' panicked", graph.name))
+                    });
+                    let _ = reply.send(started);
                 }
             })
             .map_err(|e| format!("cannot start the pipeline launcher thread: {e}"))?;
@@ -176,10 +183,9 @@ impl ActivePipelines {
             .map_err(|_| "the pipeline launcher is gone".to_string())?
             .send((graph, reply))
             .map_err(|_| "the pipeline launcher is gone".to_string())?;
-        let started = started
+        started
             .await
-            .map_err(|_| "the pipeline launcher is gone".to_string())?;
-        started.map_err(|error| error.to_string())
+            .map_err(|_| "the pipeline launcher is gone".to_string())?
     }
 
     fn all(&self) -> Vec<Arc<Active>> {
