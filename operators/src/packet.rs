@@ -81,6 +81,11 @@ impl CaptureTime {
             unix_nanos,
         }
     }
+
+    /// Milliseconds since the Unix epoch at capture.
+    pub fn unix_ms(&self) -> u64 {
+        (self.unix_nanos / 1_000_000) as u64
+    }
 }
 
 /// Size and memory layout of an image.

@@ -105,8 +105,8 @@ impl ApiError {
     }
 
     /// What the client is told.
-    pub(crate) fn detail(&self) -> String {
-        self.detail.clone()
+    pub(crate) fn detail(&self) -> &str {
+        &self.detail
     }
 }
 

@@ -127,7 +127,7 @@ async fn capture(body: CaptureBody, state: Arc<AppState>) -> Result<Response, Re
         source_node: node,
         stream: frame.stream_id.to_string(),
         sequence: frame.sequence,
-        captured_at: rfc3339_utc((frame.capture.unix_nanos / 1_000_000) as u64),
+        captured_at: rfc3339_utc(frame.capture.unix_ms()),
     };
     let (png, decoded) = tokio::task::spawn_blocking(move || encode_png(&frame))
         .await

@@ -710,7 +710,7 @@ pub async fn restart_kept(state: &Arc<AppState>) {
             Err(rejection) => {
                 let reason = rejection
                     .find::<ApiError>()
-                    .map_or_else(|| format!("{rejection:?}"), ApiError::detail);
+                    .map_or_else(|| format!("{rejection:?}"), |e| e.detail().to_string());
                 tracing::error!(pipeline = %record.id, "cannot restart: {reason}");
                 set_keep_running(state, &record.id, false).await;
             }

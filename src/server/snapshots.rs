@@ -63,7 +63,7 @@ fn describe(file: &Path) -> Result<SnapshotInfo, String> {
         count: entries.len(),
         anomalous: entries
             .iter()
-            .filter(|e| e.label.name() == "anomalous")
+            .filter(|e| e.label == crate::train::dataset::Label::Anomalous)
             .count(),
         size_bytes: metadata.len(),
         created_at: inspectflow_operators::sink::message::rfc3339_utc(written_ms),
@@ -92,7 +92,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
 async fn list(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
     let dir = folder(&state.data_dir);
     let snapshots = tokio::task::spawn_blocking(move || {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
@@ -100,16 +100,15 @@ async fn list(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
                     .collect()
             })
             .unwrap_or_default();
-        files.sort();
-        files
+        let mut snapshots: Vec<SnapshotInfo> = files
             .iter()
             .filter_map(|file| describe(file).ok())
-            .collect::<Vec<_>>()
+            .collect();
+        snapshots.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        snapshots
     })
     .await
     .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let mut snapshots = snapshots;
-    snapshots.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(snapshots, &page)?;
     Ok(warp::reply::json(&json!({"snapshots": items, "pagination": pagination})).into_response())
 }

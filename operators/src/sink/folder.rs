@@ -235,7 +235,7 @@ impl FolderSink {
     }
 
     fn file_stem(&self, frame: &Frame) -> String {
-        let capture_ms = (frame.capture.unix_nanos / 1_000_000) as u64;
+        let capture_ms = frame.capture.unix_ms();
         self.params
             .file_pattern
             .replace("{stream}", &sanitise(&frame.stream_id))

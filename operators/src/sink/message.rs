@@ -104,7 +104,7 @@ impl Dispatch {
     /// way), its prediction when asked for, and the latency from capture until now.
     pub fn message(&self, pipeline: &str, packet: &Packet, images: Images) -> PredictionMessage {
         let frame = &packet.frame;
-        let capture_unix_ms = (frame.capture.unix_nanos / 1_000_000) as u64;
+        let capture_unix_ms = frame.capture.unix_ms();
         PredictionMessage {
             timestamp: rfc3339_utc(capture_unix_ms),
             capture_unix_ms,
