@@ -93,8 +93,14 @@ fn chain_yaml(hops: usize, frames: u64) -> String {
 }
 
 fn run_frames(registry: &Registry, hops: usize, frames: u64) -> Duration {
-    let graph = graph::load_str("bench.yaml", &chain_yaml(hops, frames), false, registry)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let graph = graph::load_str(
+        "bench.yaml",
+        &chain_yaml(hops, frames),
+        false,
+        registry,
+        &graph::GraphLimits::DEFAULT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     let outcome = Pipeline::start(&graph)
         .unwrap_or_else(|e| panic!("{e}"))

@@ -92,8 +92,14 @@ fn run(registry: &Registry, messages: u64, sink: &str) -> f64 {
     let yaml = format!(
         "name: bench\nnodes:\n  - {{id: camera, op: source.synthetic, params: {{width: 640, height: 480, frames: {messages}}}}}\n  - {{id: out, {sink}}}\nedges:\n  - {{from: camera, to: out, queue: {{capacity: 16, policy: block}}}}\n"
     );
-    let graph = graph::load_str("bench.yaml", &yaml, false, registry)
-        .unwrap_or_else(|errors| panic!("{errors}"));
+    let graph = graph::load_str(
+        "bench.yaml",
+        &yaml,
+        false,
+        registry,
+        &graph::GraphLimits::DEFAULT,
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"));
     let started = Instant::now();
     let pipeline = Pipeline::start(&graph).unwrap_or_else(|e| panic!("{e}"));
     let outcome = pipeline.wait();

@@ -3,6 +3,7 @@
 //! - [`backbone`]: importing pretrained backbones (PyTorch checkpoints) into OpenVINO IR;
 //! - [`graph`]: graph files (YAML/JSON), validation with precise errors, schemas, DOT;
 //! - [`predictor`]: scoring single images with a model package (CLI `predict`, API `:predict`);
+//! - [`roots`]: the folders file and folder parameters must stay in (links resolved);
 //! - [`runtime`]: queues with backpressure policies, one thread per node, metrics;
 //! - [`server`]: the REST API (`inspectflow serve`) over a redb store;
 //! - [`train`]: fitting anomaly models and exporting them as model packages.
@@ -13,6 +14,7 @@
 pub mod backbone;
 pub mod graph;
 pub mod predictor;
+pub mod roots;
 pub mod runtime;
 pub mod server;
 pub mod synth;

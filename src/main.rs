@@ -38,17 +38,23 @@ enum Command {
         /// collector, for example).
         #[arg(long, value_name = "PATH")]
         metrics_prometheus: Option<PathBuf>,
+        #[command(flatten)]
+        reading: GraphReading,
     },
     /// Check graph files without running them; exits non-zero when any is invalid.
     Validate {
         /// Graph files (YAML or JSON).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        reading: GraphReading,
     },
     /// Print a graph file as Graphviz DOT.
     Graph {
         /// Graph file (YAML or JSON).
         file: PathBuf,
+        #[command(flatten)]
+        reading: GraphReading,
     },
     /// List the operators with their ports.
     Operators,
@@ -139,7 +145,36 @@ enum Command {
         /// data directory always is one).
         #[arg(long = "path-root")]
         path_roots: Vec<PathBuf>,
+        #[command(flatten)]
+        graph_limits: graph::GraphLimits,
     },
+}
+
+/// How graph files are read: the limits they are held to and, when given, the folders their file
+/// and folder parameters must stay in.
+#[derive(clap::Args)]
+struct GraphReading {
+    #[command(flatten)]
+    limits: graph::GraphLimits,
+    /// A folder that file and folder parameters (sources, sinks, models, certificates) must lie
+    /// in, links resolved (repeatable; without it, any path is allowed).
+    #[arg(long = "path-root")]
+    path_roots: Vec<PathBuf>,
+}
+
+impl GraphReading {
+    /// Reads, validates and (with roots) confines a graph file.
+    fn load(
+        &self,
+        file: &std::path::Path,
+        registry: &Registry,
+    ) -> Result<graph::ValidatedGraph, graph::GraphErrors> {
+        let graph = graph::load(file, registry, &self.limits)?;
+        if !self.path_roots.is_empty() {
+            inspectflow::roots::PathRoots::new(&self.path_roots).confine(&graph)?;
+        }
+        Ok(graph)
+    }
 }
 
 #[derive(Subcommand)]
@@ -174,9 +209,10 @@ fn main() -> ExitCode {
             file,
             metrics_json,
             metrics_prometheus,
-        } => run(&registry, &file, metrics_json, metrics_prometheus),
-        Command::Validate { files } => validate(&registry, &files),
-        Command::Graph { file } => match graph::load(&file, &registry) {
+            reading,
+        } => run(&registry, &reading, &file, metrics_json, metrics_prometheus),
+        Command::Validate { files, reading } => validate(&registry, &reading, &files),
+        Command::Graph { file, reading } => match reading.load(&file, &registry) {
             Ok(graph) => {
                 print!("{}", graph::dot::to_dot(&graph));
                 ExitCode::SUCCESS
@@ -214,6 +250,7 @@ fn main() -> ExitCode {
             token,
             max_jobs,
             path_roots,
+            graph_limits,
         } => report(inspectflow::server::serve(
             inspectflow::server::ServeOptions {
                 bind,
@@ -221,6 +258,7 @@ fn main() -> ExitCode {
                 token,
                 max_jobs,
                 path_roots,
+                graph_limits,
             },
         )),
         Command::Devices { json } => devices(json),
@@ -285,11 +323,12 @@ fn report(result: Result<(), String>) -> ExitCode {
 
 fn run(
     registry: &Registry,
+    reading: &GraphReading,
     file: &std::path::Path,
     metrics_json: Option<PathBuf>,
     metrics_prometheus: Option<PathBuf>,
 ) -> ExitCode {
-    let graph = match graph::load(file, registry) {
+    let graph = match reading.load(file, registry) {
         Ok(graph) => graph,
         Err(errors) => {
             eprintln!("{errors}");
@@ -342,10 +381,10 @@ fn run(
     code
 }
 
-fn validate(registry: &Registry, files: &[PathBuf]) -> ExitCode {
+fn validate(registry: &Registry, reading: &GraphReading, files: &[PathBuf]) -> ExitCode {
     let mut all_valid = true;
     for file in files {
-        match graph::load(file, registry) {
+        match reading.load(file, registry) {
             Ok(graph) => println!(
                 "{}: ok ({} nodes, {} edges)",
                 file.display(),

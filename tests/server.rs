@@ -1,83 +1,17 @@
 //! The REST API as a client sees it: a real `inspectflow serve` process on 127.0.0.1, driven
 //! over HTTP, killed with SIGKILL and restarted on the same data directory.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::server::{Server, call, client, inspectflow, png, upload_form};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-
-/// A server process on a free port; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data_dir: &Path, token: Option<&str>) -> Self {
-        match token {
-            Some(token) => Self::start_with(data_dir, &["--token", token]),
-            None => Self::start_with(data_dir, &[]),
-        }
-    }
-
-    fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_inspectflow"));
-        command
-            .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env_remove("INSPECTFLOW_API_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        command.args(extra);
-        let mut child = command.spawn().expect("inspectflow serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("the server prints its address");
-        let base = line
-            .split_whitespace()
-            .find(|word| word.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        Self { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client")
-}
-
-/// Status and JSON body (Null when there is none).
-fn call(request: reqwest::blocking::RequestBuilder) -> (StatusCode, Value) {
-    let response = request.send().expect("the server answers");
-    let status = response.status();
-    let text = response.text().expect("body");
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    (status, body)
-}
 
 #[test]
 fn projects_are_created_listed_paged_renamed_and_deleted_and_survive_a_kill() {
@@ -349,40 +283,6 @@ fn trainable_models_and_devices_describe_what_this_build_and_machine_offer() {
     assert!(body["cameras"].is_array());
 }
 
-fn png(width: u32, height: u32, level: u8) -> Vec<u8> {
-    let image =
-        image::RgbImage::from_pixel(width, height, image::Rgb([level, level / 2, 255 - level]));
-    let mut bytes = Vec::new();
-    image
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .expect("encode PNG");
-    bytes
-}
-
-fn upload_form(
-    file: Vec<u8>,
-    label: Option<&str>,
-    mask: Option<Vec<u8>>,
-) -> reqwest::blocking::multipart::Form {
-    let mut form = reqwest::blocking::multipart::Form::new().part(
-        "file",
-        reqwest::blocking::multipart::Part::bytes(file).file_name("part.png"),
-    );
-    if let Some(label) = label {
-        form = form.text("label", label.to_string());
-    }
-    if let Some(mask) = mask {
-        form = form.part(
-            "mask",
-            reqwest::blocking::multipart::Part::bytes(mask).file_name("mask.png"),
-        );
-    }
-    form
-}
-
 #[test]
 fn media_are_uploaded_with_labels_and_masks_checked_listed_downloaded_and_deleted() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -548,19 +448,6 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     files
-}
-
-fn inspectflow(args: &[&str], data_dir: &Path) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .expect("inspectflow runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
 }
 
 #[test]

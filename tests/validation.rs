@@ -4,11 +4,11 @@
 mod common;
 
 use common::registry_with_probe;
-use inspectflow::graph::{self, GraphError};
+use inspectflow::graph::{self, GraphError, GraphLimits};
 
 fn errors_of(yaml: &str) -> Vec<GraphError> {
     let (registry, _) = registry_with_probe();
-    match graph::load_str("line.yaml", yaml, false, &registry) {
+    match graph::load_str("line.yaml", yaml, false, &registry, &GraphLimits::DEFAULT) {
         Ok(_) => panic!("graph should be invalid"),
         Err(errors) => errors.0,
     }
@@ -293,10 +293,16 @@ edges:
 #[test]
 fn yaml_syntax_errors_give_the_line() {
     let (registry, _) = registry_with_probe();
-    let errors = graph::load_str("broken.yaml", "nodes:\n  - {id: cam\n", false, &registry)
-        .err()
-        .expect("invalid")
-        .0;
+    let errors = graph::load_str(
+        "broken.yaml",
+        "nodes:\n  - {id: cam\n",
+        false,
+        &registry,
+        &GraphLimits::DEFAULT,
+    )
+    .err()
+    .expect("invalid")
+    .0;
     assert_eq!(errors.len(), 1);
     assert!(errors[0].line.is_some());
     assert!(errors[0].to_string().starts_with("broken.yaml:"));
@@ -306,7 +312,7 @@ fn yaml_syntax_errors_give_the_line() {
 fn json_graphs_are_validated_with_lines_too() {
     let (registry, _) = registry_with_probe();
     let json = "{\n  \"nodes\": [\n    {\"id\": \"cam\", \"op\": \"source.synthetic\", \"params\": {\"widht\": 3}},\n    {\"id\": \"out\", \"op\": \"sink.null\"}\n  ],\n  \"edges\": [{\"from\": \"cam\", \"to\": \"out\"}]\n}\n";
-    let errors = graph::load_str("line.json", json, true, &registry)
+    let errors = graph::load_str("line.json", json, true, &registry, &GraphLimits::DEFAULT)
         .err()
         .expect("invalid")
         .0;

@@ -4,6 +4,7 @@
 //! - [`files`]: writing files atomically (temporary name, then rename);
 //! - [`package`]: model packages (manifest + one OpenVINO IR);
 //! - [`pool`]: the buffer pools behind them;
+//! - [`params`]: file and folder parameters, declared so that one check confines them all;
 //! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
 //! - [`registry`]: operator descriptors (ports, parameter schema, factory) and the registry;
 //! - [`source`], [`transform`], [`sink`]: one module per operator family;
@@ -20,6 +21,7 @@ pub mod files;
 pub mod infer;
 pub mod package;
 pub mod packet;
+pub mod params;
 pub mod pool;
 pub mod registry;
 pub mod sink;

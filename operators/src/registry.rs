@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::contract::{
     InputPort, OpError, OperatorInstance, OperatorKind, OutputPort, OutputType, PortType,
 };
+use crate::params::{ParamPath, file_parameter_paths};
 
 type BuildFn = dyn Fn(Value, &str) -> Result<OperatorInstance, OpError> + Send + Sync;
 type CheckFn = dyn Fn(&Value) -> Result<(), String> + Send + Sync;
@@ -36,6 +37,7 @@ pub struct OperatorDescriptor {
     /// Whether the node may be given a `batch` setting.
     pub supports_batching: bool,
     schema: Value,
+    file_parameters: Vec<ParamPath>,
     check: Box<CheckFn>,
     live: Box<LiveFn>,
     build: Box<BuildFn>,
@@ -65,6 +67,16 @@ impl OperatorDescriptor {
     /// JSON Schema (2020-12) of the parameters.
     pub fn params_schema(&self) -> &Value {
         &self.schema
+    }
+
+    /// Where the parameters name files and folders (schema `format: path`), for confining them.
+    pub fn file_parameter_paths(&self) -> &[ParamPath] {
+        &self.file_parameters
+    }
+
+    /// Every file or folder these parameters name, with its dotted field name.
+    pub fn file_parameters<'a>(&self, params: &'a Value) -> Vec<(String, &'a str)> {
+        crate::params::file_parameters(&self.file_parameters, params)
     }
 
     /// Deserializes the parameters without building anything; the error names the field.
@@ -139,6 +151,7 @@ where
             map.insert("description".into(), Value::String(self.summary.into()));
         }
         let live = self.live;
+        let file_parameters = file_parameter_paths(&schema);
         OperatorDescriptor {
             name: self.name,
             kind: self.kind,
@@ -147,6 +160,7 @@ where
             outputs: self.outputs,
             supports_batching: self.supports_batching,
             schema,
+            file_parameters,
             check: Box::new(|params| {
                 serde_json::from_value::<P>(params.clone())
                     .map(|_| ())

@@ -4,6 +4,7 @@
 //! [`load`] is the entry point: file in, [`ValidatedGraph`] or every error at once out.
 
 pub mod dot;
+pub mod limits;
 pub mod parse;
 pub mod schema;
 pub mod spec;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use inspectflow_operators::{OperatorDescriptor, PortType, Registry};
 
+pub use limits::GraphLimits;
 pub use spec::{BatchSpec, GraphSpec, QueuePolicy, RestartPolicy, RestartSpec};
 
 /// One problem in a graph file, located as precisely as the parser allows.
@@ -150,10 +152,14 @@ impl ValidatedGraph {
     }
 }
 
-/// Reads, parses and validates a graph file.
-pub fn load(path: &Path, registry: &Registry) -> Result<ValidatedGraph, GraphErrors> {
-    let document = parse::read_file(path)?;
-    validate::validate(&document, registry)
+/// Reads, parses and validates a graph file, held to `limits`.
+pub fn load(
+    path: &Path,
+    registry: &Registry,
+    limits: &GraphLimits,
+) -> Result<ValidatedGraph, GraphErrors> {
+    let document = parse::read_file(path, limits)?;
+    validate::validate(&document, registry, limits)
 }
 
 /// Parses and validates graph text (`is_json` picks the syntax); `file` names it in errors.
@@ -162,7 +168,8 @@ pub fn load_str(
     text: &str,
     is_json: bool,
     registry: &Registry,
+    limits: &GraphLimits,
 ) -> Result<ValidatedGraph, GraphErrors> {
-    let document = parse::parse_text(file, text, is_json)?;
-    validate::validate(&document, registry)
+    let document = parse::parse_text(file, text, is_json, limits)?;
+    validate::validate(&document, registry, limits)
 }

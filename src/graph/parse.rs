@@ -9,9 +9,10 @@ use std::path::Path;
 
 use serde_json::{Map, Number, Value};
 use yaml_rust2::Yaml;
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
+use super::limits::{GraphLimits, exceeded};
 use super::{GraphError, GraphErrors};
 
 /// A parsed graph document.
@@ -44,24 +45,56 @@ impl Locations {
     }
 }
 
-/// Reads and parses a graph file; `.json` files are parsed as JSON, anything else as YAML.
-pub fn read_file(path: &Path) -> Result<Document, GraphErrors> {
+/// Reads and parses a graph file; `.json` files are parsed as JSON, anything else as YAML. A file
+/// larger than the limit is not read past it.
+pub fn read_file(path: &Path, limits: &GraphLimits) -> Result<Document, GraphErrors> {
+    use std::io::Read;
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        GraphErrors(vec![GraphError::in_file(
-            &file,
-            format!("cannot read the file: {e}"),
-        )])
+    let fail = |message: String| GraphErrors(vec![GraphError::in_file(&file, message)]);
+    let opened =
+        std::fs::File::open(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    let mut bytes = Vec::new();
+    opened
+        .take(limits.max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    if bytes.len() > limits.max_bytes {
+        return Err(fail(exceeded(
+            "bytes",
+            limits.max_bytes,
+            "--graph-max-bytes",
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })?;
     let is_json = path
         .extension()
         .is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
-    parse_text(&file, &text, is_json)
+    parse_text(&file, &text, is_json, limits)
 }
 
 /// Parses graph text. `file` names it in errors.
-pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, GraphErrors> {
+pub fn parse_text(
+    file: &str,
+    text: &str,
+    is_json: bool,
+    limits: &GraphLimits,
+) -> Result<Document, GraphErrors> {
+    let in_file = |message: String| GraphErrors(vec![GraphError::in_file(file, message)]);
+    if text.len() > limits.max_bytes {
+        return Err(in_file(exceeded(
+            "bytes",
+            limits.max_bytes,
+            "--graph-max-bytes",
+        )));
+    }
     if is_json {
+        // serde_json refuses nesting deeper than 128 levels by itself; the walk below holds the
+        // value to the configured limits.
         let value: Value = serde_json::from_str(text).map_err(|e| {
             GraphErrors(vec![GraphError {
                 line: Some(e.line()),
@@ -69,8 +102,9 @@ pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, Gra
                 ..GraphError::in_file(file, format!("invalid JSON: {e}"))
             }])
         })?;
+        check_json_limits(&value, limits).map_err(in_file)?;
         // JSON is YAML too; when the YAML reader copes, it supplies positions.
-        let locations = parse_yaml(text)
+        let locations = parse_yaml(text, limits)
             .map(|(_, locations)| locations)
             .unwrap_or_default();
         return Ok(Document {
@@ -79,7 +113,7 @@ pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, Gra
             locations,
         });
     }
-    let (value, locations) = parse_yaml(text).map_err(|(message, line, column)| {
+    let (value, locations) = parse_yaml(text, limits).map_err(|(message, line, column)| {
         GraphErrors(vec![GraphError {
             line: Some(line),
             column: Some(column),
@@ -93,23 +127,68 @@ pub fn parse_text(file: &str, text: &str, is_json: bool) -> Result<Document, Gra
     })
 }
 
+/// Holds a parsed JSON value to the depth and value-count limits (without recursion).
+fn check_json_limits(value: &Value, limits: &GraphLimits) -> Result<(), String> {
+    let mut pending: Vec<(&Value, usize)> = vec![(value, 1)];
+    let mut count = 0usize;
+    while let Some((value, depth)) = pending.pop() {
+        count += 1;
+        if count > limits.max_values {
+            return Err(exceeded("values", limits.max_values, "--graph-max-values"));
+        }
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth > limits.max_depth {
+            return Err(exceeded(
+                "levels of nesting",
+                limits.max_depth,
+                "--graph-max-depth",
+            ));
+        }
+        pending.extend(children.map(|child| (child, depth + 1)));
+    }
+    Ok(())
+}
+
 type YamlError = (String, usize, usize);
 
-fn parse_yaml(text: &str) -> Result<(Value, Locations), YamlError> {
-    let mut builder = TreeBuilder::default();
-    let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| {
-        (
-            e.info().to_string(),
-            e.marker().line(),
-            e.marker().col() + 1,
-        )
-    })?;
-    if let Some(error) = builder.error {
-        return Err(error);
-    }
-    let value = builder.root.unwrap_or(Value::Null);
-    Ok((value, builder.locations))
+/// Bytes of JSON pointers kept for error positions; past it, errors point at the nearest
+/// recorded ancestor. (Pointers repeat their ancestors' keys, so without a budget a document of
+/// long keys nested deeply could make them far larger than the document.)
+const LOCATION_BUDGET_BYTES: usize = 32 << 20;
+
+/// Parses one YAML document, driving the event parser in a loop (yaml-rust2's own loader
+/// recurses once per nesting level, which a hostile document turns into a stack overflow) and
+/// stopping at the first error or exceeded limit.
+fn parse_yaml(text: &str, limits: &GraphLimits) -> Result<(Value, Locations), YamlError> {
+    let drive = || {
+        let mut builder = TreeBuilder::new(limits);
+        let mut parser = Parser::new_from_str(text);
+        loop {
+            let (event, mark) = parser.next_token().map_err(|e| {
+                (
+                    e.info().to_string(),
+                    e.marker().line(),
+                    e.marker().col() + 1,
+                )
+            })?;
+            if event == Event::StreamEnd {
+                break;
+            }
+            builder.on_event(event, mark);
+            if let Some(error) = builder.error.take() {
+                return Err(error);
+            }
+        }
+        Ok((builder.root.unwrap_or(Value::Null), builder.locations))
+    };
+    // The scanner is third-party code fed hostile input: a panic inside it is a bad document,
+    // not a reason to take the server down.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(drive))
+        .unwrap_or_else(|_| Err(("the YAML parser failed on this input".into(), 1, 1)))
 }
 
 enum Container {
@@ -118,21 +197,29 @@ enum Container {
         map: Map<String, Value>,
         pending_key: Option<String>,
         anchor: usize,
+        values: usize,
     },
     Sequence {
         pointer: String,
         items: Vec<Value>,
         anchor: usize,
+        values: usize,
     },
 }
 
-/// Builds a `Value` from parser events, recording positions.
-#[derive(Default)]
-struct TreeBuilder {
+/// Builds a `Value` from parser events, recording positions and holding the document to its
+/// limits.
+struct TreeBuilder<'a> {
+    limits: &'a GraphLimits,
     stack: Vec<Container>,
     root: Option<Value>,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values with the number of values each holds.
+    anchors: HashMap<usize, (Value, usize)>,
     locations: Locations,
+    location_bytes: usize,
+    documents: usize,
+    values: usize,
+    alias_values: usize,
     error: Option<YamlError>,
 }
 
@@ -140,10 +227,32 @@ fn escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
 }
 
-impl TreeBuilder {
+impl<'a> TreeBuilder<'a> {
+    fn new(limits: &'a GraphLimits) -> Self {
+        Self {
+            limits,
+            stack: Vec::new(),
+            root: None,
+            anchors: HashMap::new(),
+            locations: Locations::default(),
+            location_bytes: 0,
+            documents: 0,
+            values: 0,
+            alias_values: 0,
+            error: None,
+        }
+    }
+
     fn fail(&mut self, message: String, mark: Marker) {
         if self.error.is_none() {
             self.error = Some((message, mark.line(), mark.col() + 1));
+        }
+    }
+
+    fn record_location(&mut self, pointer: String, position: (usize, usize)) {
+        if self.location_bytes + pointer.len() <= LOCATION_BUDGET_BYTES {
+            self.location_bytes += pointer.len();
+            self.locations.by_pointer.entry(pointer).or_insert(position);
         }
     }
 
@@ -172,16 +281,37 @@ impl TreeBuilder {
         )
     }
 
-    fn place(&mut self, value: Value, anchor: usize, mark: Marker) {
+    /// Counts `count` more values; false (with the error set) past the limit.
+    fn count_values(&mut self, count: usize, mark: Marker) -> bool {
+        self.values = self.values.saturating_add(count);
+        if self.values > self.limits.max_values {
+            self.fail(
+                exceeded("values", self.limits.max_values, "--graph-max-values"),
+                mark,
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Places a finished value holding `count` values (itself included).
+    fn place(&mut self, value: Value, count: usize, anchor: usize, mark: Marker) {
         if anchor > 0 {
-            self.anchors.insert(anchor, value.clone());
+            self.anchors.insert(anchor, (value.clone(), count));
         }
         match self.stack.last_mut() {
             None => self.root = Some(value),
-            Some(Container::Sequence { items, .. }) => items.push(value),
+            Some(Container::Sequence { items, values, .. }) => {
+                *values += count;
+                items.push(value);
+            }
             Some(Container::Mapping {
-                map, pending_key, ..
+                map,
+                pending_key,
+                values,
+                ..
             }) => {
+                *values += count;
                 if let Some(key) = pending_key.take()
                     && map.insert(key.clone(), value).is_some()
                 {
@@ -190,47 +320,58 @@ impl TreeBuilder {
             }
         }
     }
-}
 
-impl MarkedEventReceiver for TreeBuilder {
     fn on_event(&mut self, event: Event, mark: Marker) {
         let position = (mark.line(), mark.col() + 1);
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
+                if !self.count_values(1, mark) {
+                    return;
+                }
                 if self.expecting_key() {
                     let pointer = format!(
                         "{}/{}",
                         self.child_pointer().trim_end_matches('/'),
                         escape(&text)
                     );
-                    self.locations.by_pointer.insert(pointer, position);
+                    self.record_location(pointer, position);
                     if let Some(Container::Mapping { pending_key, .. }) = self.stack.last_mut() {
                         *pending_key = Some(text);
                     }
                     return;
                 }
                 if matches!(self.stack.last(), Some(Container::Sequence { .. })) {
-                    self.locations
-                        .by_pointer
-                        .insert(self.child_pointer(), position);
+                    let pointer = self.child_pointer();
+                    self.record_location(pointer, position);
                 }
                 let value = if style == TScalarStyle::Plain {
                     plain_scalar(&text)
                 } else {
                     Value::String(text)
                 };
-                self.place(value, anchor, mark);
+                self.place(value, 1, anchor, mark);
             }
             Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {
                 if self.expecting_key() {
                     self.fail("only plain keys are supported".into(), mark);
                     return;
                 }
+                if self.stack.len() >= self.limits.max_depth {
+                    self.fail(
+                        exceeded(
+                            "levels of nesting",
+                            self.limits.max_depth,
+                            "--graph-max-depth",
+                        ),
+                        mark,
+                    );
+                    return;
+                }
+                if !self.count_values(1, mark) {
+                    return;
+                }
                 let pointer = self.child_pointer();
-                self.locations
-                    .by_pointer
-                    .entry(pointer.clone())
-                    .or_insert(position);
+                self.record_location(pointer.clone(), position);
                 self.stack
                     .push(if matches!(event, Event::MappingStart(..)) {
                         Container::Mapping {
@@ -238,40 +379,70 @@ impl MarkedEventReceiver for TreeBuilder {
                             map: Map::new(),
                             pending_key: None,
                             anchor,
+                            values: 1,
                         }
                     } else {
                         Container::Sequence {
                             pointer,
                             items: Vec::new(),
                             anchor,
+                            values: 1,
                         }
                     });
             }
             Event::MappingEnd | Event::SequenceEnd => {
-                let (value, anchor) = match self.stack.pop() {
-                    Some(Container::Mapping { map, anchor, .. }) => (Value::Object(map), anchor),
-                    Some(Container::Sequence { items, anchor, .. }) => {
-                        (Value::Array(items), anchor)
-                    }
+                let (value, count, anchor) = match self.stack.pop() {
+                    Some(Container::Mapping {
+                        map,
+                        anchor,
+                        values,
+                        ..
+                    }) => (Value::Object(map), values, anchor),
+                    Some(Container::Sequence {
+                        items,
+                        anchor,
+                        values,
+                        ..
+                    }) => (Value::Array(items), values, anchor),
                     None => return,
                 };
-                self.place(value, anchor, mark);
+                self.place(value, count, anchor, mark);
             }
-            Event::Alias(anchor) => match self.anchors.get(&anchor).cloned() {
-                Some(value) => {
-                    if self.expecting_key() {
-                        self.fail("aliases cannot be keys".into(), mark);
-                    } else {
-                        self.place(value, 0, mark);
-                    }
+            Event::Alias(anchor) => {
+                let Some((value, count)) = self.anchors.get(&anchor).cloned() else {
+                    self.fail("unknown alias".into(), mark);
+                    return;
+                };
+                if self.expecting_key() {
+                    self.fail("aliases cannot be keys".into(), mark);
+                    return;
                 }
-                None => self.fail("unknown alias".into(), mark),
-            },
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
+                self.alias_values = self.alias_values.saturating_add(count);
+                if self.alias_values > self.limits.max_alias_values {
+                    self.fail(
+                        exceeded(
+                            "values copied by aliases",
+                            self.limits.max_alias_values,
+                            "--graph-max-alias-values",
+                        ),
+                        mark,
+                    );
+                    return;
+                }
+                if self.count_values(count, mark) {
+                    self.place(value, count, 0, mark);
+                }
+            }
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    self.fail(
+                        "a graph file holds one YAML document; found a second".into(),
+                        mark,
+                    );
+                }
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
 }
@@ -300,15 +471,17 @@ mod tests {
     fn yaml_and_json_give_the_same_value() {
         let yaml = "nodes:\n  - id: a\n    op: x\n    params: {width: 3, scale: 0.5, on: true, name: 'q'}\n";
         let json = r#"{"nodes": [{"id": "a", "op": "x", "params": {"width": 3, "scale": 0.5, "on": true, "name": "q"}}]}"#;
-        let from_yaml = parse_text("a.yaml", yaml, false).expect("yaml parses");
-        let from_json = parse_text("a.json", json, true).expect("json parses");
+        let from_yaml =
+            parse_text("a.yaml", yaml, false, &GraphLimits::DEFAULT).expect("yaml parses");
+        let from_json =
+            parse_text("a.json", json, true, &GraphLimits::DEFAULT).expect("json parses");
         assert_eq!(from_yaml.value, from_json.value);
     }
 
     #[test]
     fn records_positions_of_keys_and_items() {
         let yaml = "nodes:\n  - id: a\n    op: x\n    params:\n      width: 3\n";
-        let doc = parse_text("a.yaml", yaml, false).expect("parses");
+        let doc = parse_text("a.yaml", yaml, false, &GraphLimits::DEFAULT).expect("parses");
         assert_eq!(doc.locations.find("/nodes/0/params/width"), Some((5, 7)));
         assert_eq!(
             doc.locations.find("/nodes/0").map(|(line, _)| line),
@@ -323,22 +496,32 @@ mod tests {
 
     #[test]
     fn reports_yaml_syntax_errors_with_a_line() {
-        let error = parse_text("bad.yaml", "nodes:\n  - id: [a\n", false)
-            .err()
-            .expect("fails")
-            .0
-            .remove(0);
+        let error = parse_text(
+            "bad.yaml",
+            "nodes:\n  - id: [a\n",
+            false,
+            &GraphLimits::DEFAULT,
+        )
+        .err()
+        .expect("fails")
+        .0
+        .remove(0);
         assert_eq!(error.file, "bad.yaml");
         assert!(error.line.is_some());
     }
 
     #[test]
     fn rejects_duplicate_keys() {
-        let error = parse_text("dup.yaml", "name: a\nname: b\nnodes: []\n", false)
-            .err()
-            .expect("fails")
-            .0
-            .remove(0);
+        let error = parse_text(
+            "dup.yaml",
+            "name: a\nname: b\nnodes: []\n",
+            false,
+            &GraphLimits::DEFAULT,
+        )
+        .err()
+        .expect("fails")
+        .0
+        .remove(0);
         assert!(
             error.message.contains("duplicate key 'name'"),
             "{}",
@@ -350,7 +533,7 @@ mod tests {
     #[test]
     fn expands_anchors_and_aliases() {
         let yaml = "base: &size {width: 8}\ncopy: *size\n";
-        let doc = parse_text("a.yaml", yaml, false).expect("parses");
+        let doc = parse_text("a.yaml", yaml, false, &GraphLimits::DEFAULT).expect("parses");
         assert_eq!(doc.value["copy"]["width"], 8);
     }
 }

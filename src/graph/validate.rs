@@ -10,6 +10,7 @@ use inspectflow_operators::registry::closest;
 use inspectflow_operators::{OperatorKind, OutputType, PortType, Registry};
 use serde_json::Value;
 
+use super::limits::{GraphLimits, exceeded};
 use super::parse::Document;
 use super::spec::{DEFAULT_QUEUE_CAPACITY, EdgeSpec, NodeSpec, QueuePolicy};
 use super::{GraphError, GraphErrors, ValidatedEdge, ValidatedGraph, ValidatedNode};
@@ -123,6 +124,10 @@ fn report_schema_errors(
     }
 }
 
+/// Errors after which unknown node names no longer get a "did you mean" (each costs a pass over
+/// every node id).
+const SUGGESTIONS_UP_TO_ERRORS: usize = 20;
+
 /// An endpoint `node` or `node.port`.
 fn split_endpoint(endpoint: &str) -> (&str, Option<&str>) {
     match endpoint.split_once('.') {
@@ -132,7 +137,11 @@ fn split_endpoint(endpoint: &str) -> (&str, Option<&str>) {
 }
 
 /// Validates a parsed document against the operators in `registry`.
-pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGraph, GraphErrors> {
+pub fn validate(
+    document: &Document,
+    registry: &Registry,
+    limits: &GraphLimits,
+) -> Result<ValidatedGraph, GraphErrors> {
     let empty = Vec::new();
     let raw_nodes = document
         .value
@@ -144,6 +153,27 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
         .get("edges")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
+    for (count, limit, what, flag) in [
+        (
+            raw_nodes.len(),
+            limits.max_nodes,
+            "nodes",
+            "--graph-max-nodes",
+        ),
+        (
+            raw_edges.len(),
+            limits.max_edges,
+            "edges",
+            "--graph-max-edges",
+        ),
+    ] {
+        if count > limit {
+            return Err(GraphErrors(vec![GraphError {
+                field: Some(what.to_string()),
+                ..GraphError::in_file(&document.file, exceeded(what, limit, flag))
+            }]));
+        }
+    }
     let mut report = Report {
         document,
         node_ids: raw_nodes
@@ -184,6 +214,9 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
 
     // 3. Node ids, operators and parameters.
     let mut first_by_id: HashMap<String, usize> = HashMap::new();
+    // One compiled parameter validator per operator, not per node.
+    let mut params_validators: HashMap<&str, Result<jsonschema::Validator, String>> =
+        HashMap::new();
     let mut validated: Vec<(usize, ValidatedNode)> = Vec::new();
     for (index, node) in &nodes {
         let pointer = format!("/nodes/{index}");
@@ -219,10 +252,13 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
             continue;
         };
         let errors_before = report.errors.len();
-        match jsonschema::validator_for(descriptor.params_schema()) {
+        let compiled = params_validators.entry(descriptor.name).or_insert_with(|| {
+            jsonschema::validator_for(descriptor.params_schema()).map_err(|e| e.to_string())
+        });
+        match compiled {
             Ok(validator) => report_schema_errors(
                 &mut report,
-                &validator,
+                validator,
                 &node.params,
                 &format!("{pointer}/params"),
             ),
@@ -289,9 +325,15 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
             let (node_id, port) = split_endpoint(endpoint);
             let Some(&position) = position_of.get(node_id) else {
                 if !first_by_id.contains_key(node_id) {
-                    let hint = closest(node_id, position_of.keys().copied())
-                        .map(|id| format!(" (did you mean '{id}'?)"))
-                        .unwrap_or_default();
+                    // Suggestions compare against every id: offered for the first few unknown
+                    // endpoints only, so that validation stays linear in the graph's size.
+                    let hint = if report.errors.len() < SUGGESTIONS_UP_TO_ERRORS {
+                        closest(node_id, position_of.keys().copied())
+                            .map(|id| format!(" (did you mean '{id}'?)"))
+                            .unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
                     report.add(
                         &pointer,
                         None,
@@ -376,16 +418,20 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
     let count = validated.len();
     let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); count];
     let mut incoming = vec![0usize; count];
-    for link in &links {
+    // Links into each node, by index into `links`.
+    let mut links_into: Vec<Vec<usize>> = vec![Vec::new(); count];
+    let mut connected_inputs: HashSet<(usize, usize)> = HashSet::new();
+    let mut connected_outputs: HashSet<(usize, usize)> = HashSet::new();
+    for (link_index, link) in links.iter().enumerate() {
         downstream[link.from].push(link.to);
         incoming[link.to] += 1;
+        links_into[link.to].push(link_index);
+        connected_inputs.insert((link.to, link.to_port));
+        connected_outputs.insert((link.from, link.from_port));
     }
     for (position, (index, node)) in validated.iter().enumerate() {
         for (port_index, port) in node.descriptor.inputs.iter().enumerate() {
-            if !links
-                .iter()
-                .any(|l| l.to == position && l.to_port == port_index)
-            {
+            if !connected_inputs.contains(&(position, port_index)) {
                 let what = if node.descriptor.kind == OperatorKind::Sink {
                     "sink"
                 } else {
@@ -405,10 +451,7 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
     }
     for (position, (index, node)) in validated.iter().enumerate() {
         for (port_index, port) in node.descriptor.outputs.iter().enumerate() {
-            if !links
-                .iter()
-                .any(|l| l.from == position && l.from_port == port_index)
-            {
+            if !connected_outputs.contains(&(position, port_index)) {
                 report.add(
                     &format!("/nodes/{index}"),
                     Some(&node.id),
@@ -434,14 +477,23 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
             }
         }
     }
-    let on_cycle: Vec<usize> = (0..count).filter(|&n| remaining[n] > 0).collect();
-    for &position in &on_cycle {
+    let on_cycle: Vec<bool> = remaining.iter().map(|&left| left > 0).collect();
+    let cycle_nodes: Vec<usize> = (0..count).filter(|&n| on_cycle[n]).collect();
+    /// Partners named in each cycle error; a long cycle is summarised, not listed per node.
+    const PARTNERS_NAMED: usize = 5;
+    for &position in &cycle_nodes {
         let (index, node) = &validated[position];
-        let partners: Vec<&str> = on_cycle
+        let mut partners: Vec<&str> = cycle_nodes
             .iter()
             .filter(|&&other| other != position)
+            .take(PARTNERS_NAMED)
             .map(|&other| &*validated[other].1.id)
             .collect();
+        let more = cycle_nodes.len() - 1 - partners.len();
+        let more = format!("{more} more");
+        if cycle_nodes.len() - 1 > PARTNERS_NAMED {
+            partners.push(&more);
+        }
         report.add(
             &format!("/nodes/{index}"),
             Some(&node.id),
@@ -465,7 +517,7 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
         }
     }
     for (position, (index, node)) in validated.iter().enumerate() {
-        if !reached[position] && incoming[position] > 0 && !on_cycle.contains(&position) {
+        if !reached[position] && incoming[position] > 0 && !on_cycle[position] {
             report.add(
                 &format!("/nodes/{index}"),
                 Some(&node.id),
@@ -493,7 +545,7 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
     let mut live = vec![false; count];
     for &position in &order {
         let node = &validated[position].1;
-        let inputs: Vec<&Link> = links.iter().filter(|l| l.to == position).collect();
+        let inputs: Vec<&Link> = links_into[position].iter().map(|&i| &links[i]).collect();
         live[position] = if node.descriptor.kind == OperatorKind::Source {
             node.descriptor.is_live(&node.params)
         } else {
@@ -549,11 +601,15 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
         policy: Option<QueuePolicy>,
     }
     let mut port_queue: HashMap<(usize, usize), PortQueue> = HashMap::new();
+    let edge_by_file_index: HashMap<usize, &EdgeSpec> =
+        edges.iter().map(|(index, edge)| (*index, edge)).collect();
+    // Whether a live source feeds each input port.
+    let mut port_is_live: HashMap<(usize, usize), bool> = HashMap::new();
     for link in &links {
-        let spec = edges
-            .iter()
-            .find(|(index, _)| *index == link.file_index)
-            .and_then(|(_, edge)| edge.queue.clone());
+        *port_is_live.entry((link.to, link.to_port)).or_default() |= live[link.from];
+        let spec = edge_by_file_index
+            .get(&link.file_index)
+            .and_then(|edge| edge.queue.clone());
         let (capacity, policy) = spec.map(|q| (q.capacity, q.policy)).unwrap_or((None, None));
         let entry = port_queue
             .entry((link.to, link.to_port))
@@ -594,10 +650,7 @@ pub fn validate(document: &Document, registry: &Registry) -> Result<ValidatedGra
             let PortQueue {
                 capacity, policy, ..
             } = port_queue[&(link.to, link.to_port)];
-            let port_live = links
-                .iter()
-                .filter(|l| l.to == link.to && l.to_port == link.to_port)
-                .any(|l| live[l.from]);
+            let port_live = port_is_live[&(link.to, link.to_port)];
             ValidatedEdge {
                 from: link.from,
                 from_port: link.from_port,

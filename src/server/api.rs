@@ -21,8 +21,8 @@ use super::endpoints::EndpointKind;
 use super::jobs::{Job, JobRunner, JobStatus};
 use super::models::LoadedModels;
 use super::pipelines::ActivePipelines;
-use super::roots::PathRoots;
 use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS, Store, StoreError};
+use crate::roots::PathRoots;
 use crate::train::Architecture;
 use inspectflow_operators::Registry;
 use inspectflow_operators::sink::message::rfc3339_utc;
@@ -37,6 +37,8 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Folders clients may name in sources, sinks and graphs.
     pub roots: PathRoots,
+    /// Limits on the graph documents clients send.
+    pub graph_limits: crate::graph::GraphLimits,
     /// The training worker.
     pub jobs: JobRunner,
     /// Compiled models for `:predict`.
@@ -245,6 +247,34 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| warp::reject::custom(ApiError::from(e)))
 }
 
+/// Writes `record` of project `project_id`, in one transaction with the check that the project
+/// still exists: a record can never outlive its project (a delete racing this write makes it
+/// answer 404).
+pub(crate) async fn put_in_project<T: Serialize + Send + 'static>(
+    state: &Arc<AppState>,
+    project_id: &str,
+    table: super::store::Collection,
+    id: &str,
+    record: T,
+) -> Result<(), Rejection> {
+    let (project, key) = (project_id.to_string(), id.to_string());
+    let written = blocking(state, move |store| {
+        store.write(|tx| {
+            if tx.get::<Project>(PROJECTS, &project)?.is_none() {
+                return Ok(false);
+            }
+            tx.put(table, &key, &record)?;
+            Ok(true)
+        })
+    })
+    .await?;
+    if written {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("project", project_id))
+    }
+}
+
 /// Every route, with authentication and error handling.
 pub fn routes(
     state: Arc<AppState>,
@@ -435,72 +465,80 @@ async fn rename_project(
     Ok(warp::reply::json(&project).into_response())
 }
 
-/// Deletes a project with its media: records first, then files (a crash in between leaves
-/// orphan files, never records without files).
+/// Deletes a project with everything it owns, in one store transaction that also makes the
+/// busy check (a job in progress), so no job can start and no upload can land between the check
+/// and the delete. Records go first and files after: a crash in between leaves orphan files,
+/// which `check-db` lists, never records without files.
 async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let key = id.clone();
-    let busy = blocking(&state, move |store| {
-        let jobs: Vec<Job> = store.all(JOBS)?;
-        Ok(jobs
-            .into_iter()
-            .find(|job| job.project_id == key && !job.status.is_final()))
-    })
-    .await?;
-    if let Some(job) = busy {
-        return Err(ApiError::reject(
-            StatusCode::CONFLICT,
-            format!(
-                "project {id} has job {} in progress; cancel it first",
-                job.id
-            ),
-        ));
-    }
     if let Some(pipeline) = state.pipelines.running_in_project(&id) {
         return Err(ApiError::reject(
             StatusCode::CONFLICT,
             format!("project {id} has running pipeline {pipeline}; stop it first"),
         ));
     }
+    /// What the transaction found.
+    enum Outcome {
+        Deleted {
+            models: Vec<super::models::Model>,
+            jobs: Vec<Job>,
+        },
+        Missing,
+        Busy(String),
+    }
     let key = id.clone();
-    let data_dir = state.data_dir.clone();
-    let removed = blocking(&state, move |store| {
-        let media: Vec<super::media::Media> = store.all(MEDIA)?;
-        for item in media.iter().filter(|m| m.project_id == key) {
-            store.remove(MEDIA, &item.id)?;
-        }
-        let models: Vec<super::models::Model> = store.all(MODELS)?;
-        let models: Vec<_> = models.into_iter().filter(|m| m.project_id == key).collect();
-        for model in &models {
-            store.remove(MODELS, &model.id)?;
-        }
-        let pipelines: Vec<super::pipelines::PipelineRecord> = store.all(PIPELINES)?;
-        for pipeline in pipelines.iter().filter(|p| p.project_id == key) {
-            store.remove(PIPELINES, &pipeline.id)?;
-        }
-        let jobs: Vec<Job> = store.all(JOBS)?;
-        let jobs: Vec<_> = jobs.into_iter().filter(|j| j.project_id == key).collect();
-        for job in &jobs {
-            store.remove(JOBS, &job.id)?;
-        }
-        let removed = store.remove(PROJECTS, &key)?;
-        if removed {
-            // Records first, files after: a crash in between leaves orphan files, which
-            // `check-db` lists, never records without files.
+    let outcome = blocking(&state, move |store| {
+        store.write(|tx| {
+            if tx.get::<Project>(PROJECTS, &key)?.is_none() {
+                return Ok(Outcome::Missing);
+            }
+            let jobs: Vec<Job> = tx.all(JOBS)?;
+            let jobs: Vec<Job> = jobs.into_iter().filter(|j| j.project_id == key).collect();
+            if let Some(job) = jobs.iter().find(|job| !job.status.is_final()) {
+                return Ok(Outcome::Busy(job.id.clone()));
+            }
+            let media: Vec<super::media::Media> = tx.all(MEDIA)?;
+            for item in media.iter().filter(|m| m.project_id == key) {
+                tx.remove(MEDIA, &item.id)?;
+            }
+            let models: Vec<super::models::Model> = tx.all(MODELS)?;
+            let models: Vec<_> = models.into_iter().filter(|m| m.project_id == key).collect();
             for model in &models {
-                let _ = std::fs::remove_dir_all(super::models::Model::dir(&data_dir, &model.id));
+                tx.remove(MODELS, &model.id)?;
+            }
+            let pipelines: Vec<super::pipelines::PipelineRecord> = tx.all(PIPELINES)?;
+            for pipeline in pipelines.iter().filter(|p| p.project_id == key) {
+                tx.remove(PIPELINES, &pipeline.id)?;
             }
             for job in &jobs {
-                let _ = std::fs::remove_file(data_dir.join("jobs").join(format!("{}.log", job.id)));
+                tx.remove(JOBS, &job.id)?;
             }
-            let _ = std::fs::remove_dir_all(data_dir.join("projects").join(&key));
-        }
-        Ok(removed)
+            tx.remove(PROJECTS, &key)?;
+            Ok(Outcome::Deleted { models, jobs })
+        })
     })
     .await?;
-    if removed {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(ApiError::not_found("project", &id))
+    match outcome {
+        Outcome::Missing => Err(ApiError::not_found("project", &id)),
+        Outcome::Busy(job) => Err(ApiError::reject(
+            StatusCode::CONFLICT,
+            format!("project {id} has job {job} in progress; cancel it first"),
+        )),
+        Outcome::Deleted { models, jobs } => {
+            let data_dir = state.data_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for model in &models {
+                    let _ =
+                        std::fs::remove_dir_all(super::models::Model::dir(&data_dir, &model.id));
+                }
+                for job in &jobs {
+                    let _ =
+                        std::fs::remove_file(data_dir.join("jobs").join(format!("{}.log", job.id)));
+                }
+                let _ = std::fs::remove_dir_all(data_dir.join("projects").join(&id));
+            })
+            .await;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
     }
 }
 

@@ -301,11 +301,11 @@ async fn check(
         ));
     }
     validate_params(operator, &body.config).map_err(|error| invalid(format!("config{error}")))?;
-    if let Some(path) = body.config.get("path").and_then(Value::as_str) {
+    if let Some(descriptor) = super::api::registry().get(operator) {
         state
             .roots
-            .check(Path::new(path))
-            .map_err(|error| invalid(format!("config.path: {error}")))?;
+            .confine_params(descriptor, &body.config)
+            .map_err(|(field, error)| invalid(format!("config.{field}: {error}")))?;
     }
     if kind == EndpointKind::Source {
         let config = body.config.clone();
@@ -335,7 +335,8 @@ fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
         ], "edges": [{"from": "partner", "to": "endpoint"}]})
     };
     let text = graph.to_string();
-    match crate::graph::load_str("config", &text, true, &super::api::registry()) {
+    let limits = crate::graph::GraphLimits::DEFAULT;
+    match crate::graph::load_str("config", &text, true, &super::api::registry(), &limits) {
         Ok(_) => Ok(()),
         Err(errors) => {
             let Some(error) = errors

@@ -350,10 +350,10 @@ async fn run(state: &Arc<AppState>, live: &LiveJob, mut job: Job) {
             job.end_time = Some(now());
             let stored_job = job.clone();
             let registered = blocking(state, move |store| {
-                store.put_all(&[
-                    (MODELS, &model.id, &model),
-                    (JOBS, &stored_job.id, &stored_job),
-                ])
+                store.write(|tx| {
+                    tx.put(MODELS, &model.id, &model)?;
+                    tx.put(JOBS, &stored_job.id, &stored_job)
+                })
             })
             .await;
             if registered.is_ok() {
@@ -782,8 +782,7 @@ async fn start_training(
         start_time: None,
         end_time: None,
     };
-    let stored = job.clone();
-    blocking(&state, move |store| store.put(JOBS, &stored.id, &stored)).await?;
+    super::api::put_in_project(&state, &job.project_id, JOBS, &job.id, job.clone()).await?;
     submit(&state, job.clone());
     Ok(warp::reply::with_status(warp::reply::json(&job), StatusCode::CREATED).into_response())
 }

@@ -4,7 +4,8 @@
 //! or JPEG), `label` (`normal` or `anomalous`) and optionally `mask` (PNG, the image's size). Only
 //! images that decode are accepted. The image, its 256-pixel JPEG thumbnail and the mask are
 //! written under `projects/{project_id}/media/` through hidden temporary names and renamed into
-//! place before the record is committed, so a crash never leaves a record without its files.
+//! place in the transaction that commits the record (and checks the project), so a crash never
+//! leaves a record without its files and an upload racing a project's deletion leaves nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::api::{ApiError, AppState, Page, Project, blocking, now, paginate};
 use super::store::{MEDIA, PROJECTS};
-use inspectflow_operators::files::write_atomically;
+use inspectflow_operators::files::StagedFile;
 
 /// Largest upload (image plus mask) accepted.
 pub const MAX_UPLOAD_BYTES: u64 = 32 << 20;
@@ -289,8 +290,10 @@ async fn upload(
     Ok(warp::reply::with_status(warp::reply::json(&media), StatusCode::CREATED).into_response())
 }
 
-/// Writes a new item's image, its thumbnail (made from `decoded`) and its mask through hidden
-/// temporary names, then commits the record: a crash never leaves a record without its files.
+/// Saves a new item: its image, thumbnail (made from `decoded`) and mask are written under
+/// hidden temporary names first; then one store transaction checks that the project still
+/// exists, renames them into place and commits the record. A crash never leaves a record without
+/// its files, and an upload racing the project's deletion answers 404 and leaves nothing behind.
 pub(crate) async fn save(
     state: &Arc<AppState>,
     media: Media,
@@ -309,18 +312,61 @@ pub(crate) async fn save(
         .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let record = media.clone();
     let data_dir = state.data_dir.clone();
-    blocking(state, move |store| {
+    let saved = blocking(state, move |store| {
         let io = |e: std::io::Error| super::store::StoreError::Database(e.to_string());
-        std::fs::create_dir_all(Media::folder(&data_dir, &record.project_id)).map_err(io)?;
-        write_atomically(&record.image_path(&data_dir), &bytes).map_err(io)?;
-        write_atomically(&record.thumbnail_path(&data_dir), &thumbnail).map_err(io)?;
-        if let Some(mask) = &mask {
-            write_atomically(&record.mask_path(&data_dir), mask).map_err(io)?;
+        let mut files = vec![
+            (record.image_path(&data_dir), bytes),
+            (record.thumbnail_path(&data_dir), thumbnail),
+        ];
+        if let Some(mask) = mask {
+            files.push((record.mask_path(&data_dir), mask));
         }
-        store.put(MEDIA, &record.id, &record)
+        let staged: std::io::Result<Vec<StagedFile>> =
+            std::fs::create_dir_all(Media::folder(&data_dir, &record.project_id)).and_then(|()| {
+                files
+                    .iter()
+                    .map(|(path, bytes)| StagedFile::write(path, bytes))
+                    .collect()
+            });
+        let placed: Vec<PathBuf> = files.iter().map(|(path, _)| path.clone()).collect();
+        let committed = match staged {
+            // The folder may have gone with its project: the transaction tells.
+            Err(error) => store.write(|tx| {
+                if tx.get::<Project>(PROJECTS, &record.project_id)?.is_some() {
+                    return Err(io(error));
+                }
+                Ok(false)
+            }),
+            Ok(staged) => store.write(|tx| {
+                if tx.get::<Project>(PROJECTS, &record.project_id)?.is_none() {
+                    return Ok(false);
+                }
+                for file in staged {
+                    file.place().map_err(io)?;
+                }
+                tx.put(MEDIA, &record.id, &record)?;
+                Ok(true)
+            }),
+        };
+        if !matches!(committed, Ok(true)) {
+            // Rolled back: nothing of this upload stays (files already renamed included).
+            for path in &placed {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if matches!(committed, Ok(false)) {
+            // The project is gone for good (ids are never reused): so is its folder, which
+            // this upload may have made again.
+            let _ = std::fs::remove_dir_all(data_dir.join("projects").join(&record.project_id));
+        }
+        committed
     })
     .await?;
-    Ok(media)
+    if saved {
+        Ok(media)
+    } else {
+        Err(ApiError::not_found("project", &media.project_id))
+    }
 }
 
 async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
@@ -357,12 +403,19 @@ async fn file(
         "mask" => return Err(ApiError::not_found("mask of media", &media_id)),
         _ => return Err(warp::reject::not_found()),
     };
-    let bytes = tokio::fs::read(&path).await.map_err(|e| {
-        ApiError::reject(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("media {media_id}: its file is unreadable: {e}"),
-        )
-    })?;
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(bytes) => bytes,
+        // Deleted since its record was read (the record goes first, then the files).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found("media", &media_id));
+        }
+        Err(e) => {
+            return Err(ApiError::reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("media {media_id}: its file is unreadable: {e}"),
+            ));
+        }
+    };
     Ok(warp::reply::with_header(bytes, "content-type", content_type).into_response())
 }
 

@@ -8,7 +8,6 @@
 //! - [`models`]: trained models, `:predict`, `:export`, thresholds;
 //! - [`endpoints`]: sources and sinks as stored operator configurations;
 //! - [`pipelines`]: stored pipelines and the running ones, with metrics;
-//! - [`roots`]: the folders clients may name;
 //! - [`snapshots`]: the Parquet dataset snapshots training writes;
 //! - [`captures`]: a running pipeline's current frame saved as a project image;
 //! - [`openapi`]: the OpenAPI 3 description of every route.
@@ -25,7 +24,6 @@ pub mod media;
 pub mod models;
 pub mod openapi;
 pub mod pipelines;
-pub mod roots;
 pub mod snapshots;
 pub mod store;
 
@@ -45,6 +43,8 @@ pub struct ServeOptions {
     pub max_jobs: usize,
     /// Folders (besides the data directory) clients may name.
     pub path_roots: Vec<PathBuf>,
+    /// Limits on the graph documents clients send.
+    pub graph_limits: crate::graph::GraphLimits,
 }
 
 /// Serves until Ctrl-C (or SIGTERM through the process's handler). Prints the address it
@@ -56,6 +56,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         token,
         max_jobs,
         mut path_roots,
+        graph_limits,
     } = options;
     let data_dir = data_dir.as_path();
     let store = store::Store::open(data_dir)
@@ -65,7 +66,8 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         store,
         token,
         data_dir: data_dir.to_path_buf(),
-        roots: roots::PathRoots::new(&path_roots),
+        roots: crate::roots::PathRoots::new(&path_roots),
+        graph_limits,
         jobs: jobs::JobRunner::new(max_jobs),
         models: models::LoadedModels::default(),
         // Created here, on the main thread: pipelines start on its launcher thread at normal
@@ -103,17 +105,34 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
             data_dir.display()
         );
         tracing::info!(%address, "serving");
-        warp::serve(api::routes(state))
+        let (signalled, on_signal) = tokio::sync::watch::channel(false);
+        let server = warp::serve(api::routes(state))
             .incoming(listener)
-            .graceful(async {
+            .graceful(async move {
                 let _ = stopped.await;
+                let _ = signalled.send(true);
             })
-            .run()
-            .await;
-        shutdown.pipelines.stop_all();
+            .run();
+        // A graceful stop waits for open connections (event streams, slow clients); it gets a
+        // few seconds, then the server stops regardless.
+        let mut on_signal = on_signal;
+        tokio::select! {
+            () = server => {}
+            () = async {
+                let _ = on_signal.wait_for(|signalled| *signalled).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them"),
+        }
+        tracing::info!("stopping the running pipelines");
+        let pipelines = Arc::clone(&shutdown);
+        let _ =
+            tokio::task::spawn_blocking(move || pipelines.pipelines.stop_all(SHUTDOWN_GRACE)).await;
         Ok(())
     })
 }
+
+/// How long a shutdown waits for open connections, and then for pipelines to drain.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The nice value of the API's threads (request handling, store calls, `:predict`) and of the
 /// training processes they start: the control plane and training yield the CPU to running

@@ -5,7 +5,8 @@
 //! as `inspectflow validate` validates a file; errors answer 422 with every problem's node and
 //! field) or is assembled from a stored source, one of the project's models and stored sinks:
 //! `source -> preprocess -> infer.openvino -> anomaly -> heatmap -> encode.jpeg -> sinks`.
-//! Paths in any node's `path` parameter must lie under the server's path roots.
+//! Every file and folder parameter of every node must lie under the server's path roots (links
+//! resolved).
 //!
 //! Starting one resolves its definition against the current records (so a model's threshold
 //! change applies at the next start), starts the runtime's threads and returns at once; a
@@ -23,13 +24,13 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, blocking, json_body, now, paginate};
+use super::api::{ApiError, AppState, Page, blocking, json_body, now, paginate, put_in_project};
 use super::endpoints::{Endpoint, EndpointKind, endpoint};
 use super::models::{Model, model_of};
 use super::store::PIPELINES;
 use crate::graph::{GraphErrors, ValidatedGraph};
 use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::{Pipeline, StopHandle};
+use crate::runtime::pipeline::Pipeline;
 
 /// A stored pipeline.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,7 +94,6 @@ struct Active {
     name: String,
     started_at: String,
     uses: Uses,
-    stop: StopHandle,
     /// Taken when the pipeline is stopped and joined.
     pipeline: Mutex<Option<Pipeline>>,
 }
@@ -139,6 +139,10 @@ type Launch = (
 /// The running pipelines.
 pub struct ActivePipelines {
     active: Mutex<HashMap<String, Arc<Active>>>,
+    /// Pipelines between the start request and their entry in `active` (resolving the graph,
+    /// building operators). Taken only while `active` is locked, so that checking for a run and
+    /// claiming the start is one step: two concurrent starts of one pipeline give one run.
+    starting: Mutex<std::collections::HashSet<String>>,
     /// Starts pipelines on a thread of normal priority (see [`ActivePipelines::new`]).
     launcher: Mutex<std::sync::mpsc::Sender<Launch>>,
     /// Set by [`ActivePipelines::stop_all`]: pipelines stopped by a server shutdown keep their
@@ -170,8 +174,44 @@ impl ActivePipelines {
             .map_err(|e| format!("cannot start the pipeline launcher thread: {e}"))?;
         Ok(Self {
             active: Mutex::new(HashMap::new()),
+            starting: Mutex::new(std::collections::HashSet::new()),
             launcher: Mutex::new(launcher),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Claims the start of pipeline `id`: refused (naming the run) while it runs or another
+    /// request is starting it. The claim ends when the returned guard is dropped, by which time
+    /// the new run, if any, is in `active`.
+    fn claim_start(&self, id: &str) -> Result<StartClaim<'_>, String> {
+        let active = self
+            .active
+            .lock()
+            .map_err(|_| "the pipeline table is unusable".to_string())?;
+        if let Some(run) = active.get(id) {
+            if run.is_running() {
+                return Err(format!(
+                    "pipeline {id} is already running (run started at {}); stop it first",
+                    run.started_at
+                ));
+            }
+            if run.pipeline.lock().map_or(true, |p| p.is_none()) {
+                return Err(format!(
+                    "pipeline {id} is being stopped (run started at {}); start it again once stopped",
+                    run.started_at
+                ));
+            }
+        }
+        let mut starting = self
+            .starting
+            .lock()
+            .map_err(|_| "the pipeline table is unusable".to_string())?;
+        if !starting.insert(id.to_string()) {
+            return Err(format!("pipeline {id} is being started by another request"));
+        }
+        Ok(StartClaim {
+            pipelines: self,
+            id: id.to_string(),
         })
     }
 
@@ -276,12 +316,43 @@ impl ActivePipelines {
         }
     }
 
-    /// Stops every pipeline (server shutdown).
-    pub fn stop_all(&self) {
+    /// Stops every pipeline for a server shutdown: no new start is accepted, every run drains
+    /// its queued frames, and one still running after `drain` is aborted. Returns once every
+    /// run has ended.
+    pub fn stop_all(&self, drain: Duration) {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        for active in self.all() {
-            active.stop.stop();
+        let runs: Vec<Pipeline> = self
+            .all()
+            .iter()
+            .filter_map(|active| active.pipeline.lock().ok().and_then(|mut p| p.take()))
+            .collect();
+        for run in &runs {
+            run.stop_handle().stop();
+        }
+        let deadline = std::time::Instant::now() + drain;
+        while runs.iter().any(|run| !run.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for run in runs {
+            if !run.is_finished() {
+                run.stop_handle().abort();
+            }
+            run.wait();
+        }
+    }
+}
+
+/// A claimed start of one pipeline (see [`ActivePipelines::claim_start`]).
+struct StartClaim<'a> {
+    pipelines: &'a ActivePipelines,
+    id: String,
+}
+
+impl Drop for StartClaim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut starting) = self.pipelines.starting.lock() {
+            starting.remove(&self.id);
         }
     }
 }
@@ -474,10 +545,13 @@ async fn create(
         keep_running: false,
     };
     resolve(&state, &record).await?;
-    let stored = record.clone();
-    blocking(&state, move |store| {
-        store.put(PIPELINES, &stored.id, &stored)
-    })
+    put_in_project(
+        &state,
+        &record.project_id,
+        PIPELINES,
+        &record.id,
+        record.clone(),
+    )
     .await?;
     Ok(warp::reply::with_status(
         warp::reply::json(&with_status(&state, record)),
@@ -506,10 +580,13 @@ async fn update(
     record.sink_ids = body.sink_ids;
     record.updated_at = now();
     resolve(&state, &record).await?;
-    let stored = record.clone();
-    blocking(&state, move |store| {
-        store.put(PIPELINES, &stored.id, &stored)
-    })
+    put_in_project(
+        &state,
+        &record.project_id,
+        PIPELINES,
+        &record.id,
+        record.clone(),
+    )
     .await?;
     Ok(warp::reply::json(&with_status(&state, record)).into_response())
 }
@@ -570,18 +647,15 @@ async fn resolve(
         }
     };
     let file = format!("pipeline '{}'", record.name);
-    let mut graph = crate::graph::load_str(&file, &text, is_json, &super::api::registry())
-        .map_err(graph_errors)?;
-    for node in &graph.nodes {
-        if let Some(path) = node.params.get("path").and_then(Value::as_str) {
-            state
-                .roots
-                .check(std::path::Path::new(path))
-                .map_err(|error| {
-                    invalid(format!("node '{}': field 'params.path': {error}", node.id))
-                })?;
-        }
-    }
+    let mut graph = crate::graph::load_str(
+        &file,
+        &text,
+        is_json,
+        &super::api::registry(),
+        &state.graph_limits,
+    )
+    .map_err(graph_errors)?;
+    state.roots.confine(&graph).map_err(graph_errors)?;
     graph.name = record.id.clone();
     Ok((graph, uses))
 }
@@ -685,7 +759,6 @@ async fn start(body: StartBody, state: Arc<AppState>) -> Result<Response, Reject
             format!("pipeline_id: pipeline {} does not exist", body.pipeline_id),
         )
     })?;
-    refuse_running(&state, &record.id)?;
     let active = launch(&state, &record).await?;
     Ok(
         warp::reply::with_status(warp::reply::json(&active.status()), StatusCode::CREATED)
@@ -739,6 +812,20 @@ async fn set_keep_running(state: &Arc<AppState>, id: &str, keep_running: bool) {
 /// Resolves and starts a stored pipeline, records that it should keep running, and watches it
 /// end by itself.
 async fn launch(state: &Arc<AppState>, record: &PipelineRecord) -> Result<Arc<Active>, Rejection> {
+    let _claim = state
+        .pipelines
+        .claim_start(&record.id)
+        .map_err(|message| ApiError::reject(StatusCode::CONFLICT, message))?;
+    if state
+        .pipelines
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(ApiError::reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
+    }
     let (graph, uses) = resolve(state, record).await?;
     let pipeline = state
         .pipelines
@@ -751,7 +838,6 @@ async fn launch(state: &Arc<AppState>, record: &PipelineRecord) -> Result<Arc<Ac
         name: record.name.clone(),
         started_at: now(),
         uses,
-        stop: pipeline.stop_handle(),
         pipeline: Mutex::new(Some(pipeline)),
     });
     let replaced = state
@@ -825,7 +911,11 @@ async fn stop(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
     })
     .await
     .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if let Ok(mut all) = state.pipelines.active.lock() {
+    if let Ok(mut all) = state.pipelines.active.lock()
+        && all
+            .get(&id)
+            .is_some_and(|entry| Arc::ptr_eq(entry, &active))
+    {
         all.remove(&id);
     }
     set_keep_running(&state, &id, false).await;

@@ -116,6 +116,26 @@ impl Store {
             .map_or(0, |v| v.value()))
     }
 
+    /// Runs `change` in one write transaction: committed when it returns `Ok`, rolled back when
+    /// it fails. Write transactions run one at a time, so what `change` reads stays true until
+    /// the commit (a check and the change it guards cannot be split by another request).
+    pub fn write<T>(
+        &self,
+        change: impl FnOnce(&Transaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let write = self.db.begin_write().map_err(db_error)?;
+        match change(&Transaction { write: &write }) {
+            Ok(value) => {
+                write.commit().map_err(db_error)?;
+                Ok(value)
+            }
+            Err(error) => {
+                let _ = write.abort();
+                Err(error)
+            }
+        }
+    }
+
     /// Writes `record` under `id` (insert or replace).
     pub fn put<T: Serialize>(
         &self,
@@ -123,39 +143,7 @@ impl Store {
         id: &str,
         record: &T,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Record {
-            table: table.to_string(),
-            id: id.to_string(),
-            message: e.to_string(),
-        })?;
-        let write = self.db.begin_write().map_err(db_error)?;
-        write
-            .open_table(table)
-            .map_err(db_error)?
-            .insert(id, bytes.as_slice())
-            .map_err(db_error)?;
-        write.commit().map_err(db_error)
-    }
-
-    /// Writes several records in one transaction: all of them or none.
-    pub fn put_all(
-        &self,
-        records: &[(Collection, &str, &dyn erased::Record)],
-    ) -> Result<(), StoreError> {
-        let write = self.db.begin_write().map_err(db_error)?;
-        for (table, id, record) in records {
-            let bytes = record.to_json().map_err(|message| StoreError::Record {
-                table: table.to_string(),
-                id: id.to_string(),
-                message,
-            })?;
-            write
-                .open_table(*table)
-                .map_err(db_error)?
-                .insert(*id, bytes.as_slice())
-                .map_err(db_error)?;
-        }
-        write.commit().map_err(db_error)
+        self.write(|tx| tx.put(table, id, record))
     }
 
     /// The record under `id`, if any.
@@ -186,15 +174,69 @@ impl Store {
 
     /// Removes the record under `id`; false when there was none.
     pub fn remove(&self, table: Collection, id: &str) -> Result<bool, StoreError> {
-        let write = self.db.begin_write().map_err(db_error)?;
-        let removed = write
+        self.write(|tx| tx.remove(table, id))
+    }
+}
+
+/// The reads and writes of one [`Store::write`] transaction.
+pub struct Transaction<'a> {
+    write: &'a redb::WriteTransaction,
+}
+
+impl Transaction<'_> {
+    /// The record under `id`, if any (as this transaction sees it).
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Collection,
+        id: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let opened = self.write.open_table(table).map_err(db_error)?;
+        let Some(bytes) = opened.get(id).map_err(db_error)? else {
+            return Ok(None);
+        };
+        parse(table, id, bytes.value()).map(Some)
+    }
+
+    /// Every record of `table`.
+    pub fn all<T: DeserializeOwned>(&self, table: Collection) -> Result<Vec<T>, StoreError> {
+        let opened = self.write.open_table(table).map_err(db_error)?;
+        let mut records = Vec::new();
+        for entry in opened.iter().map_err(db_error)? {
+            let (id, bytes) = entry.map_err(db_error)?;
+            records.push(parse(table, id.value(), bytes.value())?);
+        }
+        Ok(records)
+    }
+
+    /// Writes `record` under `id` (insert or replace).
+    pub fn put<T: Serialize>(
+        &self,
+        table: Collection,
+        id: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Record {
+            table: table.to_string(),
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        self.write
+            .open_table(table)
+            .map_err(db_error)?
+            .insert(id, bytes.as_slice())
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Removes the record under `id`; false when there was none.
+    pub fn remove(&self, table: Collection, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .write
             .open_table(table)
             .map_err(db_error)?
             .remove(id)
             .map_err(db_error)?
-            .is_some();
-        write.commit().map_err(db_error)?;
-        Ok(removed)
+            .is_some())
     }
 }
 
@@ -204,19 +246,4 @@ fn parse<T: DeserializeOwned>(table: Collection, id: &str, bytes: &[u8]) -> Resu
         id: id.to_string(),
         message: e.to_string(),
     })
-}
-
-/// Records of different types in one [`Store::put_all`] call.
-pub mod erased {
-    /// Anything serialisable as a record.
-    pub trait Record {
-        /// The JSON bytes stored.
-        fn to_json(&self) -> Result<Vec<u8>, String>;
-    }
-
-    impl<T: serde::Serialize> Record for T {
-        fn to_json(&self) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(self).map_err(|e| e.to_string())
-        }
-    }
 }

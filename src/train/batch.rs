@@ -103,8 +103,14 @@ pub fn run_model(
             {"from": "model", "to": "collect"}
         ]
     });
-    let graph = crate::graph::load_str("batch graph", &graph.to_string(), true, &registry)
-        .map_err(|errors| TrainError::Invalid(errors.to_string()))?;
+    let graph = crate::graph::load_str(
+        "batch graph",
+        &graph.to_string(),
+        true,
+        &registry,
+        &crate::graph::GraphLimits::DEFAULT,
+    )
+    .map_err(|errors| TrainError::Invalid(errors.to_string()))?;
     let pipeline = Pipeline::start(&graph).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut done = 0usize;
     progress(0.0);

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod server;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -199,8 +201,14 @@ impl Transform for Verdict {
 
 /// Validates YAML graph text, panicking with the errors when invalid.
 pub fn graph_from_yaml(registry: &Registry, yaml: &str) -> ValidatedGraph {
-    graph::load_str("test.yaml", yaml, false, registry)
-        .unwrap_or_else(|errors| panic!("invalid graph:\n{errors}"))
+    graph::load_str(
+        "test.yaml",
+        yaml,
+        false,
+        registry,
+        &graph::GraphLimits::DEFAULT,
+    )
+    .unwrap_or_else(|errors| panic!("invalid graph:\n{errors}"))
 }
 
 /// Runs a graph to its end, failing the test if it takes longer than `limit` (a hang).

@@ -26,7 +26,7 @@ use crate::registry::OperatorDescriptor;
 #[serde(deny_unknown_fields)]
 pub struct InferParams {
     /// OpenVINO IR (`.xml`, with its `.bin` beside it) or ONNX model.
-    #[schemars(length(min = 1))]
+    #[schemars(with = "crate::params::FileParam")]
     pub model: PathBuf,
     /// Inference device: `CPU`, `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see
     /// `inspectflow devices`.

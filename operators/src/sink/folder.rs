@@ -62,7 +62,7 @@ impl ImageFormat {
 #[serde(deny_unknown_fields)]
 pub struct FolderParams {
     /// Directory to write into.
-    #[schemars(length(min = 1))]
+    #[schemars(with = "crate::params::FileParam")]
     pub path: PathBuf,
     /// Create the directory (and its parents) when it does not exist; otherwise a missing
     /// directory is an error before the pipeline starts.

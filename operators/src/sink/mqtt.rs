@@ -42,6 +42,7 @@ use crate::registry::OperatorDescriptor;
 pub struct MqttTls {
     /// PEM file of the certificate authority that signed the broker's certificate; the
     /// system's trusted authorities when not given.
+    #[schemars(with = "Option<crate::params::FileParam>")]
     pub ca_file: Option<PathBuf>,
 }
 

@@ -23,7 +23,7 @@ use crate::registry::OperatorDescriptor;
 #[serde(deny_unknown_fields)]
 pub struct FilesParams {
     /// Image files, read in this order.
-    #[schemars(length(min = 1))]
+    #[schemars(with = "Vec<crate::params::FileParam>", length(min = 1))]
     pub paths: Vec<PathBuf>,
 }
 

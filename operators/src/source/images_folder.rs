@@ -30,6 +30,7 @@ use crate::registry::OperatorDescriptor;
 #[serde(deny_unknown_fields)]
 pub struct ImagesFolderParams {
     /// The folder to read.
+    #[schemars(with = "crate::params::FileParam")]
     pub path: PathBuf,
     /// Skip the images present at start; only new ones are read.
     #[serde(default)]

@@ -22,7 +22,7 @@ use crate::registry::OperatorDescriptor;
 #[serde(deny_unknown_fields)]
 pub struct AnomalyParams {
     /// The model package directory (its manifest holds the normalisation statistics).
-    #[schemars(length(min = 1))]
+    #[schemars(with = "crate::params::FileParam")]
     pub model: PathBuf,
     /// Normalised score from which a frame is anomalous; the package's threshold when absent.
     #[serde(default)]

@@ -130,8 +130,8 @@ fn default_latency_ms() -> u32 {
 pub enum UsbDevice {
     /// `/dev/video<index>`.
     Index(u32),
-    /// A device path, e.g. `/dev/v4l/by-id/usb-...`.
-    Path(PathBuf),
+    /// A device path under `/dev`, e.g. `/dev/v4l/by-id/usb-...` (no segment starts with a dot).
+    Path(#[schemars(regex(pattern = r"^/dev(/[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]*)+$"))] PathBuf),
 }
 
 impl UsbDevice {

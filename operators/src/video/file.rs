@@ -24,6 +24,7 @@ use crate::registry::OperatorDescriptor;
 #[serde(deny_unknown_fields)]
 pub struct VideoFileParams {
     /// The video file.
+    #[schemars(with = "crate::params::FileParam")]
     pub path: PathBuf,
     /// Start again from the beginning at the end of the file (the stream never ends).
     #[serde(default, rename = "loop")]

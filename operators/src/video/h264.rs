@@ -121,6 +121,7 @@ pub struct EncodeH264Params {
 #[serde(deny_unknown_fields)]
 pub struct VideoFileSinkParams {
     /// The MP4 file to write (its folder must exist).
+    #[schemars(with = "crate::params::FileParam")]
     pub path: PathBuf,
     /// Replace an existing file.
     #[serde(default)]

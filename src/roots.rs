@@ -1,0 +1,213 @@
+//! Path roots: the folders a graph may name in file and folder parameters (video files, image
+//! folders, result folders, models, certificates). Anything outside them is refused, so an API
+//! client (or a graph file run with `--path-root`) cannot make inspectflow read or write
+//! arbitrary files. The server's data directory is always a root; more come from `--path-root`.
+//!
+//! Operators declare their file parameters in their schemas (`format: path`, see
+//! `inspectflow_operators::params`), and [`PathRoots::confine`] checks every one of every node.
+//! Paths are compared after links are resolved, the way the operating system will follow them.
+
+use std::path::{Component, Path, PathBuf};
+
+use inspectflow_operators::OperatorDescriptor;
+use serde_json::Value;
+
+use crate::graph::{GraphError, GraphErrors, ValidatedGraph};
+
+/// The allowed folders, absolute.
+#[derive(Debug, Clone)]
+pub struct PathRoots {
+    roots: Vec<PathBuf>,
+}
+
+impl PathRoots {
+    /// Roots from folders (made absolute against the working directory).
+    pub fn new(roots: &[PathBuf]) -> Self {
+        Self {
+            roots: roots
+                .iter()
+                .map(|root| lexically_clean(&absolute(root)))
+                .collect(),
+        }
+    }
+
+    /// Whether `path` lies under a root once every link in it is followed: the longest prefix
+    /// that exists is resolved by the operating system (so `link/..` goes where the link goes),
+    /// and only the part that does not exist yet is cleaned up lexically.
+    pub fn check(&self, path: &Path) -> Result<(), String> {
+        let outside = || {
+            format!(
+                "{} is outside the path roots ({}); start the server with --path-root to allow it",
+                path.display(),
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let resolved =
+            resolve(&absolute(path)).map_err(|reason| format!("{}: {reason}", path.display()))?;
+        let inside = self
+            .roots
+            .iter()
+            .any(|root| resolve(root).is_ok_and(|root| resolved.starts_with(root)));
+        if inside { Ok(()) } else { Err(outside()) }
+    }
+
+    /// Checks every file and folder parameter of `params` of `descriptor`; the error names the
+    /// parameter (`tls.ca_file`, `paths[2]`).
+    pub fn confine_params(
+        &self,
+        descriptor: &OperatorDescriptor,
+        params: &Value,
+    ) -> Result<(), (String, String)> {
+        for (field, path) in descriptor.file_parameters(params) {
+            self.check(Path::new(path))
+                .map_err(|message| (field, message))?;
+        }
+        Ok(())
+    }
+
+    /// Checks every file and folder parameter of every node of `graph`, reporting each one
+    /// outside the roots with its node and field.
+    pub fn confine(&self, graph: &ValidatedGraph) -> Result<(), GraphErrors> {
+        let mut errors = Vec::new();
+        for node in &graph.nodes {
+            for (field, path) in node.descriptor.file_parameters(&node.params) {
+                if let Err(message) = self.check(Path::new(path)) {
+                    errors.push(GraphError {
+                        node: Some(node.id.to_string()),
+                        field: Some(format!("params.{field}")),
+                        ..GraphError::in_file(&graph.file, message)
+                    });
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(GraphErrors(errors))
+        }
+    }
+}
+
+/// `path` joined to the working directory when relative (nothing else changed).
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    }
+}
+
+/// `path` without `.` and `..` components, removed lexically.
+fn lexically_clean(path: &Path) -> PathBuf {
+    let mut clean = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    clean
+}
+
+/// Where an absolute `path` leads: the longest existing prefix canonicalised by the operating
+/// system (links followed, then `..`), with the rest appended and cleaned lexically. A link that
+/// leads nowhere (dangling) is refused: whatever creates it later decides where it points.
+fn resolve(path: &Path) -> Result<PathBuf, String> {
+    let components: Vec<Component> = path.components().collect();
+    for split in (1..=components.len()).rev() {
+        let prefix: PathBuf = components[..split].iter().collect();
+        let Ok(canonical) = prefix.canonicalize() else {
+            continue;
+        };
+        let rest = &components[split..];
+        if let Some(next) = rest.first() {
+            let next_path = prefix.join(next);
+            if next_path
+                .symlink_metadata()
+                .is_ok_and(|meta| meta.file_type().is_symlink())
+            {
+                return Err(format!(
+                    "{} is a link that leads nowhere",
+                    next_path.display()
+                ));
+            }
+        }
+        let mut resolved = canonical;
+        for component in rest {
+            match component {
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => resolved.push(name),
+                _ => {}
+            }
+        }
+        return Ok(resolved);
+    }
+    Ok(lexically_clean(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PathRoots;
+    use std::path::Path;
+
+    #[test]
+    fn paths_under_a_root_pass_and_others_and_escapes_do_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let roots = PathRoots::new(&[dir.path().join("media")]);
+        assert!(
+            roots
+                .check(&dir.path().join("media/line1/clip.mp4"))
+                .is_ok()
+        );
+        assert!(roots.check(&dir.path().join("media/../secrets")).is_err());
+        assert!(roots.check(Path::new("/etc/passwd")).is_err());
+        std::fs::create_dir_all(dir.path().join("media")).expect("mkdir");
+        std::os::unix::fs::symlink("/etc", dir.path().join("media/etc")).expect("link");
+        let error = roots
+            .check(&dir.path().join("media/etc/passwd"))
+            .unwrap_err();
+        assert!(error.contains("--path-root"), "{error}");
+    }
+
+    #[test]
+    fn a_link_followed_by_dot_dot_goes_where_the_link_goes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("root");
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+        std::fs::create_dir_all(elsewhere.join("x/y")).expect("mkdir");
+        std::fs::write(elsewhere.join("secret.mp4"), b"x").expect("write");
+        std::os::unix::fs::symlink(elsewhere.join("x/y"), root.join("a/b/lnk")).expect("link");
+        let roots = PathRoots::new(std::slice::from_ref(&root));
+        // Lexically this is root/a/secret.mp4; the system opens elsewhere/secret.mp4.
+        let escape = root.join("a/b/lnk/../../secret.mp4");
+        assert!(
+            std::fs::metadata(&escape).is_ok(),
+            "the escape path opens a file"
+        );
+        assert!(roots.check(&escape).is_err());
+        // The same through a path that does not exist yet (a sink's output file).
+        assert!(
+            roots
+                .check(&root.join("a/b/lnk/../../new/out.mp4"))
+                .is_err()
+        );
+        // Links that stay inside are fine.
+        std::os::unix::fs::symlink(root.join("a"), root.join("inside")).expect("link");
+        assert!(roots.check(&root.join("inside/b/file.png")).is_ok());
+        // A dangling link is refused: its target could be created anywhere.
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), root.join("dangling"))
+            .expect("link");
+        assert!(roots.check(&root.join("dangling")).is_err());
+        assert!(roots.check(&root.join("dangling/out")).is_err());
+    }
+}

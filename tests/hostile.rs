@@ -1,0 +1,1056 @@
+//! Hostile and careless input, as an attacker or a hurried user would send it: graph documents
+//! that nest without end, alias bombs, huge, binary and mutated files (`inspectflow validate`,
+//! and the same documents posted to a real server), paths that leave the roots through links,
+//! concurrent starts of one pipeline, deletes racing reads and uploads, and malformed requests
+//! to every documented route. Every loop is bounded; the server runs on 127.0.0.1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::{Server, call, client, inspectflow, png, upload_form};
+use inspectflow::operators::Registry;
+use inspectflow::operators::params::ParamStep;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A small deterministic generator (xorshift64*), so that every run tries the same documents
+/// and a failure can be reproduced from its index.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// What one `inspectflow validate` run did.
+struct Validated {
+    code: Option<i32>,
+    stderr: String,
+    took: Duration,
+}
+
+fn validate(args: &[&str], file: &Path) -> Validated {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+        .arg("validate")
+        .args(args)
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("inspectflow validate starts");
+    // Bounded: a run still going after 20 s is killed (and fails the test below).
+    let deadline = started + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("output");
+    Validated {
+        code: output.status.code(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        took: started.elapsed(),
+    }
+}
+
+/// Asserts a clean refusal: exit status 1 (never a signal, an abort or a panic's 101), within
+/// 5 s, with the file named first.
+fn assert_refused(result: &Validated, file: &Path, what: &str) {
+    assert_eq!(
+        result.code,
+        Some(1),
+        "{what}: exit {:?}, stderr {}",
+        result.code,
+        result.stderr.chars().take(2000).collect::<String>()
+    );
+    assert!(
+        result.took < Duration::from_secs(5),
+        "{what}: took {:?}",
+        result.took
+    );
+    assert!(
+        result.stderr.starts_with(&file.display().to_string()),
+        "{what}: the error names the file: {}",
+        result.stderr.chars().take(500).collect::<String>()
+    );
+    assert!(
+        !result.stderr.contains("panicked"),
+        "{what}: {}",
+        result.stderr
+    );
+}
+
+fn nested_sequences(levels: usize) -> String {
+    format!("name: deep\nnodes:\n  - {}x\n", "- ".repeat(levels))
+}
+
+fn nested_maps(levels: usize) -> String {
+    let mut text = String::from("name: deep\nnodes:\n  - id: a\n    op: identity\n    params:\n");
+    for level in 0..levels {
+        text.push_str(&" ".repeat(6 + level));
+        text.push_str("k:\n");
+    }
+    text
+}
+
+fn nested_flow(levels: usize) -> String {
+    format!(
+        "nodes: [{}1{}]\n",
+        "{a: ".repeat(levels),
+        "}".repeat(levels)
+    )
+}
+
+/// The "billion laughs": nine levels of nine aliases each (9^9 values once expanded), in about
+/// 300 bytes.
+fn alias_bomb() -> String {
+    let names: Vec<char> = ('a'..='j').collect();
+    let mut text = String::from("a: &a [x,x,x,x,x,x,x,x,x]\n");
+    for pair in names.windows(2) {
+        let (previous, name) = (pair[0], pair[1]);
+        text.push_str(&format!(
+            "{name}: &{name} [{}]\n",
+            vec![format!("*{previous}"); 9].join(",")
+        ));
+    }
+    text.push_str("nodes: *j\n");
+    text
+}
+
+#[test]
+fn deep_nesting_alias_bombs_and_huge_or_binary_files_are_refused_by_validate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "seq5000.yaml",
+            nested_sequences(5_000).into_bytes(),
+            "--graph-max-depth",
+        ),
+        (
+            "seq50000.yaml",
+            nested_sequences(50_000).into_bytes(),
+            "--graph-max-depth",
+        ),
+        (
+            "maps5000.yaml",
+            nested_maps(5_000).into_bytes(),
+            "--graph-max-depth",
+        ),
+        ("flow300.yaml", nested_flow(300).into_bytes(), ""),
+        (
+            "bomb.yaml",
+            alias_bomb().into_bytes(),
+            "--graph-max-alias-values",
+        ),
+        (
+            "deep.json",
+            format!("{{\"nodes\": {}1{}}}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+            "",
+        ),
+        (
+            "binary.yaml",
+            (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            "",
+        ),
+        (
+            "latin1.yaml",
+            b"name: caf\xe9\nnodes: []\n".to_vec(),
+            "UTF-8",
+        ),
+        ("empty.yaml", Vec::new(), ""),
+    ];
+    for (name, bytes, expected) in &cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).expect("write");
+        let result = validate(&[], &file);
+        assert_refused(&result, &file, name);
+        assert!(
+            result.stderr.contains(expected),
+            "{name}: {}",
+            result.stderr
+        );
+    }
+    let bomb = alias_bomb();
+    assert!(bomb.len() < 352, "the bomb is small: {} bytes", bomb.len());
+
+    // A document over the size limit is not read past the limit.
+    let big = dir.path().join("big.yaml");
+    std::fs::write(
+        &big,
+        format!("name: big\n# {}\nnodes: []\n", "x".repeat(3 << 20)),
+    )
+    .expect("write");
+    let result = validate(&["--graph-max-bytes", "1048576"], &big);
+    assert_refused(&result, &big, "big");
+    assert!(
+        result.stderr.contains("--graph-max-bytes"),
+        "{}",
+        result.stderr
+    );
+
+    // Node and edge counts, from the environment as well as flags.
+    let many = dir.path().join("many.yaml");
+    let nodes: String = (0..50)
+        .map(|i| format!("  - {{id: n{i}, op: identity}}\n"))
+        .collect();
+    std::fs::write(&many, format!("nodes:\n{nodes}")).expect("write");
+    let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+        .arg("validate")
+        .arg(&many)
+        .env("INSPECTFLOW_GRAPH_MAX_NODES", "10")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("more than 10 nodes"), "{stderr}");
+}
+
+/// An identity chain of `count` nodes from a synthetic source into a null sink.
+fn identity_chain(count: usize) -> String {
+    let mut text = String::from(
+        "nodes:\n  - {id: src, op: source.synthetic, params: {width: 16, height: 16, frames: 1}}\n",
+    );
+    for i in 0..count {
+        text.push_str(&format!("  - {{id: n{i}, op: identity}}\n"));
+    }
+    text.push_str("  - {id: out, op: sink.null}\nedges:\n  - {from: src, to: n0}\n");
+    for i in 1..count {
+        text.push_str(&format!("  - {{from: n{}, to: n{i}}}\n", i - 1));
+    }
+    text.push_str(&format!("  - {{from: n{}, to: out}}\n", count - 1));
+    text
+}
+
+#[test]
+fn validation_grows_linearly_with_the_graph() {
+    let registry = Registry::builtin();
+    let limits = inspectflow::graph::GraphLimits::DEFAULT;
+    let time = |count: usize| {
+        let text = identity_chain(count);
+        // The quicker of two tries, against noise from the other tests on the machine.
+        (0..2)
+            .map(|_| {
+                let started = Instant::now();
+                let graph =
+                    inspectflow::graph::load_str("chain.yaml", &text, false, &registry, &limits)
+                        .expect("the chain is valid");
+                assert_eq!(graph.nodes.len(), count + 2);
+                started.elapsed()
+            })
+            .min()
+            .expect("two tries")
+    };
+    let small = time(5_000);
+    let large = time(40_000);
+    // Linear work is 8x; the quadratic validator this replaces took about 14x from 10k to 40k
+    // nodes and 60x over this range. The ratio is taken within one run, so a busy machine
+    // slows both sides.
+    let ratio = large.as_secs_f64() / small.as_secs_f64();
+    assert!(
+        ratio < 20.0,
+        "5k nodes {small:?}, 40k nodes {large:?}: {ratio:.1}x for 8x the nodes"
+    );
+}
+
+/// Documents that must all be refused: mutations of the shipped graphs and of generated ones.
+fn malformed_documents(count: usize) -> Vec<(String, Vec<u8>)> {
+    let shipped: Vec<(String, String)> = std::fs::read_dir("graphs")
+        .expect("graphs/")
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            (
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                std::fs::read_to_string(&path).expect("a shipped graph"),
+            )
+        })
+        .collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut documents = Vec::new();
+    let specials: [&[u8]; 14] = [
+        b"&a ",
+        b"*a",
+        b"[",
+        b"]",
+        b"{",
+        b"}",
+        b": ",
+        b"- ",
+        b"\t",
+        b"\"",
+        b"'",
+        b"\x00",
+        b"\xff\xfe",
+        b"!!binary ",
+    ];
+    for index in 0..count {
+        let (name, text) = &shipped[index % shipped.len()];
+        let kind = index % 12;
+        // Mutations keep the syntax of the file they mutate; generated documents are YAML.
+        let extension = if name.ends_with(".json") && kind <= 5 {
+            "json"
+        } else {
+            "yaml"
+        };
+        let mut bytes = text.clone().into_bytes();
+        match kind {
+            // Insert special characters at random places.
+            0..=2 => {
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(bytes.len());
+                    let special = specials[rng.below(specials.len())];
+                    bytes.splice(at..at, special.iter().copied());
+                }
+            }
+            // Cut the document short.
+            3 => bytes.truncate(rng.below(bytes.len().saturating_sub(1)).max(1)),
+            // Delete a random slice.
+            4 => {
+                let at = rng.below(bytes.len());
+                let end = (at + 1 + rng.below(40)).min(bytes.len());
+                bytes.drain(at..end);
+            }
+            // Flip bytes.
+            5 => {
+                for _ in 0..1 + rng.below(8) {
+                    let at = rng.below(bytes.len());
+                    bytes[at] ^= 1 << rng.below(8);
+                }
+            }
+            // An unknown operator.
+            6 => {
+                let text = String::from_utf8_lossy(&bytes).replacen("op: ", "op: no.such.", 1);
+                bytes = text.into_bytes();
+            }
+            // A parameter of the wrong type or range.
+            7 => {
+                bytes = format!(
+                    "nodes:\n  - {{id: cam, op: source.synthetic, params: {{width: {}, height: 8}}}}\n  - {{id: out, op: sink.null}}\nedges:\n  - {{from: cam, to: out}}\n",
+                    ["-1", "'wide'", "[1]", "{a: 1}", "1e400", "0"][rng.below(6)]
+                )
+                .into_bytes();
+            }
+            // Deep nesting in random places.
+            8 => {
+                let levels = 65 + rng.below(20_000);
+                bytes = if rng.below(2) == 0 {
+                    nested_sequences(levels).into_bytes()
+                } else {
+                    format!(
+                        "nodes:\n  - {{id: a, op: identity, params: {}1{}}}\n",
+                        "[".repeat(levels.min(250)),
+                        "]".repeat(levels.min(250))
+                    )
+                    .into_bytes()
+                };
+            }
+            // Aliases that expand past the bound.
+            9 => {
+                let width = 4 + rng.below(12);
+                let mut text = format!("a0: &a0 [{}]\n", vec!["x"; width].join(", "));
+                for level in 1..8 {
+                    text.push_str(&format!(
+                        "a{level}: &a{level} [{}]\n",
+                        vec![format!("*a{}", level - 1); width].join(", ")
+                    ));
+                }
+                text.push_str("nodes: [*a7]\n");
+                bytes = text.into_bytes();
+            }
+            // Binary garbage, invalid UTF-8.
+            10 => {
+                bytes = (0..1 + rng.below(2048)).map(|_| rng.next() as u8).collect();
+                bytes.insert(0, 0xc3);
+                bytes.insert(1, 0x28);
+            }
+            // A document that is not a graph at all.
+            _ => {
+                bytes = [
+                    "[]",
+                    "42",
+                    "null",
+                    "'text'",
+                    "nodes: 7",
+                    "nodes: [1, 2]",
+                    "edges: {}",
+                    "--- a\n--- b\n",
+                ][rng.below(8)]
+                .as_bytes()
+                .to_vec();
+            }
+        }
+        documents.push((format!("{index:04}-{kind}.{extension}"), bytes));
+    }
+    documents
+}
+
+#[test]
+fn a_thousand_malformed_documents_are_each_refused_cleanly_with_file_node_and_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let documents = malformed_documents(1_200);
+    let files: Vec<PathBuf> = documents
+        .iter()
+        .map(|(name, bytes)| {
+            let file = dir.path().join(name);
+            std::fs::write(&file, bytes).expect("write");
+            file
+        })
+        .collect();
+    // Two workers, as many as this machine has cores.
+    let results: Vec<(PathBuf, Validated)> = std::thread::scope(|scope| {
+        let halves: Vec<_> = files
+            .chunks(files.len().div_ceil(2))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|file| (file.clone(), validate(&[], file)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        halves
+            .into_iter()
+            .flat_map(|half| half.join().expect("worker"))
+            .collect()
+    });
+    let mut refused = 0;
+    for (file, result) in &results {
+        // A mutation can leave a document valid (a flipped bit in a comment): that passes with
+        // 0, and only refusals are counted below. Nothing else than 0 or 1 is acceptable.
+        if result.code == Some(0) {
+            continue;
+        }
+        assert_refused(result, file, &file.display().to_string());
+        refused += 1;
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        if name.ends_with("-7.yaml") {
+            assert!(
+                result.stderr.contains("node 'cam'") && result.stderr.contains("field 'params"),
+                "{name}: {}",
+                result.stderr
+            );
+        }
+        if name.ends_with("-6.yaml") {
+            assert!(
+                result.stderr.contains("node '"),
+                "{name}: {}",
+                result.stderr
+            );
+            assert!(
+                result.stderr.contains("field 'op'"),
+                "{name}: {}",
+                result.stderr
+            );
+        }
+    }
+    assert!(
+        refused >= 1_000,
+        "only {refused} of 1200 documents were refused"
+    );
+}
+
+/// Starts a server with `--path-root` set to `root`, and a project.
+fn server_with_root(data: &Path, root: &Path) -> (Server, String) {
+    let server = Server::start_with(data, &["--path-root", &root.display().to_string()]);
+    let (status, project) = call(
+        client()
+            .post(server.url("/api/projects"))
+            .json(&json!({"name": "hostile"})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{project}");
+    let id = project["id"].as_str().expect("id").to_string();
+    (server, id)
+}
+
+#[test]
+fn hostile_graphs_posted_to_the_server_get_422_and_the_server_keeps_answering() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, project) = server_with_root(&dir.path().join("data"), dir.path());
+    let http = client();
+    let pipelines = server.url(&format!("/api/projects/{project}/pipelines"));
+    let documents = [
+        ("sequences", nested_sequences(5_000)),
+        ("maps", nested_maps(1_000)),
+        ("bomb", alias_bomb()),
+        ("flow", nested_flow(300)),
+    ];
+    for (what, graph) in documents {
+        assert!(graph.len() < 1 << 20);
+        let (status, body) = call(
+            http.post(&pipelines)
+                .json(&json!({"name": what, "graph": graph})),
+        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("pipeline '")),
+            "{body}"
+        );
+        let (status, _) = call(http.get(server.url("/health")));
+        assert_eq!(status, StatusCode::OK, "the server answers after {what}");
+    }
+    // JSON nested deeper than the body parser allows.
+    let deep = format!(
+        "{{\"name\": \"x\", \"graph\": {}1{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let (status, body) = call(
+        http.post(&pipelines)
+            .header("content-type", "application/json")
+            .body(deep),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, _) = call(http.get(server.url("/health")));
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// A root with `a/b/lnk -> <elsewhere>/x/y`, and files outside it: the escaping path through the
+/// link, and a plain outside path.
+struct Escape {
+    root: PathBuf,
+    through_link: PathBuf,
+    outside: PathBuf,
+}
+
+fn escape_routes(dir: &Path) -> Escape {
+    let root = dir.join("root");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+    std::fs::create_dir_all(elsewhere.join("x/y")).expect("mkdir");
+    std::fs::write(elsewhere.join("secret.png"), png(8, 8, 10)).expect("write");
+    std::os::unix::fs::symlink(elsewhere.join("x/y"), root.join("a/b/lnk")).expect("link");
+    let through_link = root.join("a/b/lnk/../../secret.png");
+    assert!(through_link.exists(), "the path opens the outside file");
+    Escape {
+        root,
+        through_link,
+        outside: elsewhere.join("secret.png"),
+    }
+}
+
+/// Parameters that put `value` at `path` (e.g. `tls.ca_file`, `paths[]`).
+fn params_with(path: &[ParamStep], value: &str) -> Value {
+    match path.split_first() {
+        None => json!(value),
+        Some((ParamStep::Field(name), rest)) => json!({ name: params_with(rest, value) }),
+        Some((ParamStep::EachItem, rest)) => json!([params_with(rest, value)]),
+    }
+}
+
+/// Other parameters an operator needs besides its files.
+fn required_params(op: &str) -> Value {
+    match op {
+        "sink.mqtt" => json!({"host": "127.0.0.1", "topic": "t"}),
+        _ => json!({}),
+    }
+}
+
+/// A valid graph in which node `target` (operator `op`) has `params`: sources feed a null sink,
+/// other operators get a chain that produces what their input needs.
+fn graph_around(op: &str, params: Value, inside_model: &Path) -> Value {
+    let registry = Registry::builtin();
+    let descriptor = registry.get(op).expect("registered");
+    let mut nodes = Vec::new();
+    if descriptor.kind != inspectflow::operators::OperatorKind::Source {
+        nodes.push(json!({"id": "src", "op": "source.synthetic", "params": {"width": 16, "height": 16, "frames": 1}}));
+        let level = descriptor.inputs[0].accepts.level();
+        if level >= 2 {
+            nodes.push(
+                json!({"id": "pre", "op": "preprocess", "params": {"width": 32, "height": 32}}),
+            );
+        }
+        if level >= 3 {
+            nodes.push(
+                json!({"id": "infer", "op": "infer.openvino", "params": {"model": inside_model}}),
+            );
+        }
+    }
+    nodes.push(json!({"id": "target", "op": op, "params": params}));
+    let mut edges: Vec<Value> = nodes
+        .windows(2)
+        .map(|pair| json!({"from": pair[0]["id"], "to": pair[1]["id"]}))
+        .collect();
+    if descriptor.kind != inspectflow::operators::OperatorKind::Sink {
+        nodes.push(json!({"id": "out", "op": "sink.null"}));
+        edges.push(json!({"from": "target", "to": "out"}));
+    }
+    json!({"name": "escape", "nodes": nodes, "edges": edges})
+}
+
+#[test]
+fn no_file_parameter_of_any_operator_reaches_outside_the_roots_with_or_without_links() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let escape = escape_routes(dir.path());
+    let inside_model = escape.root.join("model.xml");
+    let (server, project) = server_with_root(&dir.path().join("data"), &escape.root);
+    let http = client();
+    let registry = Registry::builtin();
+    let mut checked = 0;
+    for descriptor in registry.iter() {
+        for path in descriptor.file_parameter_paths() {
+            for bad in [&escape.through_link, &escape.outside] {
+                let mut params = required_params(descriptor.name);
+                let file_params = params_with(path, &bad.display().to_string());
+                if let (Some(all), Some(more)) = (params.as_object_mut(), file_params.as_object()) {
+                    all.extend(more.clone());
+                }
+                let graph = graph_around(descriptor.name, params, &inside_model);
+                // Through the API.
+                let (status, body) = call(
+                    http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+                        .json(&json!({"name": "escape", "graph": graph})),
+                );
+                assert_eq!(
+                    status,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "{} {path:?}: {body}",
+                    descriptor.name
+                );
+                let errors = body["errors"].as_array().expect("errors");
+                assert!(
+                    errors.iter().any(|e| e["node"] == "target"
+                        && e["field"]
+                            .as_str()
+                            .is_some_and(|f| f.starts_with("params."))
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("outside the path roots"))),
+                    "{} {path:?}: {body}",
+                    descriptor.name
+                );
+                // Through the CLI, with the same root.
+                let file = dir.path().join(format!("{}.json", descriptor.name));
+                std::fs::write(&file, graph.to_string()).expect("write");
+                let result = validate(&["--path-root", &escape.root.display().to_string()], &file);
+                assert_refused(&result, &file, descriptor.name);
+                assert!(
+                    result.stderr.contains("outside the path roots"),
+                    "{}",
+                    result.stderr
+                );
+                assert!(result.stderr.contains("node 'target'"), "{}", result.stderr);
+                checked += 1;
+            }
+        }
+    }
+    // source.files, images_folder, video_file, infer.openvino, anomaly, sink.folder, sink.mqtt
+    // (tls.ca_file) and sink.video_file.
+    assert!(checked >= 16, "{checked} file parameters tried");
+
+    // Sources and sinks stored through their own routes.
+    let link = escape.through_link.display().to_string();
+    for (route, body) in [
+        (
+            "/api/sources",
+            json!({"name": "s", "type": "video_file", "config": {"path": link}}),
+        ),
+        (
+            "/api/sources",
+            json!({"name": "s", "type": "images_folder", "config": {"path": escape.root.join("a/b/lnk/..")}}),
+        ),
+        (
+            "/api/sinks",
+            json!({"name": "s", "type": "folder", "config": {"path": escape.root.join("a/b/lnk/../../out")}}),
+        ),
+        (
+            "/api/sinks",
+            json!({"name": "s", "type": "mqtt", "config": {"host": "127.0.0.1", "topic": "t", "tls": {"ca_file": link}}}),
+        ),
+    ] {
+        let (status, answer) = call(http.post(server.url(route)).json(&body));
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{route} {body}: {answer}"
+        );
+        assert!(
+            answer["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("config.")),
+            "{answer}"
+        );
+    }
+    // A USB camera is a device under /dev, not any path.
+    let (status, answer) = call(http.post(server.url("/api/sources")).json(
+        &json!({"name": "s", "type": "usb_camera", "config": {"device": "/dev/../etc/passwd"}}),
+    ));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+}
+
+/// A graph that runs until stopped: a paced synthetic camera into a null sink.
+fn endless_graph() -> Value {
+    json!({"name": "endless", "nodes": [
+        {"id": "cam", "op": "source.synthetic", "params": {"width": 64, "height": 48, "fps": 30, "realtime": true}},
+        {"id": "out", "op": "sink.null"}
+    ], "edges": [{"from": "cam", "to": "out"}]})
+}
+
+#[test]
+fn parallel_starts_of_one_pipeline_give_one_run_and_shutdown_is_prompt() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::start(dir.path(), None);
+    let http = client();
+    let (_, project) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "p"})),
+    );
+    let project = project["id"].as_str().expect("id").to_string();
+    let (status, pipeline) = call(
+        http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+            .json(&json!({"name": "endless", "graph": endless_graph()})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let pipeline_id = pipeline["id"].as_str().expect("id").to_string();
+    for round in 0..3 {
+        let statuses: Vec<(StatusCode, Value)> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        call(
+                            client()
+                                .post(server.url("/api/active-pipelines"))
+                                .json(&json!({"pipeline_id": pipeline_id})),
+                        )
+                    })
+                })
+                .collect();
+            starts
+                .into_iter()
+                .map(|s| s.join().expect("start"))
+                .collect()
+        });
+        let created = statuses
+            .iter()
+            .filter(|(s, _)| *s == StatusCode::CREATED)
+            .count();
+        assert_eq!(created, 1, "round {round}: {statuses:?}");
+        for (status, body) in &statuses {
+            if *status != StatusCode::CREATED {
+                assert_eq!(*status, StatusCode::CONFLICT, "{body}");
+                assert!(
+                    body["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains(&pipeline_id)),
+                    "{body}"
+                );
+            }
+        }
+        let (_, active) = call(http.get(server.url("/api/active-pipelines")));
+        let runs = active["active_pipelines"].as_array().expect("list");
+        assert_eq!(runs.len(), 1, "{active}");
+        assert_eq!(runs[0]["status"], "running");
+        // One stop stops the one run.
+        let (status, stopped) =
+            call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
+        assert_eq!(status, StatusCode::OK, "{stopped}");
+        let (_, active) = call(http.get(server.url("/api/active-pipelines")));
+        assert_eq!(
+            active["active_pipelines"].as_array().map(Vec::len),
+            Some(0),
+            "{active}"
+        );
+    }
+    // Shutdown with a pipeline running: SIGINT ends the server promptly.
+    let (status, _) = call(
+        http.post(server.url("/api/active-pipelines"))
+            .json(&json!({"pipeline_id": pipeline_id})),
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    // SAFETY: a plain signal to our own child process.
+    unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut exited = None;
+    while Instant::now() < deadline {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = exited.expect("the server exits within 15 s of SIGINT");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn deletes_racing_reads_and_uploads_answer_404_or_409_and_leave_the_store_clean() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, None);
+    let http = client();
+    let image = png(64, 48, 90);
+    for round in 0..4 {
+        let (_, project) = call(
+            http.post(server.url("/api/projects"))
+                .json(&json!({"name": format!("race {round}")})),
+        );
+        let project = project["id"].as_str().expect("id").to_string();
+        let media_url = server.url(&format!("/api/projects/{project}/media"));
+        let mut items = Vec::new();
+        for _ in 0..6 {
+            let (status, media) = call(http.post(&media_url).multipart(upload_form(
+                image.clone(),
+                Some("normal"),
+                None,
+            )));
+            assert_eq!(status, StatusCode::CREATED, "{media}");
+            items.push(media["id"].as_str().expect("id").to_string());
+        }
+        let unexpected: Vec<String> = std::thread::scope(|scope| {
+            let mut workers = Vec::new();
+            // Readers of files and thumbnails while their media are deleted.
+            for reader in 0..2 {
+                let (items, server) = (&items, &server);
+                let media_url = media_url.clone();
+                workers.push(scope.spawn(move || {
+                    let http = client();
+                    let mut odd = Vec::new();
+                    for pass in 0..15 {
+                        let id = &items[(pass + reader) % items.len()];
+                        for which in ["full", "thumbnail"] {
+                            let response = http
+                                .get(format!("{media_url}/{id}/{which}"))
+                                .send()
+                                .expect("answer");
+                            let status = response.status();
+                            if status != StatusCode::OK && status != StatusCode::NOT_FOUND {
+                                odd.push(format!("read {which}: {status}"));
+                            }
+                        }
+                    }
+                    let _ = server;
+                    odd
+                }));
+            }
+            // Deleting media one by one, then the project.
+            {
+                let (items, media_url, project) = (&items, media_url.clone(), project.clone());
+                let base = server.url("");
+                workers.push(scope.spawn(move || {
+                    let http = client();
+                    let mut odd = Vec::new();
+                    for id in items.iter().take(3) {
+                        let status = http
+                            .delete(format!("{media_url}/{id}"))
+                            .send()
+                            .expect("answer")
+                            .status();
+                        if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_FOUND {
+                            odd.push(format!("delete media: {status}"));
+                        }
+                    }
+                    let status = http
+                        .delete(format!("{base}/api/projects/{project}"))
+                        .send()
+                        .expect("answer")
+                        .status();
+                    if status != StatusCode::NO_CONTENT {
+                        odd.push(format!("delete project: {status}"));
+                    }
+                    odd
+                }));
+            }
+            // Uploaders into the project being deleted.
+            for _ in 0..2 {
+                let (media_url, image) = (media_url.clone(), image.clone());
+                workers.push(scope.spawn(move || {
+                    let http = client();
+                    let mut odd = Vec::new();
+                    for _ in 0..10 {
+                        let status = http
+                            .post(&media_url)
+                            .multipart(upload_form(image.clone(), Some("anomalous"), None))
+                            .send()
+                            .expect("answer")
+                            .status();
+                        if ![
+                            StatusCode::CREATED,
+                            StatusCode::NOT_FOUND,
+                            StatusCode::CONFLICT,
+                        ]
+                        .contains(&status)
+                        {
+                            odd.push(format!("upload: {status}"));
+                        }
+                    }
+                    odd
+                }));
+            }
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("worker"))
+                .collect()
+        });
+        assert!(unexpected.is_empty(), "round {round}: {unexpected:?}");
+        let (status, _) = call(http.get(server.url(&format!("/api/projects/{project}"))));
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    drop(server);
+    let (clean, report) = inspectflow(&["check-db"], &data);
+    assert!(clean, "{report}");
+    assert!(
+        !data.join("projects").exists()
+            || std::fs::read_dir(data.join("projects"))
+                .expect("list")
+                .next()
+                .is_none(),
+        "no project folder is left behind"
+    );
+}
+
+/// Bodies a careless or hostile client sends.
+fn malformed_bodies(rng: &mut Rng) -> Vec<(&'static str, Vec<u8>)> {
+    let deep = format!(
+        "{}1{}",
+        "[".repeat(200 + rng.below(5000)),
+        "]".repeat(200 + rng.below(5000))
+    );
+    let long = "x".repeat(1 + rng.below(100_000));
+    vec![
+        ("application/json", b"".to_vec()),
+        ("application/json", b"{".to_vec()),
+        ("application/json", b"null".to_vec()),
+        ("application/json", b"[]".to_vec()),
+        ("application/json", b"{\"name\": 7}".to_vec()),
+        ("application/json", format!("{{\"name\": \"{long}\"}}").into_bytes()),
+        ("application/json", deep.into_bytes()),
+        ("application/json", b"{\"name\": \"x\", \"graph\": 12, \"threshold\": \"high\", \"pipeline_id\": [1]}".to_vec()),
+        ("application/json", b"{\"name\": \"\\ud800\", \"config\": {\"path\": \"/etc/passwd\"}, \"type\": \"video_file\"}".to_vec()),
+        ("application/json", (0..1 + rng.below(512)).map(|_| rng.next() as u8).collect()),
+        ("text/plain", b"name=x".to_vec()),
+        ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nnot an image\r\n--zz--\r\n".to_vec()),
+        ("multipart/form-data; boundary=zz", b"--zz\r\nbroken".to_vec()),
+        ("application/json", b"{\"name\": \"x\", \"graph\": \"nodes: [*a]\"}".to_vec()),
+    ]
+}
+
+#[test]
+fn malformed_requests_to_every_documented_route_never_get_a_5xx() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, None);
+    let http = client();
+    let (_, project) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "target"})),
+    );
+    let project = project["id"].as_str().expect("id").to_string();
+    let (status, _) = call(
+        http.post(server.url(&format!("/api/projects/{project}/media")))
+            .multipart(upload_form(png(32, 32, 5), None, None)),
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, spec) = call(http.get(server.url("/api/openapi.json")));
+    let paths = spec["paths"].as_object().expect("paths").clone();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let ids = [
+        project.clone(),
+        "00000000-0000-0000-0000-000000000000".to_string(),
+        "..".to_string(),
+        "%2e%2e%2f%2e%2e%2fetc".to_string(),
+        "x".repeat(3000),
+        "%00".to_string(),
+        "%ff%fe".to_string(),
+    ];
+    let queries = [
+        "",
+        "?limit=-1",
+        "?limit=abc&offset=-5",
+        "?offset=99999999999999999999",
+        "?limit=1000000",
+        "?project_id=%00&unknown=1",
+    ];
+    let mut sent = 0;
+    let mut closed_early = 0;
+    let mut failures = Vec::new();
+    for (path, methods) in &paths {
+        for method in methods.as_object().expect("methods").keys() {
+            for (round, (content_type, body)) in malformed_bodies(&mut rng).into_iter().enumerate()
+            {
+                let id = &ids[(round + sent) % ids.len()];
+                let concrete: String = path
+                    .split('{')
+                    .enumerate()
+                    .map(|(index, part)| match part.split_once('}') {
+                        Some((_, rest)) if index > 0 => format!("{id}{rest}"),
+                        _ => part.to_string(),
+                    })
+                    .collect();
+                let url = format!(
+                    "{}{}",
+                    server.url(&concrete),
+                    queries[round % queries.len()]
+                );
+                let request = match method.as_str() {
+                    "get" => http.get(&url),
+                    "post" => http.post(&url),
+                    "put" => http.put(&url),
+                    "patch" => http.patch(&url),
+                    "delete" => http.delete(&url),
+                    other => panic!("undocumented method {other}"),
+                };
+                // Event streams answer with a stream: only its status is read.
+                let response = request
+                    .header("content-type", content_type)
+                    .body(body)
+                    .timeout(Duration::from_secs(10))
+                    .send();
+                sent += 1;
+                match response {
+                    Ok(response) if response.status().is_server_error() => {
+                        let status = response.status();
+                        failures.push(format!(
+                            "{method} {url}: {status} {}",
+                            response
+                                .text()
+                                .unwrap_or_default()
+                                .chars()
+                                .take(300)
+                                .collect::<String>()
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(error) if error.is_timeout() => {}
+                    // The server may answer before reading a body it has no use for (a 404 on
+                    // a GET) and close the connection, and the client, still writing, then
+                    // loses the answer. Acceptable while the server keeps answering.
+                    Err(_) if call(http.get(server.url("/health"))).0 == StatusCode::OK => {
+                        closed_early += 1;
+                    }
+                    Err(error) => failures.push(format!("{method} {url} body {round}: {error:?}")),
+                }
+            }
+        }
+        let (status, _) = call(http.get(server.url("/health")));
+        assert_eq!(status, StatusCode::OK, "the server answers after {path}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {sent}: {failures:#?}",
+        failures.len()
+    );
+    assert!(sent >= 500, "only {sent} requests");
+    assert!(
+        closed_early * 20 < sent,
+        "{closed_early} of {sent} connections closed early"
+    );
+    drop(server);
+    let (clean, report) = inspectflow(&["check-db"], &data);
+    assert!(clean, "{report}");
+}
