@@ -13,48 +13,17 @@
 //! percentiles. The clients share the cores with the server; the last row runs them at nice 19,
 //! as if they ran elsewhere.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/common/server.rs"]
+#[allow(dead_code)]
+mod server;
+
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
+use server::Server;
 
 const CLIENTS: usize = 50;
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data_dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
-            .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("inspectflow serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("address line");
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .expect("address")
-            .to_string();
-        Self { child, base }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn json_call(request: reqwest::blocking::RequestBuilder) -> Value {
     let response = request.send().expect("answer");
@@ -163,7 +132,7 @@ fn main() {
         // A fresh server per row: the clients create projects, and a table grown by an earlier
         // row would make this row's listings slower.
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = Server::start(dir.path());
+        let server = Server::start(dir.path(), None);
         let base = server.base.clone();
         let project = json_call(
             http.post(format!("{base}/api/projects"))

@@ -940,6 +940,60 @@ fn malformed_bodies(rng: &mut Rng) -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Bodies that break `schema` (an object schema) one way each.
+fn schema_mutations(schema: &Value) -> Vec<Value> {
+    let properties = schema["properties"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .map(|names| names.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    // A body with every property set to something plausible.
+    let plausible: serde_json::Map<String, Value> = properties
+        .iter()
+        .map(|(name, property)| {
+            let value = match property["type"].as_str() {
+                Some("integer") | Some("number") => json!(1),
+                Some("boolean") => json!(true),
+                Some("array") => json!([]),
+                Some("object") => json!({}),
+                _ => json!("x"),
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    let wrong_values = [
+        json!(null),
+        json!(-1),
+        json!(1e308),
+        json!(18446744073709551615u64),
+        json!("x".repeat(10_000)),
+        json!([1, [2, [3]]]),
+        json!({"nested": {"deeper": true}}),
+        json!(true),
+        json!("../../etc/passwd"),
+    ];
+    let mut bodies = Vec::new();
+    for name in properties.keys() {
+        for wrong in &wrong_values {
+            let mut body = plausible.clone();
+            body.insert(name.clone(), wrong.clone());
+            bodies.push(Value::Object(body));
+        }
+    }
+    for name in required {
+        let mut body = plausible.clone();
+        body.remove(name);
+        bodies.push(Value::Object(body));
+    }
+    let mut body = plausible.clone();
+    body.insert("unexpected_field".into(), json!(1));
+    bodies.push(Value::Object(body));
+    bodies
+}
+
 #[test]
 fn malformed_requests_to_every_documented_route_never_get_a_5xx() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1039,6 +1093,43 @@ fn malformed_requests_to_every_documented_route_never_get_a_5xx() {
         }
         let (status, _) = call(http.get(server.url("/health")));
         assert_eq!(status, StatusCode::OK, "the server answers after {path}");
+    }
+    // Bodies made from each route's request schema: every property of the wrong type or out of
+    // range, every required property missing, an unknown property.
+    for (path, methods) in &paths {
+        for (method, operation) in methods.as_object().expect("methods") {
+            let Some(reference) =
+                operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].as_str()
+            else {
+                continue;
+            };
+            let schema = spec
+                .pointer(reference.trim_start_matches('#'))
+                .expect("the body schema is in components");
+            let url = server.url(
+                &path
+                    .split('{')
+                    .enumerate()
+                    .map(|(index, part)| match part.split_once('}') {
+                        Some((_, rest)) if index > 0 => format!("{project}{rest}"),
+                        _ => part.to_string(),
+                    })
+                    .collect::<String>(),
+            );
+            for body in schema_mutations(schema) {
+                let request = match method.as_str() {
+                    "post" => http.post(&url),
+                    "put" => http.put(&url),
+                    "patch" => http.patch(&url),
+                    other => panic!("a body on {other}"),
+                };
+                let (status, answer) = call(request.json(&body));
+                sent += 1;
+                if status.is_server_error() {
+                    failures.push(format!("{method} {url} {body}: {status} {answer}"));
+                }
+            }
+        }
     }
     assert!(
         failures.is_empty(),

@@ -117,7 +117,7 @@ pub fn parse_text(
         GraphErrors(vec![GraphError {
             line: Some(line),
             column: Some(column),
-            ..GraphError::in_file(file, format!("invalid YAML: {message}"))
+            ..GraphError::in_file(file, message)
         }])
     })?;
     Ok(Document {
@@ -170,7 +170,7 @@ fn parse_yaml(text: &str, limits: &GraphLimits) -> Result<(Value, Locations), Ya
         loop {
             let (event, mark) = parser.next_token().map_err(|e| {
                 (
-                    e.info().to_string(),
+                    format!("invalid YAML: {}", e.info()),
                     e.marker().line(),
                     e.marker().col() + 1,
                 )
@@ -188,7 +188,7 @@ fn parse_yaml(text: &str, limits: &GraphLimits) -> Result<(Value, Locations), Ya
     // The scanner is third-party code fed hostile input: a panic inside it is a bad document,
     // not a reason to take the server down.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(drive))
-        .unwrap_or_else(|_| Err(("the YAML parser failed on this input".into(), 1, 1)))
+        .unwrap_or_else(|_| Err(("invalid YAML: the parser failed on this input".into(), 1, 1)))
 }
 
 enum Container {
@@ -243,7 +243,13 @@ impl<'a> TreeBuilder<'a> {
         }
     }
 
+    /// Records a YAML problem (the first problem wins).
     fn fail(&mut self, message: String, mark: Marker) {
+        self.stop_at(format!("invalid YAML: {message}"), mark);
+    }
+
+    /// Records an exceeded limit (the first problem wins).
+    fn stop_at(&mut self, message: String, mark: Marker) {
         if self.error.is_none() {
             self.error = Some((message, mark.line(), mark.col() + 1));
         }
@@ -285,7 +291,7 @@ impl<'a> TreeBuilder<'a> {
     fn count_values(&mut self, count: usize, mark: Marker) -> bool {
         self.values = self.values.saturating_add(count);
         if self.values > self.limits.max_values {
-            self.fail(
+            self.stop_at(
                 exceeded("values", self.limits.max_values, "--graph-max-values"),
                 mark,
             );
@@ -357,7 +363,7 @@ impl<'a> TreeBuilder<'a> {
                     return;
                 }
                 if self.stack.len() >= self.limits.max_depth {
-                    self.fail(
+                    self.stop_at(
                         exceeded(
                             "levels of nesting",
                             self.limits.max_depth,
@@ -419,7 +425,7 @@ impl<'a> TreeBuilder<'a> {
                 }
                 self.alias_values = self.alias_values.saturating_add(count);
                 if self.alias_values > self.limits.max_alias_values {
-                    self.fail(
+                    self.stop_at(
                         exceeded(
                             "values copied by aliases",
                             self.limits.max_alias_values,
@@ -535,5 +541,61 @@ mod tests {
         let yaml = "base: &size {width: 8}\ncopy: *size\n";
         let doc = parse_text("a.yaml", yaml, false, &GraphLimits::DEFAULT).expect("parses");
         assert_eq!(doc.value["copy"]["width"], 8);
+    }
+
+    #[test]
+    fn nesting_aliases_and_values_stop_at_their_limits() {
+        let limits = GraphLimits {
+            max_depth: 8,
+            max_alias_values: 20,
+            max_values: 50,
+            ..GraphLimits::DEFAULT
+        };
+        let deep = format!("nodes:\n  - {}x\n", "- ".repeat(10_000));
+        let error = parse_text("deep.yaml", &deep, false, &limits)
+            .err()
+            .expect("too deep")
+            .0
+            .remove(0);
+        assert!(
+            error.message.contains("more than 8 levels"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains("--graph-max-depth"),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.line, Some(2));
+
+        let bomb = "a: &a [x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a]\nc: [*b, *b]\n";
+        let error = parse_text("bomb.yaml", bomb, false, &limits)
+            .err()
+            .expect("too many alias copies")
+            .0
+            .remove(0);
+        assert!(
+            error.message.contains("copied by aliases"),
+            "{}",
+            error.message
+        );
+
+        let many = format!("items: [{}]\n", vec!["1"; 60].join(", "));
+        let error = parse_text("many.yaml", &many, false, &limits)
+            .err()
+            .expect("too many values")
+            .0
+            .remove(0);
+        assert!(
+            error.message.contains("more than 50 values"),
+            "{}",
+            error.message
+        );
+        let json = format!("{{\"items\": [{}]}}", vec!["1"; 60].join(", "));
+        assert!(parse_text("many.json", &json, true, &limits).is_err());
+
+        let two = "nodes: []\n---\nnodes: []\n";
+        assert!(parse_text("two.yaml", two, false, &limits).is_err());
     }
 }
