@@ -71,6 +71,58 @@ fn every_frame_gets_the_model_outputs_in_order() {
     }
 }
 
+/// A watched folder never ends its stream: once its images are read it just goes quiet, like a
+/// triggered camera. Every image's result must still come out while the source keeps waiting,
+/// although `requests: 3` lets three frames be in flight and no later frame pushes them out.
+#[test]
+fn results_leave_as_soon_as_ready_when_the_source_goes_quiet() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    const IMAGES: usize = 5;
+    for index in 0..IMAGES {
+        image::RgbImage::from_pixel(64, 48, image::Rgb([40 * index as u8, 90, 200]))
+            .save(images.join(format!("{index}.png")))
+            .expect("write an image");
+    }
+    let yaml = format!(
+        r#"
+nodes:
+  - {{id: folder, op: source.images_folder, params: {{path: "{}", watch: true, settle_ms: 0, poll_interval_ms: 20}}}}
+  - {{id: pre, op: preprocess, params: {{width: 224, height: 224}}}}
+  - {{id: infer, op: infer.openvino, params: {{model: "{}", requests: 3}}}}
+  - {{id: probe, op: test.probe}}
+edges:
+  - {{from: folder, to: pre}}
+  - {{from: pre, to: infer}}
+  - {{from: infer, to: probe}}
+"#,
+        images.display(),
+        model.display()
+    );
+    let (registry, recordings) = registry_with_probe();
+    let pipeline = Pipeline::start(&graph_from_yaml(&registry, &yaml)).expect("starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen_by(&recordings, "probe").len() < IMAGES && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = seen_by(&recordings, "probe");
+    assert!(!pipeline.is_finished(), "the folder is still watched");
+    assert_eq!(
+        seen.len(),
+        IMAGES,
+        "every result left while the source was quiet"
+    );
+    assert!(
+        seen.iter().all(|s| !s.inference.is_empty()),
+        "each has the model outputs"
+    );
+    pipeline.stop_handle().stop();
+    let outcome = pipeline.wait();
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+}
+
 #[test]
 fn batched_inference_splits_outputs_per_frame_and_flushes_a_short_batch() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -323,6 +323,16 @@ impl Emitter {
     }
 }
 
+/// Whether a transform still holds work that will complete without more input (see
+/// [`Transform::poll`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Nothing is held: the runtime may wait for input indefinitely.
+    Nothing,
+    /// Work is in flight (inference requests running): the runtime keeps polling.
+    InFlight,
+}
+
 /// One input, zero or more outputs per packet.
 pub trait Transform: Send {
     /// Handle one packet.
@@ -335,6 +345,16 @@ pub trait Transform: Send {
             self.process(packet, out)?;
         }
         Ok(())
+    }
+
+    /// Emits held work that has completed (an inference request that finished), waiting up to
+    /// `wait` for the oldest, and says whether work is still held. The runtime calls it after
+    /// every call to `process` (with no wait) and, while work is held and no input is waiting,
+    /// with a short wait: results leave as soon as they are ready, even when input stops (a
+    /// triggered camera, a watched folder). Operators that finish each packet inside `process`
+    /// keep the default.
+    fn poll(&mut self, _wait: Duration, _out: &mut Emitter) -> Result<Held, OpError> {
+        Ok(Held::Nothing)
     }
 
     /// End of stream: emit anything held back.

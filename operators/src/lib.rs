@@ -33,7 +33,7 @@ pub mod video;
 pub mod yuv;
 
 pub use contract::{
-    Emitter, EndpointHealth, InputPort, OpError, OperatorInstance, OperatorKind, OutputPort,
+    Emitter, EndpointHealth, Held, InputPort, OpError, OperatorInstance, OperatorKind, OutputPort,
     OutputType, PortType, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal,
     Transform,
 };

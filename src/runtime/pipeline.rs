@@ -16,8 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inspectflow_operators::{
-    Emitter, EndpointHealth, Frame, OpError, OperatorDescriptor, OperatorInstance, OperatorKind,
-    Packet, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal, Transform,
+    Emitter, EndpointHealth, Frame, Held, OpError, OperatorDescriptor, OperatorInstance,
+    OperatorKind, Packet, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal,
+    Transform,
 };
 
 use super::metrics::{
@@ -25,6 +26,10 @@ use super::metrics::{
 };
 use super::queue::{EdgeSender, EdgeStats, InputQueue, PopOutcome};
 use crate::graph::{RestartPolicy, ValidatedGraph, ValidatedNode};
+
+/// How long a node whose operator holds work in flight waits for that work before it looks at
+/// its input again: a packet arriving meanwhile waits at most this long to be started.
+const HELD_WORK_POLL: Duration = Duration::from_millis(2);
 
 /// A node failed and the graph stopped.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -611,10 +616,22 @@ impl NodeRuntime {
         };
         let mut batch = Vec::with_capacity(max);
         let mut emitter = Emitter::new();
+        // Whether the operator holds work in flight: then the node never waits for input
+        // without polling it, so results leave as soon as they are ready.
+        let mut held = Held::Nothing;
         loop {
             batch.clear();
-            match input.pop(max, fill_wait, &mut batch) {
+            let idle_wait = (held == Held::InFlight).then_some(Duration::ZERO);
+            match input.pop(max, fill_wait, idle_wait, &mut batch) {
                 PopOutcome::Aborted => return,
+                PopOutcome::Idle => {
+                    let polled = transform.poll(HELD_WORK_POLL, &mut emitter);
+                    match self.after_call(polled, &mut emitter, &mut transform) {
+                        Some(now_held) => held = now_held,
+                        None => return,
+                    }
+                    continue;
+                }
                 PopOutcome::EndOfStream => {
                     match transform.finish(&mut emitter) {
                         Ok(()) => {
@@ -642,19 +659,35 @@ impl NodeRuntime {
             self.metrics.latency.record_n(finished - started, count);
             self.metrics
                 .mark_activity(self.control.started, finished, count);
-            if let Err(error) = result {
+            // Collect whatever finished meanwhile, without waiting.
+            let polled = result.and_then(|()| transform.poll(Duration::ZERO, &mut emitter));
+            match self.after_call(polled, &mut emitter, &mut transform) {
+                Some(now_held) => held = now_held,
+                None => return,
+            }
+        }
+    }
+
+    /// Forwards what a transform emitted and handles its failure (restart or stop). Returns
+    /// whether it holds work, or `None` when the node must stop.
+    fn after_call(
+        &mut self,
+        result: Result<Held, OpError>,
+        emitter: &mut Emitter,
+        transform: &mut Box<dyn Transform>,
+    ) -> Option<Held> {
+        match result {
+            Ok(held) => self.forward_emitted(emitter).then_some(held),
+            Err(error) => {
                 // Whatever the operator emitted before failing still goes on.
-                self.forward_emitted(&mut emitter);
+                self.forward_emitted(emitter);
                 match self.recover(error) {
                     Some(OperatorInstance::Transform(rebuilt)) => {
-                        transform = rebuilt;
-                        continue;
+                        *transform = rebuilt;
+                        Some(Held::Nothing)
                     }
-                    _ => return,
+                    _ => None,
                 }
-            }
-            if !self.forward_emitted(&mut emitter) {
-                return;
             }
         }
     }
@@ -673,7 +706,7 @@ impl NodeRuntime {
         let mut batch = Vec::with_capacity(1);
         loop {
             batch.clear();
-            match input.pop(1, None, &mut batch) {
+            match input.pop(1, None, None, &mut batch) {
                 PopOutcome::Aborted => return,
                 PopOutcome::EndOfStream => {
                     if let Err(error) = sink.finish() {
@@ -681,7 +714,8 @@ impl NodeRuntime {
                     }
                     return;
                 }
-                PopOutcome::Packets => {}
+                // No idle wait was asked for.
+                PopOutcome::Idle | PopOutcome::Packets => {}
             }
             let Some(packet) = batch.pop() else { continue };
             self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);

@@ -37,6 +37,8 @@ pub enum PopOutcome {
     EndOfStream,
     /// The graph is being torn down.
     Aborted,
+    /// Nothing arrived within the idle wait.
+    Idle,
 }
 
 struct State {
@@ -153,14 +155,17 @@ impl InputQueue {
         outcome
     }
 
-    /// Takes up to `max` packets into `out`. Blocks until at least one is there; with `fill_wait`,
-    /// then keeps waiting up to that long for the batch to fill.
+    /// Takes up to `max` packets into `out`. Blocks until at least one is there, or at most
+    /// `idle_wait` when given (then answers [`PopOutcome::Idle`]); with `fill_wait`, then keeps
+    /// waiting up to that long for the batch to fill.
     pub fn pop(
         &self,
         max: usize,
         fill_wait: Option<Duration>,
+        idle_wait: Option<Duration>,
         out: &mut Vec<Packet>,
     ) -> PopOutcome {
+        let idle_deadline = idle_wait.map(|wait| Instant::now() + wait);
         let mut state = self.lock();
         loop {
             if state.aborted {
@@ -173,10 +178,23 @@ impl InputQueue {
                 return PopOutcome::EndOfStream;
             }
             state.consumer_waiting = true;
-            state = self
-                .not_empty
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state = match idle_deadline {
+                None => self
+                    .not_empty
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        state.consumer_waiting = false;
+                        return PopOutcome::Idle;
+                    }
+                    self.not_empty
+                        .wait_timeout(state, deadline - now)
+                        .map(|(guard, _)| guard)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner().0)
+                }
+            };
             state.consumer_waiting = false;
         }
         let take = |state: &mut State, out: &mut Vec<Packet>| {
@@ -320,7 +338,7 @@ mod tests {
 
     fn sequences(queue: &InputQueue) -> Vec<u64> {
         let mut out = Vec::new();
-        queue.pop(usize::MAX, None, &mut out);
+        queue.pop(usize::MAX, None, None, &mut out);
         out.iter().map(|p| p.frame.sequence).collect()
     }
 
@@ -356,7 +374,7 @@ mod tests {
         };
         let mut received = Vec::new();
         let mut batch = Vec::new();
-        while queue.pop(1, None, &mut batch) == PopOutcome::Packets {
+        while queue.pop(1, None, None, &mut batch) == PopOutcome::Packets {
             received.extend(batch.drain(..).map(|p| p.frame.sequence));
         }
         producer.join().expect("producer finished");
@@ -388,18 +406,21 @@ mod tests {
         queue.producer_done();
         let mut batch = Vec::new();
         assert_eq!(
-            queue.pop(4, Some(Duration::from_secs(5)), &mut batch),
+            queue.pop(4, Some(Duration::from_secs(5)), None, &mut batch),
             PopOutcome::Packets
         );
         assert_eq!(batch.len(), 4);
         batch.clear();
         // Only one left and no producer: the batch closes at once instead of waiting.
         assert_eq!(
-            queue.pop(4, Some(Duration::from_secs(5)), &mut batch),
+            queue.pop(4, Some(Duration::from_secs(5)), None, &mut batch),
             PopOutcome::Packets
         );
         assert_eq!(batch.len(), 1);
         batch.clear();
-        assert_eq!(queue.pop(4, None, &mut batch), PopOutcome::EndOfStream);
+        assert_eq!(
+            queue.pop(4, None, None, &mut batch),
+            PopOutcome::EndOfStream
+        );
     }
 }

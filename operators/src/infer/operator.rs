@@ -9,13 +9,14 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openvino::InferRequest;
 use serde::Deserialize;
 
 use super::model::{CompileOptions, LoadedModel, ModelError, PerformanceHint, Precision, call};
 use crate::contract::{
-    Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
+    Emitter, Held, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
 use crate::packet::{ModelOutput, Packet};
 use crate::pool::BufferPool;
@@ -239,6 +240,25 @@ impl Infer {
 impl Transform for Infer {
     fn process(&mut self, packet: Packet, out: &mut Emitter) -> Result<(), OpError> {
         self.start(vec![packet], out)
+    }
+
+    /// Emits every request that has finished, in order, waiting up to `wait` for the oldest.
+    fn poll(&mut self, wait: Duration, out: &mut Emitter) -> Result<Held, OpError> {
+        let mut timeout_ms = wait.as_millis().min(i64::MAX as u128) as i64;
+        while let Some(oldest) = self.in_flight.front_mut() {
+            match oldest.request.wait(timeout_ms) {
+                Ok(()) => self.complete_oldest(out)?,
+                Err(error) if error.kind == openvino::InferenceErrorKind::ResultNotReady => break,
+                Err(error) => call("waiting for inference", Err(error)).map_err(model_error)?,
+            }
+            // Later requests are only collected if they are done already.
+            timeout_ms = 0;
+        }
+        Ok(if self.in_flight.is_empty() {
+            Held::Nothing
+        } else {
+            Held::InFlight
+        })
     }
 
     fn process_batch(&mut self, batch: &mut Vec<Packet>, out: &mut Emitter) -> Result<(), OpError> {
