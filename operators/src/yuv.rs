@@ -12,9 +12,12 @@
 use crate::packet::{Frame, ImageLayout, PixelFormat};
 use crate::pool::BufferPool;
 
-/// Fixed-point (16 fractional bits) coefficients of one YUV to RGB matrix, limited range.
+/// Fixed-point (16 fractional bits) coefficients of one YUV to RGB matrix, limited range, and
+/// the luma weights of red and blue (in 1/65536) for the way back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Matrix {
+    red_weight: i32,
+    blue_weight: i32,
     luma: i32,
     red_from_v: i32,
     green_from_u: i32,
@@ -28,6 +31,8 @@ const fn fixed(value: f64) -> i32 {
 
 /// ITU-R BT.601 (standard definition).
 pub const BT601: Matrix = Matrix {
+    red_weight: fixed(0.299),
+    blue_weight: fixed(0.114),
     luma: fixed(1.164_383),
     red_from_v: fixed(1.596_027),
     green_from_u: fixed(0.391_762),
@@ -37,6 +42,8 @@ pub const BT601: Matrix = Matrix {
 
 /// ITU-R BT.709 (high definition).
 pub const BT709: Matrix = Matrix {
+    red_weight: fixed(0.2126),
+    blue_weight: fixed(0.0722),
     luma: fixed(1.164_383),
     red_from_v: fixed(1.792_741),
     green_from_u: fixed(0.213_249),
@@ -61,6 +68,20 @@ impl Matrix {
             clamp(luma + self.red_from_v * v),
             clamp(luma - self.green_from_u * u - self.green_from_v * v),
             clamp(luma + self.blue_from_u * u),
+        ]
+    }
+
+    /// One RGB colour to limited-range YUV (for colour tables, not per pixel).
+    pub fn to_yuv(&self, rgb: [u8; 3]) -> [u8; 3] {
+        let [r, g, b] = rgb.map(f32::from);
+        let kr = self.red_weight as f32 / 65536.0;
+        let kb = self.blue_weight as f32 / 65536.0;
+        let luma = kr * r + (1.0 - kr - kb) * g + kb * b;
+        let to_byte = |value: f32| value.round().clamp(0.0, 255.0) as u8;
+        [
+            to_byte(16.0 + luma * 219.0 / 255.0),
+            to_byte(128.0 + (b - luma) / (2.0 * (1.0 - kb)) * 224.0 / 255.0),
+            to_byte(128.0 + (r - luma) / (2.0 * (1.0 - kr)) * 224.0 / 255.0),
         ]
     }
 }
@@ -114,6 +135,65 @@ impl<'a> Planes<'a> {
             self.u[chroma],
             self.v[chroma],
         )
+    }
+}
+
+/// Converts I420 `planes` (limited range, `matrix`) into the full-range BT.601 YCbCr that JPEG
+/// files hold (JFIF), plane by plane into `out` (an I420 buffer of the same size, tightly
+/// packed): one pass of integer arithmetic, no RGB in between. Chroma depends only on chroma
+/// (grey stays grey in both), luma on luma and, across matrices, its block's chroma.
+pub fn to_jfif_planes(
+    planes: &Planes,
+    matrix: &Matrix,
+    width: usize,
+    height: usize,
+    out: &mut [u8],
+) {
+    // M = (RGB to JFIF YCbCr) x (limited YUV to RGB), in 16-bit fixed point.
+    let to_rgb = [
+        [matrix.luma, 0, matrix.red_from_v],
+        [matrix.luma, -matrix.green_from_u, -matrix.green_from_v],
+        [matrix.luma, matrix.blue_from_u, 0],
+    ];
+    let to_jfif = [
+        [0.299, 0.587, 0.114],
+        [-0.168_736, -0.331_264, 0.5],
+        [0.5, -0.418_688, -0.081_312],
+    ];
+    let mut m = [[0i32; 3]; 3];
+    for (row, out_row) in m.iter_mut().enumerate() {
+        for (column, value) in out_row.iter_mut().enumerate() {
+            let sum: f64 = (0..3)
+                .map(|k| to_jfif[row][k] * f64::from(to_rgb[k][column]))
+                .sum();
+            *value = sum.round() as i32;
+        }
+    }
+    let clamp = |value: i32| (value >> 16).clamp(0, 255) as u8;
+    let half = 1 << 15;
+    let chroma_len = planes.chroma_width * planes.chroma_height;
+    let (luma_out, chroma_out) = out.split_at_mut(width * height);
+    let (u_out, v_out) = chroma_out.split_at_mut(chroma_len);
+    for y in 0..height {
+        let in_row = &planes.y[y * planes.y_stride..y * planes.y_stride + width];
+        let chroma_row = (y / 2) * planes.chroma_width;
+        let u_row = &planes.u[chroma_row..chroma_row + planes.chroma_width];
+        let v_row = &planes.v[chroma_row..chroma_row + planes.chroma_width];
+        for (x, (target, value)) in luma_out[y * width..(y + 1) * width]
+            .iter_mut()
+            .zip(in_row)
+            .enumerate()
+        {
+            let u = i32::from(u_row[x / 2]) - 128;
+            let v = i32::from(v_row[x / 2]) - 128;
+            *target = clamp(m[0][0] * (i32::from(*value) - 16) + m[0][1] * u + m[0][2] * v + half);
+        }
+    }
+    for (index, (u_target, v_target)) in u_out.iter_mut().zip(v_out.iter_mut()).enumerate() {
+        let u = i32::from(planes.u[index]) - 128;
+        let v = i32::from(planes.v[index]) - 128;
+        *u_target = clamp((128 << 16) + m[1][1] * u + m[1][2] * v + half);
+        *v_target = clamp((128 << 16) + m[2][1] * u + m[2][2] * v + half);
     }
 }
 
@@ -246,5 +326,29 @@ pub(crate) mod tests {
         assert_eq!(rgb.layout.format, PixelFormat::Rgb);
         assert!(rgb.pixels().iter().all(|&value| value == 255));
         assert_eq!(rgb.sequence, frame.sequence);
+    }
+
+    #[test]
+    fn rgb_to_yuv_and_back_is_within_two_levels() {
+        for matrix in [BT601, BT709] {
+            for rgb in [
+                [0, 0, 0],
+                [255, 255, 255],
+                [255, 0, 0],
+                [0, 200, 30],
+                [10, 20, 240],
+                [127, 64, 200],
+            ] {
+                let [y, u, v] = matrix.to_yuv(rgb);
+                let back = matrix.to_rgb(y, u, v);
+                for (got, want) in back.iter().zip(rgb) {
+                    assert!(
+                        got.abs_diff(want) <= 2,
+                        "{rgb:?} -> {:?} -> {back:?}",
+                        [y, u, v]
+                    );
+                }
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use turbojpeg::{Compressor, Image, Subsamp};
 use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
-use crate::packet::{EncodedImage, Frame, Packet, PixelFormat};
+use crate::packet::{EncodedImage, Frame, ImageLayout, Packet, PixelFormat};
 use crate::pool::BufferPool;
 use crate::registry::OperatorDescriptor;
 use crate::yuv;
@@ -61,13 +61,97 @@ pub fn descriptor() -> OperatorDescriptor {
     })
 }
 
+/// libjpeg-turbo's compressor for images already in YCbCr planes (`tjCompressFromYUVPlanes`).
+struct PlanesCompressor {
+    handle: turbojpeg_sys::tjhandle,
+    quality: i32,
+}
+
+// SAFETY: a TurboJPEG handle may move between threads; it is used by one thread at a time
+// (`&mut self`).
+unsafe impl Send for PlanesCompressor {}
+
+impl PlanesCompressor {
+    fn new(quality: i32) -> Result<Self, OpError> {
+        // SAFETY: no arguments; a null handle is checked.
+        let handle = unsafe { turbojpeg_sys::tjInitCompress() };
+        if handle.is_null() {
+            return Err(OpError::Failed("cannot start libjpeg-turbo".into()));
+        }
+        Ok(Self { handle, quality })
+    }
+
+    /// Compresses full-range 4:2:0 YCbCr planes (tightly packed, `width` x `height` luma) into
+    /// `output`, which must hold `tjBufSize` bytes; returns the JPEG's length.
+    fn compress(
+        &mut self,
+        planes: &[u8],
+        width: usize,
+        height: usize,
+        output: &mut [u8],
+    ) -> Result<usize, OpError> {
+        let (chroma_width, chroma_height) = (width.div_ceil(2), height.div_ceil(2));
+        let luma_len = width * height;
+        let chroma_len = chroma_width * chroma_height;
+        if planes.len() < luma_len + 2 * chroma_len {
+            return Err(OpError::Failed(
+                "YCbCr planes shorter than the image".into(),
+            ));
+        }
+        let mut sources = [
+            planes.as_ptr(),
+            planes[luma_len..].as_ptr(),
+            planes[luma_len + chroma_len..].as_ptr(),
+        ];
+        let strides = [width as i32, chroma_width as i32, chroma_width as i32];
+        let mut destination = output.as_mut_ptr();
+        let mut length = output.len() as std::ffi::c_ulong;
+        // SAFETY: the planes cover the image (checked above); `output` is a live buffer of
+        // `length` bytes that NOREALLOC forbids the library to replace or outgrow.
+        let status = unsafe {
+            turbojpeg_sys::tjCompressFromYUVPlanes(
+                self.handle,
+                sources.as_mut_ptr(),
+                width as i32,
+                strides.as_ptr(),
+                height as i32,
+                turbojpeg_sys::TJSAMP_TJSAMP_420 as i32,
+                &mut destination,
+                &mut length,
+                self.quality,
+                turbojpeg_sys::TJFLAG_NOREALLOC as i32,
+            )
+        };
+        if status != 0 || destination != output.as_mut_ptr() {
+            // SAFETY: the handle is live; the message is a NUL-terminated string it owns.
+            let message = unsafe {
+                std::ffi::CStr::from_ptr(turbojpeg_sys::tjGetErrorStr2(self.handle))
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            return Err(OpError::Failed(format!("JPEG encoding: {message}")));
+        }
+        Ok(length as usize)
+    }
+}
+
+impl Drop for PlanesCompressor {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tjInitCompress and is destroyed once.
+        unsafe {
+            turbojpeg_sys::tjDestroy(self.handle);
+        }
+    }
+}
+
 /// The running operator (also used directly by the command line).
 pub struct JpegEncoder {
     compressor: Compressor,
+    planes_compressor: PlanesCompressor,
     source: EncodeSource,
     pool: BufferPool<u8>,
-    /// RGB conversions of I420 frames.
-    rgb_pool: BufferPool<u8>,
+    /// I420 frames converted to JPEG's YCbCr.
+    ycbcr_pool: BufferPool<u8>,
 }
 
 impl JpegEncoder {
@@ -82,36 +166,48 @@ impl JpegEncoder {
         compressor.set_subsamp(Subsamp::Sub2x2);
         Ok(Self {
             compressor,
+            planes_compressor: PlanesCompressor::new(i32::from(params.quality))?,
             source: params.source,
             pool: BufferPool::new(32),
-            rgb_pool: BufferPool::new(2),
+            ycbcr_pool: BufferPool::new(2),
         })
     }
 
-    /// Encodes one frame (I420 frames are converted to RGB first).
+    /// Encodes one frame. I420 frames go to the JPEG's YCbCr planes in one pass (range and
+    /// matrix converted) and are compressed from there, never through RGB.
     pub fn encode(&mut self, frame: &Frame) -> Result<EncodedImage, OpError> {
-        let converted;
-        let frame = if frame.layout.format == PixelFormat::I420 {
-            converted = yuv::to_rgb_frame(frame, &self.rgb_pool);
-            &converted
-        } else {
-            frame
-        };
         let layout = frame.layout;
+        if let Some(planes) = yuv::Planes::of(frame) {
+            let (width, height) = (layout.width as usize, layout.height as usize);
+            let packed = ImageLayout::packed(layout.width, layout.height, PixelFormat::I420);
+            let mut ycbcr = self.ycbcr_pool.get(packed.byte_len());
+            yuv::to_jfif_planes(
+                &planes,
+                &yuv::matrix_for_height(layout.height),
+                width,
+                height,
+                &mut ycbcr,
+            );
+            let mut buffer = self.pool.get(self.worst_case_len(width, height)?);
+            let len = self
+                .planes_compressor
+                .compress(&ycbcr, width, height, &mut buffer)?;
+            return Ok(EncodedImage {
+                format: "jpeg",
+                buffer,
+                len,
+            });
+        }
         let format = match layout.format {
             PixelFormat::Rgb => turbojpeg::PixelFormat::RGB,
             PixelFormat::Bgr => turbojpeg::PixelFormat::BGR,
             PixelFormat::Gray => turbojpeg::PixelFormat::GRAY,
             PixelFormat::I420 => {
-                return Err(OpError::Failed("I420 frame left unconverted".into()));
+                return Err(OpError::Failed("I420 frame shorter than its layout".into()));
             }
         };
         let (width, height) = (layout.width as usize, layout.height as usize);
-        let capacity =
-            turbojpeg::compressed_buf_len(width, height, Subsamp::Sub2x2).map_err(|e| {
-                OpError::UnsupportedInput(format!("cannot encode a {width}x{height} image: {e}"))
-            })?;
-        let mut buffer = self.pool.get(capacity);
+        let mut buffer = self.pool.get(self.worst_case_len(width, height)?);
         let image = Image {
             pixels: &frame.pixels()[..layout.byte_len()],
             width,
@@ -127,6 +223,15 @@ impl JpegEncoder {
             format: "jpeg",
             buffer,
             len,
+        })
+    }
+}
+
+impl JpegEncoder {
+    /// The largest JPEG a `width` x `height` image can give.
+    fn worst_case_len(&self, width: usize, height: usize) -> Result<usize, OpError> {
+        turbojpeg::compressed_buf_len(width, height, Subsamp::Sub2x2).map_err(|e| {
+            OpError::UnsupportedInput(format!("cannot encode a {width}x{height} image: {e}"))
         })
     }
 }
@@ -172,5 +277,39 @@ mod tests {
         let decoded =
             crate::decode::decode_rgb(encoded.bytes(), "encoded", &pool, 0).expect("decodes");
         assert_eq!((decoded.layout.width, decoded.layout.height), (64, 48));
+    }
+
+    #[test]
+    fn i420_frames_are_encoded_from_their_planes_with_the_right_colours() {
+        let pool = BufferPool::new(1);
+        // 480 rows are BT.601, 720 rows BT.709: both must decode to the colour the frame shows.
+        for height in [480u32, 720] {
+            for yuv in [
+                [16, 128, 128],
+                [235, 128, 128],
+                [81, 90, 240],
+                [145, 54, 34],
+                [110, 160, 60],
+            ] {
+                let frame = crate::yuv::tests::uniform_i420(64, height, yuv);
+                let expected = crate::yuv::matrix_for_height(height).to_rgb(yuv[0], yuv[1], yuv[2]);
+                let mut encoder = JpegEncoder::new(EncodeParams {
+                    quality: 95,
+                    source: EncodeSource::Auto,
+                })
+                .expect("starts");
+                let encoded = encoder.encode(&frame).expect("encodes");
+                let decoded = crate::decode::decode_rgb(encoded.bytes(), "encoded", &pool, 0)
+                    .expect("decodes");
+                assert_eq!((decoded.layout.width, decoded.layout.height), (64, height));
+                let centre = decoded.pixels()[(height as usize / 2 * 64 + 32) * 3..][..3].to_vec();
+                for (got, want) in centre.iter().zip(expected) {
+                    assert!(
+                        got.abs_diff(want) <= 3,
+                        "{height} rows, YUV {yuv:?}: decoded {centre:?}, expected {expected:?}"
+                    );
+                }
+            }
+        }
     }
 }
