@@ -174,19 +174,35 @@ pub fn to_jfif_planes(
     let chroma_len = planes.chroma_width * planes.chroma_height;
     let (luma_out, chroma_out) = out.split_at_mut(width * height);
     let (u_out, v_out) = chroma_out.split_at_mut(chroma_len);
+    // Luma's own term as a table; the chroma terms are zero when the matrices agree (BT.601).
+    let mut luma_term = [0i32; 256];
+    for (value, term) in luma_term.iter_mut().enumerate() {
+        *term = m[0][0] * (value as i32 - 16) + half;
+    }
+    let same_matrix = m[0][1] == 0 && m[0][2] == 0;
     for y in 0..height {
         let in_row = &planes.y[y * planes.y_stride..y * planes.y_stride + width];
+        let out_row = &mut luma_out[y * width..(y + 1) * width];
+        if same_matrix {
+            for (target, value) in out_row.iter_mut().zip(in_row) {
+                *target = clamp(luma_term[usize::from(*value)]);
+            }
+            continue;
+        }
         let chroma_row = (y / 2) * planes.chroma_width;
         let u_row = &planes.u[chroma_row..chroma_row + planes.chroma_width];
         let v_row = &planes.v[chroma_row..chroma_row + planes.chroma_width];
-        for (x, (target, value)) in luma_out[y * width..(y + 1) * width]
-            .iter_mut()
-            .zip(in_row)
-            .enumerate()
+        // Two luma pixels share one chroma sample.
+        for (((targets, values), u), v) in out_row
+            .chunks_mut(2)
+            .zip(in_row.chunks(2))
+            .zip(u_row)
+            .zip(v_row)
         {
-            let u = i32::from(u_row[x / 2]) - 128;
-            let v = i32::from(v_row[x / 2]) - 128;
-            *target = clamp(m[0][0] * (i32::from(*value) - 16) + m[0][1] * u + m[0][2] * v + half);
+            let chroma = m[0][1] * (i32::from(*u) - 128) + m[0][2] * (i32::from(*v) - 128);
+            for (target, value) in targets.iter_mut().zip(values) {
+                *target = clamp(luma_term[usize::from(*value)] + chroma);
+            }
         }
     }
     for (index, (u_target, v_target)) in u_out.iter_mut().zip(v_out.iter_mut()).enumerate() {
