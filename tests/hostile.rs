@@ -238,8 +238,8 @@ fn validation_grows_linearly_with_the_graph() {
     let limits = inspectflow::graph::GraphLimits::DEFAULT;
     let time = |count: usize| {
         let text = identity_chain(count);
-        // The quicker of two tries, against noise from the other tests on the machine.
-        (0..2)
+        // The quicker of three tries, against noise from the other tests on the machine.
+        (0..3)
             .map(|_| {
                 let started = Instant::now();
                 let graph =
@@ -253,12 +253,12 @@ fn validation_grows_linearly_with_the_graph() {
     };
     let small = time(5_000);
     let large = time(40_000);
-    // Linear work is 8x; the quadratic validator this replaces took about 14x from 10k to 40k
-    // nodes and 60x over this range. The ratio is taken within one run, so a busy machine
+    // Linear work is 8x (about 10x measured, allocation included); quadratic work is 64x over
+    // this range (the validator this replaces took 14x from 10k to 40k nodes). The ratio is taken within one run, so a busy machine
     // slows both sides.
     let ratio = large.as_secs_f64() / small.as_secs_f64();
     assert!(
-        ratio < 20.0,
+        ratio < 32.0,
         "5k nodes {small:?}, 40k nodes {large:?}: {ratio:.1}x for 8x the nodes"
     );
 }

@@ -544,20 +544,25 @@ async fn create(
         updated_at: now,
         keep_running: false,
     };
-    resolve(&state, &record).await?;
-    put_in_project(
-        &state,
-        &record.project_id,
-        PIPELINES,
-        &record.id,
-        record.clone(),
-    )
-    .await?;
+    save(&state, &record).await?;
     Ok(warp::reply::with_status(
         warp::reply::json(&with_status(&state, record)),
         StatusCode::CREATED,
     )
     .into_response())
+}
+
+/// Checks a record (its graph, or what it assembles) and stores it, if its project still exists.
+async fn save(state: &Arc<AppState>, record: &PipelineRecord) -> Result<(), Rejection> {
+    resolve(state, record).await?;
+    put_in_project(
+        state,
+        &record.project_id,
+        PIPELINES,
+        &record.id,
+        record.clone(),
+    )
+    .await
 }
 
 async fn get(project_id: String, id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
@@ -579,15 +584,7 @@ async fn update(
     record.model_id = body.model_id;
     record.sink_ids = body.sink_ids;
     record.updated_at = now();
-    resolve(&state, &record).await?;
-    put_in_project(
-        &state,
-        &record.project_id,
-        PIPELINES,
-        &record.id,
-        record.clone(),
-    )
-    .await?;
+    save(&state, &record).await?;
     Ok(warp::reply::json(&with_status(&state, record)).into_response())
 }
 

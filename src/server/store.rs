@@ -153,23 +153,13 @@ impl Store {
         id: &str,
     ) -> Result<Option<T>, StoreError> {
         let read = self.db.begin_read().map_err(db_error)?;
-        let opened = read.open_table(table).map_err(db_error)?;
-        let Some(bytes) = opened.get(id).map_err(db_error)? else {
-            return Ok(None);
-        };
-        parse(table, id, bytes.value()).map(Some)
+        get_from(&read.open_table(table).map_err(db_error)?, table, id)
     }
 
     /// Every record of `table`.
     pub fn all<T: DeserializeOwned>(&self, table: Collection) -> Result<Vec<T>, StoreError> {
         let read = self.db.begin_read().map_err(db_error)?;
-        let opened = read.open_table(table).map_err(db_error)?;
-        let mut records = Vec::new();
-        for entry in opened.iter().map_err(db_error)? {
-            let (id, bytes) = entry.map_err(db_error)?;
-            records.push(parse(table, id.value(), bytes.value())?);
-        }
-        Ok(records)
+        all_from(&read.open_table(table).map_err(db_error)?, table)
     }
 
     /// Removes the record under `id`; false when there was none.
@@ -190,22 +180,12 @@ impl Transaction<'_> {
         table: Collection,
         id: &str,
     ) -> Result<Option<T>, StoreError> {
-        let opened = self.write.open_table(table).map_err(db_error)?;
-        let Some(bytes) = opened.get(id).map_err(db_error)? else {
-            return Ok(None);
-        };
-        parse(table, id, bytes.value()).map(Some)
+        get_from(&self.write.open_table(table).map_err(db_error)?, table, id)
     }
 
     /// Every record of `table`.
     pub fn all<T: DeserializeOwned>(&self, table: Collection) -> Result<Vec<T>, StoreError> {
-        let opened = self.write.open_table(table).map_err(db_error)?;
-        let mut records = Vec::new();
-        for entry in opened.iter().map_err(db_error)? {
-            let (id, bytes) = entry.map_err(db_error)?;
-            records.push(parse(table, id.value(), bytes.value())?);
-        }
-        Ok(records)
+        all_from(&self.write.open_table(table).map_err(db_error)?, table)
     }
 
     /// Writes `record` under `id` (insert or replace).
@@ -238,6 +218,31 @@ impl Transaction<'_> {
             .map_err(db_error)?
             .is_some())
     }
+}
+
+/// The record under `id` in an open table (of a read or a write transaction).
+fn get_from<T: DeserializeOwned>(
+    opened: &impl ReadableTable<&'static str, &'static [u8]>,
+    table: Collection,
+    id: &str,
+) -> Result<Option<T>, StoreError> {
+    let Some(bytes) = opened.get(id).map_err(db_error)? else {
+        return Ok(None);
+    };
+    parse(table, id, bytes.value()).map(Some)
+}
+
+/// Every record of an open table.
+fn all_from<T: DeserializeOwned>(
+    opened: &impl ReadableTable<&'static str, &'static [u8]>,
+    table: Collection,
+) -> Result<Vec<T>, StoreError> {
+    let mut records = Vec::new();
+    for entry in opened.iter().map_err(db_error)? {
+        let (id, bytes) = entry.map_err(db_error)?;
+        records.push(parse(table, id.value(), bytes.value())?);
+    }
+    Ok(records)
 }
 
 fn parse<T: DeserializeOwned>(table: Collection, id: &str, bytes: &[u8]) -> Result<T, StoreError> {
