@@ -141,6 +141,51 @@ edges:
     assert!(outcome.report.edges.iter().all(|edge| edge.dropped == 0));
 }
 
+/// A file played in real time follows its clock like a camera, but loses no frame before the
+/// graph sees it: every frame is delivered or dropped on a `drop_oldest` edge, where it is
+/// counted. A slow stage makes the edge drop.
+#[test]
+fn a_file_played_in_real_time_delivers_or_counts_every_frame() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let video = dir.path().join("numbered.mp4");
+    write_numbered_mp4(&video, 60);
+    let (registry, recordings) = registry_with_probe();
+    let yaml = format!(
+        r#"
+nodes:
+  - {{id: video, op: source.video_file, params: {{path: "{}", realtime: true}}}}
+  - {{id: slow, op: identity, params: {{sleep_ms: 70}}}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
+edges:
+  - {{from: video, to: slow, queue: {{capacity: 1}}}}
+  - {{from: slow, to: probe, queue: {{capacity: 8}}}}
+"#,
+        video.display()
+    );
+    let started = std::time::Instant::now();
+    let outcome = run_to_end(&graph_from_yaml(&registry, &yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "60 frames at 30 FPS take two seconds in real time"
+    );
+    let numbers: Vec<usize> = seen_by(&recordings, "probe")
+        .iter()
+        .map(|s| read_number(s.kept_frame()))
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "in order: {numbers:?}"
+    );
+    let dropped: u64 = outcome.report.edges.iter().map(|edge| edge.dropped).sum();
+    assert!(dropped > 0, "the slow stage made the edge drop");
+    assert_eq!(
+        numbers.len() as u64 + dropped,
+        60,
+        "delivered {numbers:?}, dropped {dropped}"
+    );
+}
+
 #[test]
 fn a_looping_file_in_rgb_goes_round_and_keeps_numbering_frames() {
     let dir = tempfile::tempdir().expect("temp dir");

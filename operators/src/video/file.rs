@@ -93,7 +93,7 @@ impl VideoFileSource {
         filesrc.set_property("location", path.to_string_lossy().as_ref());
         let decodebin = make("decodebin")?;
         let pace = if params.realtime {
-            Pace::Realtime
+            Pace::Clock
         } else {
             Pace::AsFastAsConsumed
         };

@@ -88,7 +88,13 @@ pub(crate) enum Pace {
     /// Decode as fast as the graph takes frames; a full appsink holds the decoder back, so no
     /// frame is ever lost (files under `block`).
     AsFastAsConsumed,
-    /// Follow the stream's clock (cameras, files played in real time); when the graph is slow the
+    /// Follow the stream's clock, never losing a frame before the graph sees it (files played
+    /// in real time): the source thread takes every frame as it comes (its edges never block it),
+    /// and when that thread falls behind, playback waits instead of the appsink dropping frames
+    /// nobody would count. Frames the graph cannot keep up with are dropped, and counted, on its
+    /// `drop_oldest` edges.
+    Clock,
+    /// Follow a live camera, which does not wait: when the source thread falls behind, the
     /// appsink keeps only the newest frames.
     Realtime,
 }
@@ -140,7 +146,7 @@ impl AppSinkReader {
             .caps(&caps)
             .max_buffers(2)
             .drop(pace == Pace::Realtime)
-            .sync(pace == Pace::Realtime)
+            .sync(pace != Pace::AsFastAsConsumed)
             .build();
         let mut elements: Vec<&gst::Element> = upstream.iter().collect();
         elements.push(&convert);
