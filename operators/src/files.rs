@@ -1,6 +1,7 @@
 //! Writing files so that readers never see half of one: the bytes go to a hidden temporary name
 //! in the same folder (`.name.partial`) and are renamed into place.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` through `.{name}.partial` beside it and a rename; the temporary file
@@ -30,7 +31,16 @@ impl StagedFile {
             path: path.to_path_buf(),
             placed: false,
         };
-        std::fs::write(&staged.temporary, bytes)?;
+        // A fresh file, never an existing one: `create_new` refuses a symbolic link planted under
+        // the temporary name instead of writing through it (a stale temporary file is removed
+        // first). The rename then replaces whatever is at `path`, a link included, without
+        // following it.
+        let _ = std::fs::remove_file(&staged.temporary);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staged.temporary)?
+            .write_all(bytes)?;
         Ok(staged)
     }
 
@@ -52,5 +62,30 @@ impl Drop for StagedFile {
         if !self.placed {
             let _ = std::fs::remove_file(&self.temporary);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_at_the_temporary_or_final_name_are_replaced_not_followed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outside = dir.path().join("outside.txt");
+        std::fs::write(&outside, b"untouched").expect("write");
+        let inside = dir.path().join("folder");
+        std::fs::create_dir(&inside).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, inside.join(".out.png.partial")).expect("link");
+        std::os::unix::fs::symlink(&outside, inside.join("out.png")).expect("link");
+        write_atomically(&inside.join("out.png"), b"new").expect("written");
+        assert_eq!(std::fs::read(&outside).expect("read"), b"untouched");
+        assert_eq!(std::fs::read(inside.join("out.png")).expect("read"), b"new");
+        assert!(
+            !std::fs::symlink_metadata(inside.join("out.png"))
+                .expect("metadata")
+                .file_type()
+                .is_symlink()
+        );
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -189,9 +190,12 @@ impl FolderSink {
             ));
         }
         let index_path = dir.join(&params.index_file);
+        // Never through a symbolic link: the index is appended to, so a link planted under its
+        // name would send results to a file outside the folder.
         let index = OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&index_path)
             .map_err(|e| {
                 OpError::param(
@@ -476,4 +480,26 @@ fn sanitise(stream: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_planted_as_a_link_is_refused_not_followed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outside = dir.path().join("outside.jsonl");
+        std::fs::write(&outside, b"").expect("write");
+        let folder = dir.path().join("results");
+        std::fs::create_dir(&folder).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, folder.join("index.jsonl")).expect("link");
+        let params: FolderParams = serde_json::from_value(
+            serde_json::json!({"path": folder, "index_file": "index.jsonl"}),
+        )
+        .expect("valid parameters");
+        let error = FolderSink::open(params).err().expect("refused");
+        assert!(error.to_string().contains("index"), "{error}");
+        assert_eq!(std::fs::read(&outside).expect("read"), b"");
+    }
 }
