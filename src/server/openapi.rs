@@ -343,8 +343,8 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "post",
         path: "/api/active-pipelines",
-        summary: "Start a pipeline (several may run at once; 409 if this one already runs).",
-        responses: &[201, 401, 409, 413, 415, 422],
+        summary: "Start a pipeline (several may run at once, each at most once: 409 names the run when this one runs or is being started or stopped; 503 while the server shuts down).",
+        responses: &[201, 401, 409, 413, 415, 422, 503],
         body: Body::Json("StartBody"),
     },
     RouteDoc {
