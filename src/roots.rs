@@ -55,18 +55,18 @@ impl PathRoots {
         if inside { Ok(()) } else { Err(outside()) }
     }
 
-    /// Checks every file and folder parameter of `params` of `descriptor`; the error names the
-    /// parameter (`tls.ca_file`, `paths[2]`).
-    pub fn confine_params(
+    /// Every file and folder parameter of `params` of `descriptor` that lies outside the roots:
+    /// the parameter (`tls.ca_file`, `paths[2]`) and why.
+    pub fn outside(
         &self,
         descriptor: &OperatorDescriptor,
         params: &Value,
-    ) -> Result<(), (String, String)> {
-        for (field, path) in descriptor.file_parameters(params) {
-            self.check(Path::new(path))
-                .map_err(|message| (field, message))?;
-        }
-        Ok(())
+    ) -> Vec<(String, String)> {
+        descriptor
+            .file_parameters(params)
+            .into_iter()
+            .filter_map(|(field, path)| self.check(Path::new(path)).err().map(|why| (field, why)))
+            .collect()
     }
 
     /// Checks every file and folder parameter of every node of `graph`, reporting each one
@@ -74,14 +74,12 @@ impl PathRoots {
     pub fn confine(&self, graph: &ValidatedGraph) -> Result<(), GraphErrors> {
         let mut errors = Vec::new();
         for node in &graph.nodes {
-            for (field, path) in node.descriptor.file_parameters(&node.params) {
-                if let Err(message) = self.check(Path::new(path)) {
-                    errors.push(GraphError {
-                        node: Some(node.id.to_string()),
-                        field: Some(format!("params.{field}")),
-                        ..GraphError::in_file(&graph.file, message)
-                    });
-                }
+            for (field, message) in self.outside(&node.descriptor, &node.params) {
+                errors.push(GraphError {
+                    node: Some(node.id.to_string()),
+                    field: Some(format!("params.{field}")),
+                    ..GraphError::in_file(&graph.file, message)
+                });
             }
         }
         if errors.is_empty() {

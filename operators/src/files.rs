@@ -50,11 +50,6 @@ impl StagedFile {
         self.placed = true;
         Ok(())
     }
-
-    /// Where the file goes.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for StagedFile {

@@ -74,6 +74,16 @@ impl GraphLimits {
     };
 }
 
+impl GraphLimits {
+    /// Refuses a document of `len` bytes over the size limit.
+    pub(crate) fn check_size(&self, len: usize) -> Result<(), String> {
+        if len > self.max_bytes {
+            return Err(exceeded("bytes", self.max_bytes, "--graph-max-bytes"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for GraphLimits {
     fn default() -> Self {
         Self::DEFAULT

@@ -58,13 +58,7 @@ pub fn read_file(path: &Path, limits: &GraphLimits) -> Result<Document, GraphErr
         .take(limits.max_bytes as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    if bytes.len() > limits.max_bytes {
-        return Err(fail(exceeded(
-            "bytes",
-            limits.max_bytes,
-            "--graph-max-bytes",
-        )));
-    }
+    limits.check_size(bytes.len()).map_err(fail)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         fail(format!(
             "not UTF-8 text (invalid byte at offset {})",
@@ -85,13 +79,7 @@ pub fn parse_text(
     limits: &GraphLimits,
 ) -> Result<Document, GraphErrors> {
     let in_file = |message: String| GraphErrors(vec![GraphError::in_file(file, message)]);
-    if text.len() > limits.max_bytes {
-        return Err(in_file(exceeded(
-            "bytes",
-            limits.max_bytes,
-            "--graph-max-bytes",
-        )));
-    }
+    limits.check_size(text.len()).map_err(in_file)?;
     if is_json {
         // serde_json refuses nesting deeper than 128 levels by itself; the walk below holds the
         // value to the configured limits.

@@ -260,7 +260,7 @@ pub(crate) async fn put_in_project<T: Serialize + Send + 'static>(
     let (project, key) = (project_id.to_string(), id.to_string());
     let written = blocking(state, move |store| {
         store.write(|tx| {
-            if tx.get::<Project>(PROJECTS, &project)?.is_none() {
+            if !tx.contains(PROJECTS, &project)? {
                 return Ok(false);
             }
             tx.put(table, &key, &record)?;
@@ -488,7 +488,7 @@ async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Re
     let key = id.clone();
     let outcome = blocking(&state, move |store| {
         store.write(|tx| {
-            if tx.get::<Project>(PROJECTS, &key)?.is_none() {
+            if !tx.contains(PROJECTS, &key)? {
                 return Ok(Outcome::Missing);
             }
             let jobs: Vec<Job> = tx.all(JOBS)?;

@@ -301,11 +301,14 @@ async fn check(
         ));
     }
     validate_params(operator, &body.config).map_err(|error| invalid(format!("config{error}")))?;
-    if let Some(descriptor) = super::api::registry().get(operator) {
-        state
+    if let Some(descriptor) = super::api::registry().get(operator)
+        && let Some((field, error)) = state
             .roots
-            .confine_params(descriptor, &body.config)
-            .map_err(|(field, error)| invalid(format!("config.{field}: {error}")))?;
+            .outside(descriptor, &body.config)
+            .into_iter()
+            .next()
+    {
+        return Err(invalid(format!("config.{field}: {error}")));
     }
     if kind == EndpointKind::Source {
         let config = body.config.clone();

@@ -332,13 +332,13 @@ pub(crate) async fn save(
         let committed = match staged {
             // The folder may have gone with its project: the transaction tells.
             Err(error) => store.write(|tx| {
-                if tx.get::<Project>(PROJECTS, &record.project_id)?.is_some() {
+                if tx.contains(PROJECTS, &record.project_id)? {
                     return Err(io(error));
                 }
                 Ok(false)
             }),
             Ok(staged) => store.write(|tx| {
-                if tx.get::<Project>(PROJECTS, &record.project_id)?.is_none() {
+                if !tx.contains(PROJECTS, &record.project_id)? {
                     return Ok(false);
                 }
                 for file in staged {

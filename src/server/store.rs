@@ -188,6 +188,12 @@ impl Transaction<'_> {
         all_from(&self.write.open_table(table).map_err(db_error)?, table)
     }
 
+    /// Whether a record is stored under `id` (without reading it).
+    pub fn contains(&self, table: Collection, id: &str) -> Result<bool, StoreError> {
+        let opened = self.write.open_table(table).map_err(db_error)?;
+        Ok(opened.get(id).map_err(db_error)?.is_some())
+    }
+
     /// Writes `record` under `id` (insert or replace).
     pub fn put<T: Serialize>(
         &self,
