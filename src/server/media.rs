@@ -221,8 +221,11 @@ async fn upload(
     form: warp::multipart::FormData,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
-    project_exists(&state, &project_id).await?;
+    // The body is read before the project is looked up: answering 404 with a body still
+    // unread makes the server close the connection under a client that is still sending, which
+    // then sees a broken connection instead of the answer.
     let form = read_form(form).await?;
+    project_exists(&state, &project_id).await?;
     let unprocessable = |detail: &str| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, detail);
     let Some((filename, bytes)) = form.file else {
         return Err(unprocessable("file: missing (a PNG or JPEG image)"));

@@ -293,8 +293,10 @@ async fn predict(
     form: warp::multipart::FormData,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
-    let model = model_of(&state, &project_id, &model_id).await?;
+    // Body first, then the lookup (see `media::upload`: an early 404 over an unread body
+    // reaches a client still sending as a broken connection).
     let form = super::media::read_form(form).await?;
+    let model = model_of(&state, &project_id, &model_id).await?;
     let Some((filename, bytes)) = form.file else {
         return Err(ApiError::reject(
             StatusCode::UNPROCESSABLE_ENTITY,
