@@ -38,10 +38,10 @@ fn config(architecture: Architecture, cache: &Path) -> TrainConfig {
     TrainConfig {
         architecture,
         backbone: Backbone::MobilenetV2,
-        input_size: 256,
+        input_size: Some(256),
         seed: 5,
         padim_channels: 100,
-        memory_bank: 512,
+        memory_bank: Some(512),
         neighbours: 9,
         snapshot_cache: cache.to_path_buf(),
     }

@@ -546,7 +546,7 @@ async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Re
 fn trainable_models() -> Value {
     let common = json!({
         "backbone": {"type": "string", "default": "mobilenet_v2", "choices": ["mobilenet_v2", "efficientnet_lite0"]},
-        "input_size": {"type": "integer", "default": 256, "multiple_of": 32},
+        "input_size": {"type": ["integer", "null"], "default": null, "multiple_of": 32, "description": "square input size; null: PaDiM 256, PatchCore the training images' shorter side from 256 to 512"},
         "seed": {"type": "integer", "default": 42}
     });
     let with = |extra: Value| {
@@ -568,8 +568,7 @@ fn trainable_models() -> Value {
             "description": "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; tolerates position changes, costs more per frame as the bank grows.",
             "recommended": false,
             "parameters": with(json!({
-                "memory_bank": {"type": "integer", "default": 256},
-                "neighbours": {"type": "integer", "default": 9}
+                "memory_bank": {"type": ["integer", "null"], "default": null, "description": "rows of the memory bank; null: 10% of the training patches, at most 2048"}
             }))
         }
     ]})

@@ -84,34 +84,29 @@ pub struct TrainPayload {
     /// `mobilenet_v2` or `efficientnet_lite0`.
     #[serde(default = "default_backbone")]
     pub backbone: String,
-    /// Square input size, a multiple of 32, at least 64.
-    #[serde(default = "default_input_size")]
-    pub input_size: usize,
+    /// Square input size, a multiple of 32 from 64 to 1024; absent: PaDiM 256, PatchCore the
+    /// training images' shorter side from 256 to 512.
+    #[serde(default)]
+    pub input_size: Option<usize>,
     /// Seed of every random choice.
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// PaDiM: channels kept.
     #[serde(default = "default_padim_channels")]
     pub padim_channels: usize,
-    /// PatchCore: memory bank rows.
-    #[serde(default = "default_memory_bank")]
-    pub memory_bank: usize,
+    /// PatchCore: memory bank rows; absent: 10% of the training patches, at most 2048.
+    #[serde(default)]
+    pub memory_bank: Option<usize>,
 }
 
 fn default_backbone() -> String {
     "mobilenet_v2".into()
-}
-fn default_input_size() -> usize {
-    256
 }
 fn default_seed() -> u64 {
     42
 }
 fn default_padim_channels() -> usize {
     100
-}
-fn default_memory_bank() -> usize {
-    256
 }
 
 impl TrainPayload {
@@ -133,16 +128,20 @@ impl TrainPayload {
                 self.backbone
             )));
         }
-        if self.input_size < 64 || self.input_size > 1024 || !self.input_size.is_multiple_of(32) {
+        if let Some(size) = self.input_size
+            && (!(64..=1024).contains(&size) || !size.is_multiple_of(32))
+        {
             return Err(invalid(format!(
-                "input_size: {} must be a multiple of 32 from 64 to 1024",
-                self.input_size
+                "input_size: {size} must be a multiple of 32 from 64 to 1024"
             )));
         }
         if !(1..=1000).contains(&self.padim_channels) {
             return Err(invalid("padim_channels: must be 1 to 1000".into()));
         }
-        if !(1..=100_000).contains(&self.memory_bank) {
+        if self
+            .memory_bank
+            .is_some_and(|rows| !(1..=100_000).contains(&rows))
+        {
             return Err(invalid("memory_bank: must be 1 to 100000".into()));
         }
         if let Some(name) = &self.name
@@ -502,10 +501,22 @@ async fn train(
         .arg(dataset.join("normal"))
         .args(["--model", &payload.model_name])
         .args(["--backbone", &payload.backbone])
-        .args(["--image-size", &payload.input_size.to_string()])
+        .args(
+            payload
+                .input_size
+                .map(|size| ["--image-size".to_string(), size.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--seed", &payload.seed.to_string()])
         .args(["--padim-channels", &payload.padim_channels.to_string()])
-        .args(["--memory-bank", &payload.memory_bank.to_string()])
+        .args(
+            payload
+                .memory_bank
+                .map(|rows| ["--memory-bank".to_string(), rows.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .arg("--snapshots")
         .arg(data_dir.join("snapshots"))
         .arg("--out")

@@ -3,10 +3,10 @@
 //! Training uses it to extract backbone features, calibration and evaluation to score images, so
 //! all three decode and preprocess exactly as serving does.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inspectflow_operators::{
@@ -23,10 +23,9 @@ pub type ImageOutputs = HashMap<String, Vec<f32>>;
 #[serde(deny_unknown_fields)]
 struct CollectParams {}
 
-/// Keeps each packet's model outputs by sequence number and reports how many arrived.
+/// Hands each packet's model outputs, with the image's index, to the trainer's thread.
 struct Collector {
-    results: Arc<Mutex<Vec<Option<ImageOutputs>>>>,
-    arrived: mpsc::Sender<()>,
+    arrived: mpsc::Sender<(usize, ImageOutputs)>,
 }
 
 impl Sink for Collector {
@@ -40,17 +39,8 @@ impl Sink for Collector {
             .map(|output| (output.name.clone(), output.values.to_vec()))
             .collect();
         let index = packet.frame.sequence as usize;
-        let mut results = self.results.lock().unwrap_or_else(|p| p.into_inner());
-        match results.get_mut(index) {
-            Some(slot) => *slot = Some(by_name),
-            None => {
-                return Err(OpError::UnsupportedInput(format!(
-                    "result for image {index} of {}",
-                    results.len()
-                )));
-            }
-        }
-        let _ = self.arrived.send(());
+        // The trainer stops listening only when it has failed; the pipeline is ending then.
+        let _ = self.arrived.send((index, by_name));
         Ok(())
     }
 }
@@ -64,28 +54,41 @@ pub fn run_model(
     input_size: usize,
     progress: &mut dyn FnMut(f32),
 ) -> Result<Vec<ImageOutputs>, TrainError> {
+    let mut results = Vec::with_capacity(files.len());
+    run_model_each(model_xml, files, input_size, progress, &mut |_, outputs| {
+        results.push(outputs);
+        Ok(())
+    })?;
+    Ok(results)
+}
+
+/// Like [`run_model`], but hands each image's outputs to `consume` (with the image's index, in
+/// file order) as soon as they and those of every earlier image are in, instead of keeping them
+/// all: training keeps only what it needs of each image's features.
+pub fn run_model_each(
+    model_xml: &Path,
+    files: &[PathBuf],
+    input_size: usize,
+    progress: &mut dyn FnMut(f32),
+    consume: &mut dyn FnMut(usize, ImageOutputs) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     if files.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let results = Arc::new(Mutex::new(vec![None; files.len()]));
     let (arrived_tx, arrived_rx) = mpsc::channel();
     let mut registry = Registry::builtin();
     {
-        let results = Arc::clone(&results);
         let arrived = Mutex::new(arrived_tx);
         registry.register(
             OperatorDescriptor::builder::<CollectParams>(
                 "collect",
                 OperatorKind::Sink,
-                "Keeps model outputs in memory for the trainer.",
+                "Hands model outputs to the trainer.",
             )
             .input("in", PortType::Inference)
             .build_with(move |_params, _node| {
                 let arrived = arrived.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                Ok(OperatorInstance::Sink(Box::new(Collector {
-                    results: Arc::clone(&results),
-                    arrived,
-                })))
+                Ok(OperatorInstance::Sink(Box::new(Collector { arrived })))
             }),
         );
     }
@@ -111,27 +114,41 @@ pub fn run_model(
         &crate::graph::GraphLimits::DEFAULT,
     )
     .map_err(|errors| TrainError::Invalid(errors.to_string()))?;
+    // The registry holds a sender: drop it so that the channel closes with the pipeline.
+    drop(registry);
     let pipeline = Pipeline::start(&graph).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let mut done = 0usize;
+    drop(graph);
+    let mut waiting: BTreeMap<usize, ImageOutputs> = BTreeMap::new();
+    let mut next = 0usize;
+    let mut consumed = Ok(());
     progress(0.0);
-    while !pipeline.is_finished() {
-        if arrived_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-            done += 1;
-            progress(done as f32 / files.len() as f32);
+    loop {
+        let finished = pipeline.is_finished();
+        match arrived_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((index, outputs)) => {
+                waiting.insert(index, outputs);
+                while let Some(outputs) = waiting.remove(&next) {
+                    if consumed.is_ok() {
+                        consumed = consume(next, outputs);
+                    }
+                    next += 1;
+                    progress(next as f32 / files.len() as f32);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if !finished => {}
+            Err(_) => break,
         }
     }
     let outcome = pipeline.wait();
     if let Some(failure) = outcome.failure {
         return Err(TrainError::Invalid(failure.message));
     }
-    let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
-    results
-        .drain(..)
-        .zip(files)
-        .map(|(outputs, file)| {
-            outputs.ok_or_else(|| {
-                TrainError::Invalid(format!("no model output for {}", file.display()))
-            })
-        })
-        .collect()
+    consumed?;
+    match files.get(next) {
+        Some(file) => Err(TrainError::Invalid(format!(
+            "no model output for {}",
+            file.display()
+        ))),
+        None => Ok(()),
+    }
 }

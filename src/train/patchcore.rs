@@ -7,10 +7,13 @@
 //! onto the former) and the whole head (distances as one matrix product, the minimum, smoothing,
 //! the re-weighting) are OpenVINO IR appended to the backbone, so the package is one IR.
 
+use rayon::prelude::*;
+
 use crate::backbone::Network;
 use crate::backbone::ir::{IrGraph, Output, Reduction};
 
-use super::{FeatureMaps, TrainError, smooth_and_resize};
+use super::{TrainError, smooth_and_resize};
+use crate::synth::Rng;
 
 /// The locally aware patch embedding: `[1, channels_s8 + channels_s16, h/8, w/8]`.
 pub fn embedding(network: &mut Network) -> Output {
@@ -22,61 +25,157 @@ pub fn embedding(network: &mut Network) -> Output {
     graph.concat("embedding/concat", &[s8, upsampled], 1)
 }
 
-/// Squared Euclidean distance.
+/// Squared Euclidean distance, in eight independent lanes so that the compiler vectorises it.
+#[inline(always)]
 fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+    let mut lanes = [0f32; 8];
+    let (a_blocks, b_blocks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in a_blocks.zip(b_blocks) {
+        for lane in 0..8 {
+            let difference = x[lane] - y[lane];
+            lanes[lane] += difference * difference;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
-/// Greedy k-center selection: starting from a seeded random row of `features` (`[n, dim]`),
-/// repeatedly picks the row farthest from everything picked so far, `count` times (or every
-/// row). Returns the picked row indices in picking order. Ties go to the lowest index, so the
-/// result depends only on the data and the seed. The distance updates run on every core.
+/// The coreset's projection: rows of more than this many dimensions are compared through a
+/// seeded Gaussian projection to this many (the paper's d* = 128), which keeps distances within a
+/// few percent (Johnson-Lindenstrauss) and the selection's passes over memory short.
+pub const PROJECTION_DIM: usize = 128;
+
+/// At most this many patches take part in the coreset selection; beyond it a seeded random
+/// subset does (every image still contributes its share). Bounds fitting time and memory on big
+/// datasets: 1,000 images of 256x256 give 1,024,000 patches.
+pub const MAX_CANDIDATES: usize = 300_000;
+
+/// The default bank: this fraction of the training patches (the paper's coresets are 1% to
+/// 10%; the larger the bank, the closer it comes to all the patches and the less its picks
+/// depend on the seed)...
+pub const DEFAULT_CORESET_FRACTION: f64 = 0.1;
+/// ...but at most this many rows: the head costs rows x channels multiply-adds per patch, and at
+/// this size a 256x256 MobileNetV2 package keeps at least 0.7x the bare backbone's throughput
+/// (BENCHMARKS.md). From 20,480 patches (20 images at 256x256) the bank is this size.
+pub const MAX_DEFAULT_ROWS: usize = 2048;
+
+/// Bank rows of a training run on `patches` training patches when none are asked for.
+pub fn default_bank_rows(patches: usize) -> usize {
+    ((patches as f64 * DEFAULT_CORESET_FRACTION).round() as usize)
+        .clamp(1, MAX_DEFAULT_ROWS)
+        .min(patches)
+}
+
+/// `rows` of `features` (`[rows, dim]`) through a seeded Gaussian projection to `target` dims.
+fn project(features: &[f32], dim: usize, target: usize, rng: &mut Rng) -> Vec<f32> {
+    let scale = 1.0 / (target as f32).sqrt();
+    // Box-Muller normals, [dim, target] row-major.
+    let projection: Vec<f32> = (0..dim * target)
+        .map(|_| {
+            let (u, v) = (rng.unit().max(f32::MIN_POSITIVE), rng.unit());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos() * scale
+        })
+        .collect();
+    let mut projected = vec![0f32; features.len() / dim * target];
+    projected
+        .par_chunks_mut(target)
+        .zip(features.par_chunks(dim))
+        .for_each(|(out, row)| {
+            for (value, weights) in row.iter().zip(projection.chunks_exact(target)) {
+                for (o, w) in out.iter_mut().zip(weights) {
+                    *o += value * w;
+                }
+            }
+        });
+    projected
+}
+
+/// The farthest row of a block after lowering each row's distance to the picked set with its
+/// distance to `centre`: (row within the block, its distance); ties go to the first row.
+#[inline(always)]
+fn update_block(nearest: &mut [f32], rows: &[f32], centre: &[f32]) -> (usize, f32) {
+    let mut best = (usize::MAX, f32::NEG_INFINITY);
+    for (i, (slot, row)) in nearest
+        .iter_mut()
+        .zip(rows.chunks_exact(centre.len()))
+        .enumerate()
+    {
+        *slot = slot.min(squared_distance(row, centre));
+        if *slot > best.1 {
+            best = (i, *slot);
+        }
+    }
+    best
+}
+
+/// [`update_block`] compiled for AVX2 and FMA, chosen at run time where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn update_block_avx2(nearest: &mut [f32], rows: &[f32], centre: &[f32]) -> (usize, f32) {
+    update_block(nearest, rows, centre)
+}
+
+fn update_block_best(nearest: &mut [f32], rows: &[f32], centre: &[f32]) -> (usize, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features, checked just above.
+        return unsafe { update_block_avx2(nearest, rows, centre) };
+    }
+    update_block(nearest, rows, centre)
+}
+
+/// Greedy k-center selection (the paper's algorithm 1): starting from a seeded random row of
+/// `features` (`[n, dim]`), repeatedly picks the row farthest from everything picked so far,
+/// `count` times (or every row), comparing rows through a random projection when they have
+/// more than [`PROJECTION_DIM`] dimensions. Returns the picked row indices in picking order.
+/// Ties go to the lowest index, so the result depends only on the data and the seed. Each pass
+/// runs on every core.
 pub fn greedy_coreset(features: &[f32], dim: usize, count: usize, seed: u64) -> Vec<usize> {
+    const BLOCK_ROWS: usize = 4096;
     let rows = features.len() / dim.max(1);
     let count = count.min(rows);
     if count == 0 {
         return Vec::new();
     }
+    let mut rng = Rng::new(seed);
+    let projected;
+    let (space, space_dim) = if dim > PROJECTION_DIM {
+        projected = project(features, dim, PROJECTION_DIM, &mut rng);
+        (projected.as_slice(), PROJECTION_DIM)
+    } else {
+        (features, dim)
+    };
     let mut nearest = vec![f32::INFINITY; rows];
     let mut picked = Vec::with_capacity(count);
-    let mut next = crate::synth::Rng::new(seed).below(rows);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk_rows = rows.div_ceil(workers).max(1);
+    let mut next = rng.below(rows);
     for _ in 0..count {
         picked.push(next);
-        let centre = &features[next * dim..(next + 1) * dim];
-        // Each worker updates its rows' distances to the picked set and reports its farthest row.
-        let farthest = std::thread::scope(|scope| {
-            let handles: Vec<_> = nearest
-                .chunks_mut(chunk_rows)
-                .zip(features.chunks(chunk_rows * dim))
-                .enumerate()
-                .map(|(chunk, (distances, rows))| {
-                    scope.spawn(move || {
-                        let mut best = (usize::MAX, f32::NEG_INFINITY);
-                        for (i, (slot, row)) in
-                            distances.iter_mut().zip(rows.chunks_exact(dim)).enumerate()
-                        {
-                            *slot = slot.min(squared_distance(row, centre));
-                            if *slot > best.1 {
-                                best = (chunk * chunk_rows + i, *slot);
-                            }
-                        }
-                        best
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .filter_map(|handle| handle.join().ok())
-                .fold((usize::MAX, f32::NEG_INFINITY), |best, candidate| {
-                    if candidate.1 > best.1 {
-                        candidate
+        let centre = &space[next * space_dim..(next + 1) * space_dim];
+        let farthest = nearest
+            .par_chunks_mut(BLOCK_ROWS)
+            .zip(space.par_chunks(BLOCK_ROWS * space_dim))
+            .enumerate()
+            .map(|(block, (distances, block_rows))| {
+                match update_block_best(distances, block_rows, centre) {
+                    (usize::MAX, distance) => (usize::MAX, distance),
+                    (row, distance) => (block * BLOCK_ROWS + row, distance),
+                }
+            })
+            .reduce(
+                || (usize::MAX, f32::NEG_INFINITY),
+                |a, b| {
+                    if b.1 > a.1 || (b.1 == a.1 && b.0 < a.0) {
+                        b
                     } else {
-                        best
+                        a
                     }
-                })
-        });
+                },
+            );
         next = farthest.0;
         if next == usize::MAX {
             break;
@@ -90,17 +189,23 @@ pub fn greedy_coreset(features: &[f32], dim: usize, count: usize, seed: u64) -> 
 pub fn support_table(bank: &[f32], dim: usize, neighbours: usize) -> Vec<i64> {
     let rows = bank.len() / dim;
     let neighbours = neighbours.min(rows);
-    let mut table = Vec::with_capacity(rows * neighbours);
-    for row in bank.chunks_exact(dim) {
-        let mut order: Vec<(f32, usize)> = bank
-            .chunks_exact(dim)
-            .map(|other| squared_distance(row, other))
-            .zip(0..)
-            .collect();
-        order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        table.extend(order.iter().take(neighbours).map(|&(_, i)| i as i64));
-    }
-    table
+    let by_distance_then_index =
+        |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    bank.par_chunks_exact(dim)
+        .flat_map_iter(|row| {
+            let mut order: Vec<(f32, usize)> = bank
+                .chunks_exact(dim)
+                .map(|other| squared_distance(row, other))
+                .zip(0..)
+                .collect();
+            if neighbours > 0 && neighbours < order.len() {
+                order.select_nth_unstable_by(neighbours - 1, by_distance_then_index);
+            }
+            order.truncate(neighbours);
+            order.sort_by(by_distance_then_index);
+            order.into_iter().map(|(_, i)| i as i64)
+        })
+        .collect()
 }
 
 /// What the exported head computes, in plain Rust (for tests and as its specification): the
@@ -157,37 +262,82 @@ pub struct PatchcoreBank {
     pub neighbours: usize,
 }
 
-/// Selects the memory bank from the patch features of the training images.
+/// Collects the training patches image by image as rows `[n, dim]`, keeping every patch, or a
+/// seeded random subset of about [`MAX_CANDIDATES`] when there are more (each patch kept with
+/// the same probability), so that fitting never holds every image's features at once.
+pub struct PatchSampler {
+    dim: usize,
+    positions: usize,
+    keep: f64,
+    rng: Rng,
+    /// Patches seen, kept or not.
+    total: usize,
+    rows: Vec<f32>,
+}
+
+impl PatchSampler {
+    /// A sampler for `images` embeddings of `[dim, positions]`.
+    pub fn new(dim: usize, positions: usize, images: usize, seed: u64) -> Self {
+        let all = images * positions;
+        let keep = MAX_CANDIDATES as f64 / all.max(1) as f64;
+        Self {
+            dim,
+            positions,
+            keep,
+            rng: Rng::new(seed ^ 0xC0_4E5E7),
+            total: 0,
+            rows: Vec::with_capacity(all.min(MAX_CANDIDATES + positions) * dim),
+        }
+    }
+
+    /// Adds one image's embedding, `[dim, positions]` channel-major.
+    pub fn add(&mut self, embedding: &[f32]) -> Result<(), TrainError> {
+        let (dim, positions) = (self.dim, self.positions);
+        if embedding.len() != dim * positions {
+            return Err(TrainError::Invalid(format!(
+                "embedding of {} values, expected {dim} x {positions}",
+                embedding.len()
+            )));
+        }
+        for position in 0..positions {
+            self.total += 1;
+            if self.keep < 1.0 && f64::from(self.rng.unit()) >= self.keep {
+                continue;
+            }
+            self.rows
+                .extend((0..dim).map(|c| embedding[c * positions + position]));
+        }
+        Ok(())
+    }
+}
+
+/// Selects the memory bank from the training patches: `bank_rows` rows, or
+/// [`default_bank_rows`] of all the patches seen when `None`.
 pub fn fit(
-    features: &FeatureMaps,
-    bank_size: usize,
+    patches: PatchSampler,
+    bank_rows: Option<usize>,
     neighbours: usize,
     seed: u64,
     progress: &mut dyn FnMut(f32),
 ) -> Result<PatchcoreBank, TrainError> {
-    let dim = features.channels;
-    let positions = features.height * features.width;
-    // All patches as rows `[n * positions, dim]`.
-    let mut patches = Vec::with_capacity(features.maps.len() * positions * dim);
-    for map in &features.maps {
-        for position in 0..positions {
-            patches.extend((0..dim).map(|c| map[c * positions + position]));
-        }
-    }
-    let rows = patches.len() / dim;
-    if bank_size == 0 {
+    let dim = patches.dim;
+    if bank_rows == Some(0) {
         return Err(TrainError::Invalid(
             "--memory-bank must be at least 1".into(),
         ));
     }
-    let count = bank_size.min(rows);
+    if patches.rows.is_empty() {
+        return Err(TrainError::Invalid("no training patches to fit".into()));
+    }
+    let count = bank_rows.unwrap_or_else(|| default_bank_rows(patches.total));
     progress(0.0);
-    let picked = greedy_coreset(&patches, dim, count, seed);
+    let picked = greedy_coreset(&patches.rows, dim, count, seed);
     progress(0.9);
     let mut bank = Vec::with_capacity(picked.len() * dim);
     for &row in &picked {
-        bank.extend_from_slice(&patches[row * dim..(row + 1) * dim]);
+        bank.extend_from_slice(&patches.rows[row * dim..(row + 1) * dim]);
     }
+    drop(patches);
     let neighbours = neighbours.clamp(1, picked.len());
     let support = support_table(&bank, dim, neighbours);
     progress(1.0);
