@@ -159,15 +159,21 @@ pub struct TrainArgs {
     /// shorter side from 256 to 512, which keeps small defects in big images].
     #[arg(long)]
     image_size: Option<usize>,
+    /// Cut the input into overlapping tiles of this many pixels (a multiple of 32, smaller than
+    /// the image size), scored as one batch and stitched back: small defects in big images at
+    /// the backbone's own scale.
+    #[arg(long)]
+    tile: Option<usize>,
     /// Seed of every random choice; the same seed on the same data gives the same model.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// PaDiM: channels kept of the concatenated features.
     #[arg(long, default_value_t = 100)]
     padim_channels: usize,
-    /// PatchCore: memory bank rows [default: 1% of the training patches (the paper's coreset),
-    /// at least 256, at most 2048]. The head costs about rows x channels multiply-adds per
-    /// patch; at 2048 rows serving keeps 0.7x the bare backbone's throughput (BENCHMARKS.md).
+    /// PatchCore: memory bank rows [default: 10% of the training patches (the paper's coresets
+    /// are 1% to 10%), at most 1536]. The head costs about rows x channels multiply-adds per
+    /// patch; at 1536 rows serving keeps about 0.75x the bare backbone's throughput
+    /// (BENCHMARKS.md).
     #[arg(long)]
     memory_bank: Option<usize>,
     /// Where dataset snapshots are cached (default: $XDG_CACHE_HOME/inspectflow/snapshots or
@@ -289,6 +295,7 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         backbone,
         input_size: args.image_size,
         seed: args.seed,
+        tile: args.tile,
         padim_channels: args.padim_channels,
         memory_bank: args.memory_bank,
         neighbours: 9,

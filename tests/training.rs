@@ -40,6 +40,7 @@ fn config(architecture: Architecture, cache: &Path) -> TrainConfig {
         backbone: Backbone::MobilenetV2,
         input_size: Some(256),
         seed: 5,
+        tile: None,
         padim_channels: 100,
         memory_bank: Some(512),
         neighbours: 9,
@@ -449,4 +450,162 @@ fn bad_training_input_fails_clearly_and_leaves_no_package() {
         &cache,
     );
     assert!(!ok && error.contains("already exists"), "{error}");
+}
+
+/// PatchCore without settings: the input size follows the images (320 here, between 256 and
+/// 512), the bank is 10% of the training patches, the thresholds come from held-out normal
+/// images (generated anomalies only lower them) with the expected false-positive rate recorded,
+/// and the package evaluates and predicts at that size.
+#[test]
+fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    inspectflow::synth::write_dataset(
+        &data,
+        &SynthOptions {
+            texture: Texture::Grid,
+            size: 320,
+            train_normal: 12,
+            test_normal: 4,
+            test_anomalous: 4,
+            seed: 3,
+            photo: None,
+        },
+    )
+    .expect("dataset");
+    let normal = data.join("train/normal");
+    let sources = Sources {
+        normal: &normal,
+        anomalous: None,
+        masks: None,
+    };
+    let config = TrainConfig {
+        input_size: None,
+        memory_bank: None,
+        ..config(Architecture::Patchcore, &dir.path().join("cache"))
+    };
+    let out = dir.path().join("model");
+    let report = train::train(&config, &sources, &out, &mut |_, _| {}).expect("trains");
+    let manifest = &report.package.manifest;
+    assert_eq!(manifest.input_size, 320, "from the images' size");
+    let patches = manifest.provenance.training_images * (320 / 8) * (320 / 8);
+    let rows = manifest.metrics["memory_bank"]["rows"].as_u64().expect("rows") as usize;
+    assert_eq!(rows, (patches as f64 * 0.1).round() as usize, "10% of {patches}");
+    let calibration = &manifest.metrics["calibration"];
+    let method = calibration["image_method"].as_str().expect("method");
+    assert!(
+        ["normal tail", "generated anomalies"].contains(&method),
+        "{calibration}"
+    );
+    let rate = calibration["expected_false_positive_rate"]
+        .as_f64()
+        .expect("rate");
+    if method == "normal tail" {
+        assert!((rate - 0.01).abs() < 1e-4, "the target: {rate}");
+    } else {
+        assert!(rate > 0.01 && rate < 1.0, "generated defects only lower it: {rate}");
+    }
+    assert!(manifest.normalization.pixel_threshold.is_some());
+
+    let (normal_test, anomalous_test, masks) = test_sources(&data);
+    let evaluation = evaluate::evaluate_package(
+        &out,
+        &Sources {
+            normal: &normal_test,
+            anomalous: Some(&anomalous_test),
+            masks: Some(&masks),
+        },
+        None,
+        &mut |_| {},
+    )
+    .expect("evaluates");
+    assert!(evaluation.summary.image_f1_best.is_some());
+    assert!(evaluation.summary.pixel_auroc.is_some());
+    let images: Vec<PathBuf> = evaluation
+        .images
+        .iter()
+        .map(|row| PathBuf::from(&row.path))
+        .collect();
+    let predicted = predict(&out, &images);
+    for ((_, score), row) in predicted.iter().zip(&evaluation.images) {
+        assert!(
+            (score - f64::from(row.score)).abs() < 1e-4,
+            "{}: predict {score}, eval {}",
+            row.path,
+            row.score
+        );
+    }
+}
+
+/// A tiled PatchCore package (320x320 input in four overlapping 192x192 tiles, scored as one
+/// batch and stitched inside the IR) trains, finds the generated defects, and scores the same
+/// through evaluation and `predict`; an impossible tile size is refused up front.
+#[test]
+fn tiled_patchcore_trains_evaluates_and_predicts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    inspectflow::synth::write_dataset(
+        &data,
+        &SynthOptions {
+            texture: Texture::Carpet,
+            size: 320,
+            train_normal: 12,
+            test_normal: 4,
+            test_anomalous: 4,
+            seed: 8,
+            photo: None,
+        },
+    )
+    .expect("dataset");
+    let normal = data.join("train/normal");
+    let sources = Sources {
+        normal: &normal,
+        anomalous: None,
+        masks: None,
+    };
+    let config = TrainConfig {
+        input_size: Some(320),
+        tile: Some(192),
+        memory_bank: Some(256),
+        ..config(Architecture::Patchcore, &dir.path().join("cache"))
+    };
+    let out = dir.path().join("model");
+    let report = train::train(&config, &sources, &out, &mut |_, _| {}).expect("trains");
+    let manifest = &report.package.manifest;
+    assert_eq!(manifest.input_size, 320);
+    assert_eq!(manifest.metrics["tiling"]["tiles"], 4, "{}", manifest.metrics);
+    let (normal_test, anomalous_test, masks) = test_sources(&data);
+    let evaluation = evaluate::evaluate_package(
+        &out,
+        &Sources {
+            normal: &normal_test,
+            anomalous: Some(&anomalous_test),
+            masks: Some(&masks),
+        },
+        None,
+        &mut |_| {},
+    )
+    .expect("evaluates");
+    let auroc = evaluation.summary.image_auroc.expect("auroc");
+    assert!(auroc >= 0.9, "tiled image AUROC {auroc}");
+    let pixel = evaluation.summary.pixel_auroc.expect("pixel auroc");
+    assert!(pixel >= 0.9, "the stitched map finds the defects: {pixel}");
+    let images: Vec<PathBuf> = evaluation
+        .images
+        .iter()
+        .map(|row| PathBuf::from(&row.path))
+        .collect();
+    for ((_, score), row) in predict(&out, &images).iter().zip(&evaluation.images) {
+        assert!((score - f64::from(row.score)).abs() < 1e-4, "{}", row.path);
+    }
+
+    let refused = TrainConfig {
+        tile: Some(320),
+        ..config
+    };
+    let error = train::train(&refused, &sources, &dir.path().join("refused"), &mut |_, _| {})
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("--tile 320"), "{error}");
+    assert!(!dir.path().join("refused").exists());
 }

@@ -29,6 +29,10 @@ pub struct Normalization {
     pub min: f32,
     /// Largest raw value seen in calibration (or the spread's upper end).
     pub max: f32,
+    /// Raw anomaly-map value from which a pixel is anomalous, when calibrated apart from the
+    /// image threshold (packages before it have none: the image threshold serves both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_threshold: Option<f32>,
 }
 
 impl Normalization {
@@ -36,6 +40,14 @@ impl Normalization {
     pub fn apply(&self, raw: f32) -> f32 {
         let spread = (self.max - self.min).max(f32::EPSILON);
         ((raw - self.threshold) / spread + 0.5).clamp(0.0, 1.0)
+    }
+
+    /// An anomaly-map value in [0, 1], 0.5 at the pixel threshold (the image threshold when the
+    /// package has no pixel threshold of its own).
+    pub fn apply_map(&self, raw: f32) -> f32 {
+        let spread = (self.max - self.min).max(f32::EPSILON);
+        let threshold = self.pixel_threshold.unwrap_or(self.threshold);
+        ((raw - threshold) / spread + 0.5).clamp(0.0, 1.0)
     }
 }
 

@@ -25,10 +25,12 @@ const STRIDE_8_BLOCK: usize = 4;
 /// Block whose output is the stride-16 map.
 const STRIDE_16_BLOCK: usize = 10;
 
-/// Builds the network for an RGB input in [0, 1] of `height` x `width`.
-pub fn build(weights: &Weights, height: usize, width: usize) -> Result<Network, WeightsError> {
-    let mut graph = IrGraph::new("efficientnet_lite0");
-    let input = graph.parameter("input", &[1, 3, height, width]);
+/// Builds the network in `graph` on `input`, RGB in [0, 1], `[batch, 3, height, width]`.
+pub fn build(
+    weights: &Weights,
+    mut graph: IrGraph,
+    input: Output,
+) -> Result<Network, WeightsError> {
     let mut x = normalise(&mut graph, input, [255.0 / 128.0; 3], [-127.0 / 128.0; 3]);
 
     x = conv_bn_same(weights, &mut graph, x, "_conv_stem", "_bn0", 2)?;

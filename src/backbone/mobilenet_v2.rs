@@ -23,10 +23,12 @@ const STRIDE_8_BLOCK: usize = 6;
 /// Index in `features` whose output is the stride-16 map.
 const STRIDE_16_BLOCK: usize = 13;
 
-/// Builds the network for an RGB input in [0, 1] of `height` x `width`.
-pub fn build(weights: &Weights, height: usize, width: usize) -> Result<Network, WeightsError> {
-    let mut graph = IrGraph::new("mobilenet_v2");
-    let input = graph.parameter("input", &[1, 3, height, width]);
+/// Builds the network in `graph` on `input`, RGB in [0, 1], `[batch, 3, height, width]`.
+pub fn build(
+    weights: &Weights,
+    mut graph: IrGraph,
+    input: Output,
+) -> Result<Network, WeightsError> {
     let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
     let scale = [1.0 / std[0], 1.0 / std[1], 1.0 / std[2]];
     let shift = [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]];

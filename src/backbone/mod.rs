@@ -11,6 +11,7 @@ pub mod efficientnet_lite0;
 pub mod ir;
 pub mod layers;
 pub mod mobilenet_v2;
+pub mod tiling;
 pub mod torch_legacy;
 
 use std::path::{Path, PathBuf};
@@ -173,6 +174,17 @@ impl Backbone {
 
     /// Builds the network from the installed weights for a square `input_size` input.
     pub fn network(self, input_size: usize) -> Result<Network, BackboneError> {
+        self.network_tiled(input_size, None)
+    }
+
+    /// Like [`Backbone::network`], but with the input cut into the tiles of `tiling` first: the
+    /// feature maps are then one per tile (`[tiles, C, h, w]`), to be stitched after the
+    /// embedding ([`tiling::Tiling::stitch`]).
+    pub fn network_tiled(
+        self,
+        input_size: usize,
+        tiling: Option<&tiling::Tiling>,
+    ) -> Result<Network, BackboneError> {
         if !(32..=1024).contains(&input_size) || !input_size.is_multiple_of(32) {
             return Err(BackboneError::InputSize(input_size));
         }
@@ -184,11 +196,14 @@ impl Backbone {
             tensors: &tensors,
             bn_eps: self.bn_eps(),
         };
+        let mut graph = ir::IrGraph::new(self.name());
+        let mut input = graph.parameter("input", &[1, 3, input_size, input_size]);
+        if let Some(tiling) = tiling {
+            input = tiling.split(&mut graph, input);
+        }
         Ok(match self {
-            Backbone::MobilenetV2 => mobilenet_v2::build(&weights, input_size, input_size)?,
-            Backbone::EfficientnetLite0 => {
-                efficientnet_lite0::build(&weights, input_size, input_size)?
-            }
+            Backbone::MobilenetV2 => mobilenet_v2::build(&weights, graph, input)?,
+            Backbone::EfficientnetLite0 => efficientnet_lite0::build(&weights, graph, input)?,
         })
     }
 

@@ -547,7 +547,8 @@ fn trainable_models() -> Value {
     let common = json!({
         "backbone": {"type": "string", "default": "mobilenet_v2", "choices": ["mobilenet_v2", "efficientnet_lite0"]},
         "input_size": {"type": ["integer", "null"], "default": null, "multiple_of": 32, "description": "square input size; null: PaDiM 256, PatchCore the training images' shorter side from 256 to 512"},
-        "seed": {"type": "integer", "default": 42}
+        "seed": {"type": "integer", "default": 42},
+        "tile": {"type": ["integer", "null"], "default": null, "multiple_of": 32, "description": "cut the input into overlapping tiles of this size, scored as one batch; null: no tiling"}
     });
     let with = |extra: Value| {
         let mut parameters = common.clone();
@@ -568,7 +569,7 @@ fn trainable_models() -> Value {
             "description": "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; tolerates position changes, costs more per frame as the bank grows.",
             "recommended": false,
             "parameters": with(json!({
-                "memory_bank": {"type": ["integer", "null"], "default": null, "description": "rows of the memory bank; null: 10% of the training patches, at most 2048"}
+                "memory_bank": {"type": ["integer", "null"], "default": null, "description": "rows of the memory bank; null: 10% of the training patches, at most 1536"}
             }))
         }
     ]})

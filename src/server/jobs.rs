@@ -88,13 +88,16 @@ pub struct TrainPayload {
     /// training images' shorter side from 256 to 512.
     #[serde(default)]
     pub input_size: Option<usize>,
+    /// Tile size in pixels (a multiple of 32, smaller than the input size); absent: no tiling.
+    #[serde(default)]
+    pub tile: Option<usize>,
     /// Seed of every random choice.
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// PaDiM: channels kept.
     #[serde(default = "default_padim_channels")]
     pub padim_channels: usize,
-    /// PatchCore: memory bank rows; absent: 10% of the training patches, at most 2048.
+    /// PatchCore: memory bank rows; absent: 10% of the training patches, at most 1536.
     #[serde(default)]
     pub memory_bank: Option<usize>,
 }
@@ -133,6 +136,13 @@ impl TrainPayload {
         {
             return Err(invalid(format!(
                 "input_size: {size} must be a multiple of 32 from 64 to 1024"
+            )));
+        }
+        if let Some(tile) = self.tile
+            && (!(64..=1024).contains(&tile) || !tile.is_multiple_of(32))
+        {
+            return Err(invalid(format!(
+                "tile: {tile} must be a multiple of 32 from 64 to 1024"
             )));
         }
         if !(1..=1000).contains(&self.padim_channels) {
@@ -509,6 +519,13 @@ async fn train(
                 .flatten(),
         )
         .args(["--seed", &payload.seed.to_string()])
+        .args(
+            payload
+                .tile
+                .map(|tile| ["--tile".to_string(), tile.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--padim-channels", &payload.padim_channels.to_string()])
         .args(
             payload

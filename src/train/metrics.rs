@@ -168,6 +168,29 @@ pub fn f1_adaptive_threshold(
     scores: &[f32],
     labels: &[bool],
 ) -> Result<Option<(f32, f64)>, TrainError> {
+    Ok(best_f1_cut(scores, labels)?.map(|cut| (cut.between(0.5), cut.f1)))
+}
+
+/// Where the best-F1 threshold falls between two neighbouring scores.
+#[derive(Debug, Clone, Copy)]
+pub struct F1Cut {
+    /// The lowest score flagged at the best F1.
+    pub lowest_flagged: f64,
+    /// The next lower score (or one below the lowest when every image is flagged).
+    pub highest_passed: f64,
+    /// The F1 there.
+    pub f1: f64,
+}
+
+impl F1Cut {
+    /// A threshold `fraction` of the way from the highest passed score to the lowest flagged.
+    pub fn between(&self, fraction: f64) -> f32 {
+        (self.highest_passed + fraction * (self.lowest_flagged - self.highest_passed)) as f32
+    }
+}
+
+/// The cut between scores with the best F1; `None` without positives.
+pub fn best_f1_cut(scores: &[f32], labels: &[bool]) -> Result<Option<F1Cut>, TrainError> {
     let positive: Vec<f64> = labels.iter().map(|&l| f64::from(u8::from(l))).collect();
     let negative: Vec<f64> = labels.iter().map(|&l| f64::from(u8::from(!l))).collect();
     let points = cumulative(scores, &positive, &negative)?;
@@ -188,7 +211,11 @@ pub fn f1_adaptive_threshold(
             .get(i + 1)
             .copied()
             .unwrap_or(cut - cut.abs().max(1.0));
-        (((cut + below) / 2.0) as f32, f1)
+        F1Cut {
+            lowest_flagged: cut,
+            highest_passed: below,
+            f1,
+        }
     }))
 }
 

@@ -26,6 +26,7 @@ use inspectflow_operators::package::{self, Manifest, ModelPackage, Provenance};
 use inspectflow_operators::transform::preprocess::{Preprocess, PreprocessParams};
 
 use crate::backbone::ir::{Conv2d, IrGraph, Output};
+use crate::backbone::tiling::Tiling;
 use crate::backbone::{Backbone, BackboneError};
 
 /// Training or evaluation failed.
@@ -86,6 +87,9 @@ pub struct TrainConfig {
     pub input_size: Option<usize>,
     /// Seed of every random choice (splits, channel subset, coreset start, generated anomalies).
     pub seed: u64,
+    /// Tile size in pixels when the input is cut into overlapping tiles scored as one batch
+    /// (their feature maps stitched back); `None`: the whole input at once.
+    pub tile: Option<usize>,
     /// PaDiM: channels kept (the random subset).
     pub padim_channels: usize,
     /// PatchCore: memory bank rows; `None`: [`patchcore::default_bank_rows`].
@@ -186,11 +190,19 @@ fn network_with_embedding(
     input_size: usize,
     padim_indices: &[usize],
 ) -> Result<(IrGraph, Output), TrainError> {
-    let mut network = config.backbone.network(input_size)?;
-    let embedded = match config.architecture {
+    let tiling = config
+        .tile
+        .map(|tile| Tiling::new(input_size, tile))
+        .transpose()
+        .map_err(TrainError::Invalid)?;
+    let mut network = config.backbone.network_tiled(input_size, tiling.as_ref())?;
+    let mut embedded = match config.architecture {
         Architecture::Padim => padim::embedding(&mut network, padim_indices),
         Architecture::Patchcore => patchcore::embedding(&mut network),
     };
+    if let Some(tiling) = &tiling {
+        embedded = tiling.stitch(&mut network.graph, embedded, 8, "tiling/stitched");
+    }
     Ok((network.graph, embedded))
 }
 
@@ -364,7 +376,8 @@ fn train_in(
     let scored = evaluate::score(&model_xml, &validation, input_size, &mut |f| {
         progress("calibration", f)
     })?;
-    let normalization = evaluate::calibrate(&scored)?;
+    let calibration = evaluate::calibrate(&scored, labelled)?;
+    let normalization = calibration.normalization;
     let evaluation = evaluate::evaluate(&scored, normalization, 0.5)?;
 
     // Export.
@@ -372,8 +385,13 @@ fn train_in(
     let mut metrics = serde_json::json!({
         "validation": evaluation.summary,
         "validation_anomalies": if labelled { "labelled" } else { "generated" },
+        "calibration": calibration,
         "training_seconds": started.elapsed().as_secs_f64(),
     });
+    if let Some(tile) = config.tile {
+        let tiles = Tiling::new(input_size, tile).map_or(0, |tiling| tiling.count());
+        metrics["tiling"] = serde_json::json!({"tile": tile, "tiles": tiles});
+    }
     if let Head::Patchcore(bank) = &head {
         metrics["memory_bank"] = serde_json::json!({
             "rows": bank.bank.len() / bank.dim,

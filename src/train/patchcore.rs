@@ -60,9 +60,10 @@ pub const MAX_CANDIDATES: usize = 300_000;
 /// depend on the seed)...
 pub const DEFAULT_CORESET_FRACTION: f64 = 0.1;
 /// ...but at most this many rows: the head costs rows x channels multiply-adds per patch, and at
-/// this size a 256x256 MobileNetV2 package keeps at least 0.7x the bare backbone's throughput
-/// (BENCHMARKS.md). From 20,480 patches (20 images at 256x256) the bank is this size.
-pub const MAX_DEFAULT_ROWS: usize = 2048;
+/// this size a MobileNetV2 package keeps about 0.75x the bare backbone's throughput (0.66x at
+/// 2048 rows, 0.83x at 1024; BENCHMARKS.md). From 15,360 patches (15 images at 256x256) the
+/// bank is this size.
+pub const MAX_DEFAULT_ROWS: usize = 1536;
 
 /// Bank rows of a training run on `patches` training patches when none are asked for.
 pub fn default_bank_rows(patches: usize) -> usize {
@@ -373,10 +374,14 @@ pub fn head(graph: &mut IrGraph, embedded: Output, model: &PatchcoreBank, input_
     let squares = graph.multiply("patchcore/query_squares", queries, queries);
     let query_norms = graph.reduce("patchcore/query_norms", squares, &[1], Reduction::Sum);
     let query_norms = graph.reshape("patchcore/query_norms_column", query_norms, &[positions, 1]);
+    // |q|^2 is the same along a row: the nearest row is found before adding it, so that only
+    // `[positions, 1]` values get it (and the clamp of rounding below zero).
     let partial = graph.add("patchcore/add_bank_norms", cross, bank_norms);
-    let squared = graph.add("patchcore/squared_distances", partial, query_norms);
-    let squared = graph.clamp("patchcore/non_negative", squared, 0.0, f32::MAX);
-    let (nearest, _) = graph.top_k("patchcore/nearest", squared, 1, 1, false);
+    // Ties between bank rows in any order: a stable TopK over [positions, k] costs as much as
+    // the backbone's last stages (4 ms against 1 ms at 1024 x 2048 on two threads).
+    let (nearest, _) = graph.top_k_ties_any_order("patchcore/nearest", partial, 1, 1, false);
+    let nearest = graph.add("patchcore/squared_distances", nearest, query_norms);
+    let nearest = graph.clamp("patchcore/non_negative", nearest, 0.0, f32::MAX);
     let nearest = graph.sqrt("patchcore/patch_scores", nearest);
     let map = graph.reshape("patchcore/map", nearest, &[1, 1, h, w]);
     let (_, full) = smooth_and_resize(graph, map, input_size);
@@ -386,7 +391,10 @@ pub fn head(graph: &mut IrGraph, embedded: Output, model: &PatchcoreBank, input_
     let scores = graph.reshape("patchcore/score_row", nearest, &[1, positions]);
     let (worst_score, worst_patch) = graph.top_k("patchcore/worst", scores, 1, 1, true);
     let worst_patch = graph.reshape("patchcore/worst_index", worst_patch, &[1]);
-    let worst_row = graph.gather_at("patchcore/worst_row", squared, worst_patch, 0);
+    let worst_partial = graph.gather_at("patchcore/worst_partial", partial, worst_patch, 0);
+    let worst_norm = graph.gather_at("patchcore/worst_norm", query_norms, worst_patch, 0);
+    let worst_row = graph.add("patchcore/worst_squared", worst_partial, worst_norm);
+    let worst_row = graph.clamp("patchcore/worst_non_negative", worst_row, 0.0, f32::MAX);
     let (_, entry) = graph.top_k("patchcore/worst_entry", worst_row, 1, 1, false);
     let entry = graph.reshape("patchcore/worst_entry_index", entry, &[1]);
     let support = graph.constant_i64("patchcore/support", &[k, model.neighbours], &model.support);

@@ -172,7 +172,7 @@ impl AnomalyPostprocess {
         let normalization = self.normalization;
         self.normalised
             .iter_mut()
-            .for_each(|v| *v = normalization.apply(*v));
+            .for_each(|v| *v = normalization.apply_map(*v));
         let mut resized = self.pool.get(width as usize * height as usize);
         if (map_width, map_height) == (width, height) {
             resized.copy_from_slice(&self.normalised);
@@ -287,11 +287,20 @@ mod tests {
             threshold: 10.0,
             min: 2.0,
             max: 18.0,
+            pixel_threshold: None,
         };
         assert_eq!(normalization.apply(10.0), 0.5);
         assert_eq!(normalization.apply(14.0), 0.75);
         assert_eq!(normalization.apply(-100.0), 0.0);
         assert_eq!(normalization.apply(100.0), 1.0);
+        assert_eq!(normalization.apply_map(10.0), 0.5, "one threshold for both");
+        let separate = Normalization {
+            pixel_threshold: Some(6.0),
+            ..normalization
+        };
+        assert_eq!(separate.apply(10.0), 0.5);
+        assert_eq!(separate.apply_map(6.0), 0.5, "maps by their own threshold");
+        assert_eq!(separate.apply_map(10.0), 0.75);
     }
 
     #[test]
@@ -300,6 +309,7 @@ mod tests {
             threshold: 10.0,
             min: 0.0,
             max: 20.0,
+            pixel_threshold: None,
         };
         let mut postprocess = AnomalyPostprocess::new("test-model", normalization, 0.5, 0.0);
         let map = output("anomaly_map", vec![1, 1, 2, 2], &[0.0, 10.0, 10.0, 20.0]);
