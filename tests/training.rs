@@ -489,8 +489,14 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
     let manifest = &report.package.manifest;
     assert_eq!(manifest.input_size, 320, "from the images' size");
     let patches = manifest.provenance.training_images * (320 / 8) * (320 / 8);
-    let rows = manifest.metrics["memory_bank"]["rows"].as_u64().expect("rows") as usize;
-    assert_eq!(rows, (patches as f64 * 0.1).round() as usize, "10% of {patches}");
+    let rows = manifest.metrics["memory_bank"]["rows"]
+        .as_u64()
+        .expect("rows") as usize;
+    assert_eq!(
+        rows,
+        (patches as f64 * 0.1).round() as usize,
+        "10% of {patches}"
+    );
     let calibration = &manifest.metrics["calibration"];
     let method = calibration["image_method"].as_str().expect("method");
     assert!(
@@ -503,7 +509,10 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
     if method == "normal tail" {
         assert!((rate - 0.01).abs() < 1e-4, "the target: {rate}");
     } else {
-        assert!(rate > 0.01 && rate < 1.0, "generated defects only lower it: {rate}");
+        assert!(
+            rate > 0.01 && rate < 1.0,
+            "generated defects only lower it: {rate}"
+        );
     }
     assert!(manifest.normalization.pixel_threshold.is_some());
 
@@ -573,7 +582,11 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
     let report = train::train(&config, &sources, &out, &mut |_, _| {}).expect("trains");
     let manifest = &report.package.manifest;
     assert_eq!(manifest.input_size, 320);
-    assert_eq!(manifest.metrics["tiling"]["tiles"], 4, "{}", manifest.metrics);
+    assert_eq!(
+        manifest.metrics["tiling"]["tiles"], 4,
+        "{}",
+        manifest.metrics
+    );
     let (normal_test, anomalous_test, masks) = test_sources(&data);
     let evaluation = evaluate::evaluate_package(
         &out,
@@ -603,9 +616,14 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
         tile: Some(320),
         ..config
     };
-    let error = train::train(&refused, &sources, &dir.path().join("refused"), &mut |_, _| {})
-        .err()
-        .expect("refused");
+    let error = train::train(
+        &refused,
+        &sources,
+        &dir.path().join("refused"),
+        &mut |_, _| {},
+    )
+    .err()
+    .expect("refused");
     assert!(error.to_string().contains("--tile 320"), "{error}");
     assert!(!dir.path().join("refused").exists());
 }

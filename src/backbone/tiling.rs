@@ -109,8 +109,12 @@ impl Tiling {
             for (column, &columns_kept) in kept.iter().enumerate() {
                 let index = (row * columns_per_row + column) as i64;
                 let tile = graph.gather(&format!("{name}/tile{row}_{column}"), maps, &[index], 0);
-                let rows =
-                    graph.gather(&format!("{name}/rows{row}_{column}"), tile, &range(rows_kept), 2);
+                let rows = graph.gather(
+                    &format!("{name}/rows{row}_{column}"),
+                    tile,
+                    &range(rows_kept),
+                    2,
+                );
                 pieces.push(graph.gather(
                     &format!("{name}/piece{row}_{column}"),
                     rows,

@@ -178,7 +178,8 @@ fn upper_tail(z: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.231_641_9 * z);
     let poly = t
         * (0.319_381_530
-            + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
+            + t * (-0.356_563_782
+                + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
     (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
 }
 
@@ -225,8 +226,8 @@ pub fn calibrate(scored: &[Scored], labelled: bool) -> Result<Calibration, Train
         ));
     }
     let mean = normal.iter().sum::<f64>() / normal.len() as f64;
-    let variance = normal.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
-        / (normal.len().max(2) - 1) as f64;
+    let variance =
+        normal.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (normal.len().max(2) - 1) as f64;
     // A floor on the spread keeps one image, or identical scores, from giving a zero-width tail.
     let std = variance.sqrt().max(mean.abs() * 1e-3).max(1e-6);
     let best_f1 = metrics::best_f1_cut(&scores, &labels)?;
@@ -506,7 +507,10 @@ mod tests {
         let labelled = calibrate(&set, true).expect("calibrates");
         assert_eq!(labelled.image_method, "labelled anomalies");
         let threshold = labelled.normalization.threshold;
-        assert!((threshold - 10.825).abs() < 1e-4, "labelled: the midpoint, {threshold}");
+        assert!(
+            (threshold - 10.825).abs() < 1e-4,
+            "labelled: the midpoint, {threshold}"
+        );
     }
 
     #[test]
