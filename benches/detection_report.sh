@@ -18,7 +18,8 @@
 # split, bank size and seed (the reference reads images with OpenCV, the product with its own
 # decoder and resize: equal on identical pixels, see the report); serving throughput of each
 # package and of the bare backbone at the same size with benchmark_app (f32, throughput hint);
-# fitting time of PatchCore's default bank on 700 generated 256x256 images.
+# PatchCore on DeepPCB across boards at 256, 512 and 640 in 256-pixel tiles; fitting time of
+# PatchCore's default bank on 700 generated 256x256 images.
 # Results land in $REPORT_DIR (default out/detection-report); benches/detection_summary.py
 # prints the tables.
 set -euo pipefail
@@ -87,6 +88,23 @@ for size in 256 512; do
   [ -f "$work/models/backbone-$size.xml" ] \
     || "$bin" backbones export mobilenet_v2 --size "$size" --out "$work/models/backbone-$size.xml" > /dev/null
   fps "$work/models/backbone-$size.xml" > "$work/results/backbone-$size.fps"
+done
+
+# ---- input size and tiling: PatchCore on DeepPCB across boards ----------------------------------
+for variant in 256 512 640-tile256; do
+  size=${variant%%-*}
+  tile=()
+  [[ $variant == *tile* ]] && tile=(--tile "${variant##*tile}")
+  package=$work/models/size-$variant
+  result=$work/results/size-$variant
+  start=$(date +%s%N)
+  "$bin" train --normal "$boards/train/normal" --model patchcore --image-size "$size" "${tile[@]}" \
+    --snapshots "$cache" --out "$package" > "$result.train.txt" 2>&1
+  echo "$(( ($(date +%s%N) - start) / 1000000 ))" > "$result.train_ms"
+  "$bin" eval --model "$package" --normal "$boards/test/normal" --anomalous "$boards/test/anomalous" \
+    --json > "$result.eval.json" 2> /dev/null
+  fps "$package/model.xml" > "$result.fps"
+  echo "size $variant done" >&2
 done
 
 # ---- fitting time: PatchCore's default bank on 700 images ----------------------------------------

@@ -81,6 +81,25 @@ def main():
             f"| {number(reference['auroc'])} | {number(comparison['product_auroc'] - reference['auroc'])} "
             f"| {number(comparison['rank_correlation'])} |"
         )
+    print()
+    print("| PatchCore on deeppcb-boards | bank rows | image AUROC | F1 at calibrated threshold | best F1 | training (s) | FPS |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in ["256", "512", "640-tile256"]:
+        stem = results / f"size-{variant}"
+        evaluation_path = stem.with_name(stem.name + ".eval.json")
+        if not evaluation_path.exists():
+            continue
+        evaluation = json.loads(evaluation_path.read_text())
+        summary = evaluation["summary"]
+        manifest = json.loads((work / "models" / f"size-{variant}" / "manifest.json").read_text())
+        tiling = manifest["metrics"].get("tiling")
+        label = f"{manifest['input_size']}" + (f", {tiling['tiles']} tiles of {tiling['tile']}" if tiling else "")
+        train_ms = read(stem.with_name(stem.name + ".train_ms"))
+        print(
+            f"| {label} | {manifest['metrics']['memory_bank']['rows']} | {number(summary['image_auroc'])} "
+            f"| {number(summary['image_f1'])} | {number(best_f1(evaluation['images']))} "
+            f"| {number(int(train_ms) / 1000 if train_ms else None, 1)} | {read(stem.with_name(stem.name + '.fps')) or '-'} |"
+        )
     timing = read(results / "timing.train_ms")
     if timing:
         manifest = json.loads((work / "models" / "timing-patchcore" / "manifest.json").read_text())

@@ -560,14 +560,14 @@ fn trainable_models() -> Value {
     json!({"trainable_models": [
         {
             "name": Architecture::Padim.name(),
-            "description": "PaDiM: a Gaussian per feature-map position, Mahalanobis distance; fast to train and to run, best when the camera and the part are fixed.",
-            "recommended": true,
+            "description": "PaDiM: a Gaussian per feature-map position, Mahalanobis distance; the fastest to run, for a fixed camera and part.",
+            "recommended": false,
             "parameters": with(json!({"padim_channels": {"type": "integer", "default": 100}}))
         },
         {
             "name": Architecture::Patchcore.name(),
-            "description": "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; tolerates position changes, costs more per frame as the bank grows.",
-            "recommended": false,
+            "description": "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; the most accurate on every dataset of BENCHMARKS.md, tolerates position changes, sizes its input to the images (up to 512) to keep small defects.",
+            "recommended": true,
             "parameters": with(json!({
                 "memory_bank": {"type": ["integer", "null"], "default": null, "description": "rows of the memory bank; null: 10% of the training patches, at most 1536"}
             }))

@@ -403,7 +403,7 @@ fn train_in(
         format_version: package::FORMAT_VERSION,
         architecture: config.architecture.name().into(),
         backbone: config.backbone.name().into(),
-        input_size: input_size,
+        input_size,
         model_file: package::MODEL_FILE.into(),
         normalization,
         threshold: 0.5,

@@ -463,6 +463,15 @@ mod tests {
     }
 
     #[test]
+    fn the_default_bank_is_a_tenth_of_the_patches_up_to_the_serving_budget() {
+        assert_eq!(default_bank_rows(12_800), 1280);
+        assert_eq!(default_bank_rows(16_000), MAX_DEFAULT_ROWS);
+        assert_eq!(default_bank_rows(1_000_000), MAX_DEFAULT_ROWS);
+        assert_eq!(default_bank_rows(7), 1, "at least one row");
+        assert_eq!(default_bank_rows(0), 0);
+    }
+
+    #[test]
     fn support_sets_and_scores_match_a_hand_computation() {
         // Bank: (0,0), (3,0), (0,4). Query patches: (0,1) and (3,4).
         let bank = [0.0, 0.0, 3.0, 0.0, 0.0, 4.0];
