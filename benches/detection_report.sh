@@ -8,6 +8,8 @@
 # - deeppcb-boards: DeepPCB across boards. Train on the 68 templates (`*_temp.jpg`) of groups
 #   12100 and 44000; test on the 34 templates of group 92000 (normal) and its 34 test images
 #   (anomalous). 640x640 grey PCB photos with defects of a few pixels.
+# - deeppcb-boards-png: the same as lossless PNGs at 512x512, so that the product and the
+#   reference read identical pixels.
 # - deeppcb-pairs: DeepPCB template/test pairs alternating between training and test, defect
 #   boxes as masks (benches/prepare_deeppcb.py).
 # - brick, grass, gravel: random crops of the CC0 texture photos with generated defects and
@@ -46,6 +48,18 @@ done
 ln -s "$data"/deeppcb/group92000/*/*_temp.jpg "$boards/test/normal/"
 ln -s "$data"/deeppcb/group92000/*/*_test.jpg "$boards/test/anomalous/"
 python3 benches/prepare_deeppcb.py "$data/deeppcb" "$work/data/deeppcb-pairs" >&2
+# The same split as lossless PNGs at the model's size (OpenCV's area resize), so that the product
+# and the reference read identical pixels: their JPEG decoders and resizers differ by a level
+# here and there, and a coreset is sensitive to that.
+"$py" - "$boards" "$work/data/deeppcb-boards-png" 512 <<'PY'
+import pathlib, sys, cv2
+source, target, size = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+for image in sorted(source.glob("*/*/*.jpg")):
+    out = target / image.parent.relative_to(source) / (image.stem + ".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pixels = cv2.imread(str(image), cv2.IMREAD_COLOR)
+    cv2.imwrite(str(out), cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA))
+PY
 for texture in brick grass gravel; do
   "$bin" synth --out "$work/data/$texture" --photo "$data/textures_cc0/$texture.png" \
     --train 40 --test-normal 20 --test-anomalous 20 --seed 3 >&2
@@ -59,7 +73,7 @@ fps() {
 }
 
 # ---- train, evaluate, compare -------------------------------------------------------------------
-for set in deeppcb-boards deeppcb-pairs brick grass gravel carpet; do
+for set in deeppcb-boards deeppcb-boards-png deeppcb-pairs brick grass gravel carpet; do
   dir=$work/data/$set
   masks=()
   [ -d "$dir/masks" ] && masks=(--masks "$dir/masks")

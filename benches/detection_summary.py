@@ -35,7 +35,7 @@ def read(path):
 def main():
     work = pathlib.Path(sys.argv[1])
     results = work / "results"
-    datasets = ["deeppcb-boards", "deeppcb-pairs", "brick", "grass", "gravel", "carpet"]
+    datasets = ["deeppcb-boards", "deeppcb-boards-png", "deeppcb-pairs", "brick", "grass", "gravel", "carpet"]
     print(
         "| dataset | model | input | bank rows | image AUROC | pixel AUROC | PRO "
         "| F1 at calibrated threshold | best F1 | ratio | expected FPR | training (s) | FPS | FPS / backbone |"

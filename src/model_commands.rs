@@ -171,8 +171,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 100)]
     padim_channels: usize,
     /// PatchCore: memory bank rows [default: 10% of the training patches (the paper's coresets
-    /// are 1% to 10%), at most 1536]. The head costs about rows x channels multiply-adds per
-    /// patch; at 1536 rows serving keeps about 0.75x the bare backbone's throughput
+    /// are 1% to 10%), at most 1024]. The head costs about rows x channels multiply-adds per
+    /// patch; at 1024 rows serving keeps about 0.8x the bare backbone's throughput
     /// (BENCHMARKS.md).
     #[arg(long)]
     memory_bank: Option<usize>,

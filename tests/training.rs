@@ -465,7 +465,7 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
         &SynthOptions {
             texture: Texture::Grid,
             size: 320,
-            train_normal: 10,
+            train_normal: 7,
             test_normal: 4,
             test_anomalous: 4,
             seed: 3,

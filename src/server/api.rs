@@ -569,7 +569,7 @@ fn trainable_models() -> Value {
             "description": "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; the most accurate on every dataset of BENCHMARKS.md, tolerates position changes, sizes its input to the images (up to 512) to keep small defects.",
             "recommended": true,
             "parameters": with(json!({
-                "memory_bank": {"type": ["integer", "null"], "default": null, "description": "rows of the memory bank; null: 10% of the training patches, at most 1536"}
+                "memory_bank": {"type": ["integer", "null"], "default": null, "description": "rows of the memory bank; null: 10% of the training patches, at most 1024"}
             }))
         }
     ]})

@@ -97,7 +97,7 @@ pub struct TrainPayload {
     /// PaDiM: channels kept.
     #[serde(default = "default_padim_channels")]
     pub padim_channels: usize,
-    /// PatchCore: memory bank rows; absent: 10% of the training patches, at most 1536.
+    /// PatchCore: memory bank rows; absent: 10% of the training patches, at most 1024.
     #[serde(default)]
     pub memory_bank: Option<usize>,
 }

@@ -60,10 +60,10 @@ pub const MAX_CANDIDATES: usize = 300_000;
 /// depend on the seed)...
 pub const DEFAULT_CORESET_FRACTION: f64 = 0.1;
 /// ...but at most this many rows: the head costs rows x channels multiply-adds per patch, and at
-/// this size a MobileNetV2 package keeps about 0.75x the bare backbone's throughput (0.66x at
-/// 2048 rows, 0.83x at 1024; BENCHMARKS.md). From 15,360 patches (15 images at 256x256) the
-/// bank is this size.
-pub const MAX_DEFAULT_ROWS: usize = 1536;
+/// this size a MobileNetV2 package keeps about 0.8x the bare backbone's throughput at 256x256 and
+/// at 512x512 (0.75x and 0.67x at 1536 rows; BENCHMARKS.md). From 10,240 patches (10 images at
+/// 256x256) the bank is this size.
+pub const MAX_DEFAULT_ROWS: usize = 1024;
 
 /// Bank rows of a training run on `patches` training patches when none are asked for.
 pub fn default_bank_rows(patches: usize) -> usize {
@@ -464,8 +464,8 @@ mod tests {
 
     #[test]
     fn the_default_bank_is_a_tenth_of_the_patches_up_to_the_serving_budget() {
-        assert_eq!(default_bank_rows(12_800), 1280);
-        assert_eq!(default_bank_rows(16_000), MAX_DEFAULT_ROWS);
+        assert_eq!(default_bank_rows(9_600), 960);
+        assert_eq!(default_bank_rows(12_800), MAX_DEFAULT_ROWS);
         assert_eq!(default_bank_rows(1_000_000), MAX_DEFAULT_ROWS);
         assert_eq!(default_bank_rows(7), 1, "at least one row");
         assert_eq!(default_bank_rows(0), 0);
