@@ -170,6 +170,57 @@ fn predict(model: &Path, images: &[PathBuf]) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// A generated dataset of `texture` at `size` pixels: `train` normal training images, 4 normal
+/// and 4 anomalous test images with masks.
+fn small_dataset(dir: &Path, texture: Texture, size: usize, train: usize, seed: u64) -> PathBuf {
+    let out = dir.join("data");
+    inspectflow::synth::write_dataset(
+        &out,
+        &SynthOptions {
+            texture,
+            size,
+            train_normal: train,
+            test_normal: 4,
+            test_anomalous: 4,
+            seed,
+            photo: None,
+        },
+    )
+    .expect("dataset");
+    out
+}
+
+/// Evaluates the package at `model` on `data`'s test images (with masks) and checks that
+/// `predict` gives every image the score the evaluation gave it.
+fn evaluate_and_predict(model: &Path, data: &Path) -> evaluate::Evaluation {
+    let (normal, anomalous, masks) = test_sources(data);
+    let evaluation = evaluate::evaluate_package(
+        model,
+        &Sources {
+            normal: &normal,
+            anomalous: Some(&anomalous),
+            masks: Some(&masks),
+        },
+        None,
+        &mut |_| {},
+    )
+    .expect("evaluates");
+    let images: Vec<PathBuf> = evaluation
+        .images
+        .iter()
+        .map(|row| PathBuf::from(&row.path))
+        .collect();
+    for ((_, score), row) in predict(model, &images).iter().zip(&evaluation.images) {
+        assert!(
+            (score - f64::from(row.score)).abs() < 1e-4,
+            "{}: predict {score}, eval {}",
+            row.path,
+            row.score
+        );
+    }
+    evaluation
+}
+
 #[test]
 fn predict_gives_the_scores_of_the_trainers_evaluation_and_the_map_finds_the_defect() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -459,20 +510,7 @@ fn bad_training_input_fails_clearly_and_leaves_no_package() {
 #[test]
 fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data");
-    inspectflow::synth::write_dataset(
-        &data,
-        &SynthOptions {
-            texture: Texture::Grid,
-            size: 320,
-            train_normal: 7,
-            test_normal: 4,
-            test_anomalous: 4,
-            seed: 3,
-            photo: None,
-        },
-    )
-    .expect("dataset");
+    let data = small_dataset(dir.path(), Texture::Grid, 320, 7, 3);
     let normal = data.join("train/normal");
     let sources = Sources {
         normal: &normal,
@@ -516,34 +554,9 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
     }
     assert!(manifest.normalization.pixel_threshold.is_some());
 
-    let (normal_test, anomalous_test, masks) = test_sources(&data);
-    let evaluation = evaluate::evaluate_package(
-        &out,
-        &Sources {
-            normal: &normal_test,
-            anomalous: Some(&anomalous_test),
-            masks: Some(&masks),
-        },
-        None,
-        &mut |_| {},
-    )
-    .expect("evaluates");
+    let evaluation = evaluate_and_predict(&out, &data);
     assert!(evaluation.summary.image_f1_best.is_some());
     assert!(evaluation.summary.pixel_auroc.is_some());
-    let images: Vec<PathBuf> = evaluation
-        .images
-        .iter()
-        .map(|row| PathBuf::from(&row.path))
-        .collect();
-    let predicted = predict(&out, &images);
-    for ((_, score), row) in predicted.iter().zip(&evaluation.images) {
-        assert!(
-            (score - f64::from(row.score)).abs() < 1e-4,
-            "{}: predict {score}, eval {}",
-            row.path,
-            row.score
-        );
-    }
 }
 
 /// A tiled PatchCore package (320x320 input in four overlapping 192x192 tiles, scored as one
@@ -552,20 +565,7 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
 #[test]
 fn tiled_patchcore_trains_evaluates_and_predicts() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data");
-    inspectflow::synth::write_dataset(
-        &data,
-        &SynthOptions {
-            texture: Texture::Carpet,
-            size: 320,
-            train_normal: 12,
-            test_normal: 4,
-            test_anomalous: 4,
-            seed: 8,
-            photo: None,
-        },
-    )
-    .expect("dataset");
+    let data = small_dataset(dir.path(), Texture::Carpet, 320, 12, 8);
     let normal = data.join("train/normal");
     let sources = Sources {
         normal: &normal,
@@ -587,30 +587,11 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
         "{}",
         manifest.metrics
     );
-    let (normal_test, anomalous_test, masks) = test_sources(&data);
-    let evaluation = evaluate::evaluate_package(
-        &out,
-        &Sources {
-            normal: &normal_test,
-            anomalous: Some(&anomalous_test),
-            masks: Some(&masks),
-        },
-        None,
-        &mut |_| {},
-    )
-    .expect("evaluates");
+    let evaluation = evaluate_and_predict(&out, &data);
     let auroc = evaluation.summary.image_auroc.expect("auroc");
     assert!(auroc >= 0.9, "tiled image AUROC {auroc}");
     let pixel = evaluation.summary.pixel_auroc.expect("pixel auroc");
     assert!(pixel >= 0.9, "the stitched map finds the defects: {pixel}");
-    let images: Vec<PathBuf> = evaluation
-        .images
-        .iter()
-        .map(|row| PathBuf::from(&row.path))
-        .collect();
-    for ((_, score), row) in predict(&out, &images).iter().zip(&evaluation.images) {
-        assert!((score - f64::from(row.score)).abs() < 1e-4, "{}", row.path);
-    }
 
     let refused = TrainConfig {
         tile: Some(320),
