@@ -637,6 +637,18 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             .starts_with("model_name"),
         "{body}"
     );
+    let (status, body) = call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "patchcore", "input_size": 256, "tile": 256})),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("tile: 256 must be smaller than input_size 256"),
+        "{body}"
+    );
     let (status, job) = call(
         http.post(server.url(&format!("/api/projects/{project}/train")))
             .json(&json!({"model_name": "padim", "input_size": 64, "name": "caps v1"})),

@@ -145,6 +145,13 @@ impl TrainPayload {
                 "tile: {tile} must be a multiple of 32 from 64 to 1024"
             )));
         }
+        if let (Some(tile), Some(size)) = (self.tile, self.input_size)
+            && tile >= size
+        {
+            return Err(invalid(format!(
+                "tile: {tile} must be smaller than input_size {size}"
+            )));
+        }
         if !(1..=1000).contains(&self.padim_channels) {
             return Err(invalid("padim_channels: must be 1 to 1000".into()));
         }
