@@ -209,7 +209,7 @@ fn network_with_embedding(
 /// The input size of a run that names none. PaDiM: 256 (its Gaussians grow with the square of
 /// the size). PatchCore: the training images' shorter side, rounded down to a multiple of 32,
 /// from 256 to 512, so that defects of a few pixels in big images survive the resize (on the
-/// DeepPCB cross-board split 512 lifts image AUROC from about 0.83 to 0.93; BENCHMARKS.md) at a
+/// DeepPCB cross-board split 512 lifts image AUROC from 0.80 to 0.94; BENCHMARKS.md) at a
 /// quarter of the frame rate of 256.
 pub fn default_input_size(
     architecture: Architecture,
