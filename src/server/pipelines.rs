@@ -459,16 +459,10 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::delete())
         .and(with_state.clone())
         .and_then(stop);
-    let prometheus =
-        warp::path!("metrics")
-            .and(warp::get())
-            .and(with_state)
-            .map(|state: Arc<AppState>| {
-                let mut text = state.pipelines.prometheus();
-                text.push_str(&state.jobs_prometheus());
-                warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
-                    .into_response()
-            });
+    let prometheus = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state)
+        .and_then(prometheus);
     list.or(create)
         .unify()
         .or(get)
@@ -488,6 +482,19 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(prometheus)
         .unify()
         .boxed()
+}
+
+/// `GET /metrics`: every running pipeline's metrics and the job counts, in Prometheus' text
+/// format. The job counts read the store, so the text is put together off the async workers.
+async fn prometheus(state: Arc<AppState>) -> Result<Response, Rejection> {
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = state.pipelines.prometheus();
+        text.push_str(&state.jobs_prometheus());
+        text
+    })
+    .await
+    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response())
 }
 
 async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
