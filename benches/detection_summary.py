@@ -32,6 +32,24 @@ def read(path):
     return path.read_text().strip() if path.exists() else None
 
 
+class Run:
+    """One trained package's results: `results/NAME.*` and `models/NAME/manifest.json`."""
+
+    def __init__(self, work, name):
+        stem = work / "results" / name
+        self.file = lambda suffix: stem.with_name(stem.name + suffix)
+        self.found = self.file(".eval.json").exists()
+        if not self.found:
+            return
+        self.evaluation = json.loads(self.file(".eval.json").read_text())
+        self.summary = self.evaluation["summary"]
+        self.manifest = json.loads((work / "models" / name / "manifest.json").read_text())
+        self.best = best_f1(self.evaluation["images"])
+        self.fps = read(self.file(".fps"))
+        train_ms = read(self.file(".train_ms"))
+        self.train_seconds = int(train_ms) / 1000 if train_ms else None
+
+
 def main():
     work = pathlib.Path(sys.argv[1])
     results = work / "results"
@@ -44,30 +62,24 @@ def main():
     comparisons = []
     for dataset in datasets:
         for model in ["padim", "patchcore"]:
-            stem = results / f"{dataset}-{model}"
-            evaluation_path = stem.with_name(stem.name + ".eval.json")
-            if not evaluation_path.exists():
+            run = Run(work, f"{dataset}-{model}")
+            if not run.found:
                 continue
-            evaluation = json.loads(evaluation_path.read_text())
-            summary = evaluation["summary"]
-            manifest = json.loads((work / "models" / f"{dataset}-{model}" / "manifest.json").read_text())
+            summary, manifest = run.summary, run.manifest
             size = manifest["input_size"]
             bank = manifest["metrics"].get("memory_bank", {}).get("rows")
             calibration = manifest["metrics"].get("calibration", {})
-            best = best_f1(evaluation["images"])
-            f1 = summary["image_f1"]
-            fps = read(stem.with_name(stem.name + ".fps"))
+            best, f1, fps = run.best, summary["image_f1"], run.fps
             backbone = read(results / f"backbone-{size}.fps")
-            train_ms = read(stem.with_name(stem.name + ".train_ms"))
             ratio = None if fps is None or backbone is None else float(fps) / float(backbone)
             print(
                 f"| {dataset} | {model} | {size} | {bank or '-'} | {number(summary['image_auroc'])} "
                 f"| {number(summary['pixel_auroc'])} | {number(summary['pro'])} | {number(f1)} | {number(best)} "
                 f"| {number(f1 / best if best else None, 2)} "
                 f"| {number(calibration.get('expected_false_positive_rate'), 3)} "
-                f"| {number(int(train_ms) / 1000 if train_ms else None, 1)} | {fps or '-'} | {number(ratio, 2)} |"
+                f"| {number(run.train_seconds, 1)} | {fps or '-'} | {number(ratio, 2)} |"
             )
-            reference_path = stem.with_name(stem.name + ".reference.json")
+            reference_path = run.file(".reference.json")
             if reference_path.exists():
                 reference = json.loads(reference_path.read_text())
                 comparisons.append((dataset, size, reference))
@@ -85,20 +97,16 @@ def main():
     print("| PatchCore on deeppcb-boards | bank rows | image AUROC | F1 at calibrated threshold | best F1 | training (s) | FPS |")
     print("|---|---|---|---|---|---|---|")
     for variant in ["256", "512", "640-tile256"]:
-        stem = results / f"size-{variant}"
-        evaluation_path = stem.with_name(stem.name + ".eval.json")
-        if not evaluation_path.exists():
+        run = Run(work, f"size-{variant}")
+        if not run.found:
             continue
-        evaluation = json.loads(evaluation_path.read_text())
-        summary = evaluation["summary"]
-        manifest = json.loads((work / "models" / f"size-{variant}" / "manifest.json").read_text())
+        manifest = run.manifest
         tiling = manifest["metrics"].get("tiling")
         label = f"{manifest['input_size']}" + (f", {tiling['tiles']} tiles of {tiling['tile']}" if tiling else "")
-        train_ms = read(stem.with_name(stem.name + ".train_ms"))
         print(
-            f"| {label} | {manifest['metrics']['memory_bank']['rows']} | {number(summary['image_auroc'])} "
-            f"| {number(summary['image_f1'])} | {number(best_f1(evaluation['images']))} "
-            f"| {number(int(train_ms) / 1000 if train_ms else None, 1)} | {read(stem.with_name(stem.name + '.fps')) or '-'} |"
+            f"| {label} | {manifest['metrics']['memory_bank']['rows']} | {number(run.summary['image_auroc'])} "
+            f"| {number(run.summary['image_f1'])} | {number(run.best)} "
+            f"| {number(run.train_seconds, 1)} | {run.fps or '-'} |"
         )
     timing = read(results / "timing.train_ms")
     if timing:

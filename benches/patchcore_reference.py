@@ -117,6 +117,19 @@ class Rng:
 
 
 PROJECTION_DIM = 128
+MAX_CANDIDATES = 300_000
+
+
+def sample_candidates(patches, seed):
+    """The patches the coreset picks from: all of them, or, beyond MAX_CANDIDATES, each kept
+    with probability MAX_CANDIDATES / all, drawn in order from the product's generator (its
+    PatchSampler), so that large datasets still compare pick by pick."""
+    keep = MAX_CANDIDATES / max(len(patches), 1)
+    if keep >= 1.0:
+        return patches
+    rng = Rng(seed ^ 0xC04E5E7)
+    kept = [i for i in range(len(patches)) if float(rng.unit()) < keep]
+    return patches[kept]
 
 
 def greedy_coreset(patches, count, seed):
@@ -229,7 +242,8 @@ def main():
     embed = Embedder(args.backbone, args.size)
     patches = np.concatenate([embed(p)[0] for p in training])
     rows = args.rows if args.rows else max(1, int(round(args.ratio * len(patches))))
-    bank = patches[greedy_coreset(patches, rows, args.seed)]
+    candidates = sample_candidates(patches, args.seed)
+    bank = candidates[greedy_coreset(candidates, rows, args.seed)]
     results = {"normal": {}, "anomalous": {}}
     for label in results:
         for path in image_files(getattr(args, label)):

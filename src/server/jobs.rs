@@ -170,6 +170,14 @@ impl TrainPayload {
     }
 }
 
+/// `[flag, value]` when there is a value, nothing otherwise: settings left to the trainer's
+/// defaults are not passed on.
+fn optional_flag(flag: &str, value: Option<usize>) -> Vec<String> {
+    value
+        .map(|value| vec![flag.to_string(), value.to_string()])
+        .unwrap_or_default()
+}
+
 /// A job record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
@@ -518,29 +526,11 @@ async fn train(
         .arg(dataset.join("normal"))
         .args(["--model", &payload.model_name])
         .args(["--backbone", &payload.backbone])
-        .args(
-            payload
-                .input_size
-                .map(|size| ["--image-size".to_string(), size.to_string()])
-                .into_iter()
-                .flatten(),
-        )
+        .args(optional_flag("--image-size", payload.input_size))
         .args(["--seed", &payload.seed.to_string()])
-        .args(
-            payload
-                .tile
-                .map(|tile| ["--tile".to_string(), tile.to_string()])
-                .into_iter()
-                .flatten(),
-        )
+        .args(optional_flag("--tile", payload.tile))
         .args(["--padim-channels", &payload.padim_channels.to_string()])
-        .args(
-            payload
-                .memory_bank
-                .map(|rows| ["--memory-bank".to_string(), rows.to_string()])
-                .into_iter()
-                .flatten(),
-        )
+        .args(optional_flag("--memory-bank", payload.memory_bank))
         .arg("--snapshots")
         .arg(data_dir.join("snapshots"))
         .arg("--out")

@@ -55,22 +55,22 @@ pub fn run_model(
     progress: &mut dyn FnMut(f32),
 ) -> Result<Vec<ImageOutputs>, TrainError> {
     let mut results = Vec::with_capacity(files.len());
-    run_model_each(model_xml, files, input_size, progress, &mut |_, outputs| {
+    run_model_each(model_xml, files, input_size, progress, &mut |outputs| {
         results.push(outputs);
         Ok(())
     })?;
     Ok(results)
 }
 
-/// Like [`run_model`], but hands each image's outputs to `consume` (with the image's index, in
-/// file order) as soon as they and those of every earlier image are in, instead of keeping them
-/// all: training keeps only what it needs of each image's features.
+/// Like [`run_model`], but hands each image's outputs to `consume`, in file order, as soon as
+/// they and those of every earlier image are in, instead of keeping them all: training keeps
+/// only what it needs of each image's features.
 pub fn run_model_each(
     model_xml: &Path,
     files: &[PathBuf],
     input_size: usize,
     progress: &mut dyn FnMut(f32),
-    consume: &mut dyn FnMut(usize, ImageOutputs) -> Result<(), TrainError>,
+    consume: &mut dyn FnMut(ImageOutputs) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
     if files.is_empty() {
         return Ok(());
@@ -129,7 +129,7 @@ pub fn run_model_each(
                 waiting.insert(index, outputs);
                 while let Some(outputs) = waiting.remove(&next) {
                     if consumed.is_ok() {
-                        consumed = consume(next, outputs);
+                        consumed = consume(outputs);
                     }
                     next += 1;
                     progress(next as f32 / files.len() as f32);

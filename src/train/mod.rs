@@ -188,19 +188,15 @@ enum Head {
 fn network_with_embedding(
     config: &TrainConfig,
     input_size: usize,
+    tiling: Option<&Tiling>,
     padim_indices: &[usize],
 ) -> Result<(IrGraph, Output), TrainError> {
-    let tiling = config
-        .tile
-        .map(|tile| Tiling::new(input_size, tile))
-        .transpose()
-        .map_err(TrainError::Invalid)?;
-    let mut network = config.backbone.network_tiled(input_size, tiling.as_ref())?;
+    let mut network = config.backbone.network_tiled(input_size, tiling)?;
     let mut embedded = match config.architecture {
         Architecture::Padim => padim::embedding(&mut network, padim_indices),
         Architecture::Patchcore => patchcore::embedding(&mut network),
     };
-    if let Some(tiling) = &tiling {
+    if let Some(tiling) = tiling {
         embedded = tiling.stitch(&mut network.graph, embedded, 8, "tiling/stitched");
     }
     Ok((network.graph, embedded))
@@ -295,7 +291,13 @@ fn train_in(
     // same graph with the head appended instead of the `embedding` output.
     let [c8, c16] = config.backbone.feature_channels();
     let padim_indices = padim::channel_subset(c8 + c16, config.padim_channels, config.seed);
-    let (mut graph, embedded) = network_with_embedding(config, input_size, &padim_indices)?;
+    let tiling = config
+        .tile
+        .map(|tile| Tiling::new(input_size, tile))
+        .transpose()
+        .map_err(TrainError::Invalid)?;
+    let (mut graph, embedded) =
+        network_with_embedding(config, input_size, tiling.as_ref(), &padim_indices)?;
     let shape = graph.shape(embedded).to_vec();
     let mut embedding_graph = graph.clone();
     embedding_graph.result("embedding", embedded);
@@ -335,7 +337,7 @@ fn train_in(
                 &training,
                 input_size,
                 &mut features_progress,
-                &mut |_, mut outputs| patches.add(&outputs.remove("embedding").unwrap_or_default()),
+                &mut |mut outputs| patches.add(&outputs.remove("embedding").unwrap_or_default()),
             )?;
             Head::Patchcore(patchcore::fit(
                 patches,
@@ -388,9 +390,8 @@ fn train_in(
         "calibration": calibration,
         "training_seconds": started.elapsed().as_secs_f64(),
     });
-    if let Some(tile) = config.tile {
-        let tiles = Tiling::new(input_size, tile).map_or(0, |tiling| tiling.count());
-        metrics["tiling"] = serde_json::json!({"tile": tile, "tiles": tiles});
+    if let Some(tiling) = &tiling {
+        metrics["tiling"] = serde_json::json!({"tile": tiling.tile, "tiles": tiling.count()});
     }
     if let Head::Patchcore(bank) = &head {
         metrics["memory_bank"] = serde_json::json!({
