@@ -649,6 +649,22 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             .contains("tile: 256 must be smaller than input_size 256"),
         "{body}"
     );
+    for hostile in [
+        json!({"model_name": "patchcore", "tile": 10}),
+        json!({"model_name": "patchcore", "tile": 1_000_000_000_000u64}),
+        json!({"model_name": "patchcore", "memory_bank": 0}),
+        json!({"model_name": "patchcore", "input_size": 4096}),
+        json!({"model_name": "patchcore", "tile": -64}),
+    ] {
+        let (status, body) = call(
+            http.post(server.url(&format!("/api/projects/{project}/train")))
+                .json(&hostile),
+        );
+        assert!(
+            status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::BAD_REQUEST,
+            "{hostile}: {status} {body}"
+        );
+    }
     let (status, job) = call(
         http.post(server.url(&format!("/api/projects/{project}/train")))
             .json(&json!({"model_name": "padim", "input_size": 64, "name": "caps v1"})),
