@@ -56,8 +56,19 @@ enum Command {
         #[command(flatten)]
         reading: GraphReading,
     },
-    /// List the operators with their ports.
-    Operators,
+    /// List the operators with their ports, print their reference table as Markdown, or write
+    /// it into the README (between its `operators:begin` / `operators:end` markers).
+    Operators {
+        /// Print the reference table (Markdown) instead of the list.
+        #[arg(long)]
+        markdown: bool,
+        /// Rewrite the generated region of this file (the README).
+        #[arg(long)]
+        readme: Option<PathBuf>,
+        /// With --readme: only check that the region is up to date; exit non-zero when stale.
+        #[arg(long, requires = "readme")]
+        check: bool,
+    },
     /// List the pretrained backbones and whether their weights are installed, or export one as
     /// OpenVINO IR.
     Backbones {
@@ -222,10 +233,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Operators => {
-            list_operators(&registry);
-            ExitCode::SUCCESS
-        }
+        Command::Operators {
+            markdown,
+            readme,
+            check,
+        } => match readme {
+            Some(readme) => operators_readme(&registry, &readme, check),
+            None if markdown => {
+                print!("{}", graph::reference::operators_markdown(&registry));
+                ExitCode::SUCCESS
+            }
+            None => {
+                list_operators(&registry);
+                ExitCode::SUCCESS
+            }
+        },
         Command::Schemas { out, check } => schemas(&registry, &out, check),
         Command::Migrate { data_dir } => report(
             inspectflow::server::store::Store::open(&data_dir)
@@ -441,6 +463,35 @@ fn list_operators(registry: &Registry) {
             descriptor.kind.name()
         );
         println!("    {}", descriptor.summary);
+    }
+}
+
+fn operators_readme(registry: &Registry, readme: &std::path::Path, check: bool) -> ExitCode {
+    let result = if check {
+        graph::reference::is_current(readme, registry).inspect(|&current| {
+            if !current {
+                eprintln!(
+                    "stale: {}; run `inspectflow operators --readme {}` and commit the result",
+                    readme.display(),
+                    readme.display()
+                );
+            }
+        })
+    } else {
+        graph::reference::update(readme, registry).map(|changed| {
+            if changed {
+                println!("wrote the operator reference into {}", readme.display());
+            }
+            true
+        })
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use inspectflow::graph::schema;
+use inspectflow::graph::{reference, schema};
 use inspectflow::operators::Registry;
 
 fn binary() -> Command {
@@ -163,6 +163,106 @@ fn checked_in_schemas_match_the_code() {
     assert!(
         stale.is_empty(),
         "schemas/ is stale ({stale:?}): run `cargo run -- schemas --out schemas` and commit"
+    );
+}
+
+#[test]
+fn the_readme_operator_reference_matches_the_registry() {
+    let readme = repo_path("README.md");
+    let current = reference::is_current(&readme, &Registry::builtin()).expect("README has markers");
+    assert!(
+        current,
+        "README.md's operator reference is stale: run `cargo run -- operators --readme README.md` and commit"
+    );
+    let text = std::fs::read_to_string(&readme).expect("README");
+    for descriptor in Registry::builtin().iter() {
+        assert!(
+            text.contains(&format!(
+                "| `{}` | {} | {} |",
+                descriptor.name,
+                descriptor.kind.name(),
+                descriptor.summary
+            )),
+            "{} is in the table",
+            descriptor.name
+        );
+    }
+    let output = binary()
+        .args(["operators", "--readme"])
+        .arg(&readme)
+        .arg("--check")
+        .output()
+        .expect("runs");
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn a_stale_operator_reference_fails_the_check_and_is_rewritten() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let readme = dir.path().join("README.md");
+    std::fs::write(
+        &readme,
+        format!(
+            "# x\n\n{}\n| `old` | sink | gone |\n{}\n",
+            reference::BEGIN,
+            reference::END
+        ),
+    )
+    .expect("write");
+    let check = || {
+        binary()
+            .args(["operators", "--check", "--readme"])
+            .arg(&readme)
+            .output()
+            .expect("runs")
+    };
+    let stale = check();
+    assert!(!stale.status.success());
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("operators --readme"),
+        "{stale:?}"
+    );
+    let written = binary()
+        .args(["operators", "--readme"])
+        .arg(&readme)
+        .output()
+        .expect("runs");
+    assert!(written.status.success(), "{written:?}");
+    assert!(check().status.success());
+    let text = std::fs::read_to_string(&readme).expect("read");
+    assert!(!text.contains("`old`") && text.contains("| `source.synthetic` | source |"));
+}
+
+#[test]
+fn validate_refuses_operator_rules_that_used_to_fail_only_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(
+        &file,
+        "nodes:
+  - {id: cam, op: source.synthetic, params: {width: 32, height: 32}}
+  - {id: overlay, op: heatmap, params: {alpha: 1.5}}
+  - {id: hook, op: sink.webhook, params: {url: 'http://127.0.0.1:9/', initial_backoff_ms: 5000, max_backoff_ms: 100}}
+  - {id: out, op: sink.null}
+edges:
+  - {from: cam, to: hook}
+  - {from: cam, to: out}
+  - {from: overlay, to: out}
+",
+    )
+    .expect("write");
+    let output = binary().arg("validate").arg(&file).output().expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("node 'overlay': field 'params.alpha'"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "node 'hook': field 'params.max_backoff_ms': must not be below initial_backoff_ms (5000), got 100"
+        ),
+        "{stderr}"
     );
 }
 

@@ -1507,3 +1507,61 @@ fn jobs_queue_one_at_a_time_and_cancel_while_pending_or_running_registers_nothin
         "no leftovers"
     );
 }
+
+/// The API refuses what `inspectflow validate` refuses: operator rules that need code (a
+/// heatmap's alpha, a backoff out of order) in a graph document and in a stored sink, each
+/// naming the node or the config field, before anything starts.
+#[test]
+fn operator_rules_are_refused_by_the_api_naming_node_and_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&dir.path().join("data"), None);
+    let http = client();
+    let project = create_project(&http, &server, "rules");
+    let (status, body) = call(
+        http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+            .json(&json!({"name": "rules", "graph": {"name": "rules", "nodes": [
+                {"id": "camera", "op": "source.synthetic", "params": {"width": 32, "height": 32}},
+                {"id": "overlay", "op": "heatmap", "params": {"alpha": 1.5}},
+                {"id": "hook", "op": "sink.webhook", "params": {
+                    "url": "http://127.0.0.1:9/hook", "initial_backoff_ms": 5000, "max_backoff_ms": 100
+                }},
+                {"id": "out", "op": "sink.null"}
+            ], "edges": [
+                {"from": "camera", "to": "hook"},
+                {"from": "camera", "to": "out"},
+                {"from": "overlay", "to": "out"}
+            ]}})),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let errors = body["errors"].as_array().expect("errors");
+    for (node, field) in [
+        ("overlay", "params.alpha"),
+        ("hook", "params.max_backoff_ms"),
+    ] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e["node"] == node && e["field"] == field),
+            "{node} {field}: {errors:?}"
+        );
+    }
+
+    let (status, body) = call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "hook", "type": "webhook",
+        "config": {"url": "http://127.0.0.1:9/hook", "initial_backoff_ms": 5000, "max_backoff_ms": 100}
+    })));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("config.max_backoff_ms: must not be below initial_backoff_ms"),
+        "{detail}"
+    );
+    let (status, body) = call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "hook", "type": "webhook", "config": {"url": "http://127.0.0.1:9/hook"}
+    })));
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the defaults are in order: {body}"
+    );
+}

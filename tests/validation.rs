@@ -339,3 +339,109 @@ edges:
     assert_eq!(policies, vec!["drop_oldest", "block"]);
     assert!(graph.edges.iter().all(|e| e.capacity == 4));
 }
+
+/// Rules that need code (an operator's `validate` hook) are checked by validation, not first at
+/// start: each error names the node and the field, located at the value's line.
+#[test]
+fn operator_rules_beyond_the_schema_are_refused_naming_node_and_field() {
+    let yaml = "nodes:
+  - {id: cam, op: source.synthetic, params: {width: 32, height: 32}}
+  - id: overlay
+    op: heatmap
+    params: {alpha: 1.5}
+  - id: hook
+    op: sink.webhook
+    params:
+      url: http://127.0.0.1:9/hook
+      initial_backoff_ms: 5000
+      max_backoff_ms: 100
+  - id: broker
+    op: sink.mqtt
+    params: {host: 127.0.0.1, topic: line, password: secret}
+  - id: pre
+    op: preprocess
+    params: {width: 8, height: 8, std: [1.0, 0.0, 1.0]}
+  - {id: out, op: sink.null}
+edges:
+  - {from: cam, to: hook}
+  - {from: cam, to: broker}
+  - {from: cam, to: pre}
+  - {from: pre, to: out}
+  - {from: overlay, to: out}
+";
+    let errors = errors_of(yaml);
+    let alpha = error_for(&errors, Some("overlay"), "params.alpha");
+    assert!(alpha.message.contains("1.5"), "{}", alpha.message);
+    assert_eq!(alpha.line, Some(5));
+    let backoff = error_for(&errors, Some("hook"), "params.max_backoff_ms");
+    assert!(
+        backoff
+            .message
+            .contains("must not be below initial_backoff_ms"),
+        "{}",
+        backoff.message
+    );
+    assert_eq!(backoff.line, Some(11), "located at the value");
+    assert_eq!(
+        backoff.to_string(),
+        "line.yaml:11:7: node 'hook': field 'params.max_backoff_ms': must not be below \
+         initial_backoff_ms (5000), got 100"
+    );
+    let user = error_for(&errors, Some("broker"), "params.username");
+    assert!(
+        user.message.contains("needs a user name"),
+        "{}",
+        user.message
+    );
+    let std = error_for(&errors, Some("pre"), "params.std[1]");
+    assert!(std.message.contains("non-zero"), "{}", std.message);
+}
+
+/// The same rules run when a pipeline starts (building an operator), so a graph that skipped
+/// validation cannot start with them broken either.
+#[test]
+fn building_an_operator_applies_its_rules_too() {
+    use inspectflow::operators::{BuildContext, OpError, Registry};
+    let descriptor = Registry::shared().get("sink.webhook").expect("registered");
+    let error = descriptor
+        .build(
+            serde_json::json!({"url": "http://127.0.0.1:9/", "initial_backoff_ms": 50, "max_backoff_ms": 10}),
+            &BuildContext::new("hook"),
+        )
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&error, OpError::InvalidParam { field, .. } if field == "max_backoff_ms"),
+        "{error}"
+    );
+}
+
+#[cfg(feature = "gstreamer")]
+#[test]
+fn nested_and_video_operator_rules_name_the_dotted_field() {
+    let yaml = "nodes:
+  - id: cam
+    op: source.usb_camera
+    params:
+      width: 0
+  - id: ip
+    op: source.ip_camera
+    params:
+      url: rtsp://127.0.0.1:8554/cam
+      reconnect: {initial_backoff_ms: 2000, max_backoff_ms: 100}
+  - id: video
+    op: encode.h264
+    params: {preset: fastest}
+  - {id: out, op: sink.null}
+edges:
+  - {from: cam, to: video}
+  - {from: ip, to: out}
+  - {from: video, to: out}
+";
+    let errors = errors_of(yaml);
+    error_for(&errors, Some("cam"), "params.width");
+    let reconnect = error_for(&errors, Some("ip"), "params.reconnect.max_backoff_ms");
+    assert_eq!(reconnect.line, Some(10));
+    let preset = error_for(&errors, Some("video"), "params.preset");
+    assert!(preset.message.contains("veryfast"), "{}", preset.message);
+}

@@ -6,7 +6,9 @@
 //! - [`pool`]: the buffer pools behind them;
 //! - [`params`]: file and folder parameters, declared so that one check confines them all;
 //! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
-//! - [`registry`]: operator descriptors (ports, parameter schema, factory) and the registry;
+//! - [`registry`]: operator descriptors (ports, parameter schema and rules, health check,
+//!   factory) and the registry;
+//! - [`retry`]: the retry and backoff settings of every operator that reconnects or retries;
 //! - [`source`], [`transform`], [`sink`]: one module per operator family;
 //! - [`video`]: GStreamer-backed video sources and sinks (feature `gstreamer`, on by default);
 //! - [`url`]: credentials out of URLs, and their redacted form for logs and responses;
@@ -24,6 +26,7 @@ pub mod packet;
 pub mod params;
 pub mod pool;
 pub mod registry;
+pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod transform;
@@ -39,4 +42,5 @@ pub use contract::{
 };
 pub use packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout};
 pub use pool::{BufferPool, PoolStats, PooledBuffer};
-pub use registry::{OperatorDescriptor, Registry, simplify_enum_schemas};
+pub use registry::{BuildContext, OperatorDescriptor, ParamError, Registry, simplify_enum_schemas};
+pub use retry::RetrySettings;

@@ -1,13 +1,16 @@
 //! The operator registry: every operator a graph file may name, with its kind, typed ports,
-//! parameter schema and a factory that builds it from validated parameters.
+//! parameter schema, the rules on its parameters that need code, an optional health check and a
+//! factory that builds it from validated parameters.
 //!
 //! Parameters are plain serde structs with `deny_unknown_fields` and a JSON Schema derived by
 //! schemars, so the schema published in `schemas/`, the validation of graph files and the struct
-//! the operator receives can never disagree. Programs that embed the engine can register their own
-//! operators next to the built-in ones.
+//! the operator receives can never disagree. Rules a schema cannot express (one field against
+//! another, a name from a list known only to the code) are the descriptor's `validate` hook, which
+//! `inspectflow validate`, the API and the start of a pipeline all run. Programs that embed the
+//! engine can register their own operators next to the built-in ones.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -17,10 +20,82 @@ use crate::contract::{
 };
 use crate::params::{ParamPath, file_parameter_paths};
 
-type BuildFn = dyn Fn(Value, &str) -> Result<OperatorInstance, OpError> + Send + Sync;
-type CheckFn = dyn Fn(&Value) -> Result<(), String> + Send + Sync;
+type BuildFn = dyn Fn(Value, &BuildContext) -> Result<OperatorInstance, OpError> + Send + Sync;
+type CheckFn = dyn Fn(&Value) -> Result<(), ParamError> + Send + Sync;
 type LiveFn = dyn Fn(&Value) -> bool + Send + Sync;
 type TypedLiveFn<P> = dyn Fn(&P) -> bool + Send + Sync;
+type TypedRuleFn<P> = dyn Fn(&P) -> Result<(), ParamError> + Send + Sync;
+
+/// A parameter value that breaks one of its operator's rules: the field, as a dotted path inside
+/// the node's `params` (`alpha`, `reconnect.max_backoff_ms`, `std[1]`; empty for the parameters
+/// as a whole), and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    /// Dotted path of the field inside `params`; empty for the whole.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ParamError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same error for a field nested in `parent` (`reconnect` + `max_backoff_ms` →
+    /// `reconnect.max_backoff_ms`).
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            parent.to_string()
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+impl From<ParamError> for OpError {
+    fn from(error: ParamError) -> Self {
+        let field = if error.field.is_empty() {
+            "params".to_string()
+        } else {
+            error.field
+        };
+        OpError::param(field, error.message)
+    }
+}
+
+/// What a factory receives besides its parameters. Today that is the node being built; this is
+/// the place through which operators will receive what the engine shares between them (a model
+/// instance shared by several nodes, for one), so that adding such a resource changes no
+/// factory's signature.
+#[non_exhaustive]
+pub struct BuildContext<'a> {
+    /// Id of the node being built (the default stream id of sources, the name in errors).
+    pub node_id: &'a str,
+}
+
+impl<'a> BuildContext<'a> {
+    /// The context for building node `node_id`.
+    pub fn new(node_id: &'a str) -> Self {
+        Self { node_id }
+    }
+}
 
 /// Everything the engine knows about one operator.
 pub struct OperatorDescriptor {
@@ -37,8 +112,11 @@ pub struct OperatorDescriptor {
     /// Whether the node may be given a `batch` setting.
     pub supports_batching: bool,
     schema: Value,
+    /// The parameter schema compiled, once, on first use.
+    validator: OnceLock<Result<jsonschema::Validator, String>>,
     file_parameters: Vec<ParamPath>,
     check: Box<CheckFn>,
+    health: Option<Box<CheckFn>>,
     live: Box<LiveFn>,
     build: Box<BuildFn>,
 }
@@ -61,12 +139,23 @@ impl OperatorDescriptor {
             outputs: Vec::new(),
             supports_batching: false,
             live: None,
+            validate: None,
+            health: None,
         }
     }
 
     /// JSON Schema (2020-12) of the parameters.
     pub fn params_schema(&self) -> &Value {
         &self.schema
+    }
+
+    /// The parameter schema compiled into a validator, once per descriptor (the error says why
+    /// the schema does not compile, which would be a bug in the operator).
+    pub fn params_validator(&self) -> Result<&jsonschema::Validator, &str> {
+        self.validator
+            .get_or_init(|| jsonschema::validator_for(&self.schema).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(String::as_str)
     }
 
     /// Where the parameters name files and folders (schema `format: path`), for confining them.
@@ -79,9 +168,27 @@ impl OperatorDescriptor {
         crate::params::file_parameters(&self.file_parameters, params)
     }
 
-    /// Deserializes the parameters without building anything; the error names the field.
-    pub fn check_params(&self, params: &Value) -> Result<(), String> {
+    /// Deserializes the parameters and applies the operator's rules (its `validate` hook)
+    /// without building anything or touching files, devices or the network; the error names the
+    /// field. `inspectflow validate`, the API and the start of a pipeline all run this.
+    pub fn check_params(&self, params: &Value) -> Result<(), ParamError> {
         (self.check)(params)
+    }
+
+    /// Whether the operator declares a health check.
+    pub fn has_health_check(&self) -> bool {
+        self.health.is_some()
+    }
+
+    /// Whether what the parameters point at can be reached now (a source's file or folder
+    /// exists, its camera device exists, its camera's host accepts a connection); `Ok` for
+    /// operators without a health check. May block for a few seconds (a network connection), so
+    /// call it off async workers.
+    pub fn health(&self, params: &Value) -> Result<(), ParamError> {
+        match &self.health {
+            Some(health) => health(params),
+            None => Ok(()),
+        }
     }
 
     /// Whether a source with these parameters is live (paced by the outside world, so that its
@@ -90,10 +197,15 @@ impl OperatorDescriptor {
         (self.live)(params)
     }
 
-    /// Builds the operator for node `node_id`. Opens files and devices, so errors here are real
-    /// run-time conditions (a missing directory), not schema violations.
-    pub fn build(&self, params: Value, node_id: &str) -> Result<OperatorInstance, OpError> {
-        (self.build)(params, node_id)
+    /// Builds the operator for the node in `context`, after applying the same rules as
+    /// [`check_params`](Self::check_params). Opens files and devices, so other errors here are
+    /// real run-time conditions (a missing directory), not parameter mistakes.
+    pub fn build(
+        &self,
+        params: Value,
+        context: &BuildContext,
+    ) -> Result<OperatorInstance, OpError> {
+        (self.build)(params, context)
     }
 }
 
@@ -106,6 +218,8 @@ pub struct DescriptorBuilder<P> {
     outputs: Vec<OutputPort>,
     supports_batching: bool,
     live: Option<Box<TypedLiveFn<P>>>,
+    validate: Option<Box<TypedRuleFn<P>>>,
+    health: Option<Box<TypedRuleFn<P>>>,
 }
 
 impl<P> DescriptorBuilder<P>
@@ -136,10 +250,31 @@ where
         self
     }
 
+    /// Declares the rules on the parameters that the schema cannot express (a pure function of
+    /// the parameters: no files, devices, network or environment). Validation and the start of
+    /// a pipeline run them; the factory only ever sees parameters that pass.
+    pub fn validate(
+        mut self,
+        rules: impl Fn(&P) -> Result<(), ParamError> + Send + Sync + 'static,
+    ) -> Self {
+        self.validate = Some(Box::new(rules));
+        self
+    }
+
+    /// Declares a health check: whether what the parameters point at can be reached now (a
+    /// source's file, folder, device or host). The server runs it when a source is stored.
+    pub fn health_check(
+        mut self,
+        check: impl Fn(&P) -> Result<(), ParamError> + Send + Sync + 'static,
+    ) -> Self {
+        self.health = Some(Box::new(check));
+        self
+    }
+
     /// Finishes the descriptor with the factory that builds the operator.
     pub fn build_with(
         self,
-        build: impl Fn(P, &str) -> Result<OperatorInstance, OpError> + Send + Sync + 'static,
+        build: impl Fn(P, &BuildContext) -> Result<OperatorInstance, OpError> + Send + Sync + 'static,
     ) -> OperatorDescriptor {
         let mut schema = schemars::schema_for!(P).to_value();
         simplify_enum_schemas(&mut schema);
@@ -151,7 +286,18 @@ where
             map.insert("description".into(), Value::String(self.summary.into()));
         }
         let live = self.live;
+        let rules: Arc<TypedRuleFn<P>> = match self.validate {
+            Some(rules) => Arc::from(rules),
+            None => Arc::new(|_: &P| Ok(())),
+        };
+        let parse = |params: Value| {
+            serde_json::from_value::<P>(params).map_err(|e| ParamError::new("", e.to_string()))
+        };
+        let health = self.health.map(|health| -> Box<CheckFn> {
+            Box::new(move |params| health(&parse(params.clone())?))
+        });
         let file_parameters = file_parameter_paths(&schema);
+        let check_rules = Arc::clone(&rules);
         OperatorDescriptor {
             name: self.name,
             kind: self.kind,
@@ -160,22 +306,20 @@ where
             outputs: self.outputs,
             supports_batching: self.supports_batching,
             schema,
+            validator: OnceLock::new(),
             file_parameters,
-            check: Box::new(|params| {
-                serde_json::from_value::<P>(params.clone())
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }),
+            check: Box::new(move |params| check_rules(&parse(params.clone())?)),
+            health,
             live: Box::new(move |params| {
                 match (&live, serde_json::from_value::<P>(params.clone())) {
                     (Some(live), Ok(parsed)) => live(&parsed),
                     _ => false,
                 }
             }),
-            build: Box::new(move |params, node_id| {
-                let parsed = serde_json::from_value::<P>(params)
-                    .map_err(|e| OpError::param("params", e.to_string()))?;
-                build(parsed, node_id)
+            build: Box::new(move |params, context| {
+                let parsed = parse(params)?;
+                rules(&parsed)?;
+                build(parsed, context)
             }),
         }
     }
@@ -195,8 +339,20 @@ impl Registry {
         }
     }
 
-    /// A registry holding every built-in operator.
+    /// The built-in operators, built once per process: validation, the server and the command
+    /// line all read this one (with each operator's schema compiled once).
+    pub fn shared() -> &'static Registry {
+        static BUILTIN: LazyLock<Registry> = LazyLock::new(Registry::build_builtin);
+        &BUILTIN
+    }
+
+    /// A registry holding every built-in operator, to which a program may add its own: a copy of
+    /// [`Registry::shared`] (the descriptors themselves are shared, not rebuilt).
     pub fn builtin() -> Self {
+        Self::shared().clone()
+    }
+
+    fn build_builtin() -> Self {
         let mut registry = Self::empty();
         for descriptor in [
             crate::source::synthetic::descriptor(),
@@ -336,6 +492,40 @@ mod tests {
         assert_eq!(registry.suggest("preproces"), Some("preprocess"));
         assert_eq!(registry.suggest("sink.folde"), Some("sink.folder"));
         assert_eq!(registry.suggest("completely.different"), None);
+    }
+
+    #[test]
+    fn the_builtin_registry_is_built_once_and_each_schema_compiles_once() {
+        assert!(std::ptr::eq(Registry::shared(), Registry::shared()));
+        let copy = Registry::builtin();
+        for descriptor in Registry::shared().iter() {
+            let first = descriptor.params_validator().expect("compiles");
+            let again = copy
+                .get(descriptor.name)
+                .expect("same operators")
+                .params_validator()
+                .expect("compiles");
+            assert!(std::ptr::eq(first, again), "{}", descriptor.name);
+        }
+    }
+
+    #[test]
+    fn check_params_applies_the_validate_hook_and_names_the_field() {
+        let heatmap = Registry::shared().get("heatmap").expect("registered");
+        let error = heatmap
+            .check_params(&serde_json::json!({"alpha": 1.5}))
+            .expect_err("refused");
+        assert_eq!(error.field, "alpha");
+        assert_eq!(error.to_string(), "alpha: must be 0 to 1, got 1.5");
+        assert!(
+            heatmap
+                .check_params(&serde_json::json!({"alpha": 0.5}))
+                .is_ok()
+        );
+        let error = heatmap
+            .check_params(&serde_json::json!({"alpha": "high"}))
+            .expect_err("refused");
+        assert!(error.field.is_empty(), "{error}");
     }
 
     #[test]

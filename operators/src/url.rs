@@ -36,3 +36,47 @@ pub fn redact_url(url: &str) -> String {
     }
     shown
 }
+
+/// Host and port of a camera URL (`rtsp://user:pw@host:8554/path`), the scheme's port when none
+/// is given; `None` for a scheme other than RTSP(S) or HTTP(S), or without a host.
+pub fn host_and_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let default_port = match scheme {
+        "rtsp" => 554,
+        "rtsps" => 322,
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => Some((
+            host.trim_matches(['[', ']']).to_string(),
+            port.parse().ok()?,
+        )),
+        _ => Some((authority.trim_matches(['[', ']']).to_string(), default_port)),
+    }
+    .filter(|(host, _)| !host.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_and_port;
+
+    #[test]
+    fn camera_urls_give_host_and_port() {
+        assert_eq!(
+            host_and_port("rtsp://user:secret@10.0.0.5:8554/stream"),
+            Some(("10.0.0.5".into(), 8554))
+        );
+        assert_eq!(
+            host_and_port("http://camera.local/mjpeg"),
+            Some(("camera.local".into(), 80))
+        );
+        assert_eq!(host_and_port("rtsp:///x"), None);
+        assert_eq!(host_and_port("file:///x"), None);
+    }
+}

@@ -1,11 +1,13 @@
 //! Graph files: the model ([`spec`]), reading YAML/JSON with positions ([`parse`]), validation with
-//! precise errors ([`validate`]), JSON Schemas ([`schema`]) and DOT output ([`dot`]).
+//! precise errors ([`validate`]), JSON Schemas ([`schema`]), the README's operator reference
+//! ([`reference`]) and DOT output ([`dot`]).
 //!
 //! [`load`] is the entry point: file in, [`ValidatedGraph`] or every error at once out.
 
 pub mod dot;
 pub mod limits;
 pub mod parse;
+pub mod reference;
 pub mod schema;
 pub mod spec;
 pub mod validate;

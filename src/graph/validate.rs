@@ -87,6 +87,19 @@ fn dotted(segments: &[&str]) -> String {
     out
 }
 
+/// `reconnect.max_backoff_ms` → `reconnect/max_backoff_ms`, `std[1]` → `std/1`: a dotted field
+/// as JSON pointer segments, so that errors are located at the value itself.
+fn pointer_segments(field: &str) -> String {
+    field
+        .replace('[', ".")
+        .replace(']', "")
+        .split('.')
+        .filter(|segment| !segment.is_empty())
+        .map(|segment| segment.replace('~', "~0").replace('/', "~1"))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Validates the structure of a graph file against the schema of the graph model.
 fn structural_validator() -> &'static jsonschema::Validator {
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
@@ -214,9 +227,6 @@ pub fn validate(
 
     // 3. Node ids, operators and parameters.
     let mut first_by_id: HashMap<String, usize> = HashMap::new();
-    // One compiled parameter validator per operator, not per node.
-    let mut params_validators: HashMap<&str, Result<jsonschema::Validator, String>> =
-        HashMap::new();
     let mut validated: Vec<(usize, ValidatedNode)> = Vec::new();
     for (index, node) in &nodes {
         let pointer = format!("/nodes/{index}");
@@ -252,10 +262,8 @@ pub fn validate(
             continue;
         };
         let errors_before = report.errors.len();
-        let compiled = params_validators.entry(descriptor.name).or_insert_with(|| {
-            jsonschema::validator_for(descriptor.params_schema()).map_err(|e| e.to_string())
-        });
-        match compiled {
+        // Compiled once per operator and process, not per node or per validation.
+        match descriptor.params_validator() {
             Ok(validator) => report_schema_errors(
                 &mut report,
                 validator,
@@ -269,15 +277,19 @@ pub fn validate(
                 format!("operator schema is broken: {e}"),
             ),
         }
+        // The operator's own rules (its `validate` hook), once the schema is satisfied.
         if report.errors.len() == errors_before
-            && let Err(message) = descriptor.check_params(&node.params)
+            && let Err(error) = descriptor.check_params(&node.params)
         {
-            report.add(
-                &format!("{pointer}/params"),
-                Some(&node.id),
-                Some("params".into()),
-                message,
-            );
+            let (field, field_pointer) = if error.field.is_empty() {
+                ("params".to_string(), format!("{pointer}/params"))
+            } else {
+                (
+                    format!("params.{}", error.field),
+                    format!("{pointer}/params/{}", pointer_segments(&error.field)),
+                )
+            };
+            report.add(&field_pointer, Some(&node.id), Some(field), error.message);
         }
         if node.batch.is_some() && !descriptor.supports_batching {
             report.add(

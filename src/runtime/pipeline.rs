@@ -16,9 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inspectflow_operators::{
-    Emitter, EndpointHealth, Frame, Held, OpError, OperatorDescriptor, OperatorInstance,
-    OperatorKind, Packet, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal,
-    Transform,
+    BuildContext, Emitter, EndpointHealth, Frame, Held, OpError, OperatorDescriptor,
+    OperatorInstance, OperatorKind, Packet, Sink, SinkContext, Source, SourceContext, SourcePoll,
+    StopSignal, Transform,
 };
 
 use super::metrics::{
@@ -182,7 +182,10 @@ impl Pipeline {
         let mut instances = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
         for node in &graph.nodes {
-            match node.descriptor.build(node.params.clone(), &node.id) {
+            match node
+                .descriptor
+                .build(node.params.clone(), &BuildContext::new(&node.id))
+            {
                 Ok(instance) => instances.push(Some(instance)),
                 Err(error) => {
                     failures.push(failure_of(node, &error));
@@ -539,7 +542,10 @@ impl NodeRuntime {
         while Instant::now() < backoff && !self.control.aborted.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5).min(backoff - Instant::now()));
         }
-        match self.descriptor.build(self.params.clone(), &self.id) {
+        match self
+            .descriptor
+            .build(self.params.clone(), &BuildContext::new(&self.id))
+        {
             Ok(instance) => {
                 self.restarts_done += 1;
                 self.metrics.restarts.fetch_add(1, Ordering::Relaxed);

@@ -9,9 +9,7 @@
 //! the IP camera's host accepts a TCP connection), answering 422 when it is not. Changing or
 //! deleting one that a running pipeline uses answers 409.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -312,8 +310,7 @@ async fn check(
     }
     if kind == EndpointKind::Source {
         let config = body.config.clone();
-        let endpoint_type = body.endpoint_type.clone();
-        tokio::task::spawn_blocking(move || reachable(&endpoint_type, &config))
+        tokio::task::spawn_blocking(move || reachable(operator, &config))
             .await
             .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .map_err(invalid)?;
@@ -365,103 +362,16 @@ fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
     }
 }
 
-/// Whether a source can be reached now.
-fn reachable(endpoint_type: &str, config: &Value) -> Result<(), String> {
-    let text = |field: &str| {
-        config
-            .get(field)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-    };
-    match endpoint_type {
-        "video_file" => {
-            let path = Path::new(text("path"));
-            std::fs::File::open(path)
-                .map(|_| ())
-                .map_err(|e| format!("config.path: cannot open {}: {e}", path.display()))
-        }
-        "images_folder" => {
-            let path = Path::new(text("path"));
-            if path.is_dir() {
-                Ok(())
-            } else {
-                Err(format!("config.path: {} is not a folder", path.display()))
-            }
-        }
-        "usb_camera" => {
-            let device = match config.get("device") {
-                Some(Value::Number(index)) => format!("/dev/video{index}"),
-                Some(Value::String(path)) => path.clone(),
-                _ => "/dev/video0".into(),
-            };
-            if Path::new(&device).exists() {
-                Ok(())
-            } else {
-                Err(format!("config.device: no camera at {device}"))
-            }
-        }
-        "ip_camera" => {
-            let url = text("url");
-            let (host, port) = host_and_port(url).ok_or_else(|| {
-                format!(
-                    "config.url: cannot read a host from {}",
-                    crate::operators::url::redact_url(url)
-                )
-            })?;
-            let addresses = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                .map_err(|e| format!("config.url: cannot resolve {host}: {e}"))?;
-            for address in addresses {
-                if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(3)).is_ok() {
-                    return Ok(());
-                }
-            }
-            Err(format!(
-                "config.url: {host}:{port} does not accept connections"
-            ))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Host and port of a camera URL (`rtsp://user:pw@host:8554/path`).
-fn host_and_port(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split('/').next()?;
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let default_port = match scheme {
-        "rtsp" => 554,
-        "rtsps" => 322,
-        "http" => 80,
-        "https" => 443,
-        _ => return None,
-    };
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => Some((
-            host.trim_matches(['[', ']']).to_string(),
-            port.parse().ok()?,
-        )),
-        _ => Some((authority.trim_matches(['[', ']']).to_string(), default_port)),
-    }
-    .filter(|(host, _)| !host.is_empty())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::host_and_port;
-
-    #[test]
-    fn camera_urls_give_host_and_port() {
-        assert_eq!(
-            host_and_port("rtsp://user:secret@10.0.0.5:8554/stream"),
-            Some(("10.0.0.5".into(), 8554))
-        );
-        assert_eq!(
-            host_and_port("http://camera.local/mjpeg"),
-            Some(("camera.local".into(), 80))
-        );
-        assert_eq!(host_and_port("rtsp:///x"), None);
-        assert_eq!(host_and_port("file:///x"), None);
+/// Whether a source can be reached now: its operator's health check (the file or folder
+/// exists, the camera device exists, the camera's host accepts a connection).
+fn reachable(operator: &str, config: &Value) -> Result<(), String> {
+    match crate::operators::Registry::shared().get(operator) {
+        Some(descriptor) => descriptor
+            .health(config)
+            .map_err(|error| match error.field {
+                field if field.is_empty() => format!("config: {}", error.message),
+                field => format!("config.{field}: {}", error.message),
+            }),
+        None => Ok(()),
     }
 }

@@ -106,9 +106,9 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
             "Records packets.",
         )
         .input("in", PortType::Any)
-        .build_with(move |params, node_id| {
+        .build_with(move |params, context| {
             Ok(OperatorInstance::Sink(Box::new(Probe {
-                node: node_id.to_string(),
+                node: context.node_id.to_string(),
                 delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
                 keep_frames: params.keep_frames,
                 recordings: Arc::clone(&shared),
@@ -123,9 +123,9 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
             "Needs tensors.",
         )
         .input("in", PortType::Tensor)
-        .build_with(move |params, node_id| {
+        .build_with(move |params, context| {
             Ok(OperatorInstance::Sink(Box::new(Probe {
-                node: node_id.to_string(),
+                node: context.node_id.to_string(),
                 delay: Duration::from_secs_f64(params.sleep_ms / 1000.0),
                 keep_frames: params.keep_frames,
                 recordings: Arc::clone(&tensors),
@@ -140,7 +140,7 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
         )
         .input("in", PortType::Image)
         .output("out", OutputType::Fixed(PortType::Prediction))
-        .build_with(|params, _node_id| {
+        .build_with(|params, _context| {
             Ok(OperatorInstance::Transform(Box::new(Verdict {
                 params,
                 base: None,

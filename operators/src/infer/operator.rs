@@ -79,12 +79,12 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<InferParams>(
         "infer.openvino",
         OperatorKind::Transform,
-        "Runs an OpenVINO IR or ONNX model on each packet's tensor, several requests in flight, optionally batched.",
+        "Runs an OpenVINO IR or ONNX model on each packet's tensor with several requests in flight (`requests`), each result handed on as soon as its request completes (even when no more input comes); optional batching, device `CPU`, `GPU`, `NPU` or `AUTO`, latency or throughput hint, threads, streams, precision.",
     )
     .input("in", PortType::Tensor)
     .output("out", OutputType::Fixed(PortType::Inference))
     .batching()
-    .build_with(|params, _node_id| Ok(OperatorInstance::Transform(Box::new(Infer::new(params)?))))
+    .build_with(|params, _context| Ok(OperatorInstance::Transform(Box::new(Infer::new(params)?))))
 }
 
 fn model_error(error: ModelError) -> OpError {

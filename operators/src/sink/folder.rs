@@ -23,8 +23,8 @@ use crate::contract::{
 };
 use crate::packet::{Frame, Packet, PixelFormat};
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
-use crate::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
+use crate::registry::{OperatorDescriptor, ParamError};
+use crate::transform::encode::{EncodeParams, EncodeSource, JpegEncoder, check_quality};
 use crate::yuv;
 
 /// Image file format.
@@ -119,15 +119,36 @@ fn default_index_file() -> String {
     "results.jsonl".into()
 }
 
+impl FolderParams {
+    /// The rules the schema cannot express: a JPEG quality, plain file names, the dispatch
+    /// settings. (The folder itself is checked when the sink is built.)
+    pub fn validate(&self) -> Result<(), ParamError> {
+        check_quality("quality", self.quality)?;
+        for (field, value) in [
+            ("file_pattern", &self.file_pattern),
+            ("index_file", &self.index_file),
+        ] {
+            if value.contains(['/', '\\']) || value == ".." || value.is_empty() {
+                return Err(ParamError::new(
+                    field,
+                    format!("'{value}' must be a plain file name"),
+                ));
+            }
+        }
+        self.dispatch.validate()
+    }
+}
+
 /// The registry entry.
 pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<FolderParams>(
         "sink.folder",
         OperatorKind::Sink,
-        "Writes each frame as an image file (atomically) and one JSON line per frame to an index file.",
+        "Writes the images a result asks for (JPEG, PNG or none; already-encoded JPEG bytes as they are) under a temporary name and renames them, and appends one prediction message per result to the index file once its images are in place; retention by count or bytes.",
     )
     .input("in", PortType::Image)
-    .build_with(|params, _node_id| Ok(OperatorInstance::Sink(Box::new(FolderSink::open(params)?))))
+    .validate(FolderParams::validate)
+    .build_with(|params, _context| Ok(OperatorInstance::Sink(Box::new(FolderSink::open(params)?))))
 }
 
 /// The running sink.
@@ -154,20 +175,7 @@ pub struct FolderSink {
 impl FolderSink {
     /// Checks that the directory exists (or creates it) and is writable, and opens the index.
     pub fn open(mut params: FolderParams) -> Result<Self, OpError> {
-        if !(1..=100).contains(&params.quality) {
-            return Err(OpError::param("quality", "must be between 1 and 100"));
-        }
-        for (field, value) in [
-            ("file_pattern", &params.file_pattern),
-            ("index_file", &params.index_file),
-        ] {
-            if value.contains(['/', '\\']) || value == ".." || value.is_empty() {
-                return Err(OpError::param(
-                    field,
-                    format!("'{value}' must be a plain file name"),
-                ));
-            }
-        }
+        params.validate()?;
         let dir = &params.path;
         if !dir.exists() {
             if params.create {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::contract::{EndpointHealth, OpError};
 pub use crate::packet::Label;
 use crate::packet::{Frame, Packet};
+use crate::registry::ParamError;
 use crate::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 
 /// A part a result message can carry (the names Geti Inspect's users know).
@@ -44,6 +45,28 @@ pub struct DispatchParams {
     pub only_anomalous: bool,
 }
 
+impl DispatchParams {
+    /// The rules the schema cannot express: something to send, a positive rate.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if self.output_formats.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ParamError::new(
+                "output_formats",
+                "lists nothing to send (use at least one of predictions, image_original, \
+                 image_with_predictions)",
+            ));
+        }
+        if let Some(hz) = self.rate_limit
+            && !(hz.is_finite() && hz > 0.0)
+        {
+            return Err(ParamError::new(
+                "rate_limit",
+                format!("{hz} is not a positive number of results per second"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A sink's dispatch decisions: which results go out and what they carry.
 pub struct Dispatch {
     formats: Vec<OutputFormat>,
@@ -54,30 +77,13 @@ pub struct Dispatch {
 impl Dispatch {
     /// Checks the settings; `default_formats` apply when `output_formats` is not given.
     pub fn new(params: DispatchParams, default_formats: &[OutputFormat]) -> Result<Self, OpError> {
-        let formats = params
-            .output_formats
-            .unwrap_or_else(|| default_formats.to_vec());
-        if formats.is_empty() {
-            return Err(OpError::param(
-                "output_formats",
-                "lists nothing to send (use at least one of predictions, image_original, \
-                 image_with_predictions)",
-            ));
-        }
-        let limiter = match params.rate_limit {
-            None => None,
-            Some(hz) if hz.is_finite() && hz > 0.0 => Some(RateLimiter::new(hz)),
-            Some(hz) => {
-                return Err(OpError::param(
-                    "rate_limit",
-                    format!("{hz} is not a positive number of results per second"),
-                ));
-            }
-        };
+        params.validate()?;
         Ok(Self {
-            formats,
+            formats: params
+                .output_formats
+                .unwrap_or_else(|| default_formats.to_vec()),
             only_anomalous: params.only_anomalous,
-            limiter,
+            limiter: params.rate_limit.map(RateLimiter::new),
         })
     }
 

@@ -34,7 +34,9 @@ use crate::contract::{
     StopSignal,
 };
 use crate::packet::Packet;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
+use crate::retry::RetrySettings;
+use crate::transform::encode::check_quality;
 
 /// TLS settings of `sink.mqtt`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
@@ -86,14 +88,9 @@ pub struct MqttParams {
     #[serde(default = "default_max_in_flight")]
     #[schemars(range(min = 1))]
     pub max_in_flight: u16,
-    /// First wait before reconnecting, in milliseconds; doubled after each failed attempt.
-    #[serde(default = "default_initial_backoff_ms")]
-    #[schemars(range(min = 1))]
-    pub initial_backoff_ms: u64,
-    /// Longest wait between reconnection attempts, in milliseconds.
-    #[serde(default = "default_max_backoff_ms")]
-    #[schemars(range(min = 1))]
-    pub max_backoff_ms: u64,
+    /// The wait between reconnection attempts (`initial_backoff_ms`, `max_backoff_ms`).
+    #[serde(flatten)]
+    pub retry: RetrySettings,
     /// At the end of a run, how long to wait for the broker to acknowledge what was sent.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
@@ -118,12 +115,6 @@ fn default_keep_alive_s() -> u64 {
 fn default_max_in_flight() -> u16 {
     100
 }
-fn default_initial_backoff_ms() -> u64 {
-    200
-}
-fn default_max_backoff_ms() -> u64 {
-    5_000
-}
 fn default_drain_timeout_ms() -> u64 {
     30_000
 }
@@ -131,15 +122,60 @@ fn default_image_quality() -> u8 {
     85
 }
 
+impl MqttParams {
+    /// The rules the schema cannot express: a QoS, a topic without wildcards, the backoff in
+    /// order, one way of giving the password and a user name with it, the dispatch settings and
+    /// the JPEG quality. (Whether `password_env` is set and `tls.ca_file` exists are checked
+    /// when the sink is built, where it runs.)
+    pub fn validate(&self) -> Result<(), ParamError> {
+        qos(self.qos)?;
+        if self.topic.contains(['+', '#']) || self.topic.is_empty() {
+            return Err(ParamError::new(
+                "topic",
+                format!(
+                    "'{}' is not a topic to publish to (no + or # wildcards)",
+                    self.topic
+                ),
+            ));
+        }
+        self.retry.validate()?;
+        if self.password.is_some() && self.password_env.is_some() {
+            return Err(ParamError::new(
+                "password_env",
+                "give either password or password_env, not both",
+            ));
+        }
+        if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
+            return Err(ParamError::new("username", "a password needs a user name"));
+        }
+        self.dispatch.validate()?;
+        check_quality("image_quality", self.image_quality)
+    }
+}
+
+/// The QoS level of a number.
+fn qos(level: u8) -> Result<QoS, ParamError> {
+    match level {
+        0 => Ok(QoS::AtMostOnce),
+        1 => Ok(QoS::AtLeastOnce),
+        2 => Ok(QoS::ExactlyOnce),
+        other => Err(ParamError::new(
+            "qos",
+            format!("{other} is not an MQTT QoS (0, 1 or 2)"),
+        )),
+    }
+}
+
 /// The registry entry.
 pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<MqttParams>(
         "sink.mqtt",
         OperatorKind::Sink,
-        "Publishes each result as a JSON prediction message to an MQTT broker (QoS 0-2, TLS, credentials), reconnecting by itself.",
+        "Publishes each result as a JSON prediction message to an MQTT broker (QoS 0-2, TLS, credentials), reconnecting by itself; nothing is lost across a broker restart with QoS 1.",
     )
     .input("in", PortType::Image)
-    .build_with(|params, _node_id| Ok(OperatorInstance::Sink(Box::new(MqttSink::new(params)?))))
+    .validate(MqttParams::validate)
+    .build_with(|params, _context| Ok(OperatorInstance::Sink(Box::new(MqttSink::new(params)?))))
 }
 
 /// Counters shared with the connection thread.
@@ -167,8 +203,7 @@ impl Progress {
 /// What the connection thread needs.
 struct ConnectionSettings {
     qos: QoS,
-    initial_backoff: Duration,
-    max_backoff: Duration,
+    retry: RetrySettings,
     broker: String,
 }
 
@@ -189,53 +224,20 @@ pub struct MqttSink {
 }
 
 impl MqttSink {
-    /// Checks the parameters (nothing connects before the pipeline runs).
+    /// Checks the parameters, the password's variable and the TLS authority's file (nothing
+    /// connects before the pipeline runs).
     pub fn new(mut params: MqttParams) -> Result<Self, OpError> {
-        let qos = match params.qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            2 => QoS::ExactlyOnce,
-            other => {
-                return Err(OpError::param(
-                    "qos",
-                    format!("{other} is not an MQTT QoS (0, 1 or 2)"),
-                ));
-            }
-        };
-        if params.topic.contains(['+', '#']) || params.topic.is_empty() {
-            return Err(OpError::param(
-                "topic",
-                format!(
-                    "'{}' is not a topic to publish to (no + or # wildcards)",
-                    params.topic
-                ),
-            ));
-        }
-        if params.max_backoff_ms < params.initial_backoff_ms {
-            return Err(OpError::param(
-                "max_backoff_ms",
-                "must not be below initial_backoff_ms",
-            ));
-        }
+        params.validate()?;
+        let qos = qos(params.qos)?;
         let password = match (&params.password, &params.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(OpError::param(
-                    "password_env",
-                    "give either password or password_env, not both",
-                ));
-            }
-            (Some(password), None) => Some(password.clone()),
-            (None, Some(variable)) => Some(std::env::var(variable).map_err(|_| {
+            (_, Some(variable)) => Some(std::env::var(variable).map_err(|_| {
                 OpError::param(
                     "password_env",
                     format!("environment variable {variable} is not set"),
                 )
             })?),
-            (None, None) => None,
+            (password, None) => password.clone(),
         };
-        if password.is_some() && params.username.is_none() {
-            return Err(OpError::param("username", "a password needs a user name"));
-        }
         if let Some(ca_file) = params.tls.as_ref().and_then(|tls| tls.ca_file.as_ref())
             && !ca_file.is_file()
         {
@@ -345,8 +347,7 @@ impl Sink for MqttSink {
         let (client, connection) = Client::new(options, 0);
         let settings = ConnectionSettings {
             qos: self.qos,
-            initial_backoff: Duration::from_millis(self.params.initial_backoff_ms),
-            max_backoff: Duration::from_millis(self.params.max_backoff_ms),
+            retry: self.params.retry,
             broker: format!("{}:{}", self.params.host, self.params.port),
         };
         let progress = Arc::clone(&self.progress);
@@ -430,11 +431,11 @@ fn drive(
     stop: &StopSignal,
 ) {
     let mut connected_before = false;
-    let mut backoff = settings.initial_backoff;
+    let mut backoff = settings.retry.initial();
     loop {
         match connection.recv_timeout(Duration::from_millis(100)) {
             Ok(Ok(Event::Incoming(MqttPacket::ConnAck(ack)))) => {
-                backoff = settings.initial_backoff;
+                backoff = settings.retry.initial();
                 if health.set_online() || !connected_before {
                     tracing::info!(broker = %settings.broker, "connected to the MQTT broker");
                 }
@@ -473,7 +474,7 @@ fn drive(
                     return;
                 }
                 stop.sleep_until(Instant::now() + backoff);
-                backoff = (backoff * 2).min(settings.max_backoff);
+                backoff = settings.retry.next(backoff);
             }
             Err(RecvTimeoutError::Timeout) => {
                 if progress.closing.load(Ordering::SeqCst) && !health.is_online() {

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::contract::{OpError, OperatorInstance, OperatorKind, PortType, Sink};
 use crate::packet::Packet;
 use crate::registry::OperatorDescriptor;
+use crate::transform::identity::non_negative_ms;
 
 /// Parameters of `sink.null`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
@@ -27,10 +28,8 @@ pub fn descriptor() -> OperatorDescriptor {
         "Discards packets; an optional delay simulates a slow consumer.",
     )
     .input("in", PortType::Any)
-    .build_with(|params, _node_id| {
-        if !(params.sleep_ms.is_finite() && params.sleep_ms >= 0.0) {
-            return Err(OpError::param("sleep_ms", "must be a non-negative number"));
-        }
+    .validate(|params| non_negative_ms("sleep_ms", params.sleep_ms))
+    .build_with(|params, _context| {
         Ok(OperatorInstance::Sink(Box::new(NullSink {
             delay: (params.sleep_ms > 0.0)
                 .then(|| Duration::from_secs_f64(params.sleep_ms / 1000.0)),

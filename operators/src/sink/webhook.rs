@@ -23,7 +23,9 @@ use crate::contract::{
     StopSignal,
 };
 use crate::packet::Packet;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
+use crate::retry::RetrySettings;
+use crate::transform::encode::check_quality;
 
 /// HTTP method of the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
@@ -58,14 +60,9 @@ pub struct WebhookParams {
     /// Further attempts after a failed one (connection error, timeout, 5xx, 408, 429).
     #[serde(default = "default_retries")]
     pub retries: u32,
-    /// Wait before the first retry, in milliseconds; doubled after each.
-    #[serde(default = "default_initial_backoff_ms")]
-    #[schemars(range(min = 1))]
-    pub initial_backoff_ms: u64,
-    /// Longest wait between retries, in milliseconds.
-    #[serde(default = "default_max_backoff_ms")]
-    #[schemars(range(min = 1))]
-    pub max_backoff_ms: u64,
+    /// The wait between attempts (`initial_backoff_ms`, `max_backoff_ms`).
+    #[serde(flatten)]
+    pub retry: RetrySettings,
     /// JPEG quality of the images sent inline (1-100).
     #[serde(default = "default_image_quality")]
     #[schemars(range(min = 1, max = 100))]
@@ -81,14 +78,57 @@ fn default_timeout_ms() -> u64 {
 fn default_retries() -> u32 {
     5
 }
-fn default_initial_backoff_ms() -> u64 {
-    200
-}
-fn default_max_backoff_ms() -> u64 {
-    10_000
-}
 fn default_image_quality() -> u8 {
     85
+}
+
+impl WebhookParams {
+    /// The rules the schema cannot express: a well-formed HTTP(S) URL, valid header names and
+    /// values, the backoff in order, the dispatch settings and the JPEG quality.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        parse_url(&self.url)?;
+        header_map(&self.headers)?;
+        self.retry.validate()?;
+        self.dispatch.validate()?;
+        check_quality("image_quality", self.image_quality)
+    }
+}
+
+/// The receiver's URL, which must be `http://` or `https://` (the error never shows credentials).
+fn parse_url(text: &str) -> Result<reqwest::Url, ParamError> {
+    let url = reqwest::Url::parse(text).map_err(|e| {
+        ParamError::new(
+            "url",
+            format!("'{}' is not a URL: {e}", crate::url::redact_url(text)),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ParamError::new(
+            "url",
+            format!(
+                "'{}' must start with http:// or https://",
+                crate::url::redact_url(text)
+            ),
+        ));
+    }
+    Ok(url)
+}
+
+/// The request headers: JSON content plus the configured ones, marked sensitive (never logged).
+fn header_map(configured: &BTreeMap<String, String>) -> Result<HeaderMap, ParamError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, value) in configured {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            ParamError::new("headers", format!("'{name}' is not a valid header name"))
+        })?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            ParamError::new("headers", format!("the value of '{name}' is not valid"))
+        })?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(headers)
 }
 
 /// The registry entry.
@@ -96,10 +136,11 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<WebhookParams>(
         "sink.webhook",
         OperatorKind::Sink,
-        "Sends each result as a JSON prediction message to an HTTP(S) endpoint, in order, retrying with backoff while the receiver is down.",
+        "Sends each result as a JSON prediction message to an HTTP(S) endpoint (POST, PUT or PATCH), in order, retrying with backoff while the receiver is down.",
     )
     .input("in", PortType::Image)
-    .build_with(|params, _node_id| {
+    .validate(WebhookParams::validate)
+    .build_with(|params, _context| {
         Ok(OperatorInstance::Sink(Box::new(WebhookSink::new(params)?)))
     })
 }
@@ -110,8 +151,7 @@ pub struct WebhookSink {
     method: reqwest::Method,
     url: reqwest::Url,
     retries: u32,
-    initial_backoff: Duration,
-    max_backoff: Duration,
+    retry: RetrySettings,
     dispatch: Dispatch,
     images: InlineImages,
     pipeline: Arc<str>,
@@ -129,46 +169,12 @@ enum Attempt {
 }
 
 impl WebhookSink {
-    /// Checks the URL and headers and builds the HTTP client (nothing is sent yet).
+    /// Checks the parameters and builds the HTTP client (nothing is sent yet).
     pub fn new(mut params: WebhookParams) -> Result<Self, OpError> {
-        let url = reqwest::Url::parse(&params.url).map_err(|e| {
-            OpError::param(
-                "url",
-                format!(
-                    "'{}' is not a URL: {e}",
-                    crate::url::redact_url(&params.url)
-                ),
-            )
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(OpError::param(
-                "url",
-                format!(
-                    "'{}' must start with http:// or https://",
-                    crate::url::redact_url(&params.url)
-                ),
-            ));
-        }
-        if params.max_backoff_ms < params.initial_backoff_ms {
-            return Err(OpError::param(
-                "max_backoff_ms",
-                "must not be below initial_backoff_ms",
-            ));
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        for (name, value) in &params.headers {
-            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                OpError::param("headers", format!("'{name}' is not a valid header name"))
-            })?;
-            let mut value = HeaderValue::from_str(value).map_err(|_| {
-                OpError::param("headers", format!("the value of '{name}' is not valid"))
-            })?;
-            value.set_sensitive(true);
-            headers.insert(header, value);
-        }
+        params.validate()?;
+        let url = parse_url(&params.url)?;
         let client = Client::builder()
-            .default_headers(headers)
+            .default_headers(header_map(&params.headers)?)
             .timeout(Duration::from_millis(params.timeout_ms))
             .build()
             .map_err(|e| OpError::Failed(format!("cannot build the HTTP client: {e}")))?;
@@ -185,8 +191,7 @@ impl WebhookSink {
             },
             url,
             retries: params.retries,
-            initial_backoff: Duration::from_millis(params.initial_backoff_ms),
-            max_backoff: Duration::from_millis(params.max_backoff_ms),
+            retry: params.retry,
             dispatch,
             images: InlineImages::new(params.image_quality)?,
             pipeline: Arc::from(""),
@@ -228,7 +233,7 @@ impl WebhookSink {
 
     /// Sends `body`, retrying as configured; false when it was given up.
     fn deliver(&self, body: &[u8], sequence: u64) -> bool {
-        let mut backoff = self.initial_backoff;
+        let mut backoff = self.retry.initial();
         let mut attempts_left = self.retries;
         loop {
             match self.attempt(body) {
@@ -257,7 +262,7 @@ impl WebhookSink {
                     if !self.stop.sleep_until(Instant::now() + backoff) {
                         continue; // stop requested: one last attempt, no more waiting
                     }
-                    backoff = (backoff * 2).min(self.max_backoff);
+                    backoff = self.retry.next(backoff);
                 }
             }
         }
@@ -302,8 +307,7 @@ mod tests {
             headers: BTreeMap::new(),
             timeout_ms: 100,
             retries: 0,
-            initial_backoff_ms: 1,
-            max_backoff_ms: 1,
+            retry: RetrySettings::default(),
             image_quality: 85,
             dispatch: DispatchParams::default(),
         })
@@ -312,5 +316,22 @@ mod tests {
         .unwrap_or_default();
         assert!(error.contains("url"), "{error}");
         assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn backoff_out_of_order_is_refused_before_anything_is_built() {
+        let descriptor = descriptor();
+        let error = descriptor
+            .check_params(&serde_json::json!({
+                "url": "http://127.0.0.1:9/hook",
+                "initial_backoff_ms": 5000,
+                "max_backoff_ms": 100
+            }))
+            .expect_err("refused");
+        assert_eq!(error.field, "max_backoff_ms");
+        let error = descriptor
+            .check_params(&serde_json::json!({"url": "http://x/", "headers": {"bad name": "1"}}))
+            .expect_err("refused");
+        assert_eq!(error.field, "headers");
     }
 }

@@ -16,7 +16,7 @@ use crate::contract::{
 use crate::decode;
 use crate::packet::Packet;
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 
 /// Parameters of `source.files`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -32,13 +32,16 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<FilesParams>(
         "source.files",
         OperatorKind::Source,
-        "Reads a list of PNG or JPEG files in order, one frame each (sequence = position in the list), then ends.",
+        "Reads a list of PNG or JPEG files in order, one frame each (sequence = position in the list), then ends the stream; the batch graphs of training and evaluation use it.",
     )
     .output("out", OutputType::Fixed(PortType::Image))
-    .build_with(|params, _node_id| {
+    .validate(|params| {
         if params.paths.is_empty() {
-            return Err(OpError::param("paths", "must list at least one file"));
+            return Err(ParamError::new("paths", "must list at least one file"));
         }
+        Ok(())
+    })
+    .build_with(|params, _context| {
         Ok(OperatorInstance::Source(Box::new(FilesSource {
             paths: params.paths,
             next: 0,

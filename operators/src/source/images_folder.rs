@@ -23,7 +23,7 @@ use crate::contract::{
 use crate::decode;
 use crate::packet::Packet;
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 
 /// Parameters of `source.images_folder`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -72,14 +72,28 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<ImagesFolderParams>(
         "source.images_folder",
         OperatorKind::Source,
-        "Reads the PNG and JPEG images in a folder (sorted by name), then each new one as it arrives, once each and never half-written.",
+        "Reads the PNG and JPEG images in a folder in name order, then each new one as it arrives, once each and never half-written.",
     )
     .output("out", OutputType::Fixed(PortType::Image))
-    .build_with(|params, node_id| {
+    .health_check(|params| folder_exists(&params.path))
+    .build_with(|params, context| {
         Ok(OperatorInstance::Source(Box::new(ImagesFolderSource::open(
-            params, node_id,
+            params,
+            context.node_id,
         )?)))
     })
+}
+
+/// The folder to read exists.
+fn folder_exists(path: &std::path::Path) -> Result<(), ParamError> {
+    if path.is_dir() {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            "path",
+            format!("{} is not a folder", path.display()),
+        ))
+    }
 }
 
 /// What is known of a file not read yet.
@@ -109,12 +123,7 @@ pub struct ImagesFolderSource {
 impl ImagesFolderSource {
     /// Checks the folder exists.
     pub fn open(params: ImagesFolderParams, node_id: &str) -> Result<Self, OpError> {
-        if !params.path.is_dir() {
-            return Err(OpError::param(
-                "path",
-                format!("{} is not a folder", params.path.display()),
-            ));
-        }
+        folder_exists(&params.path)?;
         Ok(Self {
             stream_id: params.stream_id.as_deref().unwrap_or(node_id).into(),
             params,

@@ -12,7 +12,7 @@ use crate::contract::{
 };
 use crate::packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat};
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 
 /// Which picture to draw.
 #[derive(Debug, Clone, Copy, Deserialize, schemars::JsonSchema)]
@@ -84,13 +84,33 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<SyntheticParams>(
         "source.synthetic",
         OperatorKind::Source,
-        "Test-pattern camera: fixed size, frame rate and count, paced like a live camera or as fast as possible.",
+        "Test-pattern camera (bars, gradient, checkerboard, noise) with a moving square: size, frame rate and frame count; `realtime: true` paces it like a live camera, otherwise frames come as fast as the graph takes them.",
     )
     .output("out", OutputType::Fixed(PortType::Image))
     .live_when(|params| params.realtime)
-    .build_with(|params, node_id| {
-        Ok(OperatorInstance::Source(Box::new(SyntheticSource::new(params, node_id)?)))
+    .validate(SyntheticParams::validate)
+    .build_with(|params, context| {
+        Ok(OperatorInstance::Source(Box::new(SyntheticSource::new(params, context.node_id)?)))
     })
+}
+
+impl SyntheticParams {
+    /// The rules the schema cannot express: a positive frame rate, a packed pixel format.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if !(self.fps.is_finite() && self.fps > 0.0) {
+            return Err(ParamError::new(
+                "fps",
+                format!("must be a positive number, got {}", self.fps),
+            ));
+        }
+        if self.format == PixelFormat::I420 {
+            return Err(ParamError::new(
+                "format",
+                "i420 frames come from video sources; use rgb, bgr or gray",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The running source.
@@ -109,15 +129,7 @@ pub struct SyntheticSource {
 impl SyntheticSource {
     /// Renders the base picture once; frames are copies of it with a moving square.
     pub fn new(params: SyntheticParams, node_id: &str) -> Result<Self, OpError> {
-        if !(params.fps.is_finite() && params.fps > 0.0) {
-            return Err(OpError::param("fps", "must be a positive number"));
-        }
-        if params.format == PixelFormat::I420 {
-            return Err(OpError::param(
-                "format",
-                "i420 frames come from video sources; use rgb, bgr or gray",
-            ));
-        }
+        params.validate()?;
         let layout = ImageLayout::packed(params.width, params.height, params.format);
         let base = render(params.pattern, layout);
         let stream_id: Arc<str> = params.stream_id.as_deref().unwrap_or(node_id).into();

@@ -40,11 +40,11 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<AnomalyParams>(
         "anomaly",
         OperatorKind::Transform,
-        "Normalises a model's anomaly map and score with the package's statistics, labels the frame and resizes the map to it.",
+        "Optionally smooths the raw anomaly map (`smoothing_sigma`; inspectflow's PaDiM packages smooth inside the model), normalises the map and the score with the package's statistics (threshold at 0.5), labels the frame and resizes the map to it.",
     )
     .input("in", PortType::Inference)
     .output("out", OutputType::Fixed(PortType::Prediction))
-    .build_with(|params, _node_id| Ok(OperatorInstance::Transform(Box::new(Anomaly::new(params)?))))
+    .build_with(|params, _context| Ok(OperatorInstance::Transform(Box::new(Anomaly::new(params)?))))
 }
 
 /// The post-processing, usable without a pipeline (the `predict` command uses it).

@@ -12,7 +12,7 @@ use crate::contract::{
 };
 use crate::packet::{EncodedImage, Frame, ImageLayout, Packet, PixelFormat};
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 use crate::yuv;
 
 /// Which image to encode.
@@ -41,6 +41,25 @@ pub struct EncodeParams {
 fn default_quality() -> u8 {
     85
 }
+
+/// A JPEG quality must be 1 to 100; `field` names it in the error.
+pub fn check_quality(field: &str, quality: u8) -> Result<(), ParamError> {
+    if (1..=100).contains(&quality) {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            field,
+            format!("must be 1 to 100, got {quality}"),
+        ))
+    }
+}
+
+impl EncodeParams {
+    /// The rules the schema cannot express (kept here too for callers that build directly).
+    pub fn validate(&self) -> Result<(), ParamError> {
+        check_quality("quality", self.quality)
+    }
+}
 fn default_source() -> EncodeSource {
     EncodeSource::Auto
 }
@@ -50,11 +69,12 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<EncodeParams>(
         "encode.jpeg",
         OperatorKind::Transform,
-        "JPEG-encodes the overlay (or the frame) with libjpeg-turbo into a pooled buffer.",
+        "JPEG-encodes the overlay (or the frame) with libjpeg-turbo into a pooled buffer; I420 frames are compressed from YCbCr planes, without RGB in between.",
     )
     .input("in", PortType::Image)
     .output("out", OutputType::SameAsInput)
-    .build_with(|params, _node_id| {
+    .validate(EncodeParams::validate)
+    .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(JpegEncoder::new(
             params,
         )?)))
@@ -157,9 +177,7 @@ pub struct JpegEncoder {
 impl JpegEncoder {
     /// A libjpeg-turbo compressor at `quality` with 4:2:0 chroma subsampling.
     pub fn new(params: EncodeParams) -> Result<Self, OpError> {
-        if !(1..=100).contains(&params.quality) {
-            return Err(OpError::param("quality", "must be between 1 and 100"));
-        }
+        params.validate()?;
         let mut compressor = Compressor::new()
             .map_err(|e| OpError::Failed(format!("cannot start libjpeg-turbo: {e}")))?;
         compressor.set_quality(i32::from(params.quality));

@@ -17,7 +17,7 @@ use crate::contract::{
 };
 use crate::packet::{Frame, ImageLayout, Packet, PixelFormat, Prediction};
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 use crate::yuv;
 
 /// Parameters of `heatmap`.
@@ -36,6 +36,19 @@ pub struct HeatmapParams {
     pub label: bool,
 }
 
+impl HeatmapParams {
+    /// `alpha` is a blend weight.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(ParamError::new(
+                "alpha",
+                format!("must be 0 to 1, got {}", self.alpha),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_alpha() -> f32 {
     0.4
 }
@@ -48,14 +61,12 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<HeatmapParams>(
         "heatmap",
         OperatorKind::Transform,
-        "Blends a colour-mapped anomaly map over the frame, outlines the anomalous region and writes the label and score.",
+        "Blends a jet colour map of the anomaly map over the frame, outlines the region above the threshold and writes the label and score, into the packet's overlay; video frames (I420) are blended in their own planes and give an I420 overlay.",
     )
     .input("in", PortType::Prediction)
     .output("out", OutputType::Fixed(PortType::Prediction))
-    .build_with(|params, _node_id| {
-        if !(0.0..=1.0).contains(&params.alpha) {
-            return Err(OpError::param("alpha", "must be between 0 and 1"));
-        }
+    .validate(HeatmapParams::validate)
+    .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(Heatmap {
             params,
             pool: BufferPool::new(32),

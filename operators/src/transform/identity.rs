@@ -10,7 +10,7 @@ use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
 use crate::packet::Packet;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 
 /// Parameters of `identity`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
@@ -31,12 +31,32 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<IdentityParams>(
         "identity",
         OperatorKind::Transform,
-        "Pass-through: forwards packets unchanged; optional per-packet delay and injected failure for trying out pipelines.",
+        "Pass-through: forwards packets unchanged; an optional per-packet delay and an injected failure (`error_after`) to try out backpressure, batching and restarts.",
     )
     .input("in", PortType::Any)
     .output("out", OutputType::SameAsInput)
     .batching()
-    .build_with(|params, _node_id| Ok(OperatorInstance::Transform(Box::new(Identity::new(params)?))))
+    .validate(IdentityParams::validate)
+    .build_with(|params, _context| Ok(OperatorInstance::Transform(Box::new(Identity::new(params)?))))
+}
+
+impl IdentityParams {
+    /// The rules the schema cannot express.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        non_negative_ms("sleep_ms", self.sleep_ms)
+    }
+}
+
+/// A delay in milliseconds must be a finite number, zero or more.
+pub(crate) fn non_negative_ms(field: &str, value: f64) -> Result<(), ParamError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(ParamError::new(
+            field,
+            format!("must be a non-negative number, got {value}"),
+        ))
+    }
 }
 
 /// The running operator.
@@ -49,9 +69,7 @@ pub struct Identity {
 impl Identity {
     /// Checks the parameters.
     pub fn new(params: IdentityParams) -> Result<Self, OpError> {
-        if !(params.sleep_ms.is_finite() && params.sleep_ms >= 0.0) {
-            return Err(OpError::param("sleep_ms", "must be a non-negative number"));
-        }
+        params.validate()?;
         Ok(Self {
             delay: (params.sleep_ms > 0.0)
                 .then(|| Duration::from_secs_f64(params.sleep_ms / 1000.0)),

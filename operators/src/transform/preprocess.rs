@@ -14,7 +14,7 @@ use crate::contract::{
 };
 use crate::packet::{Frame, Packet, PixelFormat, Tensor, TensorLayout};
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 use crate::yuv;
 
 /// Resampling method.
@@ -59,6 +59,22 @@ pub struct PreprocessParams {
     pub layout: TensorLayout,
 }
 
+impl PreprocessParams {
+    /// The rules the schema cannot express: a usable `std`, a tensor colour order.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if let Some(index) = self.std.iter().position(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(ParamError::new(
+                format!("std[{index}]"),
+                format!("must be a finite non-zero number, got {}", self.std[index]),
+            ));
+        }
+        if self.color == PixelFormat::I420 {
+            return Err(ParamError::new("color", "a tensor is rgb, bgr or gray"));
+        }
+        Ok(())
+    }
+}
+
 fn default_resize() -> ResizeMethod {
     ResizeMethod::Bilinear
 }
@@ -83,11 +99,12 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<PreprocessParams>(
         "preprocess",
         OperatorKind::Transform,
-        "Resize (SIMD), convert colour and normalise a frame into an f32 model input tensor.",
+        "SIMD resize (nearest, bilinear, anti-aliased bilinear), colour conversion (rgb, bgr, gray) and normalisation (scale, mean, std) of a frame into an f32 NCHW or NHWC model input tensor from a pool.",
     )
     .input("in", PortType::Image)
     .output("out", OutputType::Fixed(PortType::Tensor))
-    .build_with(|params, _node_id| {
+    .validate(PreprocessParams::validate)
+    .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(Preprocess::new(
             params,
         )?)))
@@ -123,15 +140,7 @@ pub struct Preprocess {
 impl Preprocess {
     /// Checks the parameters and precomputes the normalisation tables.
     pub fn new(params: PreprocessParams) -> Result<Self, OpError> {
-        if let Some(index) = params.std.iter().position(|s| *s == 0.0 || !s.is_finite()) {
-            return Err(OpError::param(
-                format!("std[{index}]"),
-                "must be a finite non-zero number",
-            ));
-        }
-        if params.color == PixelFormat::I420 {
-            return Err(OpError::param("color", "a tensor is rgb, bgr or gray"));
-        }
+        params.validate()?;
         let channels = params.color.channels();
         let lut = (0..channels)
             .map(|c| {

@@ -11,7 +11,7 @@
 //! shows [`redact_url`]'s version. Prefer `password_env`, which keeps the password out of the
 //! graph file too.
 
-use crate::url::{redact_url, split_credentials};
+use crate::url::{host_and_port, redact_url, split_credentials};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use crate::contract::{
     SourcePoll,
 };
 use crate::packet::{CaptureTime, Frame, Packet};
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
+use crate::retry::RetrySettings;
 
 /// How long one `next` call waits for a frame before returning to the runtime.
 const PULL_SLICE: Duration = Duration::from_millis(100);
@@ -34,14 +35,9 @@ const PULL_SLICE: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReconnectParams {
-    /// First wait before reconnecting, in milliseconds; doubled after each failed attempt.
-    #[serde(default = "default_initial_backoff_ms")]
-    #[schemars(range(min = 1))]
-    pub initial_backoff_ms: u64,
-    /// Longest wait between attempts, in milliseconds.
-    #[serde(default = "default_max_backoff_ms")]
-    #[schemars(range(min = 1))]
-    pub max_backoff_ms: u64,
+    /// The wait between attempts (`initial_backoff_ms`, `max_backoff_ms`).
+    #[serde(flatten)]
+    pub retry: RetrySettings,
     /// A camera that sends no frame for this long, in milliseconds, counts as lost.
     #[serde(default = "default_stall_timeout_ms")]
     #[schemars(range(min = 100))]
@@ -52,12 +48,6 @@ pub struct ReconnectParams {
     pub connect_timeout_ms: u64,
 }
 
-fn default_initial_backoff_ms() -> u64 {
-    500
-}
-fn default_max_backoff_ms() -> u64 {
-    10_000
-}
 fn default_stall_timeout_ms() -> u64 {
     5_000
 }
@@ -68,11 +58,18 @@ fn default_connect_timeout_ms() -> u64 {
 impl Default for ReconnectParams {
     fn default() -> Self {
         Self {
-            initial_backoff_ms: default_initial_backoff_ms(),
-            max_backoff_ms: default_max_backoff_ms(),
+            retry: RetrySettings::default(),
             stall_timeout_ms: default_stall_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
+    }
+}
+
+impl ReconnectParams {
+    /// The rules the schema cannot express (the backoff in order); fields are named from the
+    /// parameters, `reconnect.max_backoff_ms`.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        self.retry.validate().map_err(|e| e.within("reconnect"))
     }
 }
 
@@ -174,22 +171,84 @@ fn default_device() -> UsbDevice {
     UsbDevice::Index(0)
 }
 
+impl IpCameraParams {
+    /// The rules the schema cannot express: an address GStreamer can read, the backoff in
+    /// order. (Whether `password_env` is set is checked when the source is built, where it runs.)
+    pub fn validate(&self) -> Result<(), ParamError> {
+        camera_url(&self.url)?;
+        self.reconnect.validate()
+    }
+}
+
+/// The camera's address without user information; the error never shows credentials.
+fn camera_url(text: &str) -> Result<String, ParamError> {
+    let (url, _, _) = split_credentials(text);
+    let scheme = url
+        .split("://")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if !matches!(scheme.as_str(), "rtsp" | "rtsps" | "http" | "https") || !url.contains("://") {
+        return Err(ParamError::new(
+            "url",
+            format!(
+                "'{}' is not an rtsp://, rtsps://, http:// or https:// address",
+                redact_url(text)
+            ),
+        ));
+    }
+    Ok(url)
+}
+
+/// Whether the camera's host accepts a TCP connection (within 3 s).
+fn host_accepts_connections(url: &str) -> Result<(), ParamError> {
+    let fail = |message: String| ParamError::new("url", message);
+    let (host, port) = host_and_port(url)
+        .ok_or_else(|| fail(format!("cannot read a host from {}", redact_url(url))))?;
+    let addresses = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map_err(|e| fail(format!("cannot resolve {host}: {e}")))?;
+    for address in addresses {
+        if std::net::TcpStream::connect_timeout(&address, Duration::from_secs(3)).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(fail(format!("{host}:{port} does not accept connections")))
+}
+
+impl UsbCameraParams {
+    /// The rules the schema cannot express: positive capture caps, the backoff in order.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        for (field, value) in [
+            ("width", self.width),
+            ("height", self.height),
+            ("fps", self.fps),
+        ] {
+            if value == Some(0) {
+                return Err(ParamError::new(field, "must be positive, got 0"));
+            }
+        }
+        self.reconnect.validate()
+    }
+}
+
 /// The registry entry of `source.ip_camera`.
 pub fn ip_camera_descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<IpCameraParams>(
         "source.ip_camera",
         OperatorKind::Source,
-        "Reads an RTSP or HTTP(S) MJPEG camera; when it drops, stays up, shows it offline and reconnects with backoff.",
+        "Reads an RTSP/RTSPS (TCP or UDP, `latency_ms`) or HTTP(S) MJPEG camera, credentials kept out of logs; when it drops, stays up, shows it offline and reconnects with backoff.",
     )
     .output("out", OutputType::Fixed(PortType::Image))
     .live_when(|_| true)
-    .build_with(|params, node_id| {
+    .validate(IpCameraParams::validate)
+    .health_check(|params| host_accepts_connections(&params.url))
+    .build_with(|params, context| {
         let camera = IpCamera::new(params)?;
         Ok(OperatorInstance::Source(Box::new(Reconnecting::new(
             Box::new(camera.clone()),
             camera.redacted_url.clone(),
             camera.reconnect.clone(),
-            camera.stream_id.as_deref().unwrap_or(node_id),
+            camera.stream_id.as_deref().unwrap_or(context.node_id),
         ))))
     })
 }
@@ -199,18 +258,28 @@ pub fn usb_camera_descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<UsbCameraParams>(
         "source.usb_camera",
         OperatorKind::Source,
-        "Reads a V4L2 (USB) camera by index or path, at a chosen resolution and frame rate; reconnects when it is unplugged.",
+        "Reads a V4L2 (USB) camera by index or path, with optional `width`/`height`/`fps` caps (raw or MJPEG); reconnects like the IP camera when it is unplugged.",
     )
     .output("out", OutputType::Fixed(PortType::Image))
     .live_when(|_| true)
-    .build_with(|params, node_id| {
-        for (field, value) in [("width", params.width), ("height", params.height), ("fps", params.fps)] {
-            if value == Some(0) {
-                return Err(OpError::param(field, "must be positive"));
-            }
+    .validate(UsbCameraParams::validate)
+    .health_check(|params| {
+        let device = params.device.path();
+        if device.exists() {
+            Ok(())
+        } else {
+            Err(ParamError::new(
+                "device",
+                format!("no camera at {}", device.display()),
+            ))
         }
+    })
+    .build_with(|params, context| {
         let label = params.device.path().display().to_string();
-        let stream_id = params.stream_id.clone().unwrap_or_else(|| node_id.into());
+        let stream_id = params
+            .stream_id
+            .clone()
+            .unwrap_or_else(|| context.node_id.into());
         let reconnect = params.reconnect.clone();
         Ok(OperatorInstance::Source(Box::new(Reconnecting::new(
             Box::new(params),
@@ -243,21 +312,9 @@ struct IpCamera {
 
 impl IpCamera {
     fn new(params: IpCameraParams) -> Result<Self, OpError> {
-        let (url, url_user, url_password) = split_credentials(&params.url);
-        let scheme = url
-            .split("://")
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        if !matches!(scheme.as_str(), "rtsp" | "rtsps" | "http" | "https") || !url.contains("://") {
-            return Err(OpError::param(
-                "url",
-                format!(
-                    "'{}' is not an rtsp://, rtsps://, http:// or https:// address",
-                    redact_url(&params.url)
-                ),
-            ));
-        }
+        params.validate()?;
+        let url = camera_url(&params.url)?;
+        let (_, url_user, url_password) = split_credentials(&params.url);
         let password = match &params.password_env {
             Some(variable) => Some(std::env::var(variable).map_err(|_| {
                 OpError::param(
@@ -395,7 +452,7 @@ impl Reconnecting {
         Self {
             camera,
             label,
-            backoff: Duration::from_millis(settings.initial_backoff_ms),
+            backoff: settings.retry.initial(),
             settings,
             stream_id: stream_id.into(),
             reader: None,
@@ -416,7 +473,7 @@ impl Reconnecting {
             tracing::debug!("camera still offline: {reason}");
         }
         self.next_attempt = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(Duration::from_millis(self.settings.max_backoff_ms));
+        self.backoff = self.settings.retry.next(self.backoff);
     }
 }
 
@@ -444,7 +501,7 @@ impl Source for Reconnecting {
                 if ctx.health.set_online() {
                     tracing::info!("camera back online: {}", self.label);
                 }
-                self.backoff = Duration::from_millis(self.settings.initial_backoff_ms);
+                self.backoff = self.settings.retry.initial();
                 self.last_frame = Instant::now();
                 self.delivering = true;
                 let frame = Frame::new(

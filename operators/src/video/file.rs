@@ -17,7 +17,7 @@ use crate::contract::{
     SourcePoll,
 };
 use crate::packet::{CaptureTime, Frame, Packet};
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 
 /// Parameters of `source.video_file`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -46,13 +46,22 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<VideoFileParams>(
         "source.video_file",
         OperatorKind::Source,
-        "Decodes a video file with GStreamer (any container and codec installed), every frame once and in order; end of file ends the stream unless `loop`.",
+        "Decodes a video file with GStreamer: any container and codec installed (MP4, MKV, AVI; H.264, H.265, MJPEG, ...), every frame once and in order (frame-exact under `block`); end of file ends the stream unless `loop`; `realtime` plays it at its own frame rate like a camera; `format` picks the pixel format.",
     )
     .output("out", OutputType::Fixed(PortType::Image))
     .live_when(|params| params.realtime)
-    .build_with(|params, node_id| {
+    .health_check(|params| {
+        std::fs::File::open(&params.path).map(|_| ()).map_err(|e| {
+            ParamError::new(
+                "path",
+                format!("cannot open {}: {e}", params.path.display()),
+            )
+        })
+    })
+    .build_with(|params, context| {
         Ok(OperatorInstance::Source(Box::new(VideoFileSource::open(
-            params, node_id,
+            params,
+            context.node_id,
         )?)))
     })
 }

@@ -26,7 +26,7 @@ use crate::contract::{
 };
 use crate::packet::{EncodedImage, Frame, ImageLayout, Packet, PixelFormat};
 use crate::pool::BufferPool;
-use crate::registry::OperatorDescriptor;
+use crate::registry::{OperatorDescriptor, ParamError};
 use crate::transform::encode::EncodeSource;
 
 /// x264 settings shared by both operators.
@@ -87,18 +87,21 @@ const PRESETS: [&str; 9] = [
 ];
 
 impl H264Settings {
-    fn check(&self) -> Result<(), OpError> {
+    /// The rules the schema cannot express: a preset x264 knows, positive rates.
+    pub fn validate(&self) -> Result<(), ParamError> {
         if !PRESETS.contains(&self.preset.as_str()) {
-            return Err(OpError::param(
+            return Err(ParamError::new(
                 "preset",
                 format!("'{}' is not one of {}", self.preset, PRESETS.join(", ")),
             ));
         }
-        if self.fps == 0 || self.keyframe_interval == 0 {
-            return Err(OpError::param(
-                "fps",
-                "fps and keyframe_interval must be positive",
-            ));
+        for (field, value) in [
+            ("fps", self.fps),
+            ("keyframe_interval", self.keyframe_interval),
+        ] {
+            if value == 0 {
+                return Err(ParamError::new(field, "must be positive, got 0"));
+            }
         }
         Ok(())
     }
@@ -143,12 +146,12 @@ pub fn encode_descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<EncodeH264Params>(
         "encode.h264",
         OperatorKind::Transform,
-        "H.264-encodes the overlay (or the frame) with x264, zero latency, one access unit per frame (Annex B), for streaming and the live preview.",
+        "H.264-encodes the overlay (or the frame) with x264 at zero latency (`bitrate_kbps`, `keyframe_interval`, `preset`, `fps`), one access unit per frame (Annex B) with SPS/PPS at every key frame, for streaming and the live preview.",
     )
     .input("in", PortType::Image)
     .output("out", OutputType::SameAsInput)
-    .build_with(|params, _node_id| {
-        params.settings.check()?;
+    .validate(|params| params.settings.validate())
+    .build_with(|params, _context| {
         init()?;
         Ok(OperatorInstance::Transform(Box::new(H264Transform {
             settings: params.settings,
@@ -164,11 +167,11 @@ pub fn sink_descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<VideoFileSinkParams>(
         "sink.video_file",
         OperatorKind::Sink,
-        "Records the overlay (or the frame) as H.264 in a fragmented MP4, written under a temporary name and renamed when complete.",
+        "Records the overlay (or the frame) as H.264 with `encode.h264`'s settings in a fragmented MP4 (a crash leaves a playable file), written under a hidden `.partial` name and renamed when complete; refuses to replace a file unless `overwrite: true`.",
     )
     .input("in", PortType::Image)
-    .build_with(|params, _node_id| {
-        params.settings.check()?;
+    .validate(|params| params.settings.validate())
+    .build_with(|params, _context| {
         init()?;
         let folder = params
             .path
