@@ -112,7 +112,7 @@ for variant in 256 512 640-tile256; do
   package=$work/models/size-$variant
   result=$work/results/size-$variant
   start=$(date +%s%N)
-  "$bin" train --normal "$boards/train/normal" --model patchcore --image-size "$size" "${tile[@]}" \
+  "$bin" train --normal "$boards/train/normal" --model patchcore --input-size "$size" "${tile[@]}" \
     --snapshots "$cache" --out "$package" > "$result.train.txt" 2>&1
   echo "$(( ($(date +%s%N) - start) / 1000000 ))" > "$result.train_ms"
   "$bin" eval --model "$package" --normal "$boards/test/normal" --anomalous "$boards/test/anomalous" \

@@ -156,7 +156,7 @@ if [ ! -f "$model/manifest.json" ]; then
   rm -rf "$model"
   echo "e2e: training $model"
   "$bin" train --normal "$cache/synth/train/normal" --model patchcore \
-    --memory-bank "$memory_bank" --image-size 256 --snapshots "$cache/snapshots" --out "$model"
+    --memory-bank "$memory_bank" --input-size 256 --snapshots "$cache/snapshots" --out "$model"
 fi
 
 requests=${E2E_REQUESTS:-$("$py" - "$model/model.xml" "$hint" "$precision" <<'PY'

@@ -19,7 +19,7 @@ if [ ! -d out/normal-images ]; then
   ./target/release/inspectflow run graphs/normal_images.yaml > /dev/null
 fi
 if [ ! -f out/models/demo/manifest.json ]; then
-  ./target/release/inspectflow train --normal out/normal-images --out out/models/demo
+  ./target/release/inspectflow train --model padim --normal out/normal-images --out out/models/demo
 fi
 ./target/release/inspectflow run graphs/inspection.yaml --metrics-json out/inspection-metrics.json
 echo "overlays and verdicts: out/inspection (results.jsonl)"

@@ -6,12 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use inspectflow::backbone::Backbone;
 use inspectflow::operators::decode;
 use inspectflow::operators::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 use inspectflow::predictor::Predictor;
 use inspectflow::synth::{SynthOptions, Texture};
-use inspectflow::train::{self, Architecture, TrainConfig, dataset, evaluate};
+use inspectflow::train::{self, TrainConfig, TrainEvent, dataset, evaluate};
 
 /// One image's verdict.
 #[derive(Debug, serde::Serialize)]
@@ -137,55 +136,39 @@ fn write_jpeg(
     std::fs::rename(&temporary, path).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// Options of `inspectflow train`.
+/// Options of `inspectflow train`: where the images are and where the package goes, plus the
+/// run's [`TrainConfig`] (the same settings the API's training route takes).
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     /// Folder of normal images (PNG or JPEG; sizes may differ).
-    #[arg(long)]
-    normal: PathBuf,
+    #[arg(long, required_unless_present = "print_settings")]
+    normal: Option<PathBuf>,
     /// Folder of anomalous images; with it, calibration uses them instead of generated anomalies.
     #[arg(long)]
     anomalous: Option<PathBuf>,
     /// Folder of masks of the anomalous images (`<name>.png` or `<name>_mask.png`).
     #[arg(long)]
     masks: Option<PathBuf>,
-    /// Model family.
-    #[arg(long, value_enum, default_value = "padim")]
-    model: Architecture,
-    /// mobilenet_v2 or efficientnet_lite0.
-    #[arg(long, default_value = "mobilenet_v2")]
-    backbone: String,
-    /// Square input size, a multiple of 32 [default: PaDiM 256; PatchCore the training images'
-    /// shorter side from 256 to 512, which keeps small defects in big images].
+    #[command(flatten)]
+    config: TrainConfig,
+    /// Read the settings from this JSON file (the body `POST /api/projects/{id}/train` takes,
+    /// without `name`) instead of the flags above.
+    #[arg(long, conflicts_with = "TrainConfig")]
+    settings: Option<PathBuf>,
+    /// Print the settings as JSON (the API's body) and exit without training.
     #[arg(long)]
-    image_size: Option<usize>,
-    /// Cut the input into overlapping tiles of this many pixels (a multiple of 32, smaller than
-    /// the image size), scored as one batch and stitched back: small defects in big images at
-    /// the backbone's own scale.
-    #[arg(long)]
-    tile: Option<usize>,
-    /// Seed of every random choice; the same seed on the same data gives the same model.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// PaDiM: channels kept of the concatenated features.
-    #[arg(long, default_value_t = 100)]
-    padim_channels: usize,
-    /// PatchCore: memory bank rows [default: 10% of the training patches (the paper's coresets
-    /// are 1% to 10%), at most 1024]. The head costs about rows x channels multiply-adds per
-    /// patch; at 1024 rows serving keeps about 0.8x the bare backbone's throughput
-    /// (BENCHMARKS.md).
-    #[arg(long)]
-    memory_bank: Option<usize>,
+    print_settings: bool,
     /// Where dataset snapshots are cached (default: $XDG_CACHE_HOME/inspectflow/snapshots or
     /// ~/.cache/inspectflow/snapshots).
     #[arg(long)]
     snapshots: Option<PathBuf>,
     /// The package directory to create (must not exist).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "print_settings")]
+    out: Option<PathBuf>,
     /// How progress is shown on standard error: `auto` (a bar on a terminal, a line per stage
-    /// otherwise) or `json` (one `{"stage": .., "percent": ..}` line per percent, for programs
-    /// such as the server's training worker).
+    /// otherwise) or `json` (one event per line: `{"event": "progress", "stage": ..,
+    /// "percent": ..}` per percent and `{"event": "finished", "snapshot_id": ..}` at the end, for
+    /// programs such as the server's training worker).
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressFormat,
 }
@@ -197,6 +180,25 @@ pub enum ProgressFormat {
     Auto,
     /// JSON lines.
     Json,
+}
+
+/// Training settings from a JSON file (`--settings`), checked like the API's body.
+fn read_settings(file: &Path) -> Result<TrainConfig, String> {
+    const MAX_SETTINGS_BYTES: u64 = 64 * 1024;
+    let size = std::fs::metadata(file)
+        .map_err(|e| format!("--settings {}: {e}", file.display()))?
+        .len();
+    if size > MAX_SETTINGS_BYTES {
+        return Err(format!(
+            "--settings {}: {size} bytes, more than the {MAX_SETTINGS_BYTES} a settings file may have",
+            file.display()
+        ));
+    }
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("--settings {}: {e}", file.display()))?;
+    let document: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("--settings {}: not JSON: {e}", file.display()))?;
+    TrainConfig::from_json(&document).map_err(|e| format!("--settings {}: {e}", file.display()))
 }
 
 /// The default snapshot cache.
@@ -234,10 +236,13 @@ impl ProgressBar {
             if stage != self.stage || percent != self.drawn {
                 self.stage = stage.to_string();
                 self.drawn = percent;
-                eprintln!(
-                    "{}",
-                    serde_json::json!({"stage": stage, "percent": percent})
-                );
+                let event = TrainEvent::Progress {
+                    stage: stage.to_string(),
+                    percent: percent as u8,
+                };
+                if let Ok(line) = serde_json::to_string(&event) {
+                    eprintln!("{line}");
+                }
             }
             return;
         }
@@ -284,35 +289,38 @@ fn metrics_text(summary: &evaluate::Summary) -> String {
 
 /// `inspectflow train`.
 pub fn train(args: &TrainArgs) -> Result<(), String> {
-    let backbone = Backbone::from_name(&args.backbone).ok_or_else(|| {
-        format!(
-            "--backbone {}: use mobilenet_v2 or efficientnet_lite0",
-            args.backbone
-        )
-    })?;
-    let config = TrainConfig {
-        architecture: args.model,
-        backbone,
-        input_size: args.image_size,
-        seed: args.seed,
-        tile: args.tile,
-        padim_channels: args.padim_channels,
-        memory_bank: args.memory_bank,
-        neighbours: 9,
-        snapshot_cache: args
-            .snapshots
-            .clone()
-            .unwrap_or_else(default_snapshot_cache),
+    let config = match &args.settings {
+        Some(file) => read_settings(file)?,
+        None => {
+            args.config.validate()?;
+            args.config.clone()
+        }
     };
+    if args.print_settings {
+        let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
+        println!("{text}");
+        return Ok(());
+    }
+    let (Some(normal), Some(out)) = (&args.normal, &args.out) else {
+        return Err("--normal and --out are required".into());
+    };
+    let snapshot_cache = args
+        .snapshots
+        .clone()
+        .unwrap_or_else(default_snapshot_cache);
     let sources = dataset::Sources {
-        normal: &args.normal,
+        normal,
         anomalous: args.anomalous.as_deref(),
         masks: args.masks.as_deref(),
     };
     let mut bar = ProgressBar::new(args.progress);
-    let result = train::train(&config, &sources, &args.out, &mut |stage, fraction| {
-        bar.update(stage, fraction)
-    });
+    let result = train::train(
+        &config,
+        &sources,
+        &snapshot_cache,
+        out,
+        &mut |stage, fraction| bar.update(stage, fraction),
+    );
     bar.finish();
     let report = result.map_err(|e| e.to_string())?;
     let manifest = &report.package.manifest;
@@ -331,6 +339,14 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         report.package.dir.display()
     );
     println!("dataset snapshot {}", report.snapshot_id);
+    if args.progress == ProgressFormat::Json {
+        let event = TrainEvent::Finished {
+            snapshot_id: report.snapshot_id.clone(),
+        };
+        if let Ok(line) = serde_json::to_string(&event) {
+            eprintln!("{line}");
+        }
+    }
     println!(
         "validation ({} normal, {} {} anomalous): {}",
         summary.normal,

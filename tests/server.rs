@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::server::{Server, call, client, inspectflow, png, upload_form};
+use common::server::{Contract, Server, call, client, inspectflow, png, upload_form};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -284,6 +284,87 @@ fn trainable_models_and_devices_describe_what_this_build_and_machine_offer() {
         .collect();
     assert!(devices.contains(&"CPU"), "{devices:?}");
     assert!(body["cameras"].is_array());
+}
+
+/// Every setting `/api/trainable-models` lists for a family is taken, under the same name and
+/// with the same default, by the training route and by `inspectflow train` (as a `--kebab-case`
+/// flag); names it does not list are refused by both.
+#[test]
+fn trainable_model_parameters_are_the_training_routes_and_the_clis_settings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), None);
+    let http = client();
+    let project = create_project(&http, &server, "settings");
+    let train_url = server.url(&format!("/api/projects/{project}/train"));
+    let (_, body) = call(http.get(server.url("/api/trainable-models")));
+    let families = body["trainable_models"].as_array().expect("families");
+    let print_settings = |args: &[String]| -> Result<Value, String> {
+        let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
+            .args(["train", "--print-settings"])
+            .args(args)
+            .output()
+            .expect("runs");
+        if output.status.success() {
+            Ok(serde_json::from_slice(&output.stdout).expect("settings JSON"))
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    };
+    for family in families {
+        let name = family["name"].as_str().expect("name");
+        let parameters = family["parameters"].as_object().expect("parameters");
+        assert!(parameters.len() >= 5, "{name}: {parameters:?}");
+        let family_flag = ["--model-name".to_string(), name.to_string()];
+        let defaults = print_settings(&family_flag).expect("defaults");
+        assert_eq!(defaults["model_name"], name);
+        for (parameter, schema) in parameters {
+            let default = schema
+                .get("default")
+                .unwrap_or_else(|| panic!("{name}.{parameter} has no default: {schema}"));
+            assert_eq!(
+                &defaults[parameter], default,
+                "{name}.{parameter}: the CLI's default is the API's"
+            );
+            // The API takes it under this name (the refusal is about the empty project, not
+            // the field).
+            let (status, body) = call(
+                http.post(&train_url)
+                    .json(&json!({"model_name": name, parameter.as_str(): default})),
+            );
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            let detail = body["detail"].as_str().expect("detail");
+            assert!(
+                detail.starts_with("the project has 0 normal images"),
+                "{name}.{parameter} = {default}: {detail}"
+            );
+            // The CLI takes it as a flag of the same name (null is the flag left out).
+            if !default.is_null() {
+                let value = default
+                    .as_str()
+                    .map_or_else(|| default.to_string(), str::to_string);
+                let mut args = family_flag.to_vec();
+                args.extend([format!("--{}", parameter.replace('_', "-")), value]);
+                let settings = print_settings(&args)
+                    .unwrap_or_else(|error| panic!("{name}.{parameter}: {error}"));
+                assert_eq!(&settings[parameter], default, "{name}.{parameter}");
+            }
+        }
+    }
+    // Not a setting: refused by both, naming it.
+    let (status, body) = call(
+        http.post(&train_url)
+            .json(&json!({"model_name": "patchcore", "neighbours": 9})),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("neighbours"),
+        "{body}"
+    );
+    let error = print_settings(&["--neighbours".into(), "9".into()]).expect_err("refused");
+    assert!(error.contains("--neighbours"), "{error}");
 }
 
 #[test]
@@ -618,6 +699,8 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     let data = dir.path().join("data");
     let server = Server::start_with(&data, &["--path-root", media_root.to_str().expect("utf-8")]);
     let http = client();
+    // Every answer below is checked against the OpenAPI document's schemas.
+    let contract = Contract::of(&server, &http);
 
     // 1. A project with 20 normal images.
     let project = create_project(&http, &server, "bottle caps");
@@ -625,7 +708,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     upload_all(&http, &server, &project, &images);
 
     // 2. Train, watching progress and logs as server-sent events.
-    let (status, body) = call(
+    let (status, body) = contract.call(
         http.post(server.url(&format!("/api/projects/{project}/train")))
             .json(&json!({"model_name": "unknown"})),
     );
@@ -637,7 +720,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             .starts_with("model_name"),
         "{body}"
     );
-    let (status, body) = call(
+    let (status, body) = contract.call(
         http.post(server.url(&format!("/api/projects/{project}/train")))
             .json(&json!({"model_name": "patchcore", "input_size": 256, "tile": 256})),
     );
@@ -656,7 +739,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         json!({"model_name": "patchcore", "input_size": 4096}),
         json!({"model_name": "patchcore", "tile": -64}),
     ] {
-        let (status, body) = call(
+        let (status, body) = contract.call(
             http.post(server.url(&format!("/api/projects/{project}/train")))
                 .json(&hostile),
         );
@@ -665,7 +748,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             "{hostile}: {status} {body}"
         );
     }
-    let (status, job) = call(
+    let (status, job) = contract.call(
         http.post(server.url(&format!("/api/projects/{project}/train")))
             .json(&json!({"model_name": "padim", "input_size": 64, "name": "caps v1"})),
     );
@@ -710,7 +793,8 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             .expect("training.log")
             .contains(&job_id)
     );
-    let (status, done) = call(http.post(server.url(&format!("/api/jobs/{job_id}:cancel"))));
+    let (status, done) =
+        contract.call(http.post(server.url(&format!("/api/jobs/{job_id}:cancel"))));
     assert_eq!(
         status,
         StatusCode::CONFLICT,
@@ -718,7 +802,8 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     );
 
     // 3. The model: listed, predicts, exports, takes a threshold.
-    let (status, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
+    let (status, models) =
+        contract.call(http.get(server.url(&format!("/api/projects/{project}/models"))));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(models["pagination"]["total"], 1, "{models}");
     let model = &models["models"][0];
@@ -730,7 +815,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     );
     let image = std::fs::read(&images[0]).expect("image");
     let predict = |bytes: Vec<u8>| {
-        call(
+        contract.call(
             http.post(server.url(&format!(
                 "/api/projects/{project}/models/{model_id}:predict"
             )))
@@ -754,7 +839,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     assert_eq!((map.width(), map.height()), (128, 128));
     let (status, body) = predict(b"not an image".to_vec());
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let (status, body) = call(
+    let (status, body) = contract.call(
         http.patch(server.url(&format!("/api/projects/{project}/models/{model_id}")))
             .json(&json!({"threshold": 0.0})),
     );
@@ -767,7 +852,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         verdict["label"], "Anomalous",
         "threshold 0 flags everything: {verdict}"
     );
-    let (status, body) = call(
+    let (status, body) = contract.call(
         http.patch(server.url(&format!("/api/projects/{project}/models/{model_id}")))
             .json(&json!({"threshold": 1.5})),
     );
@@ -791,7 +876,8 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
 
     // The dataset snapshot it was trained on.
     let snapshot_id = model["dataset_snapshot_id"].as_str().expect("snapshot id");
-    let (status, snapshot) = call(http.get(server.url(&format!("/api/snapshots/{snapshot_id}"))));
+    let (status, snapshot) =
+        contract.call(http.get(server.url(&format!("/api/snapshots/{snapshot_id}"))));
     assert_eq!(status, StatusCode::OK, "{snapshot}");
     assert_eq!(
         (snapshot["count"].as_u64(), snapshot["anomalous"].as_u64()),
@@ -804,13 +890,13 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         .bytes()
         .expect("bytes");
     assert_eq!(&parquet[..4], b"PAR1");
-    let (_, snapshots) = call(http.get(server.url("/api/snapshots")));
+    let (_, snapshots) = contract.call(http.get(server.url("/api/snapshots")));
     assert_eq!(snapshots["pagination"]["total"], 1);
 
     // 4. A video file source and a folder sink, assembled into a pipeline.
     let video = media_root.join("line1.mp4");
     mp4(&video, 45);
-    let (status, body) = call(http.post(server.url("/api/sources")).json(&json!({
+    let (status, body) = contract.call(http.post(server.url("/api/sources")).json(&json!({
         "name": "outside", "type": "video_file", "config": {"path": "/etc/hostname"}
     })));
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -821,7 +907,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             .contains("path roots"),
         "{body}"
     );
-    let (status, body) = call(http.post(server.url("/api/sources")).json(&json!({
+    let (status, body) = contract.call(http.post(server.url("/api/sources")).json(&json!({
         "name": "missing", "type": "video_file", "config": {"path": media_root.join("nope.mp4")}
     })));
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -832,7 +918,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
             .starts_with("config.path"),
         "{body}"
     );
-    let (status, body) = call(http.post(server.url("/api/sources")).json(&json!({
+    let (status, body) = contract.call(http.post(server.url("/api/sources")).json(&json!({
         "name": "typo", "type": "video_file", "config": {"path": video, "lop": true}
     })));
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -840,19 +926,19 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         body["detail"].as_str().expect("detail").contains("lop"),
         "{body}"
     );
-    let (status, source) = call(http.post(server.url("/api/sources")).json(&json!({
+    let (status, source) = contract.call(http.post(server.url("/api/sources")).json(&json!({
         "name": "line 1", "type": "video_file", "config": {"path": video, "loop": true}
     })));
     assert_eq!(status, StatusCode::CREATED, "{source}");
     let source_id = source["id"].as_str().expect("id").to_string();
     let results = media_root.join("results");
-    let (status, sink) = call(http.post(server.url("/api/sinks")).json(&json!({
+    let (status, sink) = contract.call(http.post(server.url("/api/sinks")).json(&json!({
         "name": "results", "type": "folder",
         "config": {"path": results, "create": true, "output_formats": ["predictions", "image_with_predictions"]}
     })));
     assert_eq!(status, StatusCode::CREATED, "{sink}");
     let sink_id = sink["id"].as_str().expect("id").to_string();
-    let (status, pipeline) = call(
+    let (status, pipeline) = contract.call(
         http.post(server.url(&format!("/api/projects/{project}/pipelines"))).json(&json!({
             "name": "line 1 inspection", "source_id": source_id, "model_id": model_id, "sink_ids": [sink_id]
         })),
@@ -862,12 +948,12 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     let pipeline_id = pipeline["id"].as_str().expect("id").to_string();
 
     // 5. Start it, see results and metrics while it runs, stop it.
-    let (status, started) = call(
+    let (status, started) = contract.call(
         http.post(server.url("/api/active-pipelines"))
             .json(&json!({"pipeline_id": pipeline_id})),
     );
     assert_eq!(status, StatusCode::CREATED, "{started}");
-    let (status, _) = call(
+    let (status, _) = contract.call(
         http.post(server.url("/api/active-pipelines"))
             .json(&json!({"pipeline_id": pipeline_id})),
     );
@@ -898,7 +984,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         model_node["latency_ms"]["p50"].as_f64().is_some(),
         "{model_node}"
     );
-    let (status, body) = call(
+    let (status, body) = contract.call(
         http.put(server.url(&format!("/api/sources/{source_id}")))
             .json(&json!({
                 "name": "line 1", "type": "video_file", "config": {"path": video}
@@ -909,14 +995,14 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         StatusCode::CONFLICT,
         "a running pipeline's source is locked: {body}"
     );
-    let (status, _) =
-        call(http.delete(server.url(&format!("/api/projects/{project}/models/{model_id}"))));
+    let (status, _) = contract
+        .call(http.delete(server.url(&format!("/api/projects/{project}/models/{model_id}"))));
     assert_eq!(
         status,
         StatusCode::CONFLICT,
         "a running pipeline's model is locked"
     );
-    let (status, prometheus) = call(http.get(server.url("/metrics")));
+    let (status, prometheus) = contract.call(http.get(server.url("/metrics")));
     assert_eq!(status, StatusCode::OK);
     let prometheus = prometheus.as_str().expect("text");
     assert!(
@@ -928,7 +1014,7 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         "{prometheus}"
     );
     let (status, stopped) =
-        call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
+        contract.call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
     assert_eq!(status, StatusCode::OK, "{stopped}");
     assert_eq!(stopped["status"], "stopped");
     let delivered = stopped["metrics"]["nodes"]
@@ -967,16 +1053,27 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     assert!(inference_log.contains(&pipeline_id), "{inference_log}");
     assert!(app_log.contains(&pipeline_id), "{app_log}");
     assert!(data.join("logs/dispatching.log").is_file());
-    let (_, listed) =
-        call(http.get(server.url(&format!("/api/projects/{project}/pipelines/{pipeline_id}"))));
+    let (_, listed) = contract
+        .call(http.get(server.url(&format!("/api/projects/{project}/pipelines/{pipeline_id}"))));
     assert_eq!(listed["status"], "idle");
-    let (status, _) = call(
+    let (status, _) = contract.call(
         http.put(server.url(&format!("/api/sources/{source_id}")))
             .json(&json!({
                 "name": "line 1", "type": "video_file", "config": {"path": video}
             })),
     );
     assert_eq!(status, StatusCode::OK, "stopped: the source may change");
+    let routes: std::collections::BTreeSet<(String, String)> = contract
+        .checked
+        .borrow()
+        .iter()
+        .map(|(method, template, _)| (method.clone(), template.clone()))
+        .collect();
+    assert!(
+        routes.len() >= 15,
+        "the session's answers were checked on {} routes: {routes:?}",
+        routes.len()
+    );
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn dataset(dir: &Path) -> PathBuf {
     out
 }
 
-fn config(architecture: Architecture, cache: &Path) -> TrainConfig {
+fn config(architecture: Architecture) -> TrainConfig {
     TrainConfig {
         architecture,
         backbone: Backbone::MobilenetV2,
@@ -43,8 +43,6 @@ fn config(architecture: Architecture, cache: &Path) -> TrainConfig {
         tile: None,
         padim_channels: 100,
         memory_bank: Some(512),
-        neighbours: 9,
-        snapshot_cache: cache.to_path_buf(),
     }
 }
 
@@ -70,8 +68,9 @@ fn train_and_evaluate(
     };
     let mut stages = Vec::new();
     train::train(
-        &config(architecture, cache),
+        &config(architecture),
         &sources,
+        cache,
         out,
         &mut |stage, _| {
             if stages.last().map(String::as_str) != Some(stage) {
@@ -520,10 +519,17 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
     let config = TrainConfig {
         input_size: None,
         memory_bank: None,
-        ..config(Architecture::Patchcore, &dir.path().join("cache"))
+        ..config(Architecture::Patchcore)
     };
     let out = dir.path().join("model");
-    let report = train::train(&config, &sources, &out, &mut |_, _| {}).expect("trains");
+    let report = train::train(
+        &config,
+        &sources,
+        &dir.path().join("cache"),
+        &out,
+        &mut |_, _| {},
+    )
+    .expect("trains");
     let manifest = &report.package.manifest;
     assert_eq!(manifest.input_size, 320, "from the images' size");
     let patches = manifest.provenance.training_images * (320 / 8) * (320 / 8);
@@ -576,10 +582,17 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
         input_size: Some(320),
         tile: Some(192),
         memory_bank: Some(256),
-        ..config(Architecture::Patchcore, &dir.path().join("cache"))
+        ..config(Architecture::Patchcore)
     };
     let out = dir.path().join("model");
-    let report = train::train(&config, &sources, &out, &mut |_, _| {}).expect("trains");
+    let report = train::train(
+        &config,
+        &sources,
+        &dir.path().join("cache"),
+        &out,
+        &mut |_, _| {},
+    )
+    .expect("trains");
     let manifest = &report.package.manifest;
     assert_eq!(manifest.input_size, 320);
     assert_eq!(
@@ -600,11 +613,12 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
     let error = train::train(
         &refused,
         &sources,
+        &dir.path().join("cache"),
         &dir.path().join("refused"),
         &mut |_, _| {},
     )
     .err()
     .expect("refused");
-    assert!(error.to_string().contains("--tile 320"), "{error}");
+    assert!(error.to_string().contains("tile: 320"), "{error}");
     assert!(!dir.path().join("refused").exists());
 }

@@ -103,7 +103,7 @@ impl Histogram {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct LatencySummary {
     /// Median.
     pub p50: f64,
@@ -169,7 +169,7 @@ impl NodeMetrics {
 }
 
 /// Queue state of a node's input.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct QueueReport {
     /// Capacity in packets.
     pub capacity: usize,
@@ -182,7 +182,7 @@ pub struct QueueReport {
 }
 
 /// One node in a report.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct NodeReport {
     /// Node id.
     pub id: String,
@@ -217,7 +217,7 @@ pub struct NodeReport {
 }
 
 /// The outside end of a sink (a webhook receiver, an MQTT broker; always online for local sinks).
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct SinkReport {
     /// `online` while results go through, `offline` while the receiver is unreachable.
     pub state: String,
@@ -232,7 +232,7 @@ pub struct SinkReport {
 }
 
 /// The outside end of a source: online or not, and its outages.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct SourceReport {
     /// `online` while frames flow, `offline` during an outage.
     pub state: String,
@@ -243,7 +243,7 @@ pub struct SourceReport {
 }
 
 /// One edge in a report.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct EdgeReport {
     /// `node.port` of the producer.
     pub from: String,
@@ -260,7 +260,7 @@ pub struct EdgeReport {
 }
 
 /// A snapshot of a pipeline's metrics.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MetricsReport {
     /// Pipeline name.
     pub pipeline: String,
@@ -514,6 +514,50 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Joins Prometheus texts, keeping each family's HELP and TYPE once and its samples together.
+pub fn merge_prometheus(texts: &[String]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: std::collections::HashMap<String, (Vec<String>, Vec<String>)> =
+        std::collections::HashMap::new();
+    for text in texts {
+        for line in text.lines() {
+            let name = if let Some(rest) = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+            {
+                rest.split_whitespace().next().unwrap_or_default()
+            } else {
+                line.split(['{', ' ']).next().unwrap_or_default()
+            }
+            .to_string();
+            if name.is_empty() {
+                continue;
+            }
+            let family = families.entry(name.clone()).or_insert_with(|| {
+                order.push(name.clone());
+                (Vec::new(), Vec::new())
+            });
+            if line.starts_with('#') {
+                if !family.0.iter().any(|l| l == line) {
+                    family.0.push(line.to_string());
+                }
+            } else {
+                family.1.push(line.to_string());
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        if let Some((header, samples)) = families.get(&name) {
+            for line in header.iter().chain(samples) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,5 +612,17 @@ mod tests {
         );
         assert_eq!(summary.max, 100.0);
         assert!((summary.mean - 50.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn families_of_several_pipelines_are_merged_under_one_header() {
+        let a =
+            "# HELP x_total X.\n# TYPE x_total counter\nx_total{pipeline=\"a\"} 1\n".to_string();
+        let b =
+            "# HELP x_total X.\n# TYPE x_total counter\nx_total{pipeline=\"b\"} 2\n".to_string();
+        assert_eq!(
+            merge_prometheus(&[a, b]),
+            "# HELP x_total X.\n# TYPE x_total counter\nx_total{pipeline=\"a\"} 1\nx_total{pipeline=\"b\"} 2\n"
+        );
     }
 }

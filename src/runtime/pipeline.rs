@@ -62,6 +62,21 @@ struct Control {
     aborted: AtomicBool,
     failure: Mutex<Option<NodeFailure>>,
     queues: Vec<Arc<InputQueue>>,
+    /// Node threads not yet ended.
+    running_threads: std::sync::atomic::AtomicUsize,
+    /// Turns true when the last node thread ends.
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+/// Counts a node thread out when it ends, however it ends (a panic included).
+struct ThreadEnd(Arc<Control>);
+
+impl Drop for ThreadEnd {
+    fn drop(&mut self) {
+        if self.0.running_threads.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.ended.send_replace(true);
+        }
+    }
 }
 
 impl Control {
@@ -218,6 +233,8 @@ impl Pipeline {
             aborted: AtomicBool::new(false),
             failure: Mutex::new(None),
             queues: queues.iter().flatten().cloned().collect(),
+            running_threads: std::sync::atomic::AtomicUsize::new(graph.nodes.len()),
+            ended: tokio::sync::watch::Sender::new(false),
         });
 
         let metrics: Vec<Arc<NodeMetrics>> = graph
@@ -293,9 +310,13 @@ impl Pipeline {
                 latest: latest[index].clone(),
                 control: Arc::clone(&control),
             };
+            let end = ThreadEnd(Arc::clone(&control));
             let spawned = std::thread::Builder::new()
                 .name(format!("if-{}", node.id))
-                .spawn(move || runtime.run(instance));
+                .spawn(move || {
+                    let _end = end;
+                    runtime.run(instance)
+                });
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(error) => {
@@ -333,7 +354,13 @@ impl Pipeline {
 
     /// Whether every node thread has finished.
     pub fn is_finished(&self) -> bool {
-        self.threads.iter().all(JoinHandle::is_finished)
+        self.control.running_threads.load(Ordering::SeqCst) == 0
+    }
+
+    /// Turns true when every node thread has finished (the source ended and everything
+    /// drained, a failure, or a stop): a supervisor awaits it instead of polling.
+    pub fn ended(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.control.ended.subscribe()
     }
 
     /// The most recent frame of source node `node`, or of the first source that has produced

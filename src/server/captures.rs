@@ -9,22 +9,24 @@
 
 use std::sync::Arc;
 
+use super::openapi::{Content, RouteDoc, schema_of};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, ProjectPage, blocking, json_body, now, paginate};
+use super::http::{ApiError, ProjectPage, blocking, json_body, listing, now, ok, paginate};
 use super::media::Media;
-use super::pipelines::{Latest, PipelineRecord};
+use super::pipelines::PipelineRecord;
+use super::running::Latest;
+use super::state::AppState;
 use super::store::{MEDIA, PIPELINES};
 use inspectflow_operators::Frame;
 use inspectflow_operators::sink::message::rfc3339_utc;
 
 /// Where a captured image came from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CaptureOrigin {
     /// The pipeline it was captured from.
     pub pipeline_id: String,
@@ -53,6 +55,13 @@ pub(crate) struct CaptureBody {
     source_node: Option<String>,
 }
 
+listing!(
+    /// The answer of `GET /api/captures`: captured images, media with their origin.
+    CaptureList,
+    captures,
+    Media
+);
+
 /// The capture routes.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
@@ -68,6 +77,26 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(list);
     capture.or(list).unify().boxed()
 }
+
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "post",
+        path: "/api/captures",
+        summary: "Save a running pipeline's current frame as a PNG image of its project, labelled normal (default) or anomalous; 409 if it is not running or has no frame yet.",
+        body: Content::Json(schema_of::<CaptureBody>),
+        ok: (201, Content::Json(schema_of::<Media>)),
+        errors: &[401, 409, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/captures",
+        summary: "Captured images (media with their origin), optionally of one project_id, paginated.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<CaptureList>)),
+        errors: &[401, 404, 422],
+    },
+];
 
 async fn capture(body: CaptureBody, state: Arc<AppState>) -> Result<Response, Rejection> {
     let unprocessable = |detail: String| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, detail);
@@ -202,7 +231,10 @@ async fn list(query: ProjectPage, state: Arc<AppState>) -> Result<Response, Reje
     });
     media.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(media, &query.page())?;
-    Ok(warp::reply::json(&json!({"captures": items, "pagination": pagination})).into_response())
+    Ok(ok(&CaptureList {
+        captures: items,
+        pagination,
+    }))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
     }
     let store = Store::open(data_dir).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
-    let projects: HashSet<String> = match store.all::<super::api::Project>(PROJECTS) {
+    let projects: HashSet<String> = match store.all::<super::projects::Project>(PROJECTS) {
         Ok(projects) => projects.into_iter().map(|p| p.id).collect(),
         Err(error) => {
             problems.push(error.to_string());

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use super::openapi::{Content, RouteDoc, schema_of};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use warp::filters::BoxedFilter;
@@ -18,7 +19,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, blocking, json_body, now, paginate};
+use super::http::{ApiError, Page, blocking, json_body, listing, now, ok, paginate};
+use super::state::AppState;
 use super::store::{Collection, SINKS, SOURCES};
 
 /// Which of the two resources.
@@ -68,7 +70,7 @@ impl EndpointKind {
 }
 
 /// A stored source or sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Endpoint {
     /// UUID.
     pub id: String,
@@ -84,6 +86,20 @@ pub struct Endpoint {
     /// Last change.
     pub updated_at: String,
 }
+
+listing!(
+    /// The answer of `GET /api/sources`.
+    SourceList,
+    sources,
+    Endpoint
+);
+
+listing!(
+    /// The answer of `GET /api/sinks`.
+    SinkList,
+    sinks,
+    Endpoint
+);
 
 /// Body of create and update.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -155,15 +171,104 @@ pub fn routes(state: Arc<AppState>, kind: EndpointKind) -> BoxedFilter<(Response
         .boxed()
 }
 
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "get",
+        path: "/api/sources",
+        summary: "Stored sources, paginated.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<SourceList>)),
+        errors: &[401, 422],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/sources",
+        summary: "Create a source: type and the operator's parameters, validated and checked for reachability.",
+        body: Content::Json(schema_of::<EndpointBody>),
+        ok: (201, Content::Json(schema_of::<Endpoint>)),
+        errors: &[401, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/sources/{source_id}",
+        summary: "A source (secrets redacted).",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<Endpoint>)),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "put",
+        path: "/api/sources/{source_id}",
+        summary: "Replace a source (409 while a running pipeline uses it).",
+        body: Content::Json(schema_of::<EndpointBody>),
+        ok: (200, Content::Json(schema_of::<Endpoint>)),
+        errors: &[401, 404, 409, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/api/sources/{source_id}",
+        summary: "Delete a source (409 while a running pipeline uses it).",
+        body: Content::None,
+        ok: (204, Content::None),
+        errors: &[401, 404, 409],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/sinks",
+        summary: "Stored sinks, paginated.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<SinkList>)),
+        errors: &[401, 422],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/sinks",
+        summary: "Create a sink: type and the operator's parameters, validated.",
+        body: Content::Json(schema_of::<EndpointBody>),
+        ok: (201, Content::Json(schema_of::<Endpoint>)),
+        errors: &[401, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/sinks/{sink_id}",
+        summary: "A sink (secrets redacted).",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<Endpoint>)),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "put",
+        path: "/api/sinks/{sink_id}",
+        summary: "Replace a sink (409 while a running pipeline uses it).",
+        body: Content::Json(schema_of::<EndpointBody>),
+        ok: (200, Content::Json(schema_of::<Endpoint>)),
+        errors: &[401, 404, 409, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/api/sinks/{sink_id}",
+        summary: "Delete a sink (409 while a running pipeline uses it).",
+        body: Content::None,
+        ok: (204, Content::None),
+        errors: &[401, 404, 409],
+    },
+];
+
 async fn list(page: Page, kind: EndpointKind, state: Arc<AppState>) -> Result<Response, Rejection> {
     let mut items: Vec<Endpoint> = blocking(&state, move |store| store.all(kind.table())).await?;
     items.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(items, &page)?;
-    let key = match kind {
-        EndpointKind::Source => "sources",
-        EndpointKind::Sink => "sinks",
-    };
-    Ok(warp::reply::json(&json!({key: items, "pagination": pagination})).into_response())
+    Ok(match kind {
+        EndpointKind::Source => ok(&SourceList {
+            sources: items,
+            pagination,
+        }),
+        EndpointKind::Sink => ok(&SinkList {
+            sinks: items,
+            pagination,
+        }),
+    })
 }
 
 /// The stored endpoint, or 404.
@@ -299,7 +404,7 @@ async fn check(
         ));
     }
     validate_params(operator, &body.config).map_err(|error| invalid(format!("config{error}")))?;
-    if let Some(descriptor) = super::api::registry().get(operator)
+    if let Some(descriptor) = super::state::registry().get(operator)
         && let Some((field, error)) = state
             .roots
             .outside(descriptor, &body.config)
@@ -336,7 +441,7 @@ fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
     };
     let text = graph.to_string();
     let limits = crate::graph::GraphLimits::DEFAULT;
-    match crate::graph::load_str("config", &text, true, &super::api::registry(), &limits) {
+    match crate::graph::load_str("config", &text, true, super::state::registry(), &limits) {
         Ok(_) => Ok(()),
         Err(errors) => {
             let Some(error) = errors

@@ -10,16 +10,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::openapi::{Content, RouteDoc, schema_of};
 use bytes::Buf;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, Project, blocking, now, paginate};
+use super::http::{ApiError, Page, blocking, listing, now, ok, paginate};
+use super::projects::Project;
+use super::state::AppState;
 use super::store::{MEDIA, PROJECTS};
 use inspectflow_operators::files::StagedFile;
 
@@ -29,7 +31,7 @@ pub const MAX_UPLOAD_BYTES: u64 = 32 << 20;
 const THUMBNAIL_SIZE: u32 = 256;
 
 /// One uploaded image.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Media {
     /// UUID.
     pub id: String,
@@ -82,6 +84,13 @@ impl Media {
     }
 }
 
+listing!(
+    /// The answer of `GET /api/projects/{id}/media`.
+    MediaList,
+    media,
+    Media
+);
+
 /// The media routes.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
@@ -119,6 +128,66 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .unify()
         .boxed()
 }
+
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/media",
+        summary: "Upload an image: multipart fields file (PNG or JPEG), label (normal or anomalous, default normal), mask (optional PNG of the same size).",
+        body: Content::MediaUpload,
+        ok: (201, Content::Json(schema_of::<Media>)),
+        errors: &[400, 401, 404, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media",
+        summary: "A project's media in upload order, paginated with limit and offset.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<MediaList>)),
+        errors: &[401, 404, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}",
+        summary: "One media record.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<Media>)),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/api/projects/{project_id}/media/{media_id}",
+        summary: "Delete an image, its thumbnail and its mask.",
+        body: Content::None,
+        ok: (204, Content::None),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}/full",
+        summary: "Download the image as uploaded.",
+        body: Content::None,
+        ok: (200, Content::Binary(&["image/png", "image/jpeg"])),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}/thumbnail",
+        summary: "A JPEG thumbnail, 256 pixels on the longer side.",
+        body: Content::None,
+        ok: (200, Content::Binary(&["image/jpeg"])),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/media/{media_id}/mask",
+        summary: "The mask, when one was uploaded.",
+        body: Content::None,
+        ok: (200, Content::Binary(&["image/png"])),
+        errors: &[401, 404],
+    },
+];
 
 /// Passes `multipart/form-data` requests; refuses others with 415 (rather than letting warp's
 /// rejection ranking answer 405).
@@ -378,7 +447,10 @@ async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Re
     media.retain(|m| m.project_id == project_id);
     media.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(media, &page)?;
-    Ok(warp::reply::json(&json!({"media": items, "pagination": pagination})).into_response())
+    Ok(ok(&MediaList {
+        media: items,
+        pagination,
+    }))
 }
 
 async fn get(

@@ -1,31 +1,43 @@
 //! `inspectflow serve`: the control plane, a warp REST API over a redb store in a data directory.
 //!
-//! - [`store`]: the redb database (a table per resource, JSON records, schema version);
-//! - [`api`]: the routes and the JSON error contract;
-//! - [`check`]: `check-db`, the store's consistency with its files;
-//! - [`media`]: image uploads with labels and masks, thumbnails, downloads;
-//! - [`jobs`]: training jobs run by a worker, with progress, logs and cancel;
-//! - [`models`]: trained models, `:predict`, `:export`, thresholds;
-//! - [`endpoints`]: sources and sinks as stored operator configurations;
-//! - [`pipelines`]: stored pipelines and the running ones, with metrics;
-//! - [`snapshots`]: the Parquet dataset snapshots training writes;
-//! - [`captures`]: a running pipeline's current frame saved as a project image;
-//! - [`openapi`]: the OpenAPI 3 description of every route.
+//! Layers, bottom up (a module imports only from the layers below it):
+//! 1. the store, state and HTTP helpers: [`store`] (the redb database, a table per resource,
+//!    JSON records, schema version), [`state`] (what every handler shares), [`http`] (the error
+//!    contract, paging, JSON bodies and replies) and [`openapi`] (the route documentation types
+//!    and the generated description);
+//! 2. one module per resource, each with its routes and their documentation: [`system`]
+//!    (`/health`, `/api/devices`, `/api/openapi.json`), [`projects`], [`media`] (uploads with
+//!    labels and masks, thumbnails, downloads), [`jobs`] (training jobs with progress, logs and
+//!    cancel) run by the worker in [`training`], [`models`] (`:predict`, `:export`,
+//!    thresholds), [`endpoints`] (sources and sinks as stored operator configurations),
+//!    [`pipelines`] (stored ones), [`active`] (the running ones, with metrics) over the table of
+//!    runs in [`running`], [`snapshots`] (the Parquet dataset snapshots training writes) and
+//!    [`captures`] (a running pipeline's current frame saved as a project image);
+//! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors.
+//!
+//! [`check`] is `check-db`, the store's consistency with its files.
 //!
 //! The server binds to 127.0.0.1 unless told otherwise, and with a token (`--token` or
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
-pub mod api;
+pub mod active;
 pub mod captures;
 pub mod check;
 pub mod endpoints;
+pub mod http;
 pub mod jobs;
 pub mod media;
 pub mod models;
 pub mod openapi;
 pub mod pipelines;
+pub mod projects;
+pub mod router;
+pub mod running;
 pub mod snapshots;
+pub mod state;
 pub mod store;
+pub mod system;
+pub mod training;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,17 +74,17 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     let store = store::Store::open(data_dir)
         .map_err(|e| format!("cannot open the store in {}: {e}", data_dir.display()))?;
     path_roots.insert(0, data_dir.to_path_buf());
-    let state = Arc::new(api::AppState {
+    let state = Arc::new(state::AppState {
         store,
         token,
         data_dir: data_dir.to_path_buf(),
         roots: crate::roots::PathRoots::new(&path_roots),
         graph_limits,
-        jobs: jobs::JobRunner::new(max_jobs),
+        jobs: training::JobRunner::new(max_jobs),
         models: models::LoadedModels::default(),
         // Created here, on the main thread: pipelines start on its launcher thread at normal
         // priority, whereas the runtime's threads below run at a lower one.
-        pipelines: pipelines::ActivePipelines::new()?,
+        pipelines: running::ActivePipelines::new()?,
     });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,8 +104,8 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     let shutdown = Arc::clone(&state);
     runtime.block_on(async move {
         sweep_half_written(data_dir);
-        jobs::JobRunner::recover(&state)?;
-        pipelines::restart_kept(&state).await;
+        training::JobRunner::recover(&state)?;
+        active::restart_kept(&state).await;
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
@@ -106,7 +118,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         );
         tracing::info!(%address, "serving");
         let (signalled, on_signal) = tokio::sync::watch::channel(false);
-        let server = warp::serve(api::routes(state))
+        let server = warp::serve(router::routes(state))
             .incoming(listener)
             .graceful(async move {
                 let _ = stopped.await;

@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::openapi::{Content, RouteDoc, schema_of};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use warp::filters::BoxedFilter;
@@ -22,14 +23,15 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, action, blocking, json_body, now, paginate};
+use super::http::{ApiError, Page, action, blocking, json_body, listing, now, paginate};
 use super::jobs::Job;
+use super::state::AppState;
 use super::store::MODELS;
 use crate::operators::package::ModelPackage;
 use crate::predictor::Predictor;
 
 /// A registered model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Model {
     /// UUID (also its package folder's name).
     pub id: String,
@@ -130,6 +132,13 @@ pub(crate) struct ModelChange {
     threshold: Option<f32>,
 }
 
+listing!(
+    /// The answer of `GET /api/projects/{id}/models`.
+    ModelList,
+    models,
+    Model
+);
+
 /// The model routes.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
@@ -184,6 +193,58 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/models",
+        summary: "The project's models, paginated.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<ModelList>)),
+        errors: &[401, 404, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/models/{model_id}",
+        summary: "A model: family, backbone, threshold, validation metrics, size.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<Model>)),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "patch",
+        path: "/api/projects/{project_id}/models/{model_id}",
+        summary: "Rename a model or set its decision threshold (0-1).",
+        body: Content::Json(schema_of::<ModelChange>),
+        ok: (200, Content::Json(schema_of::<Model>)),
+        errors: &[401, 404, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/api/projects/{project_id}/models/{model_id}",
+        summary: "Delete a model and its package (409 while a running pipeline uses it).",
+        body: Content::None,
+        ok: (204, Content::None),
+        errors: &[401, 404, 409],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/models/{model_id}:predict",
+        summary: "Score an uploaded image: score, label, threshold, anomaly map (PNG) and overlay (JPEG), base64.",
+        body: Content::ImageUpload,
+        ok: (200, Content::Json(schema_of::<PredictAnswer>)),
+        errors: &[401, 404, 413, 415, 422, 503],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/models/{model_id}:export",
+        summary: "The model package (OpenVINO IR and manifest) as a zip.",
+        body: Content::None,
+        ok: (200, Content::Binary(&["application/zip"])),
+        errors: &[401, 404],
+    },
+];
+
 /// The model `model_id` of project `project_id`, or 404.
 pub async fn model_of(
     state: &Arc<AppState>,
@@ -204,10 +265,11 @@ async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Re
     models.retain(|model| model.project_id == project_id);
     models.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(models, &page)?;
-    Ok(
-        warp::reply::json(&serde_json::json!({"models": items, "pagination": pagination}))
-            .into_response(),
-    )
+    Ok(warp::reply::json(&ModelList {
+        models: items,
+        pagination,
+    })
+    .into_response())
 }
 
 async fn get(
@@ -272,8 +334,8 @@ async fn delete(
 }
 
 /// The verdict `:predict` answers.
-#[derive(Serialize)]
-struct PredictAnswer {
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PredictAnswer {
     model_id: String,
     score: f32,
     raw_score: f32,

@@ -1,8 +1,46 @@
-//! The API's OpenAPI 3 description, served at `/api/openapi.json` and written by
-//! `inspectflow gen-api --target-path FILE`. [`ROUTES`] lists every route the router serves; a
-//! test requests each one from a running server, so the list and the router cannot drift apart.
+//! The API's OpenAPI 3.1 description, served at `/api/openapi.json` and written by
+//! `inspectflow gen-api --target-path FILE`.
+//!
+//! Each resource module declares its routes' documentation ([`RouteDoc`]) next to its router,
+//! naming the Rust types of the request body and of the success answer; the schemas of those
+//! types come from schemars (JSON Schema 2020-12, which OpenAPI 3.1 uses as it is), collected
+//! under `components/schemas`. The handlers serialize the same types, so a schema cannot drift
+//! from what is sent. A test requests every documented route from a running server, so the
+//! documentation and the router cannot drift apart either, and another validates the answers of
+//! a whole session against these schemas.
 
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::{Map, Value, json};
+
+use super::http::ErrorBody;
+
+/// Adds the schema of a type to the generator and answers a reference to it.
+pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
+/// The schema of `T`, as a reference into `components/schemas` where `T` has a name.
+pub fn schema_of<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    generator.subschema_for::<T>()
+}
+
+/// What a request or an answer carries.
+#[derive(Clone, Copy)]
+pub enum Content {
+    /// Nothing.
+    None,
+    /// JSON of a type.
+    Json(SchemaFn),
+    /// A `multipart/form-data` upload of media: `file`, `label`, `mask`.
+    MediaUpload,
+    /// A `multipart/form-data` upload of one image: `file`.
+    ImageUpload,
+    /// Bytes of one of these media types.
+    Binary(&'static [&'static str]),
+    /// Server-sent events (`text/event-stream`) whose `data` is JSON of a type.
+    EventStream(SchemaFn),
+    /// Plain text (Prometheus' text format).
+    Text,
+}
 
 /// One documented route.
 pub struct RouteDoc {
@@ -12,398 +50,31 @@ pub struct RouteDoc {
     pub path: &'static str,
     /// One line on what it does.
     pub summary: &'static str,
-    /// Status codes it answers with (errors carry `{"detail": ...}`).
-    pub responses: &'static [u16],
     /// The request body it takes.
-    pub body: Body,
+    pub body: Content,
+    /// The success status and what it carries.
+    pub ok: (u16, Content),
+    /// Error statuses it answers with (each carries an [`ErrorBody`]).
+    pub errors: &'static [u16],
 }
 
-/// A route's request body.
-pub enum Body {
-    /// None.
-    None,
-    /// JSON, described by the named component schema.
-    Json(&'static str),
-    /// A `multipart/form-data` upload: media (file, label, mask).
-    MediaUpload,
-    /// A `multipart/form-data` upload of one image (`file`).
-    ImageUpload,
+/// Every documented route, resource by resource.
+pub fn routes() -> impl Iterator<Item = &'static RouteDoc> {
+    [
+        super::system::DOCS,
+        super::projects::DOCS,
+        super::media::DOCS,
+        super::jobs::DOCS,
+        super::models::DOCS,
+        super::endpoints::DOCS,
+        super::pipelines::DOCS,
+        super::active::DOCS,
+        super::snapshots::DOCS,
+        super::captures::DOCS,
+    ]
+    .into_iter()
+    .flatten()
 }
-
-/// Every route.
-pub const ROUTES: &[RouteDoc] = &[
-    RouteDoc {
-        method: "get",
-        path: "/health",
-        summary: "Liveness: {\"status\": \"ok\"}.",
-        responses: &[200, 401],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/openapi.json",
-        summary: "This description.",
-        responses: &[200, 401],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects",
-        summary: "Projects in creation order, paginated with limit (1-1000, default 20) and offset.",
-        responses: &[200, 401, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/projects",
-        summary: "Create a project: {\"name\": ...} (1-200 characters).",
-        responses: &[201, 401, 413, 415, 422],
-        body: Body::Json("ProjectBody"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}",
-        summary: "One project.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "patch",
-        path: "/api/projects/{project_id}",
-        summary: "Rename a project: {\"name\": ...}.",
-        responses: &[200, 401, 404, 413, 415, 422],
-        body: Body::Json("ProjectBody"),
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/projects/{project_id}",
-        summary: "Delete a project.",
-        responses: &[204, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/trainable-models",
-        summary: "The model families training supports, with description, recommended flag and parameters.",
-        responses: &[200, 401],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/devices",
-        summary: "OpenVINO inference devices and V4L2 cameras.",
-        responses: &[200, 401, 503],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/projects/{project_id}/media",
-        summary: "Upload an image: multipart fields file (PNG or JPEG), label (normal or anomalous, default normal), mask (optional PNG of the same size).",
-        responses: &[201, 400, 401, 404, 413, 415, 422],
-        body: Body::MediaUpload,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/media",
-        summary: "A project's media in upload order, paginated with limit and offset.",
-        responses: &[200, 401, 404, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/media/{media_id}",
-        summary: "One media record.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/projects/{project_id}/media/{media_id}",
-        summary: "Delete an image, its thumbnail and its mask.",
-        responses: &[204, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/media/{media_id}/full",
-        summary: "Download the image as uploaded.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/media/{media_id}/thumbnail",
-        summary: "A JPEG thumbnail, 256 pixels on the longer side.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/media/{media_id}/mask",
-        summary: "The mask, when one was uploaded.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/projects/{project_id}/train",
-        summary: "Queue a training job on the project's media (201 with the job; 422 with fewer than 3 normal images).",
-        responses: &[201, 401, 404, 413, 415, 422],
-        body: Body::Json("TrainPayload"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/jobs",
-        summary: "Jobs, oldest first (optional project_id filter), paginated.",
-        responses: &[200, 401, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/jobs/{job_id}",
-        summary: "A job: status, progress 0-100, stage, message, model_id.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/jobs/{job_id}:cancel",
-        summary: "Cancel a pending or running job; answers once it stopped (409 if it already ended).",
-        responses: &[200, 401, 404, 409],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/jobs/{job_id}/progress",
-        summary: "Server-sent `progress` events with the job on every change, until it ends.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/jobs/{job_id}/logs",
-        summary: "Server-sent `log` events: the job's log lines so far, then new ones, until it ends.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/models",
-        summary: "The project's models, paginated.",
-        responses: &[200, 401, 404, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/models/{model_id}",
-        summary: "A model: family, backbone, threshold, validation metrics, size.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "patch",
-        path: "/api/projects/{project_id}/models/{model_id}",
-        summary: "Rename a model or set its decision threshold (0-1).",
-        responses: &[200, 401, 404, 413, 415, 422],
-        body: Body::Json("ModelChange"),
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/projects/{project_id}/models/{model_id}",
-        summary: "Delete a model and its package (409 while a running pipeline uses it).",
-        responses: &[204, 401, 404, 409],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/projects/{project_id}/models/{model_id}:predict",
-        summary: "Score an uploaded image: score, label, threshold, anomaly map (PNG) and overlay (JPEG), base64.",
-        responses: &[200, 401, 404, 413, 415, 422, 503],
-        body: Body::ImageUpload,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/projects/{project_id}/models/{model_id}:export",
-        summary: "The model package (OpenVINO IR and manifest) as a zip.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/sources",
-        summary: "Stored sources, paginated.",
-        responses: &[200, 401, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/sources",
-        summary: "Create a source: type and the operator's parameters, validated and checked for reachability.",
-        responses: &[201, 401, 413, 415, 422],
-        body: Body::Json("EndpointBody"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/sources/{source_id}",
-        summary: "A source (secrets redacted).",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "put",
-        path: "/api/sources/{source_id}",
-        summary: "Replace a source (409 while a running pipeline uses it).",
-        responses: &[200, 401, 404, 409, 413, 415, 422],
-        body: Body::Json("EndpointBody"),
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/sources/{source_id}",
-        summary: "Delete a source (409 while a running pipeline uses it).",
-        responses: &[204, 401, 404, 409],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/sinks",
-        summary: "Stored sinks, paginated.",
-        responses: &[200, 401, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/sinks",
-        summary: "Create a sink: type and the operator's parameters, validated.",
-        responses: &[201, 401, 413, 415, 422],
-        body: Body::Json("EndpointBody"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/sinks/{sink_id}",
-        summary: "A sink (secrets redacted).",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "put",
-        path: "/api/sinks/{sink_id}",
-        summary: "Replace a sink (409 while a running pipeline uses it).",
-        responses: &[200, 401, 404, 409, 413, 415, 422],
-        body: Body::Json("EndpointBody"),
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/sinks/{sink_id}",
-        summary: "Delete a sink (409 while a running pipeline uses it).",
-        responses: &[204, 401, 404, 409],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/pipelines",
-        summary: "The project's pipelines with their status (idle or running), paginated.",
-        responses: &[200, 401, 404, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/projects/{project_id}/pipelines",
-        summary: "Create a pipeline from a graph (YAML text or JSON object) or from source_id, model_id and sink_ids; 422 lists each graph error with node and field.",
-        responses: &[201, 401, 404, 413, 415, 422],
-        body: Body::Json("PipelineBody"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/projects/{project_id}/pipelines/{pipeline_id}",
-        summary: "A pipeline.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "put",
-        path: "/api/projects/{project_id}/pipelines/{pipeline_id}",
-        summary: "Replace a pipeline's definition (409 while it runs).",
-        responses: &[200, 401, 404, 409, 413, 415, 422],
-        body: Body::Json("PipelineBody"),
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/projects/{project_id}/pipelines/{pipeline_id}",
-        summary: "Delete a pipeline (409 while it runs).",
-        responses: &[204, 401, 404, 409],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/active-pipelines",
-        summary: "Started pipelines with status and metrics.",
-        responses: &[200, 401],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/active-pipelines",
-        summary: "Start a pipeline (several may run at once, each at most once: 409 names the run when this one runs or is being started or stopped; 503 while the server shuts down).",
-        responses: &[201, 401, 409, 413, 415, 422, 503],
-        body: Body::Json("StartBody"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/active-pipelines/{pipeline_id}",
-        summary: "A started pipeline's status and metrics: per-node FPS, latency percentiles, queue depths, drops, end-to-end latency.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "delete",
-        path: "/api/active-pipelines/{pipeline_id}",
-        summary: "Stop a pipeline (drain, then abort after 10 s) and answer its final metrics.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/metrics",
-        summary: "Prometheus text: every started pipeline's metrics and jobs by status.",
-        responses: &[200, 401],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/snapshots",
-        summary: "Dataset snapshots (Parquet tables training froze its datasets into), paginated.",
-        responses: &[200, 401, 422],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/snapshots/{snapshot_id}",
-        summary: "A snapshot: image count, anomalous count, size, time.",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/snapshots/{snapshot_id}/download",
-        summary: "The snapshot's Parquet file (path, filename, label, mask, split, sha256 per image).",
-        responses: &[200, 401, 404],
-        body: Body::None,
-    },
-    RouteDoc {
-        method: "post",
-        path: "/api/captures",
-        summary: "Save a running pipeline's current frame as a PNG image of its project, labelled normal (default) or anomalous; 409 if it is not running or has no frame yet.",
-        responses: &[201, 401, 409, 413, 415, 422],
-        body: Body::Json("CaptureBody"),
-    },
-    RouteDoc {
-        method: "get",
-        path: "/api/captures",
-        summary: "Captured images (media with their origin), optionally of one project_id, paginated.",
-        responses: &[200, 401, 404, 422],
-        body: Body::None,
-    },
-];
 
 fn reason(status: u16) -> &'static str {
     match status {
@@ -422,23 +93,62 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The OpenAPI 3.0 document.
-pub fn spec() -> Value {
-    let mut paths = Map::new();
-    for route in ROUTES {
-        let mut responses = Map::new();
-        for status in route.responses {
-            let mut response = json!({"description": reason(*status)});
-            if *status >= 400 {
-                response["content"] =
-                    json!({"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}});
+/// The `content` object of a body, or `None` when there is no body.
+fn content(generator: &mut SchemaGenerator, content: Content) -> Option<Value> {
+    let binary = json!({"type": "string", "format": "binary"});
+    Some(match content {
+        Content::None => return None,
+        Content::Json(schema) => json!({"application/json": {"schema": schema(generator)}}),
+        Content::MediaUpload => json!({"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": binary,
+                "label": {"type": "string", "enum": ["normal", "anomalous"]},
+                "mask": binary
             }
-            responses.insert(status.to_string(), response);
+        }}}),
+        Content::ImageUpload => json!({"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["file"],
+            "properties": {"file": binary}
+        }}}),
+        Content::Binary(types) => Value::Object(
+            types
+                .iter()
+                .map(|media_type| (media_type.to_string(), json!({"schema": binary})))
+                .collect(),
+        ),
+        Content::EventStream(schema) => json!({"text/event-stream": {
+            "schema": {"type": "string", "description": "Server-sent events; each `data` is JSON matching `x-event-data`."},
+            "x-event-data": schema(generator)
+        }}),
+        Content::Text => json!({"text/plain": {"schema": {"type": "string"}}}),
+    })
+}
+
+/// The OpenAPI 3.1 document.
+pub fn spec() -> Value {
+    let mut generator = SchemaSettings::draft2020_12()
+        .with(|settings| settings.definitions_path = "/components/schemas".into())
+        .into_generator();
+    let error = json!({"application/json": {"schema": schema_of::<ErrorBody>(&mut generator)}});
+    let mut paths = Map::new();
+    for route in routes() {
+        let mut responses = Map::new();
+        let (status, answer) = route.ok;
+        let mut success = json!({"description": reason(status)});
+        if let Some(content) = content(&mut generator, answer) {
+            success["content"] = content;
         }
-        let mut operation = json!({
-            "summary": route.summary,
-            "responses": responses,
-        });
+        responses.insert(status.to_string(), success);
+        for status in route.errors {
+            responses.insert(
+                status.to_string(),
+                json!({"description": reason(*status), "content": error}),
+            );
+        }
+        let mut operation = json!({"summary": route.summary, "responses": responses});
         let parameters: Vec<Value> = route
             .path
             .split('{')
@@ -449,85 +159,44 @@ pub fn spec() -> Value {
         if !parameters.is_empty() {
             operation["parameters"] = Value::Array(parameters);
         }
-        match route.body {
-            Body::None => {}
-            Body::Json(schema) => {
-                operation["requestBody"] = json!({
-                    "required": true,
-                    "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}
-                });
-            }
-            Body::MediaUpload => {
-                operation["requestBody"] = json!({
-                    "required": true,
-                    "content": {"multipart/form-data": {"schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "label": {"type": "string", "enum": ["normal", "anomalous"]},
-                            "mask": {"type": "string", "format": "binary"}
-                        }
-                    }}}
-                });
-            }
-            Body::ImageUpload => {
-                operation["requestBody"] = json!({
-                    "required": true,
-                    "content": {"multipart/form-data": {"schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {"file": {"type": "string", "format": "binary"}}
-                    }}}
-                });
-            }
+        if let Some(content) = content(&mut generator, route.body) {
+            operation["requestBody"] = json!({"required": true, "content": content});
         }
         let entry = paths
             .entry(route.path.to_string())
             .or_insert_with(|| Value::Object(Map::new()));
         entry[route.method] = operation;
     }
-    let mut document = json!({
-        "openapi": "3.0.3",
+    let schemas: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
+    json!({
+        "openapi": "3.1.0",
         "info": {
             "title": "inspectflow",
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Control plane of the inspectflow visual anomaly inspection engine."
         },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["detail"],
-                    "properties": {"detail": {"type": "string"}}
-                },
-            },
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
         },
         "paths": paths,
-    });
-    for (name, schema) in body_schemas() {
-        document["components"]["schemas"][name] = schema;
-    }
-    document
+    })
 }
 
-/// The JSON request bodies, from the types the handlers deserialise.
-fn body_schemas() -> Vec<(&'static str, Value)> {
-    fn schema<T: schemars::JsonSchema>() -> Value {
-        let mut value = schemars::schema_for!(T).to_value();
-        if let Some(object) = value.as_object_mut() {
-            object.remove("$schema");
-        }
-        value
-    }
-    vec![
-        ("ProjectBody", schema::<super::api::ProjectBody>()),
-        ("TrainPayload", schema::<super::jobs::TrainPayload>()),
-        ("ModelChange", schema::<super::models::ModelChange>()),
-        ("EndpointBody", schema::<super::endpoints::EndpointBody>()),
-        ("PipelineBody", schema::<super::pipelines::PipelineBody>()),
-        ("StartBody", schema::<super::pipelines::StartBody>()),
-        ("CaptureBody", schema::<super::captures::CaptureBody>()),
-    ]
+/// The JSON Schema of the success answer of `method` `path` (a documented path template, such
+/// as `/api/projects/{project_id}`) with `status`, resolvable on its own: its references point
+/// into a copy of the document's components. `None` when the route answers no JSON there.
+pub fn answer_schema(document: &Value, method: &str, path: &str, status: u16) -> Option<Value> {
+    let content = document
+        .get("paths")?
+        .get(path)?
+        .get(method)?
+        .get("responses")?
+        .get(status.to_string())?
+        .get("content")?;
+    let schema = content.get("application/json")?.get("schema")?.clone();
+    let mut root = json!({"allOf": [schema]});
+    root["components"] = document.get("components")?.clone();
+    Some(root)
 }

@@ -1,21 +1,15 @@
-//! Pipelines: stored definitions (`/api/projects/{project_id}/pipelines`) and the ones running
-//! (`/api/active-pipelines`), several at once, each with its own metrics.
+//! Stored pipelines (`/api/projects/{project_id}/pipelines`): definitions a project keeps, each
+//! shown with whether it runs. [`super::active`] starts and stops them.
 //!
 //! A pipeline is either a graph (a YAML string or a JSON object in `graph`, validated exactly
 //! as `inspectflow validate` validates a file; errors answer 422 with every problem's node and
 //! field) or is assembled from a stored source, one of the project's models and stored sinks:
 //! `source -> preprocess -> infer.openvino -> anomaly -> heatmap -> encode.jpeg -> sinks`.
 //! Every file and folder parameter of every node must lie under the server's path roots (links
-//! resolved).
-//!
-//! Starting one resolves its definition against the current records (so a model's threshold
-//! change applies at the next start), starts the runtime's threads and returns at once; a
-//! batch source (a video file, a folder) ends by itself and shows `completed`. Stopping drains
-//! queued frames (aborting after 10 s) and answers the final metrics.
+//! resolved). Starting one resolves its definition against the current records (so a model's
+//! threshold change applies at the next start).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -24,16 +18,19 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, blocking, json_body, now, paginate, put_in_project};
 use super::endpoints::{Endpoint, EndpointKind, endpoint};
+use super::http::{
+    ApiError, Page, blocking, json_body, listing, now, ok, paginate, put_in_project,
+};
 use super::models::{Model, model_of};
+use super::openapi::{Content, RouteDoc, schema_of};
+use super::running::Uses;
+use super::state::AppState;
 use super::store::PIPELINES;
 use crate::graph::{GraphErrors, ValidatedGraph};
-use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::Pipeline;
 
 /// A stored pipeline.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PipelineRecord {
     /// UUID.
     pub id: String,
@@ -79,344 +76,34 @@ pub(crate) struct PipelineBody {
     sink_ids: Vec<String>,
 }
 
-/// What a running pipeline holds on to, for the 409s of sources, sinks and models.
-#[derive(Debug, Default, Clone)]
-struct Uses {
-    source_id: Option<String>,
-    model_id: Option<String>,
-    sink_ids: Vec<String>,
+/// Whether a stored pipeline runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Started and not ended.
+    Running,
+    /// Not running.
+    Idle,
 }
 
-/// One started pipeline.
-struct Active {
-    pipeline_id: String,
-    project_id: String,
-    name: String,
-    started_at: String,
-    uses: Uses,
-    /// Taken when the pipeline is stopped and joined.
-    pipeline: Mutex<Option<Pipeline>>,
+/// A stored pipeline as the API shows it: the record and whether it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PipelineView {
+    /// The stored definition.
+    #[serde(flatten)]
+    pub record: PipelineRecord,
+    /// `running` or `idle`.
+    pub status: RunState,
 }
 
-impl Active {
-    fn is_running(&self) -> bool {
-        self.pipeline
-            .lock()
-            .ok()
-            .and_then(|p| p.as_ref().map(|p| !p.is_finished()))
-            .unwrap_or(false)
-    }
-
-    fn report(&self) -> Option<MetricsReport> {
-        self.pipeline.lock().ok()?.as_ref().map(Pipeline::report)
-    }
-
-    fn status(&self) -> Value {
-        let report = self.report();
-        let status = match &report {
-            Some(_) if self.is_running() => "running",
-            Some(report) if report.state == "failed" => "failed",
-            Some(_) => "completed",
-            None => "stopped",
-        };
-        json!({
-            "pipeline_id": self.pipeline_id,
-            "project_id": self.project_id,
-            "name": self.name,
-            "status": status,
-            "started_at": self.started_at,
-            "metrics": report,
-        })
-    }
-}
-
-/// A request to the launcher thread: a graph to start, and where to send the result.
-type Launch = (
-    ValidatedGraph,
-    tokio::sync::oneshot::Sender<Result<Pipeline, String>>,
+listing!(
+    /// The answer of `GET /api/projects/{id}/pipelines`.
+    PipelineList,
+    pipelines,
+    PipelineView
 );
 
-/// The running pipelines.
-pub struct ActivePipelines {
-    active: Mutex<HashMap<String, Arc<Active>>>,
-    /// Pipelines between the start request and their entry in `active` (resolving the graph,
-    /// building operators). Taken only while `active` is locked, so that checking for a run and
-    /// claiming the start is one step: two concurrent starts of one pipeline give one run.
-    starting: Mutex<std::collections::HashSet<String>>,
-    /// Starts pipelines on a thread of normal priority (see [`ActivePipelines::new`]).
-    launcher: Mutex<std::sync::mpsc::Sender<Launch>>,
-    /// Set by [`ActivePipelines::stop_all`]: pipelines stopped by a server shutdown keep their
-    /// `keep_running`, so the next start brings them back.
-    shutting_down: std::sync::atomic::AtomicBool,
-}
-
-impl ActivePipelines {
-    /// Call from a thread of normal scheduling priority: pipelines are started by a launcher
-    /// thread spawned here, and their node threads inherit its priority. The API's own threads
-    /// run at a lower priority (see `serve`), so that on a busy machine the inspection line gets
-    /// the CPU before the control plane does.
-    pub fn new() -> Result<Self, String> {
-        let (launcher, requests) = std::sync::mpsc::channel::<Launch>();
-        std::thread::Builder::new()
-            .name("if-launcher".into())
-            .spawn(move || {
-                for (graph, reply) in requests {
-                    // A panic while building operators fails this start, not the launcher.
-                    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Pipeline::start(&graph).map_err(|error| error.to_string())
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(format!("starting pipeline '{}' panicked", graph.name))
-                    });
-                    let _ = reply.send(started);
-                }
-            })
-            .map_err(|e| format!("cannot start the pipeline launcher thread: {e}"))?;
-        Ok(Self {
-            active: Mutex::new(HashMap::new()),
-            starting: Mutex::new(std::collections::HashSet::new()),
-            launcher: Mutex::new(launcher),
-            shutting_down: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    /// Claims the start of pipeline `id`: refused (naming the run) while it runs or another
-    /// request is starting it. The claim ends when the returned guard is dropped, by which time
-    /// the new run, if any, is in `active`.
-    fn claim_start(&self, id: &str) -> Result<StartClaim<'_>, String> {
-        let active = self
-            .active
-            .lock()
-            .map_err(|_| "the pipeline table is unusable".to_string())?;
-        if let Some(run) = active.get(id) {
-            if run.is_running() {
-                return Err(format!(
-                    "pipeline {id} is already running (run started at {}); stop it first",
-                    run.started_at
-                ));
-            }
-            if run.pipeline.lock().map_or(true, |p| p.is_none()) {
-                return Err(format!(
-                    "pipeline {id} is being stopped (run started at {}); start it again once stopped",
-                    run.started_at
-                ));
-            }
-        }
-        let mut starting = self
-            .starting
-            .lock()
-            .map_err(|_| "the pipeline table is unusable".to_string())?;
-        if !starting.insert(id.to_string()) {
-            return Err(format!("pipeline {id} is being started by another request"));
-        }
-        Ok(StartClaim {
-            pipelines: self,
-            id: id.to_string(),
-        })
-    }
-
-    /// Starts `graph` on the launcher thread.
-    async fn launch(&self, graph: ValidatedGraph) -> Result<Pipeline, String> {
-        let (reply, started) = tokio::sync::oneshot::channel();
-        self.launcher
-            .lock()
-            .map_err(|_| "the pipeline launcher is gone".to_string())?
-            .send((graph, reply))
-            .map_err(|_| "the pipeline launcher is gone".to_string())?;
-        started
-            .await
-            .map_err(|_| "the pipeline launcher is gone".to_string())?
-    }
-
-    fn all(&self) -> Vec<Arc<Active>> {
-        let mut all: Vec<Arc<Active>> = self
-            .active
-            .lock()
-            .map(|a| a.values().cloned().collect())
-            .unwrap_or_default();
-        all.sort_by(|a, b| (&a.started_at, &a.pipeline_id).cmp(&(&b.started_at, &b.pipeline_id)));
-        all
-    }
-
-    fn get(&self, id: &str) -> Option<Arc<Active>> {
-        self.active.lock().ok()?.get(id).cloned()
-    }
-
-    /// The running pipeline that uses model `id`, if any.
-    pub fn using_model(&self, id: &str) -> Option<String> {
-        self.all()
-            .into_iter()
-            .find(|a| a.is_running() && a.uses.model_id.as_deref() == Some(id))
-            .map(|a| a.pipeline_id.clone())
-    }
-
-    /// The running pipeline that uses source or sink `id`, if any.
-    pub fn using_endpoint(&self, kind: EndpointKind, id: &str) -> Option<String> {
-        self.all()
-            .into_iter()
-            .find(|a| {
-                a.is_running()
-                    && match kind {
-                        EndpointKind::Source => a.uses.source_id.as_deref() == Some(id),
-                        EndpointKind::Sink => a.uses.sink_ids.iter().any(|s| s == id),
-                    }
-            })
-            .map(|a| a.pipeline_id.clone())
-    }
-
-    /// A running pipeline of project `id`, if any.
-    pub fn running_in_project(&self, id: &str) -> Option<String> {
-        self.all()
-            .into_iter()
-            .find(|a| a.is_running() && a.project_id == id)
-            .map(|a| a.pipeline_id.clone())
-    }
-
-    /// Whether pipeline `id` is running.
-    pub fn is_running(&self, id: &str) -> bool {
-        self.get(id).is_some_and(|a| a.is_running())
-    }
-
-    /// Prometheus text of every started pipeline, one HELP/TYPE per family.
-    pub fn prometheus(&self) -> String {
-        let texts: Vec<String> = self
-            .all()
-            .iter()
-            .filter_map(|a| a.report())
-            .map(|report| report.to_prometheus())
-            .collect();
-        merge_prometheus(&texts)
-    }
-
-    /// The current frame of running pipeline `id` for a capture: from source node `node`, or
-    /// from the first source with a frame.
-    pub(crate) fn latest_frame(&self, id: &str, node: Option<&str>) -> Latest {
-        let Some(active) = self.get(id).filter(|a| a.is_running()) else {
-            return Latest::NotRunning;
-        };
-        let Ok(guard) = active.pipeline.lock() else {
-            return Latest::NotRunning;
-        };
-        let Some(pipeline) = guard.as_ref() else {
-            return Latest::NotRunning;
-        };
-        let sources = pipeline.source_nodes();
-        if let Some(node) = node
-            && !sources.iter().any(|s| s == node)
-        {
-            return Latest::NotASource(sources);
-        }
-        match pipeline.latest_frame(node) {
-            Some((node, frame)) => Latest::Frame {
-                project_id: active.project_id.clone(),
-                node,
-                frame,
-            },
-            None => Latest::NoFrameYet,
-        }
-    }
-
-    /// Stops every pipeline for a server shutdown: no new start is accepted, every run drains
-    /// its queued frames, and one still running after `drain` is aborted. Returns once every
-    /// run has ended.
-    pub fn stop_all(&self, drain: Duration) {
-        self.shutting_down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let runs: Vec<Pipeline> = self
-            .all()
-            .iter()
-            .filter_map(|active| active.pipeline.lock().ok().and_then(|mut p| p.take()))
-            .collect();
-        for run in &runs {
-            run.stop_handle().stop();
-        }
-        let deadline = std::time::Instant::now() + drain;
-        while runs.iter().any(|run| !run.is_finished()) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for run in runs {
-            if !run.is_finished() {
-                run.stop_handle().abort();
-            }
-            run.wait();
-        }
-    }
-}
-
-/// A claimed start of one pipeline (see [`ActivePipelines::claim_start`]).
-struct StartClaim<'a> {
-    pipelines: &'a ActivePipelines,
-    id: String,
-}
-
-impl Drop for StartClaim<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut starting) = self.pipelines.starting.lock() {
-            starting.remove(&self.id);
-        }
-    }
-}
-
-/// What a capture finds in a pipeline.
-pub(crate) enum Latest {
-    /// The pipeline is not running.
-    NotRunning,
-    /// The node asked for is not one of these sources.
-    NotASource(Vec<String>),
-    /// No source has produced a frame yet.
-    NoFrameYet,
-    /// The frame, its source node and the pipeline's project.
-    Frame {
-        project_id: String,
-        node: String,
-        frame: inspectflow_operators::Frame,
-    },
-}
-
-/// Joins Prometheus texts, keeping each family's HELP and TYPE once and its samples together.
-fn merge_prometheus(texts: &[String]) -> String {
-    let mut order: Vec<String> = Vec::new();
-    let mut families: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
-    for text in texts {
-        for line in text.lines() {
-            let name = if let Some(rest) = line
-                .strip_prefix("# HELP ")
-                .or_else(|| line.strip_prefix("# TYPE "))
-            {
-                rest.split_whitespace().next().unwrap_or_default()
-            } else {
-                line.split(['{', ' ']).next().unwrap_or_default()
-            }
-            .to_string();
-            if name.is_empty() {
-                continue;
-            }
-            let family = families.entry(name.clone()).or_insert_with(|| {
-                order.push(name.clone());
-                (Vec::new(), Vec::new())
-            });
-            if line.starts_with('#') {
-                if !family.0.iter().any(|l| l == line) {
-                    family.0.push(line.to_string());
-                }
-            } else {
-                family.1.push(line.to_string());
-            }
-        }
-    }
-    let mut out = String::new();
-    for name in order {
-        if let Some((header, samples)) = families.get(&name) {
-            for line in header.iter().chain(samples) {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
-
-/// The routes of stored and active pipelines, and `/metrics`.
+/// The routes of stored pipelines.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let list = warp::path!("api" / "projects" / String / "pipelines")
@@ -440,29 +127,8 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(update);
     let delete = warp::path!("api" / "projects" / String / "pipelines" / String)
         .and(warp::delete())
-        .and(with_state.clone())
-        .and_then(delete);
-    let active_list = warp::path!("api" / "active-pipelines")
-        .and(warp::get())
-        .and(with_state.clone())
-        .and_then(active_list);
-    let start = warp::path!("api" / "active-pipelines")
-        .and(warp::post())
-        .and(json_body::<StartBody>())
-        .and(with_state.clone())
-        .and_then(start);
-    let status = warp::path!("api" / "active-pipelines" / String)
-        .and(warp::get())
-        .and(with_state.clone())
-        .and_then(status);
-    let stop = warp::path!("api" / "active-pipelines" / String)
-        .and(warp::delete())
-        .and(with_state.clone())
-        .and_then(stop);
-    let prometheus = warp::path!("metrics")
-        .and(warp::get())
         .and(with_state)
-        .and_then(prometheus);
+        .and_then(delete);
     list.or(create)
         .unify()
         .or(get)
@@ -471,31 +137,52 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(delete)
         .unify()
-        .or(active_list)
-        .unify()
-        .or(start)
-        .unify()
-        .or(status)
-        .unify()
-        .or(stop)
-        .unify()
-        .or(prometheus)
-        .unify()
         .boxed()
 }
 
-/// `GET /metrics`: every running pipeline's metrics and the job counts, in Prometheus' text
-/// format. The job counts read the store, so the text is put together off the async workers.
-async fn prometheus(state: Arc<AppState>) -> Result<Response, Rejection> {
-    let text = tokio::task::spawn_blocking(move || {
-        let mut text = state.pipelines.prometheus();
-        text.push_str(&state.jobs_prometheus());
-        text
-    })
-    .await
-    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response())
-}
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/pipelines",
+        summary: "The project's pipelines with their status (idle or running), paginated.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<PipelineList>)),
+        errors: &[401, 404, 422],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/pipelines",
+        summary: "Create a pipeline from a graph (YAML text or JSON object) or from source_id, model_id and sink_ids; 422 lists each graph error with node and field.",
+        body: Content::Json(schema_of::<PipelineBody>),
+        ok: (201, Content::Json(schema_of::<PipelineView>)),
+        errors: &[401, 404, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/projects/{project_id}/pipelines/{pipeline_id}",
+        summary: "A pipeline.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<PipelineView>)),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "put",
+        path: "/api/projects/{project_id}/pipelines/{pipeline_id}",
+        summary: "Replace a pipeline's definition (409 while it runs).",
+        body: Content::Json(schema_of::<PipelineBody>),
+        ok: (200, Content::Json(schema_of::<PipelineView>)),
+        errors: &[401, 404, 409, 413, 415, 422],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/api/projects/{project_id}/pipelines/{pipeline_id}",
+        summary: "Delete a pipeline (409 while it runs).",
+        body: Content::None,
+        ok: (204, Content::None),
+        errors: &[401, 404, 409],
+    },
+];
 
 async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
     super::media::project_exists(&state, &project_id).await?;
@@ -503,16 +190,21 @@ async fn list(project_id: String, page: Page, state: Arc<AppState>) -> Result<Re
     items.retain(|p| p.project_id == project_id);
     items.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(items, &page)?;
-    let items: Vec<Value> = items.into_iter().map(|p| with_status(&state, p)).collect();
-    Ok(warp::reply::json(&json!({"pipelines": items, "pagination": pagination})).into_response())
+    let items = items.into_iter().map(|p| with_status(&state, p)).collect();
+    Ok(ok(&PipelineList {
+        pipelines: items,
+        pagination,
+    }))
 }
 
 /// The record with its run status (`running` or `idle`).
-fn with_status(state: &AppState, record: PipelineRecord) -> Value {
-    let running = state.pipelines.is_running(&record.id);
-    let mut value = serde_json::to_value(record).unwrap_or_default();
-    value["status"] = json!(if running { "running" } else { "idle" });
-    value
+fn with_status(state: &AppState, record: PipelineRecord) -> PipelineView {
+    let status = if state.pipelines.is_running(&record.id) {
+        RunState::Running
+    } else {
+        RunState::Idle
+    };
+    PipelineView { record, status }
 }
 
 async fn pipeline_of(
@@ -604,9 +296,7 @@ async fn delete(
     refuse_running(&state, &id)?;
     let key = id.clone();
     blocking(&state, move |store| store.remove(PIPELINES, &key)).await?;
-    if let Ok(mut active) = state.pipelines.active.lock() {
-        active.remove(&id);
-    }
+    state.pipelines.forget(&id);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -622,7 +312,7 @@ fn refuse_running(state: &AppState, id: &str) -> Result<(), Rejection> {
 
 /// Turns a record into a validated graph (named after the pipeline's id, which labels its
 /// metrics and messages) and what it uses.
-async fn resolve(
+pub(crate) async fn resolve(
     state: &Arc<AppState>,
     record: &PipelineRecord,
 ) -> Result<(ValidatedGraph, Uses), Rejection> {
@@ -655,7 +345,7 @@ async fn resolve(
         &file,
         &text,
         is_json,
-        &super::api::registry(),
+        super::state::registry(),
         &state.graph_limits,
     )
     .map_err(graph_errors)?;
@@ -737,215 +427,4 @@ async fn assemble(
         json!({"name": record.name, "nodes": nodes, "edges": edges}),
         uses,
     ))
-}
-
-/// Body of `POST /api/active-pipelines`.
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct StartBody {
-    pipeline_id: String,
-}
-
-async fn active_list(state: Arc<AppState>) -> Result<Response, Rejection> {
-    let items: Vec<Value> = state.pipelines.all().iter().map(|a| a.status()).collect();
-    Ok(warp::reply::json(&json!({"active_pipelines": items})).into_response())
-}
-
-async fn start(body: StartBody, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let key = body.pipeline_id.clone();
-    let record = blocking(&state, move |store| {
-        store.get::<PipelineRecord>(PIPELINES, &key)
-    })
-    .await?
-    .ok_or_else(|| {
-        ApiError::reject(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("pipeline_id: pipeline {} does not exist", body.pipeline_id),
-        )
-    })?;
-    let active = launch(&state, &record).await?;
-    Ok(
-        warp::reply::with_status(warp::reply::json(&active.status()), StatusCode::CREATED)
-            .into_response(),
-    )
-}
-
-/// Starts the pipelines that were running when the server went down (their records say
-/// `keep_running`). One that cannot start any more (its model was deleted, its file is gone)
-/// is logged and left stopped.
-pub async fn restart_kept(state: &Arc<AppState>) {
-    let records: Vec<PipelineRecord> = match blocking(state, |store| store.all(PIPELINES)).await {
-        Ok(records) => records,
-        Err(_) => {
-            tracing::error!("cannot read the pipelines to restart");
-            return;
-        }
-    };
-    for record in records.into_iter().filter(|r| r.keep_running) {
-        match launch(state, &record).await {
-            Ok(_) => tracing::info!(pipeline = %record.id, "restarted after a server restart"),
-            Err(rejection) => {
-                let reason = rejection
-                    .find::<ApiError>()
-                    .map_or_else(|| format!("{rejection:?}"), |e| e.detail().to_string());
-                tracing::error!(pipeline = %record.id, "cannot restart: {reason}");
-                set_keep_running(state, &record.id, false).await;
-            }
-        }
-    }
-}
-
-/// Records whether pipeline `id` should be running.
-async fn set_keep_running(state: &Arc<AppState>, id: &str, keep_running: bool) {
-    let key = id.to_string();
-    let updated = blocking(state, move |store| {
-        if let Some(mut record) = store.get::<PipelineRecord>(PIPELINES, &key)?
-            && record.keep_running != keep_running
-        {
-            record.keep_running = keep_running;
-            store.put(PIPELINES, &key, &record)?;
-        }
-        Ok(())
-    })
-    .await;
-    if updated.is_err() {
-        tracing::error!(pipeline = %id, "cannot record keep_running = {keep_running}");
-    }
-}
-
-/// Resolves and starts a stored pipeline, records that it should keep running, and watches it
-/// end by itself.
-async fn launch(state: &Arc<AppState>, record: &PipelineRecord) -> Result<Arc<Active>, Rejection> {
-    let _claim = state
-        .pipelines
-        .claim_start(&record.id)
-        .map_err(|message| ApiError::reject(StatusCode::CONFLICT, message))?;
-    if state
-        .pipelines
-        .shutting_down
-        .load(std::sync::atomic::Ordering::SeqCst)
-    {
-        return Err(ApiError::reject(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
-        ));
-    }
-    let (graph, uses) = resolve(state, record).await?;
-    let pipeline = state
-        .pipelines
-        .launch(graph)
-        .await
-        .map_err(|error| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, error))?;
-    let active = Arc::new(Active {
-        pipeline_id: record.id.clone(),
-        project_id: record.project_id.clone(),
-        name: record.name.clone(),
-        started_at: now(),
-        uses,
-        pipeline: Mutex::new(Some(pipeline)),
-    });
-    let replaced = state
-        .pipelines
-        .active
-        .lock()
-        .ok()
-        .and_then(|mut all| all.insert(record.id.clone(), Arc::clone(&active)));
-    if let Some(previous) = replaced {
-        // A finished earlier run: join its threads off the request path.
-        tokio::task::spawn_blocking(move || {
-            if let Some(pipeline) = previous.pipeline.lock().ok().and_then(|mut p| p.take()) {
-                pipeline.wait();
-            }
-        });
-    }
-    tracing::info!(pipeline = %record.id, "started");
-    set_keep_running(state, &record.id, true).await;
-    tokio::spawn(watch_until_ended(Arc::clone(state), Arc::clone(&active)));
-    Ok(active)
-}
-
-/// Clears `keep_running` once a run ends by itself (a finished file, a failure); a stop through
-/// the API clears it itself, and a server shutdown keeps it.
-async fn watch_until_ended(state: Arc<AppState>, active: Arc<Active>) {
-    while active.is_running() {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let shutting_down = state
-        .pipelines
-        .shutting_down
-        .load(std::sync::atomic::Ordering::SeqCst);
-    if !shutting_down && !state.pipelines.is_running(&active.pipeline_id) {
-        set_keep_running(&state, &active.pipeline_id, false).await;
-    }
-}
-
-async fn status(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let active = state
-        .pipelines
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found("active pipeline", &id))?;
-    Ok(warp::reply::json(&active.status()).into_response())
-}
-
-/// Stops a pipeline: drains its queues (aborting after 10 s), joins its threads and answers
-/// the final status and metrics.
-async fn stop(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let active = state
-        .pipelines
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found("active pipeline", &id))?;
-    let Some(pipeline) = active.pipeline.lock().ok().and_then(|mut p| p.take()) else {
-        return Err(ApiError::not_found("active pipeline", &id));
-    };
-    let was_running = !pipeline.is_finished();
-    let handle = pipeline.stop_handle();
-    handle.stop();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let (done, finished) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                finished.recv_timeout(Duration::from_secs(10))
-            {
-                handle.abort();
-            }
-        });
-        let outcome = pipeline.wait();
-        let _ = done.send(());
-        outcome
-    })
-    .await
-    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if let Ok(mut all) = state.pipelines.active.lock()
-        && all
-            .get(&id)
-            .is_some_and(|entry| Arc::ptr_eq(entry, &active))
-    {
-        all.remove(&id);
-    }
-    set_keep_running(&state, &id, false).await;
-    tracing::info!(pipeline = %id, "stopped");
-    Ok(warp::reply::json(&json!({
-        "pipeline_id": id,
-        "status": if was_running { "stopped" } else { "completed" },
-        "failure": outcome.failure.map(|f| f.to_string()),
-        "metrics": outcome.report,
-    }))
-    .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge_prometheus;
-
-    #[test]
-    fn families_of_several_pipelines_are_merged_under_one_header() {
-        let a =
-            "# HELP x_total X.\n# TYPE x_total counter\nx_total{pipeline=\"a\"} 1\n".to_string();
-        let b =
-            "# HELP x_total X.\n# TYPE x_total counter\nx_total{pipeline=\"b\"} 2\n".to_string();
-        assert_eq!(
-            merge_prometheus(&[a, b]),
-            "# HELP x_total X.\n# TYPE x_total counter\nx_total{pipeline=\"a\"} 1\nx_total{pipeline=\"b\"} 2\n"
-        );
-    }
 }

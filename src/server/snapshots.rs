@@ -8,17 +8,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
-use serde_json::json;
+use super::openapi::{Content, RouteDoc, schema_of};
+use serde::{Deserialize, Serialize};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::api::{ApiError, AppState, Page, paginate};
+use super::http::{ApiError, Page, listing, ok, paginate};
+use super::state::AppState;
 
 /// One snapshot.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SnapshotInfo {
     /// Content key of the dataset listing.
     pub id: String,
@@ -70,6 +71,13 @@ fn describe(file: &Path) -> Result<SnapshotInfo, String> {
     })
 }
 
+listing!(
+    /// The answer of `GET /api/snapshots`.
+    SnapshotList,
+    snapshots,
+    SnapshotInfo
+);
+
 /// The snapshot routes.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
@@ -88,6 +96,34 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(download);
     list.or(get).unify().or(download).unify().boxed()
 }
+
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "get",
+        path: "/api/snapshots",
+        summary: "Dataset snapshots (Parquet tables training froze its datasets into), paginated.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<SnapshotList>)),
+        errors: &[401, 422],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/snapshots/{snapshot_id}",
+        summary: "A snapshot: image count, anomalous count, size, time.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<SnapshotInfo>)),
+        errors: &[401, 404],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/snapshots/{snapshot_id}/download",
+        summary: "The snapshot's Parquet file (path, filename, label, mask, split, sha256 per image).",
+        body: Content::None,
+        ok: (200, Content::Binary(&["application/vnd.apache.parquet"])),
+        errors: &[401, 404],
+    },
+];
 
 async fn list(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
     let dir = folder(&state.data_dir);
@@ -110,7 +146,10 @@ async fn list(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
     .await
     .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (items, pagination) = paginate(snapshots, &page)?;
-    Ok(warp::reply::json(&json!({"snapshots": items, "pagination": pagination})).into_response())
+    Ok(ok(&SnapshotList {
+        snapshots: items,
+        pagination,
+    }))
 }
 
 async fn get(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {

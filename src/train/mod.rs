@@ -12,6 +12,7 @@
 //! 5. `export`: write the package atomically.
 
 pub mod batch;
+pub mod config;
 pub mod dataset;
 pub mod evaluate;
 pub mod metrics;
@@ -25,9 +26,10 @@ use inspectflow_operators::OpError;
 use inspectflow_operators::package::{self, Manifest, ModelPackage, Provenance};
 use inspectflow_operators::transform::preprocess::{Preprocess, PreprocessParams};
 
+use crate::backbone::BackboneError;
 use crate::backbone::ir::{Conv2d, IrGraph, Output};
 use crate::backbone::tiling::Tiling;
-use crate::backbone::{Backbone, BackboneError};
+pub use config::{Architecture, TrainConfig, TrainEvent};
 
 /// Training or evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,49 +57,6 @@ pub enum TrainError {
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
     let context = context.into();
     move |source| TrainError::Io { context, source }
-}
-
-/// The model families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Architecture {
-    /// Per-position Gaussians, Mahalanobis distance.
-    Padim,
-    /// Coreset memory bank, nearest-neighbour distance.
-    Patchcore,
-}
-
-impl Architecture {
-    /// Lower-case name, as in manifests.
-    pub fn name(self) -> &'static str {
-        match self {
-            Architecture::Padim => "padim",
-            Architecture::Patchcore => "patchcore",
-        }
-    }
-}
-
-/// Settings of a training run.
-#[derive(Debug, Clone)]
-pub struct TrainConfig {
-    /// Model family.
-    pub architecture: Architecture,
-    /// Feature extractor.
-    pub backbone: Backbone,
-    /// Square input size in pixels (a multiple of 32); `None`: [`default_input_size`].
-    pub input_size: Option<usize>,
-    /// Seed of every random choice (splits, channel subset, coreset start, generated anomalies).
-    pub seed: u64,
-    /// Tile size in pixels when the input is cut into overlapping tiles scored as one batch
-    /// (their feature maps stitched back); `None`: the whole input at once.
-    pub tile: Option<usize>,
-    /// PaDiM: channels kept (the random subset).
-    pub padim_channels: usize,
-    /// PatchCore: memory bank rows; `None`: [`patchcore::default_bank_rows`].
-    pub memory_bank: Option<usize>,
-    /// PatchCore: support set size of the image-score re-weighting.
-    pub neighbours: usize,
-    /// Where dataset snapshots are cached.
-    pub snapshot_cache: PathBuf,
 }
 
 /// Embeddings of the training images: `maps[i]` is `[channels, height, width]`.
@@ -234,10 +193,12 @@ pub fn default_input_size(
 pub fn train(
     config: &TrainConfig,
     sources: &dataset::Sources,
+    snapshot_cache: &Path,
     out: &Path,
     progress: Progress,
 ) -> Result<TrainReport, TrainError> {
     let started = Instant::now();
+    config.validate().map_err(TrainError::Invalid)?;
     if out.exists() {
         return Err(TrainError::Invalid(format!(
             "{} already exists; choose a new model directory",
@@ -245,17 +206,12 @@ pub fn train(
         )));
     }
     progress("snapshot", 0.0);
-    let snapshot = dataset::snapshot(sources, config.seed, &config.snapshot_cache)?;
+    let snapshot = dataset::snapshot(sources, config.seed, snapshot_cache)?;
     progress("snapshot", 1.0);
     let input_size = match config.input_size {
         Some(size) => size,
         None => default_input_size(config.architecture, &snapshot)?,
     };
-    if input_size < 64 || !input_size.is_multiple_of(32) {
-        return Err(TrainError::Invalid(format!(
-            "--image-size {input_size} must be a multiple of 32, at least 64"
-        )));
-    }
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -342,7 +298,7 @@ fn train_in(
             Head::Patchcore(patchcore::fit(
                 patches,
                 config.memory_bank,
-                config.neighbours,
+                patchcore::SUPPORT_NEIGHBOURS,
                 config.seed,
                 &mut |f| progress("fitting", f),
             )?)

@@ -312,6 +312,9 @@ impl PatchSampler {
     }
 }
 
+/// Support set size of the paper's image-score re-weighting (its `b`).
+pub const SUPPORT_NEIGHBOURS: usize = 9;
+
 /// Selects the memory bank from the training patches: `bank_rows` rows, or
 /// [`default_bank_rows`] of all the patches seen when `None`.
 pub fn fit(

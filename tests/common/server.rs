@@ -127,3 +127,116 @@ pub fn inspectflow(args: &[&str], data_dir: &Path) -> (bool, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
 }
+
+/// The server's OpenAPI document as a contract: every answer a test receives through
+/// [`Contract::call`] must be documented for its route and status and, when it is JSON, match
+/// the documented schema.
+pub struct Contract {
+    document: Value,
+    base: String,
+    /// (method, path template, status) of every answer checked, for the test to inspect.
+    pub checked: std::cell::RefCell<Vec<(String, String, u16)>>,
+}
+
+impl Contract {
+    /// Reads `/api/openapi.json` of `server`.
+    pub fn of(server: &Server, http: &Client) -> Self {
+        let (status, document) = call(http.get(server.url("/api/openapi.json")));
+        assert_eq!(status, StatusCode::OK, "{document}");
+        Self {
+            document,
+            base: server.base.clone(),
+            checked: Default::default(),
+        }
+    }
+
+    /// The documented path template that `path` (without the query) instantiates; where several
+    /// do (`/api/jobs/{job_id}` and `/api/jobs/{job_id}:cancel`), the one with the most literal
+    /// text.
+    fn template(&self, path: &str) -> Option<String> {
+        let paths = self.document["paths"].as_object()?;
+        let segments: Vec<&str> = path.split('/').collect();
+        let literal = |template: &str| {
+            template
+                .split('{')
+                .map(|part| part.split_once('}').map_or(part, |(_, rest)| rest).len())
+                .sum::<usize>()
+        };
+        paths
+            .keys()
+            .filter(|template| {
+                let parts: Vec<&str> = template.split('/').collect();
+                parts.len() == segments.len()
+                    && parts.iter().zip(&segments).all(|(part, segment)| {
+                        match part.split_once('{') {
+                            None => part == segment,
+                            Some((before, rest)) => {
+                                let after = rest.split_once('}').map_or("", |(_, after)| after);
+                                segment.len() > before.len() + after.len()
+                                    && segment.starts_with(before)
+                                    && segment.ends_with(after)
+                            }
+                        }
+                    })
+            })
+            .max_by_key(|template| literal(template))
+            .cloned()
+    }
+
+    /// Sends `request` like [`call`] and checks the answer against the document.
+    pub fn call(&self, request: reqwest::blocking::RequestBuilder) -> (StatusCode, Value) {
+        let (http, request) = request.build_split();
+        let request = request.expect("a well-formed request");
+        let method = request.method().as_str().to_lowercase();
+        let url = request.url().clone();
+        let path = url.as_str()[self.base.len()..]
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let response = http.execute(request).expect("the server answers");
+        let status = response.status();
+        let json = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+        let text = response.text().expect("body");
+        let body: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        let template = self
+            .template(&path)
+            .unwrap_or_else(|| panic!("{method} {path}: no documented route"));
+        let responses = &self.document["paths"][&template][&method]["responses"];
+        assert!(
+            responses.get(status.as_str()).is_some(),
+            "{method} {template} answered {status}, documented {:?}",
+            responses.as_object().map(|r| r.keys().collect::<Vec<_>>())
+        );
+        if json {
+            let schema = inspectflow::server::openapi::answer_schema(
+                &self.document,
+                &method,
+                &template,
+                status.as_u16(),
+            )
+            .unwrap_or_else(|| panic!("{method} {template} {status}: JSON answer, no schema"));
+            let validator = jsonschema::validator_for(&schema)
+                .unwrap_or_else(|e| panic!("{method} {template} {status}: schema: {e}"));
+            let errors: Vec<String> = validator
+                .iter_errors(&body)
+                .map(|e| format!("{} at {}", e, e.instance_path()))
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "{method} {template} {status}: the answer breaks its schema: {errors:?}\n{body}"
+            );
+        }
+        self.checked
+            .borrow_mut()
+            .push((method, template, status.as_u16()));
+        (status, body)
+    }
+}

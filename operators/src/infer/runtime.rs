@@ -169,7 +169,7 @@ pub fn core() -> Result<openvino::Core, RuntimeError> {
 }
 
 /// One inference device as OpenVINO reports it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct DeviceInfo {
     /// Name to use in graph files (`CPU`, `GPU.0`, `NPU`, ...).
     pub name: String,

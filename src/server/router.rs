@@ -1,0 +1,145 @@
+//! The top of the server: every resource's routes behind authentication, and the error
+//! contract: every rejection becomes JSON [`ErrorBody`] with an honest status code (400, 401,
+//! 404, 405, 409, 413, 415, 422), and bad input never gives a 500. Nothing imports from here.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection};
+
+use super::endpoints::EndpointKind;
+use super::http::{ApiError, ErrorBody, MAX_JSON_BYTES, json_reply};
+use super::state::AppState;
+
+/// Every route, with authentication and error handling.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    // Each resource's routes are boxed: chaining the concrete filter types of every route into
+    // one type made type checking this crate take over ten minutes.
+    let api = super::system::routes()
+        .or(super::projects::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::media::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::jobs::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::models::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::endpoints::routes(
+            Arc::clone(&state),
+            EndpointKind::Source,
+        ))
+        .unify()
+        .or(super::endpoints::routes(
+            Arc::clone(&state),
+            EndpointKind::Sink,
+        ))
+        .unify()
+        .or(super::pipelines::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::active::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::snapshots::routes(Arc::clone(&state)))
+        .unify()
+        .or(super::captures::routes(Arc::clone(&state)))
+        .unify()
+        .boxed();
+    authenticated(state)
+        .and(api)
+        .recover(into_json_error)
+        .unify()
+}
+
+/// Passes when no token is configured or the request carries it.
+fn authenticated(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |header: Option<String>| {
+            let state = Arc::clone(&state);
+            async move {
+                match &state.token {
+                    None => Ok(()),
+                    Some(token) if header.as_deref() == Some(&format!("Bearer {token}")) => Ok(()),
+                    Some(_) => Err(ApiError::reject(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong bearer token (Authorization: Bearer <token>)",
+                    )),
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// Turns every rejection into `{"detail": ...}` with the right status.
+async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
+    if let Some(ApiError {
+        status,
+        detail,
+        errors: Some(errors),
+    }) = rejection.find::<ApiError>()
+    {
+        let errors = match errors {
+            serde_json::Value::Array(errors) => errors.clone(),
+            other => vec![other.clone()],
+        };
+        return Ok(json_reply(
+            *status,
+            &ErrorBody {
+                detail: detail.clone(),
+                errors: Some(errors),
+            },
+        ));
+    }
+    let (status, detail) = if let Some(error) = rejection.find::<ApiError>() {
+        (error.status, error.detail.clone())
+    } else if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such route".to_string())
+    } else if let Some(error) = rejection.find::<warp::filters::body::BodyDeserializeError>() {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("request body: {error}"),
+        )
+    } else if let Some(error) = rejection.find::<warp::reject::InvalidQuery>() {
+        (StatusCode::UNPROCESSABLE_ENTITY, format!("query: {error}"))
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body too large (JSON: {MAX_JSON_BYTES} bytes, uploads: {} bytes)",
+                super::media::MAX_UPLOAD_BYTES
+            ),
+        )
+    } else if rejection
+        .find::<warp::reject::UnsupportedMediaType>()
+        .is_some()
+    {
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be application/json".to_string(),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "the request needs a Content-Length".to_string(),
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route".to_string(),
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("bad request: {rejection:?}"),
+        )
+    };
+    Ok(json_reply(
+        status,
+        &ErrorBody {
+            detail,
+            errors: None,
+        },
+    ))
+}

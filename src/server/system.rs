@@ -1,0 +1,113 @@
+//! The routes about the server itself: `/health`, `/api/devices` (inference devices and
+//! cameras) and `/api/openapi.json` (the description of every route).
+
+use serde::{Deserialize, Serialize};
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection};
+
+use super::http::{ApiError, ok};
+use super::openapi::{Content, RouteDoc, schema_of};
+use inspectflow_operators::infer::runtime::DeviceInfo;
+
+/// The answer of `/health`.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Health {
+    /// Always `ok` while the server answers.
+    pub status: String,
+}
+
+/// A camera device on this machine.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CameraDevice {
+    /// The N of `/dev/videoN`.
+    pub index: u32,
+    /// Its path, as `source.usb_camera` takes it.
+    pub path: String,
+    /// Always `usb_camera`.
+    #[serde(rename = "type")]
+    pub camera_type: String,
+}
+
+/// The answer of `/api/devices`.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Devices {
+    /// OpenVINO's devices, plus `AUTO`.
+    pub inference_devices: Vec<DeviceInfo>,
+    /// V4L2 cameras.
+    pub cameras: Vec<CameraDevice>,
+}
+
+/// The routes.
+pub fn routes() -> BoxedFilter<(Response,)> {
+    let health = warp::path!("health").and(warp::get()).map(|| {
+        ok(&Health {
+            status: "ok".into(),
+        })
+    });
+    let openapi = warp::path!("api" / "openapi.json")
+        .and(warp::get())
+        .map(|| ok(&super::openapi::spec()));
+    let devices = warp::path!("api" / "devices")
+        .and(warp::get())
+        .and_then(list_devices);
+    health.or(openapi).unify().or(devices).unify().boxed()
+}
+
+/// The routes' documentation.
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "get",
+        path: "/health",
+        summary: "Liveness: {\"status\": \"ok\"}.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<Health>)),
+        errors: &[401],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/openapi.json",
+        summary: "This description.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<serde_json::Value>)),
+        errors: &[401],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/devices",
+        summary: "Inference devices (OpenVINO's, plus AUTO) and cameras of this machine.",
+        body: Content::None,
+        ok: (200, Content::Json(schema_of::<Devices>)),
+        errors: &[401, 503],
+    },
+];
+
+async fn list_devices() -> Result<Response, Rejection> {
+    let inference =
+        tokio::task::spawn_blocking(inspectflow_operators::infer::runtime::available_devices)
+            .await
+            .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mut cameras: Vec<CameraDevice> = std::fs::read_dir("/dev")
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .filter_map(|entry| {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let index: u32 = name.strip_prefix("video")?.parse().ok()?;
+                    Some(CameraDevice {
+                        index,
+                        path: format!("/dev/{name}"),
+                        camera_type: "usb_camera".into(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    cameras.sort_by_key(|camera| camera.index);
+    Ok(ok(&Devices {
+        inference_devices: inference,
+        cameras,
+    }))
+}

@@ -1,0 +1,311 @@
+//! The settings of a training run, declared once.
+//!
+//! [`TrainConfig`] is at the same time the body of `POST /api/projects/{id}/train` (serde, with
+//! its JSON Schema from schemars), the flags of `inspectflow train` (clap) and the parameter list
+//! of `GET /api/trainable-models` ([`TrainConfig::parameters`]), so their names, defaults and
+//! limits cannot drift apart. Limits are declared as schema keywords on the fields and enforced
+//! by [`TrainConfig::validate`] through that same schema; the rule that spans two fields (a tile
+//! smaller than the input) is the only one written in code.
+//!
+//! The server hands a job's settings to the training process as a JSON file
+//! (`inspectflow train --settings FILE`), and the process reports back with [`TrainEvent`] lines.
+
+use std::sync::LazyLock;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::backbone::Backbone;
+
+/// The model families.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// PaDiM: a Gaussian per feature-map position, Mahalanobis distance; the fastest to run, for
+    /// a fixed camera and part.
+    Padim,
+    /// PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; the most
+    /// accurate on every dataset of BENCHMARKS.md, tolerates position changes, sizes its input
+    /// to the images (up to 512) to keep small defects. The default.
+    #[default]
+    Patchcore,
+}
+
+impl Architecture {
+    /// Every family, in the order `/api/trainable-models` lists them.
+    pub const ALL: [Architecture; 2] = [Architecture::Padim, Architecture::Patchcore];
+
+    /// Lower-case name, as in manifests and requests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Padim => "padim",
+            Architecture::Patchcore => "patchcore",
+        }
+    }
+
+    /// One sentence on what the family is good at.
+    pub fn description(self) -> &'static str {
+        match self {
+            Architecture::Padim => {
+                "PaDiM: a Gaussian per feature-map position, Mahalanobis distance; the fastest to run, for a fixed camera and part."
+            }
+            Architecture::Patchcore => {
+                "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; the most accurate on every dataset of BENCHMARKS.md, tolerates position changes, sizes its input to the images (up to 512) to keep small defects."
+            }
+        }
+    }
+}
+
+/// The schema keyword that ties a parameter to the families it applies to (absent: all).
+const FAMILIES_KEYWORD: &str = "x-families";
+
+const DEFAULT_SEED: u64 = 42;
+const DEFAULT_PADIM_CHANNELS: usize = 100;
+
+/// Settings of a training run: the body of `POST /api/projects/{id}/train` (plus its optional
+/// display `name`) and the flags of `inspectflow train`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model family (see `GET /api/trainable-models`).
+    #[serde(rename = "model_name", default)]
+    #[arg(
+        long = "model-name",
+        visible_alias = "model",
+        value_enum,
+        default_value_t
+    )]
+    pub architecture: Architecture,
+    /// Feature extractor.
+    #[serde(default = "default_backbone")]
+    #[arg(long, value_enum, default_value_t = default_backbone())]
+    pub backbone: Backbone,
+    /// Square input size in pixels, a multiple of 32; absent: PaDiM 256, PatchCore the training
+    /// images' shorter side from 256 to 512, which keeps small defects in big images.
+    #[serde(default)]
+    #[arg(long, visible_alias = "image-size")]
+    #[schemars(range(min = 64, max = 1024), extend("multipleOf" = 32))]
+    pub input_size: Option<usize>,
+    /// Cut the input into overlapping tiles of this many pixels (a multiple of 32, smaller than
+    /// the input size), scored as one batch and stitched back: small defects in big images at
+    /// the backbone's own scale. Absent: the whole input at once.
+    #[serde(default)]
+    #[arg(long)]
+    #[schemars(range(min = 64, max = 1024), extend("multipleOf" = 32))]
+    pub tile: Option<usize>,
+    /// Seed of every random choice (splits, channel subset, coreset start, generated
+    /// anomalies); the same seed on the same data gives the same model.
+    #[serde(default = "default_seed")]
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// PaDiM: channels kept of the concatenated features (a random subset).
+    #[serde(default = "default_padim_channels")]
+    #[arg(long, default_value_t = DEFAULT_PADIM_CHANNELS)]
+    #[schemars(range(min = 1, max = 1000), extend("x-families" = ["padim"]))]
+    pub padim_channels: usize,
+    /// PatchCore: memory bank rows; absent: 10% of the training patches (the paper's coresets
+    /// are 1% to 10%), at most 1024. The head costs about rows x channels multiply-adds per
+    /// patch; at 1024 rows serving keeps about 0.8x the bare backbone's throughput.
+    #[serde(default)]
+    #[arg(long)]
+    #[schemars(range(min = 1, max = 100_000), extend("x-families" = ["patchcore"]))]
+    pub memory_bank: Option<usize>,
+}
+
+fn default_backbone() -> Backbone {
+    Backbone::MobilenetV2
+}
+fn default_seed() -> u64 {
+    DEFAULT_SEED
+}
+fn default_padim_channels() -> usize {
+    DEFAULT_PADIM_CHANNELS
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::default(),
+            backbone: default_backbone(),
+            input_size: None,
+            tile: None,
+            seed: DEFAULT_SEED,
+            padim_channels: DEFAULT_PADIM_CHANNELS,
+            memory_bank: None,
+        }
+    }
+}
+
+/// The JSON Schema of [`TrainConfig`], compiled once.
+static SCHEMA: LazyLock<(Value, jsonschema::Validator)> = LazyLock::new(|| {
+    let schema = serde_json::to_value(schemars::schema_for!(TrainConfig))
+        .unwrap_or_else(|error| panic!("the training settings' schema serializes: {error}"));
+    let validator = jsonschema::validator_for(&schema)
+        .unwrap_or_else(|error| panic!("the training settings' schema compiles: {error}"));
+    (schema, validator)
+});
+
+impl TrainConfig {
+    /// Settings from a JSON document (the API's body without `name`, or the file of
+    /// `inspectflow train --settings`), checked: the error names the first bad field.
+    pub fn from_json(document: &Value) -> Result<Self, String> {
+        check_against_schema(document)?;
+        let config: Self =
+            serde_json::from_value(document.clone()).map_err(|error| error.to_string())?;
+        config.check_tile()?;
+        Ok(config)
+    }
+
+    /// Checks every limit, naming the first field that breaks one.
+    pub fn validate(&self) -> Result<(), String> {
+        let document = serde_json::to_value(self).map_err(|error| error.to_string())?;
+        check_against_schema(&document)?;
+        self.check_tile()
+    }
+
+    fn check_tile(&self) -> Result<(), String> {
+        match (self.tile, self.input_size) {
+            (Some(tile), Some(size)) if tile >= size => Err(format!(
+                "tile: {tile} must be smaller than input_size {size}"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The parameters `family` takes, as `GET /api/trainable-models` lists them: each field's
+    /// JSON Schema (type, default, limits, description) by its request name, `model_name` left
+    /// out.
+    pub fn parameters(family: Architecture) -> Map<String, Value> {
+        let Some(properties) = SCHEMA.0.get("properties").and_then(Value::as_object) else {
+            return Map::new();
+        };
+        properties
+            .iter()
+            .filter(|(name, _)| name.as_str() != "model_name")
+            .filter(|(_, schema)| {
+                schema
+                    .get(FAMILIES_KEYWORD)
+                    .and_then(Value::as_array)
+                    .is_none_or(|families| families.iter().any(|f| f == family.name()))
+            })
+            .map(|(name, schema)| (name.clone(), inline_references(schema)))
+            .collect()
+    }
+}
+
+/// `schema` with references to shared definitions (the backbone's enum) replaced by the
+/// definitions, so a parameter's entry stands alone.
+fn inline_references(schema: &Value) -> Value {
+    let definitions = SCHEMA.0.get("$defs");
+    let mut schema = schema.clone();
+    if let Some(object) = schema.as_object_mut()
+        && let Some(reference) = object.remove("$ref")
+    {
+        let name = reference
+            .as_str()
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+            .unwrap_or_default();
+        if let Some(Value::Object(definition)) = definitions.and_then(|d| d.get(name)) {
+            for (key, value) in definition {
+                object.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+    }
+    schema
+}
+
+/// The first schema violation of `document`, as `field: what is wrong`.
+fn check_against_schema(document: &Value) -> Result<(), String> {
+    match SCHEMA.1.iter_errors(document).next() {
+        None => Ok(()),
+        Some(error) => {
+            let field = error.instance_path().to_string();
+            let field = field.trim_start_matches('/');
+            Err(if field.is_empty() {
+                error.to_string()
+            } else {
+                format!("{field}: {error}")
+            })
+        }
+    }
+}
+
+/// What `inspectflow train --progress json` writes to standard error, a JSON object per line;
+/// the server's training worker reads them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    /// A stage advanced.
+    Progress {
+        /// `snapshot`, `features`, `fitting`, `calibration` or `export`.
+        stage: String,
+        /// Of the stage, 0 to 100.
+        percent: u8,
+    },
+    /// The run succeeded.
+    Finished {
+        /// The dataset snapshot it trained on.
+        snapshot_id: String,
+    },
+}
+
+impl TrainEvent {
+    /// Parses one line; `None` when it is not an event (a log line).
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_listed() {
+        TrainConfig::default().validate().expect("defaults pass");
+        let patchcore = TrainConfig::parameters(Architecture::Patchcore);
+        assert!(patchcore.contains_key("memory_bank"));
+        assert!(!patchcore.contains_key("padim_channels"));
+        assert_eq!(patchcore["seed"]["default"], 42);
+        let choices = patchcore["backbone"]["oneOf"].as_array().expect("choices");
+        assert!(choices.iter().any(|c| c["const"] == "mobilenet_v2"));
+        let padim = TrainConfig::parameters(Architecture::Padim);
+        assert!(padim.contains_key("padim_channels"));
+        assert!(!padim.contains_key("memory_bank"));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let error = TrainConfig::from_json(&serde_json::json!({"input_size": 100})).unwrap_err();
+        assert!(error.starts_with("input_size:"), "{error}");
+        let error = TrainConfig::from_json(&serde_json::json!({"tile": 256, "input_size": 256}))
+            .unwrap_err();
+        assert!(error.starts_with("tile:"), "{error}");
+        let error = TrainConfig::from_json(&serde_json::json!({"neighbours": 3})).unwrap_err();
+        assert!(error.contains("neighbours"), "{error}");
+        let error = TrainConfig::from_json(&serde_json::json!({"model_name": "x"})).unwrap_err();
+        assert!(error.starts_with("model_name:"), "{error}");
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let event = TrainEvent::Progress {
+            stage: "features".into(),
+            percent: 40,
+        };
+        let line = serde_json::to_string(&event).expect("serializes");
+        assert_eq!(TrainEvent::parse(&line), Some(event));
+        assert_eq!(TrainEvent::parse("dataset: 3 images"), None);
+    }
+}
