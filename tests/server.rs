@@ -682,6 +682,58 @@ fn poll(http: &Client, url: &str, done: impl Fn(&Value) -> bool) -> Value {
 }
 
 /// Index lines a folder sink wrote.
+/// Reads `count` parts of the MJPEG stream at `url`: each part's `X-Sequence` and its decoded
+/// JPEG.
+fn mjpeg_parts(url: &str, count: usize) -> Vec<(u64, image::RgbImage)> {
+    use std::io::Read;
+    let mut response = client().get(url).send().expect("the stream answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .expect("text")
+        .to_string();
+    let boundary = content_type
+        .split("boundary=")
+        .nth(1)
+        .expect("a boundary")
+        .to_string();
+    let mut buffer = Vec::new();
+    let mut parts = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    while parts.len() < count {
+        let read = response.read(&mut chunk).expect("stream bytes");
+        assert!(read > 0, "the stream ended after {} parts", parts.len());
+        buffer.extend_from_slice(&chunk[..read]);
+        // A complete part: headers, a blank line and Content-Length bytes.
+        loop {
+            let text = String::from_utf8_lossy(&buffer[..buffer.len().min(1024)]).into_owned();
+            let Some(headers_end) = text.find("\r\n\r\n") else {
+                break;
+            };
+            let headers = &text[..headers_end];
+            assert!(headers.starts_with(&format!("--{boundary}")), "{headers}");
+            let header = |name: &str| -> u64 {
+                headers
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .and_then(|value| value.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("{name} in {headers}"))
+            };
+            let length = header("Content-Length:") as usize;
+            let start = headers_end + 4;
+            if buffer.len() < start + length + 2 {
+                break;
+            }
+            let jpeg = image::load_from_memory(&buffer[start..start + length])
+                .expect("each part is a JPEG")
+                .to_rgb8();
+            parts.push((header("X-Sequence:"), jpeg));
+            buffer.drain(..start + length + 2);
+        }
+    }
+    parts
+}
+
 fn index_lines(folder: &Path) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(folder.join("results.jsonl")) else {
         return Vec::new();
@@ -970,6 +1022,29 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         },
     );
     assert_eq!(running["status"], "running", "the source loops: {running}");
+
+    // The live view: MJPEG of the overlay and of the raw frame, frame-rate capped per client.
+    let stream_url = server.url(&format!("/api/active-pipelines/{pipeline_id}/stream"));
+    let overlay = mjpeg_parts(&format!("{stream_url}?fps=30"), 20);
+    let raw = mjpeg_parts(&format!("{stream_url}?view=raw&fps=30"), 3);
+    let sequences: Vec<u64> = overlay.iter().map(|(sequence, _)| *sequence).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "newest frames, in order: {sequences:?}"
+    );
+    let (_, first_overlay) = &overlay[0];
+    let (_, first_raw) = &raw[0];
+    assert_eq!(
+        first_overlay.dimensions(),
+        first_raw.dimensions(),
+        "both views at the frame's size"
+    );
+    let (status, body) = contract.call(http.get(format!("{stream_url}?fps=0")));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, _) = contract.call(
+        http.get(server.url("/api/active-pipelines/00000000-0000-0000-0000-000000000000/stream")),
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let model_node = running["metrics"]["nodes"]
         .as_array()
         .expect("nodes")

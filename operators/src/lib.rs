@@ -8,6 +8,7 @@
 //! - [`contract`]: operator kinds, typed ports and the `Source` / `Transform` / `Sink` traits;
 //! - [`registry`]: operator descriptors (ports, parameter schema and rules, health check,
 //!   factory) and the registry;
+//! - [`preview`]: `sink.preview` and the hub where the server watches live previews;
 //! - [`retry`]: the retry and backoff settings of every operator that reconnects or retries;
 //! - [`source`], [`transform`], [`sink`]: one module per operator family;
 //! - [`video`]: GStreamer-backed video sources and sinks (feature `gstreamer`, on by default);
@@ -25,6 +26,7 @@ pub mod package;
 pub mod packet;
 pub mod params;
 pub mod pool;
+pub mod preview;
 pub mod registry;
 pub mod retry;
 pub mod sink;

@@ -365,6 +365,7 @@ impl Registry {
             crate::transform::encode::descriptor(),
             crate::transform::identity::descriptor(),
             crate::sink::null::descriptor(),
+            crate::preview::descriptor(),
             crate::sink::folder::descriptor(),
             crate::sink::webhook::descriptor(),
             crate::sink::mqtt::descriptor(),

@@ -11,7 +11,7 @@
 //!    cancel) run by the worker in [`training`], [`models`] (`:predict`, `:export`,
 //!    thresholds), [`endpoints`] (sources and sinks as stored operator configurations),
 //!    [`pipelines`] (stored ones), [`active`] (the running ones, with metrics) over the table of
-//!    runs in [`running`], [`snapshots`] (the Parquet dataset snapshots training writes) and
+//!    runs in [`running`], [`preview`] (their live view), [`snapshots`] (the Parquet dataset snapshots training writes) and
 //!    [`captures`] (a running pipeline's current frame saved as a project image);
 //! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors.
 //!
@@ -30,6 +30,7 @@ pub mod media;
 pub mod models;
 pub mod openapi;
 pub mod pipelines;
+pub mod preview;
 pub mod projects;
 pub mod router;
 pub mod running;

@@ -69,6 +69,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteDoc> {
         super::endpoints::DOCS,
         super::pipelines::DOCS,
         super::active::DOCS,
+        super::preview::DOCS,
         super::snapshots::DOCS,
         super::captures::DOCS,
     ]

@@ -4,7 +4,9 @@
 //! A pipeline is either a graph (a YAML string or a JSON object in `graph`, validated exactly
 //! as `inspectflow validate` validates a file; errors answer 422 with every problem's node and
 //! field) or is assembled from a stored source, one of the project's models and stored sinks:
-//! `source -> preprocess -> infer.openvino -> anomaly -> heatmap -> encode.jpeg -> sinks`.
+//! `source -> preprocess -> infer.openvino -> anomaly -> heatmap -> encode.jpeg -> sinks`, plus
+//! the live view (`sink.preview` of the overlay after `encode.jpeg` and of the raw frame after the
+//! source, behind one-packet `drop_oldest` queues).
 //! Every file and folder parameter of every node must lie under the server's path roots (links
 //! resolved). Starting one resolves its definition against the current records (so a model's
 //! threshold change applies at the next start).
@@ -418,6 +420,13 @@ async fn assemble(
         nodes.push(json!({"id": id, "op": op(EndpointKind::Sink, sink), "params": sink.config}));
         edges.push(json!({"from": "jpeg", "to": id}));
     }
+    // The live view of both images; a one-packet `drop_oldest` queue, so a preview never holds
+    // the inspection back.
+    let preview_queue = json!({"capacity": 1, "policy": "drop_oldest"});
+    nodes.push(json!({"id": "preview", "op": "sink.preview", "params": {"view": "overlay"}}));
+    edges.push(json!({"from": "jpeg", "to": "preview", "queue": preview_queue}));
+    nodes.push(json!({"id": "preview_raw", "op": "sink.preview", "params": {"view": "raw"}}));
+    edges.push(json!({"from": "source", "to": "preview_raw", "queue": preview_queue}));
     let uses = Uses {
         source_id: Some(source.id),
         model_id: Some(model.id),

@@ -42,6 +42,8 @@ pub fn routes(
         .unify()
         .or(super::active::routes(Arc::clone(&state)))
         .unify()
+        .or(super::preview::routes(Arc::clone(&state)))
+        .unify()
         .or(super::snapshots::routes(Arc::clone(&state)))
         .unify()
         .or(super::captures::routes(Arc::clone(&state)))
