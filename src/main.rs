@@ -158,6 +158,8 @@ enum Command {
         path_roots: Vec<PathBuf>,
         #[command(flatten)]
         graph_limits: graph::GraphLimits,
+        #[command(flatten)]
+        webrtc: inspectflow::server::WebRtcSettings,
     },
 }
 
@@ -273,6 +275,7 @@ fn main() -> ExitCode {
             max_jobs,
             path_roots,
             graph_limits,
+            webrtc,
         } => report(inspectflow::server::serve(
             inspectflow::server::ServeOptions {
                 bind,
@@ -281,6 +284,7 @@ fn main() -> ExitCode {
                 max_jobs,
                 path_roots,
                 graph_limits,
+                webrtc,
             },
         )),
         Command::Devices { json } => devices(json),

@@ -11,7 +11,7 @@
 //!    cancel) run by the worker in [`training`], [`models`] (`:predict`, `:export`,
 //!    thresholds), [`endpoints`] (sources and sinks as stored operator configurations),
 //!    [`pipelines`] (stored ones), [`active`] (the running ones, with metrics) over the table of
-//!    runs in [`running`], [`preview`] (their live view), [`snapshots`] (the Parquet dataset snapshots training writes) and
+//!    runs in [`running`], [`preview`] (their live view as MJPEG) and `webrtc` (as WebRTC), [`snapshots`] (the Parquet dataset snapshots training writes) and
 //!    [`captures`] (a running pipeline's current frame saved as a project image);
 //! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors.
 //!
@@ -39,6 +39,8 @@ pub mod state;
 pub mod store;
 pub mod system;
 pub mod training;
+#[cfg(feature = "gstreamer")]
+pub mod webrtc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +60,23 @@ pub struct ServeOptions {
     pub path_roots: Vec<PathBuf>,
     /// Limits on the graph documents clients send.
     pub graph_limits: crate::graph::GraphLimits,
+    /// The WebRTC live view's ICE servers and viewer limit.
+    pub webrtc: WebRtcSettings,
+}
+
+/// Settings of the WebRTC live view.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebRtcSettings {
+    /// STUN server for the live view's ICE (`stun://host:port`); without one, host candidates
+    /// only, which suffice on a LAN and on loopback.
+    #[arg(long = "webrtc-stun-server")]
+    pub stun_server: Option<String>,
+    /// TURN server (`turn://user:password@host:port`) for networks that block direct traffic.
+    #[arg(long = "webrtc-turn-server")]
+    pub turn_server: Option<String>,
+    /// Most WebRTC viewers per pipeline at once.
+    #[arg(long = "webrtc-max-viewers", default_value_t = 8)]
+    pub max_viewers: usize,
 }
 
 /// Serves until Ctrl-C (or SIGTERM through the process's handler). Prints the address it
@@ -70,7 +89,10 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         max_jobs,
         mut path_roots,
         graph_limits,
+        webrtc,
     } = options;
+    #[cfg(not(feature = "gstreamer"))]
+    let _ = webrtc;
     let data_dir = data_dir.as_path();
     let store = store::Store::open(data_dir)
         .map_err(|e| format!("cannot open the store in {}: {e}", data_dir.display()))?;
@@ -86,6 +108,8 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         // Created here, on the main thread: pipelines start on its launcher thread at normal
         // priority, whereas the runtime's threads below run at a lower one.
         pipelines: running::ActivePipelines::new()?,
+        #[cfg(feature = "gstreamer")]
+        webrtc: Arc::new(webrtc::WebRtc::new(webrtc)),
     });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()

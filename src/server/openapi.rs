@@ -72,6 +72,8 @@ pub fn routes() -> impl Iterator<Item = &'static RouteDoc> {
         super::preview::DOCS,
         super::snapshots::DOCS,
         super::captures::DOCS,
+        #[cfg(feature = "gstreamer")]
+        super::webrtc::DOCS,
     ]
     .into_iter()
     .flatten()

@@ -46,26 +46,42 @@ fn default_fps() -> u32 {
 /// The preview routes.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
-    warp::path!("api" / "active-pipelines" / String / "stream")
+    let stream = warp::path!("api" / "active-pipelines" / String / "stream")
         .and(warp::get())
         .and(warp::query::<StreamQuery>())
         .and(with_state)
-        .and_then(mjpeg)
-        .boxed()
+        .and_then(mjpeg);
+    let page = warp::path!("live")
+        .and(warp::get())
+        .map(|| warp::reply::html(LIVE_PAGE).into_response());
+    stream.or(page).unify().boxed()
 }
 
+/// The live view page: WebRTC, falling back to MJPEG.
+const LIVE_PAGE: &str = include_str!("live.html");
+
 /// The routes' documentation.
-pub const DOCS: &[RouteDoc] = &[RouteDoc {
-    method: "get",
-    path: "/api/active-pipelines/{pipeline_id}/stream",
-    summary: "Live MJPEG stream (multipart/x-mixed-replace) of a running pipeline's preview: ?view=overlay|raw (default overlay), ?fps=1-60 (default 15). 409 when the pipeline has no sink.preview node for the view (assembled pipelines have both).",
-    body: Content::None,
-    ok: (
-        200,
-        Content::Binary(&["multipart/x-mixed-replace; boundary=inspectflow-frame"]),
-    ),
-    errors: &[401, 404, 409, 422],
-}];
+pub const DOCS: &[RouteDoc] = &[
+    RouteDoc {
+        method: "get",
+        path: "/live",
+        summary: "A live view page: ?pipeline=ID[&view=overlay|raw][&mode=auto|mjpeg]. Connects by WebRTC and falls back to the MJPEG stream when WebRTC is refused or shows no frame.",
+        body: Content::None,
+        ok: (200, Content::Binary(&["text/html"])),
+        errors: &[401],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/api/active-pipelines/{pipeline_id}/stream",
+        summary: "Live MJPEG stream (multipart/x-mixed-replace) of a running pipeline's preview: ?view=overlay|raw (default overlay), ?fps=1-60 (default 15). 409 when the pipeline has no sink.preview node for the view (assembled pipelines have both).",
+        body: Content::None,
+        ok: (
+            200,
+            Content::Binary(&["multipart/x-mixed-replace; boundary=inspectflow-frame"]),
+        ),
+        errors: &[401, 404, 409, 422],
+    },
+];
 
 /// One multipart part: headers (with the capture time and sequence, for measuring the delay)
 /// and the JPEG.

@@ -49,6 +49,11 @@ pub fn routes(
         .or(super::captures::routes(Arc::clone(&state)))
         .unify()
         .boxed();
+    #[cfg(feature = "gstreamer")]
+    let api = api
+        .or(super::webrtc::routes(Arc::clone(&state)))
+        .unify()
+        .boxed();
     authenticated(state)
         .and(api)
         .recover(into_json_error)

@@ -27,6 +27,9 @@ pub struct AppState {
     pub models: LoadedModels,
     /// Running pipelines.
     pub pipelines: ActivePipelines,
+    /// WebRTC viewers of running pipelines.
+    #[cfg(feature = "gstreamer")]
+    pub webrtc: std::sync::Arc<super::webrtc::WebRtc>,
 }
 
 impl AppState {
