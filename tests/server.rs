@@ -1737,3 +1737,165 @@ fn operator_rules_are_refused_by_the_api_naming_node_and_field() {
         "the defaults are in order: {body}"
     );
 }
+
+/// Runs `tests/browser/live.mjs` (Debian's headless chromium through playwright-core) on the live
+/// view page of `pipeline` and returns what the page reported.
+fn browser(server: &Server, pipeline: &str, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/live.mjs");
+    let output = Command::new("node")
+        .arg(script)
+        .arg(&server.base)
+        .arg(pipeline)
+        .args(args)
+        .output()
+        .expect("node runs (scripts/setup.sh installs it and playwright-core)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "live.mjs {args:?}: {stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert_eq!(report["ok"], true, "live.mjs {args:?}: {report}");
+    report
+}
+
+/// Mean of (blue - red) over an RGB sample: the jet heatmap's low end tints the ball video's
+/// black background blue.
+fn blue_excess(sample: &Value) -> f64 {
+    let values: Vec<f64> = sample
+        .as_array()
+        .expect("a sample")
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect();
+    assert!(!values.is_empty(), "an empty sample");
+    let pixels = values.chunks(3);
+    let count = pixels.len() as f64;
+    pixels.map(|rgb| rgb[2] - rgb[0]).sum::<f64>() / count
+}
+
+/// The live view in a real browser: a pipeline on a looping video, watched by WebRTC in headless
+/// chromium (at least 50 frames decoded, the heatmap visible), falling back to MJPEG when the
+/// server refuses WebRTC (its viewer limit), and twenty viewers in turn that cost the pipeline no
+/// result.
+#[test]
+fn a_running_pipeline_is_watched_live_in_chromium_by_webrtc_or_mjpeg() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let media_root = dir.path().join("line");
+    std::fs::create_dir_all(&media_root).expect("root");
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &[
+            "--path-root",
+            media_root.to_str().expect("utf-8"),
+            "--webrtc-max-viewers",
+            "1",
+        ],
+    );
+    let http = client();
+    let project = create_project(&http, &server, "live");
+    upload_all(&http, &server, &project, &normal_images(dir.path(), 12, 96));
+    let (status, job) = call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "padim", "input_size": 64})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let job_id = job["id"].as_str().expect("job id");
+    let done = poll(&http, &server.url(&format!("/api/jobs/{job_id}")), |job| {
+        job["status"] == "completed" || job["status"] == "failed"
+    });
+    assert_eq!(done["status"], "completed", "{done}");
+    let video = media_root.join("ball.mp4");
+    mp4(&video, 90);
+    let (_, source) = call(http.post(server.url("/api/sources")).json(&json!({
+        "name": "ball", "type": "video_file", "config": {"path": video, "loop": true, "realtime": true}
+    })));
+    let (_, sink) = call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "results", "type": "folder",
+        "config": {"path": media_root.join("results"), "create": true, "output_formats": ["predictions"]}
+    })));
+    let (status, pipeline) = call(
+        http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+            .json(&json!({
+                "name": "watched", "source_id": source["id"], "model_id": done["model_id"],
+                "sink_ids": [sink["id"]]
+            })),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let pipeline_id = pipeline["id"].as_str().expect("id").to_string();
+    let (status, started) = call(
+        http.post(server.url("/api/active-pipelines"))
+            .json(&json!({"pipeline_id": pipeline_id})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+
+    // 1. WebRTC: frames decoded by the browser, the heatmap over the picture.
+    let webrtc = browser(&server, &pipeline_id, &["--frames", "50"]);
+    assert_eq!(webrtc["mode"], "webrtc", "{webrtc}");
+    assert!(
+        webrtc["framesDecoded"].as_u64().expect("frames") >= 50,
+        "{webrtc}"
+    );
+    assert_eq!(webrtc["videoWidth"], 320, "{webrtc}");
+    let raw = browser(&server, &pipeline_id, &["--mode", "mjpeg", "--view", "raw"]);
+    assert_eq!(raw["mode"], "mjpeg", "{raw}");
+    let (overlay_blue, raw_blue) = (blue_excess(&webrtc["sample"]), blue_excess(&raw["sample"]));
+    assert!(
+        overlay_blue > raw_blue + 15.0,
+        "the heatmap tints the overlay: blue-red {overlay_blue:.1} over {raw_blue:.1} in the raw frame"
+    );
+
+    // 2. WebRTC refused (the viewer limit is 1 and another page holds it): the page falls back
+    // to MJPEG and shows frames that change.
+    let fallback = browser(&server, &pipeline_id, &["--hold", "1"]);
+    assert_eq!(fallback["mode"], "mjpeg", "{fallback}");
+    assert!(
+        fallback["fallbackReason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("409")),
+        "{fallback}"
+    );
+    assert_eq!(fallback["imageWidth"], 320, "{fallback}");
+    assert_ne!(
+        fallback["sample"], fallback["sampleLater"],
+        "the MJPEG picture moves"
+    );
+
+    // 3. Twenty viewers in turn, each connecting, watching and leaving: every one sees frames,
+    // and the pipeline loses no result to them.
+    let cycled = browser(
+        &server,
+        &pipeline_id,
+        &["--cycles", "20", "--timeout-ms", "180000"],
+    );
+    assert_eq!(cycled["cycles"], 20, "{cycled}");
+    let (status, stopped) =
+        call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
+    assert_eq!(status, StatusCode::OK, "{stopped}");
+    for edge in stopped["metrics"]["edges"].as_array().expect("edges") {
+        if !edge["to"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("preview")
+        {
+            assert_eq!(edge["dropped"], 0, "viewers cost no result: {edge}");
+        }
+    }
+    let node = |id: &str| -> u64 {
+        stopped["metrics"]["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == id))
+            .and_then(|n| n["packets_in"].as_u64())
+            .unwrap_or_else(|| panic!("node {id}: {stopped}"))
+    };
+    assert_eq!(
+        node("sink1"),
+        node("preprocess"),
+        "every frame the pipeline took became a result"
+    );
+}

@@ -21,6 +21,8 @@
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
 pub mod active;
+#[cfg(feature = "gstreamer")]
+pub mod broadcast;
 pub mod captures;
 pub mod check;
 pub mod endpoints;
@@ -109,7 +111,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         // priority, whereas the runtime's threads below run at a lower one.
         pipelines: running::ActivePipelines::new()?,
         #[cfg(feature = "gstreamer")]
-        webrtc: Arc::new(webrtc::WebRtc::new(webrtc)),
+        webrtc: Arc::new(broadcast::WebRtc::new(webrtc)),
     });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()

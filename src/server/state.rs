@@ -29,7 +29,7 @@ pub struct AppState {
     pub pipelines: ActivePipelines,
     /// WebRTC viewers of running pipelines.
     #[cfg(feature = "gstreamer")]
-    pub webrtc: std::sync::Arc<super::webrtc::WebRtc>,
+    pub webrtc: std::sync::Arc<super::broadcast::WebRtc>,
 }
 
 impl AppState {

@@ -3,7 +3,11 @@
 // RGB sample of the picture and, when asked, the delay from capture to display.
 //
 //   node live.mjs BASE_URL PIPELINE_ID [--mode auto|mjpeg] [--view overlay|raw] [--frames 50]
-//                 [--timeout-ms 60000]
+//                 [--timeout-ms 60000] [--hold N] [--cycles N]
+//
+// --hold N: N other pages connect by WebRTC first and stay while the measured page loads.
+// --cycles N: instead, N viewers in turn each connect, see 5 frames and leave (closing their
+// connection through the API); reports how many did.
 //
 // Bounded: every wait has a deadline, and the browser is always closed.
 import { chromium } from "playwright-core";
@@ -17,6 +21,29 @@ const mode = option("mode", "auto");
 const view = option("view", "overlay");
 const wantFrames = Number(option("frames", "50"));
 const timeoutMs = Number(option("timeout-ms", "60000"));
+const hold = Number(option("hold", "0"));
+const cycles = Number(option("cycles", "0"));
+const pageUrl = `${base}/live?pipeline=${encodeURIComponent(pipeline)}&view=${view}&mode=${mode}`;
+
+// Waits (bounded) until the page shows `frames` WebRTC frames or an MJPEG image.
+async function shown(page, frames, deadline) {
+  for (;;) {
+    const live = await page.evaluate(() => ({
+      mode: window.live.mode,
+      framesDecoded: window.live.framesDecoded,
+      connectionId: window.live.connectionId,
+      error: window.live.error,
+      fallbackReason: window.live.fallbackReason,
+      imageWidth: document.getElementById("mjpeg").naturalWidth,
+      videoWidth: document.getElementById("video").videoWidth,
+    }));
+    const done =
+      (live.mode === "webrtc" && live.framesDecoded >= frames) ||
+      (live.mode === "mjpeg" && live.imageWidth > 0);
+    if (done || Date.now() > deadline) return live;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
 
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
@@ -29,27 +56,37 @@ const browser = await chromium.launch({
 });
 let result = { ok: false };
 try {
+  const deadline = Date.now() + timeoutMs;
+  if (cycles > 0) {
+    let watched = 0;
+    const durations = [];
+    for (let cycle = 0; cycle < cycles && Date.now() < deadline; cycle++) {
+      const began = Date.now();
+      const viewer = await browser.newPage();
+      await viewer.goto(pageUrl);
+      const live = await shown(viewer, 5, deadline);
+      if (live.mode === "webrtc" && live.framesDecoded >= 5) watched++;
+      await viewer.evaluate(async () => {
+        if (window.live.peer) window.live.peer.close();
+        if (window.live.connectionId) await fetch(`/api/webrtc/${window.live.connectionId}`, { method: "DELETE" });
+      });
+      await viewer.close();
+      durations.push(Date.now() - began);
+    }
+    console.log(JSON.stringify({ ok: true, cycles: watched, durations }));
+    await browser.close();
+    process.exit(0);
+  }
+  for (let i = 0; i < hold; i++) {
+    const holder = await browser.newPage();
+    await holder.goto(pageUrl);
+    await shown(holder, 1, deadline);
+  }
   const page = await browser.newPage();
   const messages = [];
   page.on("console", (message) => messages.push(message.text()));
-  await page.goto(`${base}/live?pipeline=${encodeURIComponent(pipeline)}&view=${view}&mode=${mode}`);
-  const deadline = Date.now() + timeoutMs;
-  let live = {};
-  for (;;) {
-    live = await page.evaluate(() => ({
-      mode: window.live.mode,
-      framesDecoded: window.live.framesDecoded,
-      error: window.live.error,
-      fallbackReason: window.live.fallbackReason,
-      imageWidth: document.getElementById("mjpeg").naturalWidth,
-      videoWidth: document.getElementById("video").videoWidth,
-    }));
-    const done =
-      (live.mode === "webrtc" && live.framesDecoded >= wantFrames) ||
-      (live.mode === "mjpeg" && live.imageWidth > 0);
-    if (done || Date.now() > deadline) break;
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
+  await page.goto(pageUrl);
+  const live = await shown(page, wantFrames, deadline);
   // A 32x18 sample of what is shown (the video or the MJPEG image), twice 500 ms apart for
   // MJPEG so a test can see the picture change.
   const sample = () =>
@@ -73,6 +110,17 @@ try {
 } catch (error) {
   result = { ok: false, error: String(error) };
 } finally {
+  // Every page leaves as a page should: its connection closed through the API.
+  for (const open of browser.contexts().flatMap((context) => context.pages())) {
+    await open
+      .evaluate(async () => {
+        if (window.live && window.live.peer) window.live.peer.close();
+        if (window.live && window.live.connectionId) {
+          await fetch(`/api/webrtc/${window.live.connectionId}`, { method: "DELETE" });
+        }
+      })
+      .catch(() => {});
+  }
   await browser.close();
 }
 console.log(JSON.stringify(result));

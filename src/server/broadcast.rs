@@ -1,0 +1,447 @@
+//! The media side of the WebRTC live view ([`super::webrtc`] is its HTTP side): one H.264
+//! encode per pipeline view, shared by all its viewers, and one `webrtcbin` branch per viewer.
+//!
+//! - A broadcast is `appsrc ! videoconvert ! x264enc (zero latency, a key frame a second) !
+//!   h264parse ! tee`, fed from the pipeline's `sink.preview` node: the newest frame only, its
+//!   pixels lent to GStreamer without a copy.
+//! - A viewer is `queue (leaky) ! rtph264pay (the payload type the browser offered) ! webrtcbin`
+//!   on the tee; its answer waits for the server's ICE candidates, so clients need no candidate
+//!   route from the server.
+//! - A broadcast exists while it has viewers; it and its connections close when the pipeline
+//!   stops.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_sdp as gst_sdp;
+use gstreamer_video as gst_video;
+use gstreamer_webrtc as gst_webrtc;
+
+use super::WebRtcSettings;
+use super::webrtc::{IceServer, OfferAnswer, WebRtcConfig};
+use inspectflow_operators::packet::{Frame, PixelFormat};
+use inspectflow_operators::preview::{View, Viewer};
+
+/// How long an answer waits for the server's ICE candidates.
+const GATHERING_WAIT: Duration = Duration::from_secs(3);
+
+/// The live broadcasts and connections of this server.
+pub struct WebRtc {
+    pub(crate) settings: WebRtcSettings,
+    broadcasts: Mutex<HashMap<(String, View), Arc<Broadcast>>>,
+    pub(crate) connections: Mutex<HashMap<String, Connection>>,
+}
+
+/// One pipeline view encoded once for all its viewers.
+pub(crate) struct Broadcast {
+    pipeline: gst::Pipeline,
+    tee: gst::Element,
+}
+
+/// One viewer's branch of a broadcast.
+pub(crate) struct Connection {
+    key: (String, View),
+    broadcast: Arc<Broadcast>,
+    tee_pad: gst::Pad,
+    elements: Vec<gst::Element>,
+    pub(crate) webrtcbin: gst::Element,
+    /// webrtcbin's request pad for the video.
+    webrtc_pad: gst::Pad,
+}
+
+impl WebRtc {
+    /// Starts with `settings` (GStreamer is initialised on first use).
+    pub fn new(settings: WebRtcSettings) -> Self {
+        Self {
+            settings,
+            broadcasts: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn config(&self) -> WebRtcConfig {
+        WebRtcConfig {
+            ice_servers: self
+                .settings
+                .stun_server
+                .iter()
+                .map(|url| IceServer {
+                    urls: vec![url.replacen("stun://", "stun:", 1)],
+                })
+                .collect(),
+            max_viewers: self.settings.max_viewers,
+        }
+    }
+
+    /// Viewers of `pipeline` now.
+    pub(crate) fn viewers_of(&self, pipeline: &str) -> usize {
+        self.connections
+            .lock()
+            .map(|c| c.values().filter(|c| c.key.0 == pipeline).count())
+            .unwrap_or(0)
+    }
+
+    /// The broadcast of `key`, started (with its feeder) when there is none.
+    pub(crate) fn broadcast(
+        self: &Arc<Self>,
+        key: &(String, View),
+        viewer: Viewer,
+    ) -> Result<Arc<Broadcast>, String> {
+        let mut broadcasts = self
+            .broadcasts
+            .lock()
+            .map_err(|_| "the broadcast table is unusable".to_string())?;
+        if let Some(existing) = broadcasts.get(key) {
+            return Ok(Arc::clone(existing));
+        }
+        gst::init().map_err(|e| format!("cannot start GStreamer: {e}"))?;
+        let pipeline = gst::parse::launch(
+            "appsrc name=src is-live=true format=time do-timestamp=true leaky-type=downstream max-buffers=2 \
+             ! videoconvert ! video/x-raw,format=I420 \
+             ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 bitrate=3000 \
+             ! video/x-h264,profile=constrained-baseline,stream-format=byte-stream \
+             ! h264parse config-interval=-1 ! tee name=tee allow-not-linked=true",
+        )
+        .map_err(|e| format!("cannot build the live view's encoder: {e}"))?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| "the live view's encoder is not a pipeline".to_string())?;
+        let (Some(source), Some(tee)) = (pipeline.by_name("src"), pipeline.by_name("tee")) else {
+            return Err("the live view's encoder lacks its elements".into());
+        };
+        let source = source
+            .downcast::<gst_app::AppSrc>()
+            .map_err(|_| "the live view's source is not an appsrc".to_string())?;
+        pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|e| format!("cannot start the live view's encoder: {e}"))?;
+        let broadcast = Arc::new(Broadcast { pipeline, tee });
+        broadcasts.insert(key.clone(), Arc::clone(&broadcast));
+        let this = Arc::clone(self);
+        let key = key.clone();
+        tokio::spawn(async move {
+            feed(viewer, source).await;
+            // The pipeline stopped (or the broadcast was closed): close what is left.
+            this.end_broadcast(&key);
+        });
+        Ok(broadcast)
+    }
+
+    /// Closes the broadcast of `key` and every connection watching it.
+    fn end_broadcast(&self, key: &(String, View)) {
+        let closing: Vec<Connection> = match self.connections.lock() {
+            Ok(mut connections) => {
+                let ids: Vec<String> = connections
+                    .iter()
+                    .filter(|(_, c)| &c.key == key)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                ids.iter().filter_map(|id| connections.remove(id)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for connection in closing {
+            connection.close();
+        }
+        let broadcast = self.broadcasts.lock().ok().and_then(|mut b| b.remove(key));
+        if let Some(broadcast) = broadcast {
+            let _ = broadcast.pipeline.set_state(gst::State::Null);
+        }
+    }
+
+    /// Removes connection `id`; the broadcast ends with its last viewer.
+    pub(crate) fn close(&self, id: &str) -> bool {
+        let Some(connection) = self.connections.lock().ok().and_then(|mut c| c.remove(id)) else {
+            return false;
+        };
+        let key = connection.key.clone();
+        connection.close();
+        let still_watched = self
+            .connections
+            .lock()
+            .map(|c| c.values().any(|c| c.key == key))
+            .unwrap_or(false);
+        if !still_watched {
+            self.end_broadcast(&key);
+        }
+        true
+    }
+}
+
+impl Connection {
+    /// Detaches the viewer's branch from the encoder, stops it and takes it out of the
+    /// broadcast. (Known leak: GStreamer 1.22's webrtcbin keeps its `:pc` and `:ice` threads
+    /// after a negotiated connection stops; its transport streams still hold it.)
+    pub(crate) fn close(self) {
+        if let Some(queue_sink) = self.elements.first().and_then(|q| q.static_pad("sink")) {
+            let _ = self.tee_pad.unlink(&queue_sink);
+        }
+        self.broadcast.tee.release_request_pad(&self.tee_pad);
+        if let Some(pay_src) = self.elements.get(1).and_then(|p| p.static_pad("src")) {
+            let _ = pay_src.unlink(&self.webrtc_pad);
+        }
+        self.webrtcbin.release_request_pad(&self.webrtc_pad);
+        let _ = self.webrtcbin.set_state(gst::State::Null);
+        let _ = self.broadcast.pipeline.remove(&self.webrtcbin);
+        for element in self.elements.iter().rev() {
+            let _ = element.set_state(gst::State::Null);
+            let _ = self.broadcast.pipeline.remove(element);
+        }
+    }
+}
+
+/// Frame bytes lent to GStreamer without a copy.
+struct FrameBytes(Frame);
+
+impl AsRef<[u8]> for FrameBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.pixels()
+    }
+}
+
+/// Pushes the preview's frames into the encoder until the preview closes.
+async fn feed(mut viewer: Viewer, source: gst_app::AppSrc) {
+    let mut caps_of: Option<(u32, u32, PixelFormat)> = None;
+    while let Some(frame) = viewer.next().await {
+        let frame = frame.frame.clone();
+        let layout = frame.layout;
+        let format = match layout.format {
+            PixelFormat::I420 => gst_video::VideoFormat::I420,
+            PixelFormat::Rgb => gst_video::VideoFormat::Rgb,
+            PixelFormat::Bgr => gst_video::VideoFormat::Bgr,
+            PixelFormat::Gray => gst_video::VideoFormat::Gray8,
+        };
+        let shape = (layout.width, layout.height, layout.format);
+        if caps_of != Some(shape) {
+            let Ok(info) = gst_video::VideoInfo::builder(format, layout.width, layout.height)
+                .fps(gst::Fraction::new(0, 1))
+                .build()
+            else {
+                continue;
+            };
+            let Ok(caps) = info.to_caps() else {
+                continue;
+            };
+            source.set_caps(Some(&caps));
+            caps_of = Some(shape);
+        }
+        let (offsets, strides) =
+            plane_layout(layout.width, layout.height, layout.stride, layout.format);
+        let mut buffer = gst::Buffer::from_slice(FrameBytes(frame));
+        if let Some(buffer) = buffer.get_mut() {
+            let _ = gst_video::VideoMeta::add_full(
+                buffer,
+                gst_video::VideoFrameFlags::empty(),
+                format,
+                layout.width,
+                layout.height,
+                &offsets,
+                &strides,
+            );
+        }
+        if source.push_buffer(buffer).is_err() {
+            break;
+        }
+    }
+}
+
+/// Plane offsets and strides of an inspectflow frame (see `PixelFormat::I420`).
+fn plane_layout(
+    width: u32,
+    height: u32,
+    stride: usize,
+    format: PixelFormat,
+) -> (Vec<usize>, Vec<i32>) {
+    match format {
+        PixelFormat::I420 => {
+            let chroma_width = width.div_ceil(2) as usize;
+            let chroma_height = height.div_ceil(2) as usize;
+            let luma = stride * height as usize;
+            (
+                vec![0, luma, luma + chroma_width * chroma_height],
+                vec![stride as i32, chroma_width as i32, chroma_width as i32],
+            )
+        }
+        _ => (vec![0], vec![stride as i32]),
+    }
+}
+
+/// The H.264 payload type of the offer's video that a constrained-baseline, packetization-mode 1
+/// stream fits.
+pub(crate) fn h264_payload_type(sdp: &gst_sdp::SDPMessage) -> Option<u32> {
+    let media = sdp.medias().find(|m| m.media() == Some("video"))?;
+    let mut candidates: Vec<(u32, bool)> = Vec::new();
+    for attribute in media.attributes() {
+        if attribute.key() != "rtpmap" {
+            continue;
+        }
+        let value = attribute.value()?;
+        let (pt, codec) = value.split_once(' ')?;
+        if !codec.to_ascii_uppercase().starts_with("H264/") {
+            continue;
+        }
+        let pt: u32 = pt.parse().ok()?;
+        let fmtp = media
+            .attributes()
+            .filter(|a| a.key() == "fmtp")
+            .filter_map(|a| a.value())
+            .find(|v| v.split_once(' ').is_some_and(|(p, _)| p == pt.to_string()))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !fmtp.contains("packetization-mode=1") {
+            continue;
+        }
+        candidates.push((pt, fmtp.contains("profile-level-id=42e0")));
+    }
+    candidates
+        .iter()
+        .find(|(_, baseline)| *baseline)
+        .or(candidates.first())
+        .map(|(pt, _)| *pt)
+}
+
+/// Answers `offer` on a new branch of `broadcast`; blocking (GStreamer promises, ICE gathering).
+pub(crate) fn answer(
+    webrtc: &Arc<WebRtc>,
+    broadcast: &Arc<Broadcast>,
+    key: (String, View),
+    offer: gst_sdp::SDPMessage,
+    payload_type: u32,
+) -> Result<OfferAnswer, String> {
+    let make = |factory: &str| {
+        gst::ElementFactory::make(factory)
+            .build()
+            .map_err(|e| format!("cannot create {factory}: {e} (is gstreamer1.0-nice installed?)"))
+    };
+    let queue = make("queue")?;
+    queue.set_property_from_str("leaky", "downstream");
+    queue.set_property("max-size-buffers", 30u32);
+    let pay = make("rtph264pay")?;
+    pay.set_property("pt", payload_type);
+    pay.set_property("config-interval", -1i32);
+    pay.set_property_from_str("aggregate-mode", "zero-latency");
+    let webrtcbin = make("webrtcbin")?;
+    webrtcbin.set_property_from_str("bundle-policy", "max-bundle");
+    if let Some(stun) = &webrtc.settings.stun_server {
+        webrtcbin.set_property("stun-server", stun);
+    }
+    if let Some(turn) = &webrtc.settings.turn_server {
+        webrtcbin.set_property("turn-server", turn);
+    }
+    let pipeline = &broadcast.pipeline;
+    pipeline
+        .add_many([&queue, &pay, &webrtcbin])
+        .map_err(|e| format!("cannot add a viewer: {e}"))?;
+    let elements = vec![queue.clone(), pay.clone(), webrtcbin.clone()];
+    let fail = |message: String| {
+        for element in &elements {
+            let _ = element.set_state(gst::State::Null);
+            let _ = pipeline.remove(element);
+        }
+        message
+    };
+    gst::Element::link_many([&queue, &pay]).map_err(|e| fail(format!("linking: {e}")))?;
+    let Some(sink) = webrtcbin.request_pad_simple("sink_%u") else {
+        return Err(fail("webrtcbin gives no sink pad".into()));
+    };
+    let caps = gst::Caps::builder("application/x-rtp")
+        .field("media", "video")
+        .field("encoding-name", "H264")
+        .field("payload", payload_type as i32)
+        .field("clock-rate", 90000i32)
+        .field("packetization-mode", "1")
+        .field("profile-level-id", "42e01f")
+        .build();
+    if let Some(transceiver) =
+        sink.property::<Option<gst_webrtc::WebRTCRTPTransceiver>>("transceiver")
+    {
+        transceiver.set_property(
+            "direction",
+            gst_webrtc::WebRTCRTPTransceiverDirection::Sendonly,
+        );
+        transceiver.set_property("codec-preferences", &caps);
+    }
+    let Some(pay_src) = pay.static_pad("src") else {
+        return Err(fail("rtph264pay has no source pad".into()));
+    };
+    pay_src
+        .link(&sink)
+        .map_err(|e| fail(format!("linking the payloader to webrtcbin: {e}")))?;
+    for element in &elements {
+        element
+            .sync_state_with_parent()
+            .map_err(|e| fail(format!("starting a viewer: {e}")))?;
+    }
+    let offer = gst_webrtc::WebRTCSessionDescription::new(gst_webrtc::WebRTCSDPType::Offer, offer);
+    let promise = gst::Promise::new();
+    webrtcbin.emit_by_name::<()>("set-remote-description", &[&offer, &promise]);
+    promise.wait();
+    let promise = gst::Promise::new();
+    webrtcbin.emit_by_name::<()>("create-answer", &[&None::<gst::Structure>, &promise]);
+    promise.wait();
+    let answer = promise
+        .get_reply()
+        .and_then(|reply| reply.value("answer").ok())
+        .and_then(|value| value.get::<gst_webrtc::WebRTCSessionDescription>().ok())
+        .ok_or_else(|| fail("webrtcbin made no answer to this offer".into()))?;
+    webrtcbin.emit_by_name::<()>("set-local-description", &[&answer, &None::<gst::Promise>]);
+    let deadline = Instant::now() + GATHERING_WAIT;
+    while webrtcbin.property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")
+        != gst_webrtc::WebRTCICEGatheringState::Complete
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sdp = webrtcbin
+        .property::<Option<gst_webrtc::WebRTCSessionDescription>>("local-description")
+        .and_then(|d| d.sdp().as_text().ok())
+        .ok_or_else(|| fail("webrtcbin has no local description".into()))?;
+    let Some(tee_pad) = broadcast.tee.request_pad_simple("src_%u") else {
+        return Err(fail("the encoder's tee gives no pad".into()));
+    };
+    let Some(queue_sink) = queue.static_pad("sink") else {
+        return Err(fail("queue has no sink pad".into()));
+    };
+    tee_pad
+        .link(&queue_sink)
+        .map_err(|e| fail(format!("linking the viewer to the encoder: {e}")))?;
+    let connection_id = uuid::Uuid::new_v4().to_string();
+    // A viewer that vanishes (a closed tab, a lost network) is closed when its peer connection
+    // fails or closes, not only when it says goodbye through the API.
+    let table = Arc::downgrade(webrtc);
+    let id = connection_id.clone();
+    webrtcbin.connect_notify(Some("connection-state"), move |bin, _| {
+        let state = bin.property::<gst_webrtc::WebRTCPeerConnectionState>("connection-state");
+        if matches!(
+            state,
+            gst_webrtc::WebRTCPeerConnectionState::Failed
+                | gst_webrtc::WebRTCPeerConnectionState::Closed
+        ) && let Some(webrtc) = table.upgrade()
+        {
+            let id = id.clone();
+            // Not on webrtcbin's own thread: closing changes its state.
+            std::thread::spawn(move || webrtc.close(&id));
+        }
+    });
+    let connection = Connection {
+        key,
+        broadcast: Arc::clone(broadcast),
+        tee_pad,
+        elements: vec![queue, pay],
+        webrtcbin,
+        webrtc_pad: sink,
+    };
+    webrtc
+        .connections
+        .lock()
+        .map_err(|_| "the connection table is unusable".to_string())?
+        .insert(connection_id.clone(), connection);
+    Ok(OfferAnswer {
+        connection_id,
+        sdp_type: "answer".into(),
+        sdp,
+    })
+}
