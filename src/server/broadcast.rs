@@ -176,15 +176,21 @@ impl WebRtc {
         };
         let key = connection.key.clone();
         connection.close();
-        let still_watched = self
+        self.end_if_unwatched(&key);
+        true
+    }
+
+    /// Ends the broadcast of `key` when no connection watches it (its last viewer left, or the
+    /// offer that started it failed), so that nothing encodes for nobody.
+    pub(crate) fn end_if_unwatched(&self, key: &(String, View)) {
+        let watched = self
             .connections
             .lock()
-            .map(|c| c.values().any(|c| c.key == key))
+            .map(|c| c.values().any(|c| &c.key == key))
             .unwrap_or(false);
-        if !still_watched {
-            self.end_broadcast(&key);
+        if !watched {
+            self.end_broadcast(key);
         }
-        true
     }
 }
 

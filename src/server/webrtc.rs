@@ -195,11 +195,16 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
     let broadcast = webrtc
         .broadcast(&key, channel.watch())
         .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    let answered =
-        tokio::task::spawn_blocking(move || answer(&webrtc, &broadcast, key, sdp, payload_type))
-            .await
-            .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-            .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let answered = tokio::task::spawn_blocking(move || {
+        let answered = answer(&webrtc, &broadcast, key.clone(), sdp, payload_type);
+        if answered.is_err() {
+            webrtc.end_if_unwatched(&key);
+        }
+        answered
+    })
+    .await
+    .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+    .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
     Ok(ok(&answered))
 }
 
