@@ -16,7 +16,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -56,15 +55,6 @@ impl View {
             View::Raw => "raw",
         }
     }
-
-    /// The view named `name`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "overlay" => Some(View::Overlay),
-            "raw" => Some(View::Raw),
-            _ => None,
-        }
-    }
 }
 
 /// One frame of a preview.
@@ -73,27 +63,21 @@ pub struct PreviewFrame {
     pub sequence: u64,
     /// When the source captured it (Unix milliseconds).
     pub captured_at_ms: u64,
-    /// When the preview node received it (Unix milliseconds).
-    pub published_at_ms: u64,
     /// The image (shared with the pipeline's packet, not copied).
     pub frame: Frame,
-    /// The same image as JPEG, when an upstream `encode.jpeg` made one.
-    pub jpeg: Option<Arc<EncodedImage>>,
-    /// The image compressed here, once, for every viewer that asked for JPEG.
-    compressed: OnceLock<Vec<u8>>,
+    /// The same image as JPEG: set from the start when an upstream `encode.jpeg` made one,
+    /// otherwise by the first viewer that asks for it.
+    jpeg: OnceLock<Arc<EncodedImage>>,
 }
 
 impl PreviewFrame {
     /// The image as JPEG: the upstream encoder's when there is one, otherwise compressed (quality
     /// 80) by the first viewer that asks, on its thread, and shared with the others.
-    pub fn jpeg_bytes(&self) -> Result<&[u8], OpError> {
-        if let Some(jpeg) = &self.jpeg {
-            return Ok(jpeg.bytes());
+    pub fn jpeg(&self) -> Result<&Arc<EncodedImage>, OpError> {
+        if let Some(jpeg) = self.jpeg.get() {
+            return Ok(jpeg);
         }
-        if let Some(bytes) = self.compressed.get() {
-            return Ok(bytes);
-        }
-        let bytes = ENCODER.with(|slot| {
+        let encoded = ENCODER.with(|slot| {
             let mut slot = slot.borrow_mut();
             let encoder = match slot.as_mut() {
                 Some(encoder) => encoder,
@@ -102,33 +86,19 @@ impl PreviewFrame {
                     source: EncodeSource::Frame,
                 })?),
             };
-            encoder
-                .encode(&self.frame)
-                .map(|encoded| encoded.bytes().to_vec())
+            encoder.encode(&self.frame)
         })?;
-        Ok(self.compressed.get_or_init(|| bytes))
+        Ok(self.jpeg.get_or_init(|| Arc::new(encoded)))
     }
 }
 
 /// The newest frame of one pipeline's view, and who watches it.
 pub struct PreviewChannel {
-    pipeline: String,
-    view: View,
     newest: watch::Sender<Option<Arc<PreviewFrame>>>,
     viewers: AtomicUsize,
 }
 
 impl PreviewChannel {
-    /// The pipeline it belongs to.
-    pub fn pipeline(&self) -> &str {
-        &self.pipeline
-    }
-
-    /// Its view.
-    pub fn view(&self) -> View {
-        self.view
-    }
-
     /// Viewers watching now.
     pub fn viewers(&self) -> usize {
         self.viewers.load(Ordering::SeqCst)
@@ -161,11 +131,6 @@ impl Viewer {
             }
         }
     }
-
-    /// The channel watched.
-    pub fn channel(&self) -> &Arc<PreviewChannel> {
-        &self.channel
-    }
 }
 
 impl Drop for Viewer {
@@ -191,8 +156,6 @@ impl Hub {
     /// Opens the channel of `pipeline`'s `view` (a node starting); a previous one is replaced.
     fn open(&self, pipeline: &str, view: View) -> Arc<PreviewChannel> {
         let channel = Arc::new(PreviewChannel {
-            pipeline: pipeline.to_string(),
-            view,
             newest: watch::Sender::new(None),
             viewers: AtomicUsize::new(0),
         });
@@ -206,18 +169,6 @@ impl Hub {
     pub fn find(&self, pipeline: &str, view: View) -> Option<Arc<PreviewChannel>> {
         let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         channels.get(&(pipeline.to_string(), view))?.upgrade()
-    }
-
-    /// The views `pipeline` publishes.
-    pub fn views(&self, pipeline: &str) -> Vec<View> {
-        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let mut views: Vec<View> = channels
-            .iter()
-            .filter(|((name, _), channel)| name == pipeline && channel.strong_count() > 0)
-            .map(|((_, view), _)| *view)
-            .collect();
-        views.sort_by_key(|view| view.name());
-        views
     }
 }
 
@@ -253,12 +204,6 @@ struct PreviewSink {
     sequence: u64,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Sink for PreviewSink {
     fn attach(&mut self, ctx: &SinkContext) {
         self.channel = Some(hub().open(&ctx.pipeline, self.view));
@@ -280,13 +225,15 @@ impl Sink for PreviewSink {
             }
         };
         let captured_at_ms = (frame.capture.unix_nanos / 1_000_000) as u64;
+        let compressed = OnceLock::new();
+        if let Some(jpeg) = jpeg {
+            let _ = compressed.set(jpeg);
+        }
         channel.newest.send_replace(Some(Arc::new(PreviewFrame {
             sequence: self.sequence,
             captured_at_ms,
-            published_at_ms: unix_ms(),
             frame,
-            jpeg,
-            compressed: OnceLock::new(),
+            jpeg: compressed,
         })));
         Ok(())
     }

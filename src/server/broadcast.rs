@@ -252,7 +252,7 @@ async fn feed(mut viewer: Viewer, source: gst_app::AppSrc) {
             source.set_caps(Some(&caps));
             caps_of = Some(shape);
         }
-        let (offsets, strides) =
+        let (offsets, strides, planes) =
             plane_layout(layout.width, layout.height, layout.stride, layout.format);
         let mut buffer = gst::Buffer::from_slice(FrameBytes(frame));
         if let Some(buffer) = buffer.get_mut() {
@@ -262,8 +262,8 @@ async fn feed(mut viewer: Viewer, source: gst_app::AppSrc) {
                 format,
                 layout.width,
                 layout.height,
-                &offsets,
-                &strides,
+                &offsets[..planes],
+                &strides[..planes],
             );
         }
         if source.push_buffer(buffer).is_err() {
@@ -272,24 +272,26 @@ async fn feed(mut viewer: Viewer, source: gst_app::AppSrc) {
     }
 }
 
-/// Plane offsets and strides of an inspectflow frame (see `PixelFormat::I420`).
+/// Plane offsets and strides of an inspectflow frame (see `PixelFormat::I420`), and how many
+/// planes it has; fixed arrays, so nothing is allocated per frame.
 fn plane_layout(
     width: u32,
     height: u32,
     stride: usize,
     format: PixelFormat,
-) -> (Vec<usize>, Vec<i32>) {
+) -> ([usize; 3], [i32; 3], usize) {
     match format {
         PixelFormat::I420 => {
             let chroma_width = width.div_ceil(2) as usize;
             let chroma_height = height.div_ceil(2) as usize;
             let luma = stride * height as usize;
             (
-                vec![0, luma, luma + chroma_width * chroma_height],
-                vec![stride as i32, chroma_width as i32, chroma_width as i32],
+                [0, luma, luma + chroma_width * chroma_height],
+                [stride as i32, chroma_width as i32, chroma_width as i32],
+                3,
             )
         }
-        _ => (vec![0], vec![stride as i32]),
+        _ => ([0; 3], [stride as i32, 0, 0], 1),
     }
 }
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Deserialize;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -19,6 +19,7 @@ use warp::{Filter, Rejection, Reply};
 use super::http::ApiError;
 use super::openapi::{Content, RouteDoc};
 use super::state::AppState;
+use inspectflow_operators::packet::EncodedImage;
 use inspectflow_operators::preview::{self, PreviewFrame, View};
 
 /// Most frames per second a client may ask for.
@@ -83,21 +84,28 @@ pub const DOCS: &[RouteDoc] = &[
     },
 ];
 
-/// One multipart part: headers (with the capture time and sequence, for measuring the delay)
-/// and the JPEG.
-fn part(frame: &PreviewFrame) -> Result<Bytes, String> {
-    let jpeg = frame.jpeg_bytes().map_err(|e| e.to_string())?;
+/// The JPEG of a preview frame, lent to the response body without a copy.
+struct Jpeg(Arc<EncodedImage>);
+
+impl AsRef<[u8]> for Jpeg {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// One multipart part: its headers (with the capture time and sequence, for measuring the
+/// delay), the JPEG (shared, not copied) and the line end.
+fn part(frame: &PreviewFrame) -> Result<[Bytes; 3], String> {
+    let jpeg = Arc::clone(frame.jpeg().map_err(|e| e.to_string())?);
     let header = format!(
         "--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nX-Sequence: {}\r\nX-Captured-At-Ms: {}\r\n\r\n",
-        jpeg.len(),
-        frame.sequence,
-        frame.captured_at_ms
+        jpeg.len, frame.sequence, frame.captured_at_ms
     );
-    let mut part = BytesMut::with_capacity(header.len() + jpeg.len() + 2);
-    part.put_slice(header.as_bytes());
-    part.put_slice(jpeg);
-    part.put_slice(b"\r\n");
-    Ok(part.freeze())
+    Ok([
+        Bytes::from(header),
+        Bytes::from_owner(Jpeg(jpeg)),
+        Bytes::from_static(b"\r\n"),
+    ])
 }
 
 async fn mjpeg(
@@ -125,17 +133,19 @@ async fn mjpeg(
     })?;
     let mut viewer = channel.watch();
     let interval = Duration::from_secs_f64(1.0 / f64::from(query.fps));
-    let (parts, receiver) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let (parts, receiver) = tokio::sync::mpsc::channel::<Bytes>(3);
     tokio::spawn(async move {
         let mut next_slot = tokio::time::Instant::now();
         while let Some(frame) = viewer.next().await {
             let encoded = tokio::task::spawn_blocking(move || part(&frame)).await;
-            let Ok(Ok(part)) = encoded else {
+            let Ok(Ok(chunks)) = encoded else {
                 tracing::warn!("preview frame not sent: {encoded:?}");
                 continue;
             };
-            if parts.send(part).await.is_err() {
-                break; // the client left
+            for chunk in chunks {
+                if parts.send(chunk).await.is_err() {
+                    return; // the client left
+                }
             }
             next_slot = (next_slot + interval).max(tokio::time::Instant::now());
             tokio::time::sleep_until(next_slot).await;
