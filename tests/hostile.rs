@@ -1146,3 +1146,99 @@ fn malformed_requests_to_every_documented_route_never_get_a_5xx() {
     let (clean, report) = inspectflow(&["check-db"], &data);
     assert!(clean, "{report}");
 }
+
+/// The live view's inputs (the MJPEG query, WebRTC offers, candidates and closes) refuse hostile
+/// values with 404, 409 or 422 naming what was wrong, and the server keeps answering.
+#[test]
+fn hostile_live_view_requests_are_refused_and_the_server_keeps_answering() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).expect("root");
+    let (server, project) = server_with_root(&dir.path().join("data"), &root);
+    let http = client();
+    let graph = json!({"name": "raw only", "nodes": [
+        {"id": "cam", "op": "source.synthetic", "params": {"width": 64, "height": 48, "fps": 30, "realtime": true}},
+        {"id": "preview", "op": "sink.preview", "params": {"view": "raw"}}
+    ], "edges": [{"from": "cam", "to": "preview", "queue": {"capacity": 1, "policy": "drop_oldest"}}]});
+    let (status, pipeline) = call(
+        http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+            .json(&json!({"name": "raw only", "graph": graph})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let id = pipeline["id"].as_str().expect("id").to_string();
+    let (status, started) = call(
+        http.post(server.url("/api/active-pipelines"))
+            .json(&json!({"pipeline_id": id})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    let h264 = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 0.0.0.0\r\na=recvonly\r\na=rtpmap:102 H264/90000\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n";
+    let vp8_only = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n";
+    let huge = format!("{h264}{}", "a=x\r\n".repeat(20_000));
+    let offers = [
+        (
+            json!({"pipeline_id": id, "sdp": "not an offer \u{0}\u{7f}"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "sdp",
+        ),
+        (
+            json!({"pipeline_id": id, "sdp": vp8_only}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "H.264",
+        ),
+        (
+            json!({"pipeline_id": id, "sdp": huge}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bytes",
+        ),
+        (
+            json!({"pipeline_id": id, "sdp": h264, "view": "sideways"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "sideways",
+        ),
+        (
+            json!({"pipeline_id": id, "sdp": h264, "extra": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "extra",
+        ),
+        (
+            json!({"pipeline_id": "no-such-pipeline", "sdp": h264}),
+            StatusCode::NOT_FOUND,
+            "no-such-pipeline",
+        ),
+        (
+            json!({"pipeline_id": id, "sdp": h264, "view": "overlay"}),
+            StatusCode::CONFLICT,
+            "sink.preview",
+        ),
+    ];
+    for (body, expected, named) in offers {
+        let (status, answer) = call(http.post(server.url("/api/webrtc/offer")).json(&body));
+        assert_eq!(status, expected, "{answer}");
+        assert!(
+            answer["detail"].as_str().is_some_and(|d| d.contains(named)),
+            "the answer names {named}: {answer}"
+        );
+    }
+    let (status, _) = call(
+        http.post(server.url("/api/webrtc/no-such-connection/ice"))
+            .json(&json!({"candidate": "candidate:1 1 UDP 1 127.0.0.1 9 typ host", "sdpMLineIndex": 0})),
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(http.delete(server.url("/api/webrtc/no-such-connection")));
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let stream = |query: &str| {
+        call(http.get(server.url(&format!("/api/active-pipelines/{id}/stream{query}"))))
+    };
+    for (query, expected) in [
+        ("?fps=1000", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?fps=-1", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?view=sideways", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?unknown=1", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?view=overlay", StatusCode::CONFLICT),
+    ] {
+        let (status, body) = stream(query);
+        assert_eq!(status, expected, "{query}: {body}");
+    }
+    let (status, _) = call(http.get(server.url("/health")));
+    assert_eq!(status, StatusCode::OK, "the server keeps answering");
+}

@@ -492,6 +492,32 @@ fn bad_training_input_fails_clearly_and_leaves_no_package() {
     assert!(ok, "{error}");
     assert!(root.join("model/manifest.json").is_file());
 
+    // A hostile settings file (the form the server hands to training) is refused, naming it and
+    // what is wrong, before anything is read or written.
+    let settings = root.join("settings.json");
+    for (content, named) in [
+        (vec![b' '; 100 * 1024], "bytes"),
+        (b"{not json".to_vec(), "not JSON"),
+        (
+            br#"{"model_name": "padim", "neighbours": 9}"#.to_vec(),
+            "neighbours",
+        ),
+        (br#"{"input_size": 4096}"#.to_vec(), "input_size"),
+        (b"[1, 2, 3]".to_vec(), "settings"),
+    ] {
+        std::fs::write(&settings, &content).expect("settings");
+        let settings_arg = settings.to_string_lossy().into_owned();
+        let (ok, error) = train_cli(
+            &broken,
+            &["--settings", &settings_arg],
+            &root.join("refused"),
+            &cache,
+        );
+        assert!(!ok && error.contains(named), "{named}: {error}");
+        assert!(!root.join("refused").exists());
+    }
+    std::fs::remove_file(&settings).expect("remove");
+
     // An existing package is never overwritten.
     let (ok, error) = train_cli(
         &broken,
