@@ -1764,6 +1764,45 @@ fn browser(server: &Server, pipeline: &str, args: &[&str]) -> Value {
     report
 }
 
+/// Threads and resident memory of a process.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    threads: u64,
+    rss_kib: u64,
+}
+
+/// The server's threads and memory once they have settled: read every half second until the
+/// thread count is back to `baseline`'s (connections close and pools shrink in the background)
+/// or 15 s have passed.
+fn settled_usage(server: &Server, baseline: Option<Usage>) -> Usage {
+    let read = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
+            .expect("the server's /proc status");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /proc status"))
+        };
+        Usage {
+            threads: field("Threads:"),
+            rss_kib: field("VmRSS:"),
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut usage = read();
+    for _ in 0..30 {
+        if baseline.is_none_or(|b| usage.threads <= b.threads) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        usage = read();
+    }
+    usage
+}
+
 /// Mean of (blue - red) over an RGB sample: the jet heatmap's low end tints the ball video's
 /// black background blue.
 fn blue_excess(sample: &Value) -> f64 {
@@ -1823,7 +1862,7 @@ fn a_running_pipeline_is_watched_live_in_chromium_by_webrtc_or_mjpeg() {
         http.post(server.url(&format!("/api/projects/{project}/pipelines")))
             .json(&json!({
                 "name": "watched", "source_id": source["id"], "model_id": done["model_id"],
-                "sink_ids": [sink["id"]]
+                "sink_ids": [sink["id"]], "queue_policy": "block"
             })),
     );
     assert_eq!(status, StatusCode::CREATED, "{pipeline}");
@@ -1867,13 +1906,30 @@ fn a_running_pipeline_is_watched_live_in_chromium_by_webrtc_or_mjpeg() {
     );
 
     // 3. Twenty viewers in turn, each connecting, watching and leaving: every one sees frames,
-    // and the pipeline loses no result to them.
+    // the pipeline loses no result to them (its queues block, so a drop anywhere but the
+    // previews would be a lost result), and the server's threads and memory come back to where
+    // they were once the viewers have left.
+    // Five viewers first, so what the first connections set up once (plugins, the DTLS
+    // certificate, the allocator's arenas) is in the baseline.
+    let warm_up = browser(&server, &pipeline_id, &["--cycles", "5"]);
+    assert_eq!(warm_up["cycles"], 5, "{warm_up}");
+    let before = settled_usage(&server, None);
     let cycled = browser(
         &server,
         &pipeline_id,
         &["--cycles", "20", "--timeout-ms", "180000"],
     );
     assert_eq!(cycled["cycles"], 20, "{cycled}");
+    let after = settled_usage(&server, Some(before));
+    eprintln!("server before 20 viewers: {before:?}; after: {after:?}");
+    assert!(
+        after.threads <= before.threads + 2,
+        "viewers leave no threads behind: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.rss_kib <= before.rss_kib + 10 * 1024,
+        "viewers leave no memory behind: {before:?} -> {after:?}"
+    );
     let (status, stopped) =
         call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
     assert_eq!(status, StatusCode::OK, "{stopped}");

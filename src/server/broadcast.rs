@@ -4,8 +4,9 @@
 //! - A broadcast is `appsrc ! videoconvert ! x264enc (zero latency, a key frame a second) !
 //!   h264parse ! tee`, fed from the pipeline's `sink.preview` node: the newest frame only, its
 //!   pixels lent to GStreamer without a copy.
-//! - A viewer is `queue (leaky) ! rtph264pay (the payload type the browser offered) ! webrtcbin`
-//!   on the tee; its answer waits for the server's ICE candidates, so clients need no candidate
+//! - A viewer is `queue (leaky) ! rtph264pay (the payload type the browser offered) !
+//!   capssetter (the answered profile-level-id) ! webrtcbin` on the tee, fed before it is
+//!   negotiated; its answer waits for the server's ICE candidates, so clients need no candidate
 //!   route from the server.
 //! - A broadcast exists while it has viewers; it and its connections close when the pipeline
 //!   stops.
@@ -99,6 +100,7 @@ impl WebRtc {
             return Ok(Arc::clone(existing));
         }
         gst::init().map_err(|e| format!("cannot start GStreamer: {e}"))?;
+        run_default_main_context();
         let pipeline = gst::parse::launch(
             "appsrc name=src is-live=true format=time do-timestamp=true leaky-type=downstream max-buffers=2 \
              ! videoconvert ! video/x-raw,format=I420 \
@@ -196,16 +198,14 @@ impl WebRtc {
 
 impl Connection {
     /// Detaches the viewer's branch from the encoder, stops it and takes it out of the
-    /// broadcast. (Known leak, issue 17: GStreamer 1.22's webrtcbin keeps its `:pc` and `:ice`
-    /// threads, about 1.2 MB, after a negotiated connection has stopped and left the pipeline;
-    /// something inside it still holds references.)
+    /// broadcast.
     pub(crate) fn close(self) {
         if let Some(queue_sink) = self.elements.first().and_then(|q| q.static_pad("sink")) {
             let _ = self.tee_pad.unlink(&queue_sink);
         }
         self.broadcast.tee.release_request_pad(&self.tee_pad);
-        if let Some(pay_src) = self.elements.get(1).and_then(|p| p.static_pad("src")) {
-            let _ = pay_src.unlink(&self.webrtc_pad);
+        if let Some(branch_src) = self.elements.last().and_then(|p| p.static_pad("src")) {
+            let _ = branch_src.unlink(&self.webrtc_pad);
         }
         self.webrtcbin.release_request_pad(&self.webrtc_pad);
         let _ = self.webrtcbin.set_state(gst::State::Null);
@@ -215,6 +215,23 @@ impl Connection {
             let _ = self.broadcast.pipeline.remove(element);
         }
     }
+}
+
+/// Runs GLib's default main context on a thread of its own, once per process. webrtcbin's ICE
+/// agent resolves the browser's mDNS candidates (`….local`) asynchronously and is told the
+/// result through that context; with nobody running it, every lookup stays pending forever and
+/// holds the agent, its thread and its sockets after the connection has closed.
+fn run_default_main_context() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let main_loop = gst::glib::MainLoop::new(None, false);
+        let started = std::thread::Builder::new()
+            .name("glib-main".into())
+            .spawn(move || main_loop.run());
+        if let Err(error) = started {
+            tracing::warn!("cannot start GLib's main loop for WebRTC: {error}");
+        }
+    });
 }
 
 /// Frame bytes lent to GStreamer without a copy.
@@ -295,11 +312,19 @@ fn plane_layout(
     }
 }
 
-/// The H.264 payload type of the offer's video that a constrained-baseline, packetization-mode 1
-/// stream fits.
-pub(crate) fn h264_payload_type(sdp: &gst_sdp::SDPMessage) -> Option<u32> {
+/// The offer's H.264 format that our stream is sent as: its payload type and its
+/// `profile-level-id` (which the payloader's caps are made to carry, see `answer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct H264Format {
+    pub(crate) payload_type: u32,
+    pub(crate) profile_level_id: String,
+}
+
+/// The offer's H.264 format (packetization mode 1) that our constrained-baseline stream fits
+/// best: a constrained-baseline one (`42e0..`) when offered, else the first.
+pub(crate) fn h264_format(sdp: &gst_sdp::SDPMessage) -> Option<H264Format> {
     let media = sdp.medias().find(|m| m.media() == Some("video"))?;
-    let mut candidates: Vec<(u32, bool)> = Vec::new();
+    let mut candidates: Vec<H264Format> = Vec::new();
     for attribute in media.attributes() {
         if attribute.key() != "rtpmap" {
             continue;
@@ -309,24 +334,55 @@ pub(crate) fn h264_payload_type(sdp: &gst_sdp::SDPMessage) -> Option<u32> {
         if !codec.to_ascii_uppercase().starts_with("H264/") {
             continue;
         }
-        let pt: u32 = pt.parse().ok()?;
+        let payload_type: u32 = pt.parse().ok()?;
         let fmtp = media
             .attributes()
             .filter(|a| a.key() == "fmtp")
             .filter_map(|a| a.value())
-            .find(|v| v.split_once(' ').is_some_and(|(p, _)| p == pt.to_string()))
+            .find(|v| v.split_once(' ').is_some_and(|(p, _)| p == pt))
             .unwrap_or_default()
             .to_ascii_lowercase();
         if !fmtp.contains("packetization-mode=1") {
             continue;
         }
-        candidates.push((pt, fmtp.contains("profile-level-id=42e0")));
+        let profile_level_id = fmtp
+            .split([' ', ';'])
+            .find_map(|pair| pair.trim().strip_prefix("profile-level-id="))
+            .filter(|id| id.len() == 6 && id.chars().all(|c| c.is_ascii_hexdigit()))
+            .unwrap_or("42e01f")
+            .to_string();
+        candidates.push(H264Format {
+            payload_type,
+            profile_level_id,
+        });
     }
-    candidates
+    let baseline = candidates
         .iter()
-        .find(|(_, baseline)| *baseline)
-        .or(candidates.first())
-        .map(|(pt, _)| *pt)
+        .position(|format| format.profile_level_id.starts_with("42e0"));
+    let chosen = baseline.unwrap_or(0);
+    (chosen < candidates.len()).then(|| candidates.swap_remove(chosen))
+}
+
+/// Sets up libnice's agent inside `webrtcbin` for a server: no UPnP port mapping (its discovery
+/// thread outlives the connection, one thread and about 1 MB per viewer that ever connected, and
+/// a server on a LAN or behind STUN/TURN needs none), and keep-alives that expect an answer, so a
+/// viewer that vanishes without a goodbye (a closed tab, a lost network) fails its connection and
+/// is closed.
+fn configure_ice_agent(webrtcbin: &gst::Element) {
+    let Some(ice) = webrtcbin.property::<Option<gst::glib::Object>>("ice-agent") else {
+        return;
+    };
+    if ice.find_property("agent").is_none() {
+        return;
+    }
+    let Some(agent) = ice.property::<Option<gst::glib::Object>>("agent") else {
+        return;
+    };
+    for (name, value) in [("upnp", false)] {
+        if agent.find_property(name).is_some() {
+            agent.set_property(name, value);
+        }
+    }
 }
 
 /// Answers `offer` on a new branch of `broadcast`; blocking (GStreamer promises, ICE gathering).
@@ -335,7 +391,7 @@ pub(crate) fn answer(
     broadcast: &Arc<Broadcast>,
     key: (String, View),
     offer: gst_sdp::SDPMessage,
-    payload_type: u32,
+    format: &H264Format,
 ) -> Result<OfferAnswer, String> {
     let make = |factory: &str| {
         gst::ElementFactory::make(factory)
@@ -346,9 +402,28 @@ pub(crate) fn answer(
     queue.set_property_from_str("leaky", "downstream");
     queue.set_property("max-size-buffers", 30u32);
     let pay = make("rtph264pay")?;
-    pay.set_property("pt", payload_type);
+    pay.set_property("pt", format.payload_type);
     pay.set_property("config-interval", -1i32);
     pay.set_property_from_str("aggregate-mode", "zero-latency");
+    let caps = gst::Caps::builder("application/x-rtp")
+        .field("media", "video")
+        .field("encoding-name", "H264")
+        .field("payload", format.payload_type as i32)
+        .field("clock-rate", 90000i32)
+        .field("packetization-mode", "1")
+        .field("profile-level-id", format.profile_level_id.as_str())
+        .build();
+    // The payloader names the profile and level of the stream's SPS (`42c01f` from x264's
+    // constrained baseline at 320x240, a higher level for larger frames); webrtcbin only takes
+    // the `profile-level-id` it answered with. Decoders play any level of the profile, so the
+    // caps are made to carry the answered one.
+    let answered = make("capssetter")?;
+    answered.set_property(
+        "caps",
+        gst::Caps::builder("application/x-rtp")
+            .field("profile-level-id", format.profile_level_id.as_str())
+            .build(),
+    );
     let webrtcbin = make("webrtcbin")?;
     webrtcbin.set_property_from_str("bundle-policy", "max-bundle");
     if let Some(stun) = &webrtc.settings.stun_server {
@@ -357,30 +432,39 @@ pub(crate) fn answer(
     if let Some(turn) = &webrtc.settings.turn_server {
         webrtcbin.set_property("turn-server", turn);
     }
+    configure_ice_agent(&webrtcbin);
     let pipeline = &broadcast.pipeline;
     pipeline
-        .add_many([&queue, &pay, &webrtcbin])
+        .add_many([&queue, &pay, &answered, &webrtcbin])
         .map_err(|e| format!("cannot add a viewer: {e}"))?;
-    let elements = vec![queue.clone(), pay.clone(), webrtcbin.clone()];
+    let elements = vec![
+        queue.clone(),
+        pay.clone(),
+        answered.clone(),
+        webrtcbin.clone(),
+    ];
+    let Some(tee_pad) = broadcast.tee.request_pad_simple("src_%u") else {
+        for element in &elements {
+            let _ = pipeline.remove(element);
+        }
+        return Err("the encoder's tee gives no pad".into());
+    };
     let fail = |message: String| {
+        if let Some(queue_sink) = queue.static_pad("sink") {
+            let _ = tee_pad.unlink(&queue_sink);
+        }
+        broadcast.tee.release_request_pad(&tee_pad);
         for element in &elements {
             let _ = element.set_state(gst::State::Null);
             let _ = pipeline.remove(element);
         }
         message
     };
-    gst::Element::link_many([&queue, &pay]).map_err(|e| fail(format!("linking: {e}")))?;
+    gst::Element::link_many([&queue, &pay, &answered])
+        .map_err(|e| fail(format!("linking: {e}")))?;
     let Some(sink) = webrtcbin.request_pad_simple("sink_%u") else {
         return Err(fail("webrtcbin gives no sink pad".into()));
     };
-    let caps = gst::Caps::builder("application/x-rtp")
-        .field("media", "video")
-        .field("encoding-name", "H264")
-        .field("payload", payload_type as i32)
-        .field("clock-rate", 90000i32)
-        .field("packetization-mode", "1")
-        .field("profile-level-id", "42e01f")
-        .build();
     if let Some(transceiver) =
         sink.property::<Option<gst_webrtc::WebRTCRTPTransceiver>>("transceiver")
     {
@@ -390,10 +474,10 @@ pub(crate) fn answer(
         );
         transceiver.set_property("codec-preferences", &caps);
     }
-    let Some(pay_src) = pay.static_pad("src") else {
-        return Err(fail("rtph264pay has no source pad".into()));
+    let Some(branch_src) = answered.static_pad("src") else {
+        return Err(fail("capssetter has no source pad".into()));
     };
-    pay_src
+    branch_src
         .link(&sink)
         .map_err(|e| fail(format!("linking the payloader to webrtcbin: {e}")))?;
     for element in &elements {
@@ -401,6 +485,15 @@ pub(crate) fn answer(
             .sync_state_with_parent()
             .map_err(|e| fail(format!("starting a viewer: {e}")))?;
     }
+    // The stream flows into the branch before negotiation, as in a sender that makes the offer:
+    // the payloader's caps are settled before the peer connects (linked only after the answer,
+    // a fast ICE connection raced the first caps and the payloader refused them).
+    let Some(queue_sink) = queue.static_pad("sink") else {
+        return Err(fail("queue has no sink pad".into()));
+    };
+    tee_pad
+        .link(&queue_sink)
+        .map_err(|e| fail(format!("linking the viewer to the encoder: {e}")))?;
     let offer = gst_webrtc::WebRTCSessionDescription::new(gst_webrtc::WebRTCSDPType::Offer, offer);
     let promise = gst::Promise::new();
     webrtcbin.emit_by_name::<()>("set-remote-description", &[&offer, &promise]);
@@ -425,15 +518,6 @@ pub(crate) fn answer(
         .property::<Option<gst_webrtc::WebRTCSessionDescription>>("local-description")
         .and_then(|d| d.sdp().as_text().ok())
         .ok_or_else(|| fail("webrtcbin has no local description".into()))?;
-    let Some(tee_pad) = broadcast.tee.request_pad_simple("src_%u") else {
-        return Err(fail("the encoder's tee gives no pad".into()));
-    };
-    let Some(queue_sink) = queue.static_pad("sink") else {
-        return Err(fail("queue has no sink pad".into()));
-    };
-    tee_pad
-        .link(&queue_sink)
-        .map_err(|e| fail(format!("linking the viewer to the encoder: {e}")))?;
     let connection_id = uuid::Uuid::new_v4().to_string();
     // A viewer that vanishes (a closed tab, a lost network) is closed when its peer connection
     // fails or closes, not only when it says goodbye through the API.
@@ -456,7 +540,7 @@ pub(crate) fn answer(
         key,
         broadcast: Arc::clone(broadcast),
         tee_pad,
-        elements: vec![queue, pay],
+        elements: vec![queue, pay, answered],
         webrtcbin,
         webrtc_pad: sink,
     };
@@ -470,4 +554,64 @@ pub(crate) fn answer(
         sdp_type: "answer".into(),
         sdp,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(formats: &[(u32, &str, &str)]) -> gst_sdp::SDPMessage {
+        gst::init().expect("GStreamer starts");
+        let payload_types: Vec<String> = formats.iter().map(|(pt, _, _)| pt.to_string()).collect();
+        let mut text = format!(
+            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF {}\r\nc=IN IP4 0.0.0.0\r\n",
+            payload_types.join(" ")
+        );
+        for (pt, codec, fmtp) in formats {
+            text.push_str(&format!("a=rtpmap:{pt} {codec}/90000\r\n"));
+            if !fmtp.is_empty() {
+                text.push_str(&format!("a=fmtp:{pt} {fmtp}\r\n"));
+            }
+        }
+        gst_sdp::SDPMessage::parse_buffer(text.as_bytes()).expect("a valid SDP")
+    }
+
+    #[test]
+    fn the_constrained_baseline_h264_format_of_an_offer_is_chosen() {
+        let chrome = offer(&[
+            (96, "VP8", ""),
+            (
+                102,
+                "H264",
+                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f",
+            ),
+            (
+                104,
+                "H264",
+                "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f",
+            ),
+            (
+                106,
+                "H264",
+                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+            ),
+        ]);
+        let chosen = h264_format(&chrome).expect("an H.264 format");
+        assert_eq!(chosen.payload_type, 106);
+        assert_eq!(chosen.profile_level_id, "42e01f");
+
+        let main_only = offer(&[(100, "H264", "packetization-mode=1;profile-level-id=4d001f")]);
+        let chosen = h264_format(&main_only).expect("an H.264 format");
+        assert_eq!(
+            (chosen.payload_type, chosen.profile_level_id.as_str()),
+            (100, "4d001f")
+        );
+
+        assert_eq!(h264_format(&offer(&[(96, "VP8", "")])), None);
+        assert_eq!(
+            h264_format(&offer(&[(97, "H264", "packetization-mode=0")])),
+            None,
+            "mode 0 (one NAL unit per packet) does not fit"
+        );
+    }
 }

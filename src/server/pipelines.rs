@@ -29,6 +29,7 @@ use super::openapi::{Content, RouteDoc, schema_of};
 use super::running::Uses;
 use super::state::AppState;
 use super::store::PIPELINES;
+use crate::graph::QueuePolicy;
 use crate::graph::{GraphErrors, ValidatedGraph};
 
 /// A stored pipeline.
@@ -52,6 +53,12 @@ pub struct PipelineRecord {
     /// Assembled form: the sinks.
     #[serde(default)]
     pub sink_ids: Vec<String>,
+    /// Assembled form: what the inspection queues do when inspection falls behind the source.
+    /// Unset: `drop_oldest` for live sources (cameras, realtime files: the newest frame wins),
+    /// `block` otherwise. `block` with a live source inspects every frame and lets the source
+    /// wait (a realtime file slows down; a camera's own buffer drops instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_policy: Option<QueuePolicy>,
     /// Creation time.
     pub created_at: String,
     /// Last change.
@@ -76,6 +83,8 @@ pub(crate) struct PipelineBody {
     model_id: Option<String>,
     #[serde(default)]
     sink_ids: Vec<String>,
+    #[serde(default)]
+    queue_policy: Option<QueuePolicy>,
 }
 
 /// Whether a stored pipeline runs.
@@ -241,6 +250,7 @@ async fn create(
         source_id: body.source_id,
         model_id: body.model_id,
         sink_ids: body.sink_ids,
+        queue_policy: body.queue_policy,
         created_at: now.clone(),
         updated_at: now,
         keep_running: false,
@@ -284,6 +294,7 @@ async fn update(
     record.source_id = body.source_id;
     record.model_id = body.model_id;
     record.sink_ids = body.sink_ids;
+    record.queue_policy = body.queue_policy;
     record.updated_at = now();
     save(&state, &record).await?;
     Ok(warp::reply::json(&with_status(&state, record)).into_response())
@@ -322,12 +333,15 @@ pub(crate) async fn resolve(
     if record.name.is_empty() || record.name.len() > 200 {
         return Err(invalid("name: must be 1 to 200 characters".into()));
     }
-    let assembled =
-        record.source_id.is_some() || record.model_id.is_some() || !record.sink_ids.is_empty();
+    let assembled = record.source_id.is_some()
+        || record.model_id.is_some()
+        || !record.sink_ids.is_empty()
+        || record.queue_policy.is_some();
     let (text, is_json, uses) = match (&record.graph, assembled) {
         (Some(_), true) => {
             return Err(invalid(
-                "graph: give either a graph or source_id, model_id and sink_ids, not both".into(),
+                "graph: give either a graph or source_id, model_id, sink_ids (and queue_policy), not both"
+                    .into(),
             ));
         }
         (Some(Value::String(yaml)), false) => (yaml.clone(), false, Uses::default()),
@@ -408,17 +422,22 @@ async fn assemble(
         json!({"id": "heatmap", "op": "heatmap", "params": {}}),
         json!({"id": "jpeg", "op": "encode.jpeg", "params": {}}),
     ];
+    // The inspection chain's edges; the queue policy, when the pipeline sets one, on each.
+    let edge = |from: &str, to: &str| match record.queue_policy {
+        Some(policy) => json!({"from": from, "to": to, "queue": {"policy": policy}}),
+        None => json!({"from": from, "to": to}),
+    };
     let mut edges = vec![
-        json!({"from": "source", "to": "preprocess"}),
-        json!({"from": "preprocess", "to": "model"}),
-        json!({"from": "model", "to": "verdict"}),
-        json!({"from": "verdict", "to": "heatmap"}),
-        json!({"from": "heatmap", "to": "jpeg"}),
+        edge("source", "preprocess"),
+        edge("preprocess", "model"),
+        edge("model", "verdict"),
+        edge("verdict", "heatmap"),
+        edge("heatmap", "jpeg"),
     ];
     for (index, sink) in sinks.iter().enumerate() {
         let id = format!("sink{}", index + 1);
         nodes.push(json!({"id": id, "op": op(EndpointKind::Sink, sink), "params": sink.config}));
-        edges.push(json!({"from": "jpeg", "to": id}));
+        edges.push(edge("jpeg", &id));
     }
     // The live view of both images; a one-packet `drop_oldest` queue, so a preview never holds
     // the inspection back.

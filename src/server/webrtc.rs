@@ -20,7 +20,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::broadcast::{answer, h264_payload_type};
+use super::broadcast::{answer, h264_format};
 use super::http::{ApiError, json_body, ok};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::state::AppState;
@@ -163,7 +163,7 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
     }
     let sdp = gst_sdp::SDPMessage::parse_buffer(body.sdp.as_bytes())
         .map_err(|_| invalid("sdp: not an SDP offer".into()))?;
-    let payload_type = h264_payload_type(&sdp).ok_or_else(|| {
+    let format = h264_format(&sdp).ok_or_else(|| {
         invalid("sdp: the offer has no H.264 video with packetization-mode 1".into())
     })?;
     if !state.pipelines.is_running(&body.pipeline_id) {
@@ -196,7 +196,7 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
         .broadcast(&key, channel.watch())
         .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
     let answered = tokio::task::spawn_blocking(move || {
-        let answered = answer(&webrtc, &broadcast, key.clone(), sdp, payload_type);
+        let answered = answer(&webrtc, &broadcast, key.clone(), sdp, &format);
         if answered.is_err() {
             webrtc.end_if_unwatched(&key);
         }

@@ -30,7 +30,7 @@ impl Server {
             .arg(data_dir)
             .env_remove("INSPECTFLOW_API_TOKEN")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(server_log());
         command.args(extra);
         let mut child = command.spawn().expect("inspectflow serve starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -49,6 +49,20 @@ impl Server {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+}
+
+/// Where a test server's log goes: nowhere, or appended to the file that
+/// `INSPECTFLOW_TEST_SERVER_LOG` names (for debugging a test).
+fn server_log() -> Stdio {
+    std::env::var_os("INSPECTFLOW_TEST_SERVER_LOG")
+        .and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        })
+        .map_or_else(Stdio::null, Stdio::from)
 }
 
 impl Drop for Server {
