@@ -1955,3 +1955,111 @@ fn a_running_pipeline_is_watched_live_in_chromium_by_webrtc_or_mjpeg() {
         "every frame the pipeline took became a result"
     );
 }
+
+/// The reference's two pipeline states: `active` (the camera runs and is previewed, nothing is
+/// inspected) and `running` (inspection), switched through the API while the camera keeps
+/// running; the status, the metrics and `/metrics` say which.
+#[test]
+fn a_pipeline_switches_between_previewed_only_and_inspecting_without_restarting_its_camera() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&dir.path().join("data"), None);
+    let http = client();
+    let project = create_project(&http, &server, "modes");
+    let (status, pipeline) = call(
+        http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+            .json(&json!({"name": "line", "graph": {"name": "line", "nodes": [
+                {"id": "camera", "op": "source.synthetic",
+                 "params": {"width": 64, "height": 48, "fps": 30, "realtime": true}},
+                {"id": "jpeg", "op": "encode.jpeg", "params": {}},
+                {"id": "results", "op": "sink.null", "params": {}},
+                {"id": "preview", "op": "sink.preview", "params": {"view": "raw"}}
+            ], "edges": [
+                {"from": "camera", "to": "jpeg"},
+                {"from": "jpeg", "to": "results"},
+                {"from": "camera", "to": "preview", "queue": {"capacity": 1, "policy": "drop_oldest"}}
+            ]}})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let id = pipeline["id"].as_str().expect("id").to_string();
+    let status_url = server.url(&format!("/api/active-pipelines/{id}"));
+    let mode_url = server.url(&format!("/api/active-pipelines/{id}/mode"));
+    let count = |body: &Value, node: &str, field: &str| -> u64 {
+        body["metrics"]["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == node))
+            .and_then(|n| n[field].as_u64())
+            .unwrap_or_else(|| panic!("{node}.{field}: {body}"))
+    };
+
+    // Started previewed only: the camera delivers (a capture sees its frame), nothing is
+    // inspected.
+    let (status, started) = call(
+        http.post(server.url("/api/active-pipelines"))
+            .json(&json!({"pipeline_id": id, "mode": "active"})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    assert_eq!(started["mode"], "active", "{started}");
+    let previewing = poll(&http, &status_url, |body| {
+        count(body, "camera", "packets_out") >= 15
+    });
+    assert_eq!(count(&previewing, "jpeg", "packets_in"), 0, "{previewing}");
+    assert_eq!(previewing["metrics"]["mode"], "active", "{previewing}");
+    let (status, captured) = call(
+        http.post(server.url("/api/captures"))
+            .json(&json!({"pipeline_id": id})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{captured}");
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    assert!(
+        metrics.contains(&format!(
+            "inspectflow_pipeline_mode{{pipeline=\"{id}\",mode=\"active\"}} 1"
+        )),
+        "{metrics}"
+    );
+
+    // Inspecting: results flow, and the camera was not restarted (its count goes on).
+    let camera_before = count(&previewing, "camera", "packets_out");
+    let (status, switched) = call(http.put(&mode_url).json(&json!({"mode": "running"})));
+    assert_eq!(status, StatusCode::OK, "{switched}");
+    assert_eq!(switched["mode"], "running", "{switched}");
+    let inspecting = poll(&http, &status_url, |body| {
+        count(body, "results", "packets_in") >= 10
+    });
+    assert!(count(&inspecting, "camera", "packets_out") > camera_before + 10);
+    assert_eq!(count(&inspecting, "camera", "restarts"), 0, "{inspecting}");
+
+    // Back to previewed only: inspection stops while the camera goes on.
+    let (status, switched) = call(http.put(&mode_url).json(&json!({"mode": "active"})));
+    assert_eq!(status, StatusCode::OK, "{switched}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, paused) = call(http.get(&status_url));
+    std::thread::sleep(Duration::from_millis(700));
+    let (_, later) = call(http.get(&status_url));
+    assert_eq!(
+        count(&paused, "jpeg", "packets_in"),
+        count(&later, "jpeg", "packets_in"),
+        "nothing is inspected while active: {later}"
+    );
+    assert!(count(&later, "camera", "packets_out") > count(&paused, "camera", "packets_out"));
+
+    // Bad switches name what was wrong.
+    let (status, body) = call(http.put(&mode_url).json(&json!({"mode": "paused"})));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = call(
+        http.put(server.url("/api/active-pipelines/nope/mode"))
+            .json(&json!({"mode": "running"})),
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, stopped) = call(http.delete(&status_url));
+    assert_eq!(status, StatusCode::OK, "{stopped}");
+    let (status, body) = call(http.put(&mode_url).json(&json!({"mode": "running"})));
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a stopped pipeline has no mode: {body}"
+    );
+}

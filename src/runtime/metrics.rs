@@ -266,6 +266,9 @@ pub struct MetricsReport {
     pub pipeline: String,
     /// `running`, `completed`, `stopped` or `failed`.
     pub state: String,
+    /// `running` (inspecting) or `active` (sources previewed, no inference).
+    #[serde(default)]
+    pub mode: super::pipeline::RunMode,
     /// Seconds since start.
     pub elapsed_s: f64,
     /// Per node, in graph order.
@@ -363,6 +366,28 @@ impl MetricsReport {
                 .filter_map(|node| value(node).map(|v| (node_labels(node), v)))
                 .collect()
         };
+        family(
+            "inspectflow_pipeline_mode",
+            "gauge",
+            "1 for the pipeline's current mode: running (inspecting) or active (previewed only).",
+            [
+                super::pipeline::RunMode::Running,
+                super::pipeline::RunMode::Active,
+            ]
+            .into_iter()
+            .map(|mode| {
+                let name = if mode == super::pipeline::RunMode::Active {
+                    "active"
+                } else {
+                    "running"
+                };
+                (
+                    format!("mode=\"{name}\""),
+                    f64::from(u8::from(self.mode == mode)),
+                )
+            })
+            .collect(),
+        );
         family(
             "inspectflow_packets_in_total",
             "counter",

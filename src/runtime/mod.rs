@@ -6,4 +6,4 @@ pub mod pipeline;
 pub mod queue;
 
 pub use metrics::{MetricsReport, NodeReport, SinkReport, SourceReport};
-pub use pipeline::{NodeFailure, Pipeline, RunOutcome, StartError, StopHandle};
+pub use pipeline::{NodeFailure, Pipeline, RunMode, RunOutcome, StartError, StopHandle};

@@ -66,6 +66,8 @@ struct Control {
     running_threads: std::sync::atomic::AtomicUsize,
     /// Turns true when the last node thread ends.
     ended: tokio::sync::watch::Sender<bool>,
+    /// [`RunMode::Active`]: sources feed only their `sink.preview` edges.
+    previewing_only: AtomicBool,
 }
 
 /// Counts a node thread out when it ends, however it ends (a panic included).
@@ -118,6 +120,29 @@ impl StopHandle {
     }
 }
 
+/// What a running pipeline does with its sources' frames.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    /// Inspection: every edge carries frames; the model runs and the sinks get results.
+    #[default]
+    Running,
+    /// Preview only: the sources run (and `sink.preview` nodes and captures see their frames),
+    /// but nothing leaves a source towards any other node, so no inference runs. Switching back
+    /// to `running` resumes inspection without restarting the camera.
+    Active,
+}
+
 /// How a run ended.
 pub struct RunOutcome {
     /// Final metrics.
@@ -164,6 +189,9 @@ struct NodeRuntime {
     batch: Option<(usize, Duration)>,
     input: Option<Arc<InputQueue>>,
     outputs: Vec<Vec<EdgeSender>>,
+    /// Per output port and edge: whether the edge carries inspection work, which
+    /// [`RunMode::Active`] holds back (a source's edges to anything but a `sink.preview`).
+    inspection: Vec<Vec<bool>>,
     metrics: Arc<NodeMetrics>,
     latest: Option<Arc<LatestFrame>>,
     control: Arc<Control>,
@@ -192,8 +220,13 @@ impl LatestFrame {
 }
 
 impl Pipeline {
-    /// Builds every operator, then starts one thread per node.
+    /// Builds every operator, then starts one thread per node, inspecting.
     pub fn start(graph: &ValidatedGraph) -> Result<Pipeline, StartError> {
+        Self::start_in(graph, RunMode::Running)
+    }
+
+    /// [`Pipeline::start`] in `mode` from its first frame.
+    pub fn start_in(graph: &ValidatedGraph, mode: RunMode) -> Result<Pipeline, StartError> {
         let mut instances = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
         for node in &graph.nodes {
@@ -235,6 +268,7 @@ impl Pipeline {
             queues: queues.iter().flatten().cloned().collect(),
             running_threads: std::sync::atomic::AtomicUsize::new(graph.nodes.len()),
             ended: tokio::sync::watch::Sender::new(false),
+            previewing_only: AtomicBool::new(mode == RunMode::Active),
         });
 
         let metrics: Vec<Arc<NodeMetrics>> = graph
@@ -247,6 +281,10 @@ impl Pipeline {
             .iter()
             .map(|node| node.descriptor.outputs.iter().map(|_| Vec::new()).collect())
             .collect();
+        let mut inspection: Vec<Vec<Vec<bool>>> = outputs
+            .iter()
+            .map(|ports| ports.iter().map(|_| Vec::new()).collect())
+            .collect();
         let mut incoming: Vec<Vec<Arc<EdgeStats>>> = vec![Vec::new(); graph.nodes.len()];
         let mut edges = Vec::new();
         for edge in &graph.edges {
@@ -256,6 +294,10 @@ impl Pipeline {
             let stats = Arc::new(EdgeStats::default());
             outputs[edge.from][edge.from_port]
                 .push(EdgeSender::new(Arc::clone(&queue), Arc::clone(&stats)));
+            inspection[edge.from][edge.from_port].push(
+                graph.nodes[edge.from].descriptor.kind == OperatorKind::Source
+                    && graph.nodes[edge.to].descriptor.name != "sink.preview",
+            );
             incoming[edge.to].push(Arc::clone(&stats));
             edges.push(EdgeInfo {
                 from: graph.from_label(edge),
@@ -306,6 +348,7 @@ impl Pipeline {
                 }),
                 input: queues[index].clone(),
                 outputs: std::mem::take(&mut outputs[index]),
+                inspection: std::mem::take(&mut inspection[index]),
                 metrics: Arc::clone(&metrics[index]),
                 latest: latest[index].clone(),
                 control: Arc::clone(&control),
@@ -349,6 +392,24 @@ impl Pipeline {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             control: Arc::clone(&self.control),
+        }
+    }
+
+    /// Switches between inspection and preview only (see [`RunMode`]); the sources keep
+    /// running either way.
+    pub fn set_mode(&self, mode: RunMode) {
+        self.control
+            .previewing_only
+            .store(mode == RunMode::Active, Ordering::SeqCst);
+        tracing::info!(pipeline = %self.name, ?mode, "mode");
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> RunMode {
+        if self.control.previewing_only.load(Ordering::SeqCst) {
+            RunMode::Active
+        } else {
+            RunMode::Running
         }
     }
 
@@ -467,6 +528,7 @@ impl Pipeline {
         MetricsReport {
             pipeline: self.name.clone(),
             state: state.to_string(),
+            mode: self.mode(),
             elapsed_s: self.control.started.elapsed().as_secs_f64(),
             nodes,
             edges,
@@ -592,11 +654,19 @@ impl NodeRuntime {
         let Some(senders) = self.outputs.get_mut(port) else {
             return true;
         };
-        if let Some((last, others)) = senders.split_last_mut() {
-            for sender in others {
-                sender.send(packet.clone());
+        let previewing_only = self.control.previewing_only.load(Ordering::Relaxed);
+        let inspection = self.inspection.get(port);
+        let carries = |edge: usize| {
+            !(previewing_only && inspection.and_then(|i| i.get(edge)).copied() == Some(true))
+        };
+        let last_open = (0..senders.len()).rev().find(|&edge| carries(edge));
+        if let Some(last) = last_open {
+            for (edge, sender) in senders.iter_mut().enumerate().take(last) {
+                if carries(edge) {
+                    sender.send(packet.clone());
+                }
             }
-            last.send(packet);
+            senders[last].send(packet);
         }
         self.outputs.iter().flatten().any(|sender| sender.is_open())
     }

@@ -22,7 +22,7 @@ use super::running::Active;
 use super::state::AppState;
 use super::store::PIPELINES;
 use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{Pipeline, RunMode};
 
 /// Where a started pipeline is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -49,6 +49,9 @@ pub struct ActiveStatus {
     pub name: String,
     /// Where it is.
     pub status: ActiveState,
+    /// While its threads are held: `running` (inspecting) or `active` (its sources run and are
+    /// previewed, no inference).
+    pub mode: Option<RunMode>,
     /// When it started.
     pub started_at: String,
     /// Per-node and per-edge metrics, while its threads are held.
@@ -95,6 +98,11 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::delete())
         .and(with_state.clone())
         .and_then(stop);
+    let switch = warp::path!("api" / "active-pipelines" / String / "mode")
+        .and(warp::put())
+        .and(json_body::<ModeBody>())
+        .and(with_state.clone())
+        .and_then(switch_mode);
     let prometheus = warp::path!("metrics")
         .and(warp::get())
         .and(with_state)
@@ -104,6 +112,8 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(status)
         .unify()
         .or(stop)
+        .unify()
+        .or(switch)
         .unify()
         .or(prometheus)
         .unify()
@@ -145,6 +155,14 @@ pub const DOCS: &[RouteDoc] = &[
         errors: &[401, 404],
     },
     RouteDoc {
+        method: "put",
+        path: "/api/active-pipelines/{pipeline_id}/mode",
+        summary: "Switch a started pipeline between `running` (inspecting) and `active` (its sources run and are previewed, no inference) without restarting its camera; 409 when its run has ended.",
+        body: Content::Json(schema_of::<ModeBody>),
+        ok: (200, Content::Json(schema_of::<ActiveStatus>)),
+        errors: &[401, 404, 409, 413, 415, 422],
+    },
+    RouteDoc {
         method: "get",
         path: "/metrics",
         summary: "Prometheus text: every started pipeline's metrics and jobs by status.",
@@ -172,6 +190,47 @@ async fn prometheus(state: Arc<AppState>) -> Result<Response, Rejection> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct StartBody {
     pipeline_id: String,
+    /// `running` (default: inspecting) or `active` (its sources run and are previewed only).
+    #[serde(default)]
+    mode: RunMode,
+}
+
+/// Body of `PUT /api/active-pipelines/{pipeline_id}/mode`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModeBody {
+    /// `running` (inspecting) or `active` (previewed only).
+    mode: RunMode,
+}
+
+/// Switches a started pipeline's mode; its sources keep running.
+async fn switch_mode(
+    id: String,
+    body: ModeBody,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let active = state
+        .pipelines
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("active pipeline", &id))?;
+    {
+        let held = active.pipeline.lock().map_err(|_| {
+            ApiError::reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the pipeline table is unusable",
+            )
+        })?;
+        match held.as_ref() {
+            Some(pipeline) if !pipeline.is_finished() => pipeline.set_mode(body.mode),
+            _ => {
+                return Err(ApiError::reject(
+                    StatusCode::CONFLICT,
+                    format!("pipeline {id} is not running; start it first"),
+                ));
+            }
+        }
+    }
+    Ok(ok(&active.status()))
 }
 
 async fn active_list(state: Arc<AppState>) -> Result<Response, Rejection> {
@@ -191,7 +250,7 @@ async fn start(body: StartBody, state: Arc<AppState>) -> Result<Response, Reject
             format!("pipeline_id: pipeline {} does not exist", body.pipeline_id),
         )
     })?;
-    let active = launch(&state, &record).await?;
+    let active = launch(&state, &record, body.mode).await?;
     Ok(json_reply(StatusCode::CREATED, &active.status()))
 }
 
@@ -207,7 +266,7 @@ pub async fn restart_kept(state: &Arc<AppState>) {
         }
     };
     for record in records.into_iter().filter(|r| r.keep_running) {
-        match launch(state, &record).await {
+        match launch(state, &record, RunMode::Running).await {
             Ok(_) => tracing::info!(pipeline = %record.id, "restarted after a server restart"),
             Err(rejection) => {
                 let reason = rejection
@@ -240,7 +299,11 @@ async fn set_keep_running(state: &Arc<AppState>, id: &str, keep_running: bool) {
 
 /// Resolves and starts a stored pipeline, records that it should keep running, and watches it
 /// end by itself.
-async fn launch(state: &Arc<AppState>, record: &PipelineRecord) -> Result<Arc<Active>, Rejection> {
+async fn launch(
+    state: &Arc<AppState>,
+    record: &PipelineRecord,
+    mode: RunMode,
+) -> Result<Arc<Active>, Rejection> {
     let _claim = state
         .pipelines
         .claim_start(&record.id)
@@ -258,7 +321,7 @@ async fn launch(state: &Arc<AppState>, record: &PipelineRecord) -> Result<Arc<Ac
     let (graph, uses) = resolve(state, record).await?;
     let pipeline = state
         .pipelines
-        .launch(graph)
+        .launch(graph, mode)
         .await
         .map_err(|error| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, error))?;
     let active = Arc::new(Active {

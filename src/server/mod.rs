@@ -36,6 +36,8 @@ pub mod preview;
 pub mod projects;
 pub mod router;
 pub mod running;
+#[cfg(feature = "gstreamer")]
+pub mod sdp;
 pub mod snapshots;
 pub mod state;
 pub mod store;

@@ -11,7 +11,7 @@ use super::active::{ActiveState, ActiveStatus};
 use super::endpoints::EndpointKind;
 use crate::graph::ValidatedGraph;
 use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{Pipeline, RunMode};
 
 /// What a running pipeline holds on to, for the 409s of sources, sinks and models.
 #[derive(Debug, Default, Clone)]
@@ -58,6 +58,7 @@ impl Active {
             project_id: self.project_id.clone(),
             name: self.name.clone(),
             status,
+            mode: report.as_ref().map(|report| report.mode),
             started_at: self.started_at.clone(),
             metrics: report,
         }
@@ -67,6 +68,7 @@ impl Active {
 /// A request to the launcher thread: a graph to start, and where to send the result.
 type Launch = (
     ValidatedGraph,
+    RunMode,
     tokio::sync::oneshot::Sender<Result<Pipeline, String>>,
 );
 
@@ -101,10 +103,10 @@ impl ActivePipelines {
         std::thread::Builder::new()
             .name("if-launcher".into())
             .spawn(move || {
-                for (graph, reply) in requests {
+                for (graph, mode, reply) in requests {
                     // A panic while building operators fails this start, not the launcher.
                     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Pipeline::start(&graph).map_err(|error| error.to_string())
+                        Pipeline::start_in(&graph, mode).map_err(|error| error.to_string())
                     }))
                     .unwrap_or_else(|_| {
                         Err(format!("starting pipeline '{}' panicked", graph.name))
@@ -156,13 +158,17 @@ impl ActivePipelines {
         })
     }
 
-    /// Starts `graph` on the launcher thread.
-    pub(crate) async fn launch(&self, graph: ValidatedGraph) -> Result<Pipeline, String> {
+    /// Starts `graph` in `mode` on the launcher thread.
+    pub(crate) async fn launch(
+        &self,
+        graph: ValidatedGraph,
+        mode: RunMode,
+    ) -> Result<Pipeline, String> {
         let (reply, started) = tokio::sync::oneshot::channel();
         self.launcher
             .lock()
             .map_err(|_| "the pipeline launcher is gone".to_string())?
-            .send((graph, reply))
+            .send((graph, mode, reply))
             .map_err(|_| "the pipeline launcher is gone".to_string())?;
         started
             .await

@@ -20,9 +20,10 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::broadcast::{answer, h264_format};
+use super::broadcast::answer;
 use super::http::{ApiError, json_body, ok};
 use super::openapi::{Content, RouteDoc, schema_of};
+use super::sdp::h264_format;
 use super::state::AppState;
 use inspectflow_operators::preview::{self, View};
 

@@ -61,7 +61,17 @@ pub struct SyntheticParams {
     /// Stream id stamped on each frame; the node id when absent.
     #[serde(default)]
     pub stream_id: Option<String>,
+    /// Draw each frame's capture time into its top rows (see [`TIMESTAMP_BITS`]), so a viewer
+    /// can read back the delay from capture to display.
+    #[serde(default)]
+    pub timestamp: bool,
 }
+
+/// Bits of the capture time (milliseconds since the Unix epoch, modulo 2^40) that
+/// `timestamp: true` draws, most significant first. Each bit is a pair of square blocks side by
+/// side across the top of the frame, the bit's (white for 1) then its complement, so a reader
+/// compares the two instead of trusting a threshold (a heatmap blended over them, compression).
+pub const TIMESTAMP_BITS: usize = 40;
 
 fn default_width() -> u32 {
     640
@@ -146,7 +156,7 @@ impl SyntheticSource {
         })
     }
 
-    fn fill(&mut self, pixels: &mut [u8]) {
+    fn fill(&mut self, pixels: &mut [u8], captured: &CaptureTime) {
         match self.params.pattern {
             Pattern::Noise => {
                 for chunk in pixels.chunks_mut(8) {
@@ -161,6 +171,9 @@ impl SyntheticSource {
             _ => pixels.copy_from_slice(&self.base),
         }
         draw_moving_square(pixels, self.layout, self.sequence);
+        if self.params.timestamp {
+            draw_timestamp(pixels, self.layout, captured.unix_nanos / 1_000_000);
+        }
     }
 }
 
@@ -186,14 +199,15 @@ impl Source for SyntheticSource {
                 return Ok(SourcePoll::Pending);
             }
         }
+        let captured = CaptureTime::now();
         let mut pixels = self.pool.get(self.layout.byte_len());
-        self.fill(&mut pixels);
+        self.fill(&mut pixels, &captured);
         let frame = Frame::new(
             pixels,
             self.layout,
             Arc::clone(&self.stream_id),
             self.sequence,
-            CaptureTime::now(),
+            captured,
         );
         self.sequence += 1;
         Ok(SourcePoll::Packet(Packet::from_frame(frame)))
@@ -259,6 +273,30 @@ fn draw_moving_square(pixels: &mut [u8], layout: ImageLayout, sequence: u64) {
     }
 }
 
+/// The side of a timestamp block: as large as `2 * TIMESTAMP_BITS` blocks across the frame allow,
+/// and at least 2 pixels.
+pub fn timestamp_block(width: u32) -> usize {
+    (width as usize / (2 * TIMESTAMP_BITS)).max(2)
+}
+
+/// Draws `millis` (modulo 2^40) as [`TIMESTAMP_BITS`] bit pairs along the top of the frame.
+fn draw_timestamp(pixels: &mut [u8], layout: ImageLayout, millis: u128) {
+    let block = timestamp_block(layout.width);
+    let (width, height) = (layout.width as usize, layout.height as usize);
+    for bit in 0..TIMESTAMP_BITS {
+        let one = (millis >> (TIMESTAMP_BITS - 1 - bit)) & 1 == 1;
+        for (half, white) in [(0, one), (1, !one)] {
+            let x0 = (2 * bit + half) * block;
+            let value = if white { 255 } else { 0 };
+            for y in 0..block.min(height) {
+                for x in x0..(x0 + block).min(width) {
+                    put_pixel(pixels, layout, x, y, [value; 3]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,5 +341,35 @@ mod tests {
             _ => panic!("endless source ended"),
         };
         assert_ne!(next(), next());
+    }
+
+    #[test]
+    fn timestamps_drawn_into_frames_read_back_as_their_capture_time() {
+        for format in ["rgb", "gray"] {
+            let mut source = SyntheticSource::new(
+                params(serde_json::json!({"width": 320, "height": 96, "timestamp": true, "format": format})),
+                "camera",
+            )
+            .expect("source");
+            let frame = match source
+                .next(&SourceContext::detached("camera"))
+                .expect("a frame")
+            {
+                SourcePoll::Packet(packet) => packet.frame,
+                _ => panic!("no frame"),
+            };
+            let layout = frame.layout;
+            let block = timestamp_block(layout.width);
+            let luma = |x: usize, y: usize| {
+                frame.pixels()[y * layout.stride + x * layout.format.channels()]
+            };
+            let mut millis: u128 = 0;
+            for bit in 0..TIMESTAMP_BITS {
+                let centre = |half: usize| luma((2 * bit + half) * block + block / 2, block / 2);
+                millis = (millis << 1) | u128::from(centre(0) > centre(1));
+            }
+            let captured = frame.capture.unix_nanos / 1_000_000;
+            assert_eq!(millis, captured % (1 << TIMESTAMP_BITS), "{format}");
+        }
     }
 }
