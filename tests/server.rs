@@ -2029,16 +2029,22 @@ fn a_pipeline_switches_between_previewed_only_and_inspecting_without_restarting_
     let inspecting = poll(&http, &status_url, |body| {
         count(body, "results", "packets_in") >= 10
     });
-    assert!(count(&inspecting, "camera", "packets_out") > camera_before + 10);
+    assert!(count(&inspecting, "camera", "packets_out") >= camera_before + 10);
     assert_eq!(count(&inspecting, "camera", "restarts"), 0, "{inspecting}");
 
     // Back to previewed only: inspection stops while the camera goes on.
     let (status, switched) = call(http.put(&mode_url).json(&json!({"mode": "active"})));
     assert_eq!(status, StatusCode::OK, "{switched}");
-    std::thread::sleep(Duration::from_millis(300));
-    let (_, paused) = call(http.get(&status_url));
-    std::thread::sleep(Duration::from_millis(700));
-    let (_, later) = call(http.get(&status_url));
+    // Frames queued before the switch still drain; then the count stays put for good.
+    let (mut paused, mut later) = (Value::Null, Value::Null);
+    for _ in 0..20 {
+        paused = call(http.get(&status_url)).1;
+        std::thread::sleep(Duration::from_millis(500));
+        later = call(http.get(&status_url)).1;
+        if count(&paused, "jpeg", "packets_in") == count(&later, "jpeg", "packets_in") {
+            break;
+        }
+    }
     assert_eq!(
         count(&paused, "jpeg", "packets_in"),
         count(&later, "jpeg", "packets_in"),

@@ -88,12 +88,23 @@ impl From<ParamError> for OpError {
 pub struct BuildContext<'a> {
     /// Id of the node being built (the default stream id of sources, the name in errors).
     pub node_id: &'a str,
+    /// Whether a live source (a camera, a realtime file) feeds the node: an operator that can
+    /// trade latency for throughput picks latency then.
+    pub live_input: bool,
 }
 
 impl<'a> BuildContext<'a> {
-    /// The context for building node `node_id`.
+    /// The context for building node `node_id`, fed by no live source.
     pub fn new(node_id: &'a str) -> Self {
-        Self { node_id }
+        Self {
+            node_id,
+            live_input: false,
+        }
+    }
+
+    /// The same context, saying whether a live source feeds the node.
+    pub fn with_live_input(self, live_input: bool) -> Self {
+        Self { live_input, ..self }
     }
 }
 

@@ -188,6 +188,8 @@ struct NodeRuntime {
     restarts_done: u32,
     batch: Option<(usize, Duration)>,
     input: Option<Arc<InputQueue>>,
+    /// Whether a live source feeds the node (its operator is rebuilt with the same context).
+    live_input: bool,
     outputs: Vec<Vec<EdgeSender>>,
     /// Per output port and edge: whether the edge carries inspection work, which
     /// [`RunMode::Active`] holds back (a source's edges to anything but a `sink.preview`).
@@ -227,13 +229,16 @@ impl Pipeline {
 
     /// [`Pipeline::start`] in `mode` from its first frame.
     pub fn start_in(graph: &ValidatedGraph, mode: RunMode) -> Result<Pipeline, StartError> {
+        // Whether a live source feeds each node (an operator may pick latency over throughput).
+        let mut live_input = vec![false; graph.nodes.len()];
+        for edge in &graph.edges {
+            live_input[edge.to] |= edge.live;
+        }
         let mut instances = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
-        for node in &graph.nodes {
-            match node
-                .descriptor
-                .build(node.params.clone(), &BuildContext::new(&node.id))
-            {
+        for (index, node) in graph.nodes.iter().enumerate() {
+            let context = BuildContext::new(&node.id).with_live_input(live_input[index]);
+            match node.descriptor.build(node.params.clone(), &context) {
                 Ok(instance) => instances.push(Some(instance)),
                 Err(error) => {
                     failures.push(failure_of(node, &error));
@@ -347,6 +352,7 @@ impl Pipeline {
                     )
                 }),
                 input: queues[index].clone(),
+                live_input: live_input[index],
                 outputs: std::mem::take(&mut outputs[index]),
                 inspection: std::mem::take(&mut inspection[index]),
                 metrics: Arc::clone(&metrics[index]),
@@ -631,10 +637,10 @@ impl NodeRuntime {
         while Instant::now() < backoff && !self.control.aborted.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5).min(backoff - Instant::now()));
         }
-        match self
-            .descriptor
-            .build(self.params.clone(), &BuildContext::new(&self.id))
-        {
+        match self.descriptor.build(
+            self.params.clone(),
+            &BuildContext::new(&self.id).with_live_input(self.live_input),
+        ) {
             Ok(instance) => {
                 self.restarts_done += 1;
                 self.metrics.restarts.fetch_add(1, Ordering::Relaxed);

@@ -33,9 +33,11 @@ pub struct InferParams {
     /// `inspectflow devices`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// OpenVINO performance hint.
-    #[serde(default = "default_hint")]
-    pub hint: PerformanceHint,
+    /// OpenVINO performance hint. When absent: `latency` if a live source feeds the node (a
+    /// camera: each frame's result as soon as it can be, one stream's memory), `throughput`
+    /// otherwise (files and folders: frames per second).
+    #[serde(default)]
+    pub hint: Option<PerformanceHint>,
     /// Infer requests in flight.
     #[serde(default = "default_requests")]
     #[schemars(range(min = 1, max = 32))]
@@ -61,9 +63,16 @@ pub struct InferParams {
 fn default_device() -> String {
     "CPU".into()
 }
-fn default_hint() -> PerformanceHint {
-    PerformanceHint::Throughput
+/// The hint when a graph sets none: latency for a node that a live source feeds, throughput
+/// otherwise.
+fn default_hint(live_input: bool) -> PerformanceHint {
+    if live_input {
+        PerformanceHint::Latency
+    } else {
+        PerformanceHint::Throughput
+    }
 }
+
 fn default_requests() -> usize {
     2
 }
@@ -84,7 +93,10 @@ pub fn descriptor() -> OperatorDescriptor {
     .input("in", PortType::Tensor)
     .output("out", OutputType::Fixed(PortType::Inference))
     .batching()
-    .build_with(|params, _context| Ok(OperatorInstance::Transform(Box::new(Infer::new(params)?))))
+    .build_with(|params, context| {
+        let hint = params.hint.unwrap_or(default_hint(context.live_input));
+        Ok(OperatorInstance::Transform(Box::new(Infer::new(params, hint)?)))
+    })
 }
 
 fn model_error(error: ModelError) -> OpError {
@@ -113,13 +125,13 @@ pub struct Infer {
 }
 
 impl Infer {
-    /// Loads and compiles the model and creates the requests.
-    pub fn new(params: InferParams) -> Result<Self, OpError> {
+    /// Loads and compiles the model with `hint` and creates the requests.
+    pub fn new(params: InferParams, hint: PerformanceHint) -> Result<Self, OpError> {
         let mut model = LoadedModel::load(
             &params.model,
             &CompileOptions {
                 device: params.device.clone(),
-                hint: params.hint,
+                hint,
                 threads: params.threads,
                 streams: params.streams,
                 precision: params.precision,
@@ -275,5 +287,16 @@ impl Transform for Infer {
             self.complete_oldest(out)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cameras_get_the_latency_hint_and_files_the_throughput_hint() {
+        assert_eq!(default_hint(true), PerformanceHint::Latency);
+        assert_eq!(default_hint(false), PerformanceHint::Throughput);
     }
 }
