@@ -181,10 +181,14 @@ pub struct PreviewParams {
     pub view: View,
 }
 
+/// The operator's name in graph files (the runtime keeps a source's edges to it open while a
+/// pipeline is previewed only).
+pub const OPERATOR: &str = "sink.preview";
+
 /// The registry entry.
 pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<PreviewParams>(
-        "sink.preview",
+        OPERATOR,
         OperatorKind::Sink,
         "live preview of the overlay (or the raw frame) for the server's MJPEG and WebRTC routes; costs nothing while nobody watches, never holds the pipeline back (viewers take the newest frame), reuses an upstream `encode.jpeg`'s JPEG",
     )

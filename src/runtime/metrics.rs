@@ -370,23 +370,15 @@ impl MetricsReport {
             "inspectflow_pipeline_mode",
             "gauge",
             "1 for the pipeline's current mode: running (inspecting) or active (previewed only).",
-            [
-                super::pipeline::RunMode::Running,
-                super::pipeline::RunMode::Active,
-            ]
-            .into_iter()
-            .map(|mode| {
-                let name = if mode == super::pipeline::RunMode::Active {
-                    "active"
-                } else {
-                    "running"
-                };
-                (
-                    format!("mode=\"{name}\""),
-                    f64::from(u8::from(self.mode == mode)),
-                )
-            })
-            .collect(),
+            super::pipeline::RunMode::ALL
+                .into_iter()
+                .map(|mode| {
+                    (
+                        format!("mode=\"{}\"", mode.name()),
+                        f64::from(u8::from(self.mode == mode)),
+                    )
+                })
+                .collect(),
         );
         family(
             "inspectflow_packets_in_total",

@@ -143,6 +143,19 @@ pub enum RunMode {
     Active,
 }
 
+impl RunMode {
+    /// Every mode.
+    pub const ALL: [RunMode; 2] = [RunMode::Running, RunMode::Active];
+
+    /// The name the API and the metrics use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RunMode::Running => "running",
+            RunMode::Active => "active",
+        }
+    }
+}
+
 /// How a run ended.
 pub struct RunOutcome {
     /// Final metrics.
@@ -301,7 +314,8 @@ impl Pipeline {
                 .push(EdgeSender::new(Arc::clone(&queue), Arc::clone(&stats)));
             inspection[edge.from][edge.from_port].push(
                 graph.nodes[edge.from].descriptor.kind == OperatorKind::Source
-                    && graph.nodes[edge.to].descriptor.name != "sink.preview",
+                    && graph.nodes[edge.to].descriptor.name
+                        != inspectflow_operators::preview::OPERATOR,
             );
             incoming[edge.to].push(Arc::clone(&stats));
             edges.push(EdgeInfo {

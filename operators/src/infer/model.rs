@@ -177,11 +177,11 @@ impl LoadedModel {
         // loads every plugin (the GPU plugin alone costs about 15 MB of resident libraries and
         // its OpenCL probe), so a CPU pipeline does not pay for it.
         let known = if base == "CPU" {
-            Vec::new()
+            None
         } else {
-            runtime::available_devices()?
+            Some(runtime::available_devices()?)
         };
-        if base != "CPU"
+        if let Some(known) = known
             && !known
                 .iter()
                 .any(|d| d.name == device_name || d.name.split('.').next() == Some(base))
