@@ -98,22 +98,9 @@ edges:
             frame.end_to_end
         );
     }
-    let half = seen.len() / 2;
-    let worst_early = seen[..half]
-        .iter()
-        .map(|s| s.end_to_end)
-        .max()
-        .expect("early frames");
-    let worst_late = seen[half..]
-        .iter()
-        .map(|s| s.end_to_end)
-        .max()
-        .expect("late frames");
-    assert!(
-        worst_late < worst_early + Duration::from_millis(333),
-        "latency grew from {worst_early:?} to {worst_late:?}"
-    );
-    // Sequence numbers jump: the sink works on recent frames, not a backlog.
+    // Sequence numbers jump: the sink works on recent frames, not a backlog (with block, the
+    // ninth frame it took in 3 s would be frame 8). This, not a comparison of wall-clock
+    // latencies early and late in the run, is what shows latency does not grow.
     assert!(seen.last().expect("frames").sequence > 80);
 }
 
