@@ -4,6 +4,8 @@
 #
 #   benches/e2e_vs_python.sh [--rounds N]          throughput: every frame, as fast as possible
 #   benches/e2e_vs_python.sh --live [--rounds N]   live: clips played at their own frame rate
+#   benches/e2e_vs_python.sh --prepare             set-up only; prints bin=, clip_1080=,
+#                                                  clip_360= and model= lines (for other benches)
 #
 # The job: decode the clip, resize to the model's 256x256 input, run the model, normalise the
 # anomaly map with the package's statistics, blend it as a jet heatmap (alpha 0.4) over the frame
@@ -49,6 +51,7 @@ rounds=3
 while [ $# -gt 0 ]; do
   case $1 in
     --live) mode=live ;;
+    --prepare) mode=prepare ;;
     --rounds) rounds=${2:-}; shift ;;
     --rounds=*) rounds=${1#*=} ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -157,6 +160,11 @@ if [ ! -f "$model/manifest.json" ]; then
   echo "e2e: training $model"
   "$bin" train --normal "$cache/synth/train/normal" --model patchcore \
     --memory-bank "$memory_bank" --input-size 256 --snapshots "$cache/snapshots" --out "$model"
+fi
+
+if [ "$mode" = prepare ]; then
+  printf 'bin=%s\nclip_1080=%s\nclip_360=%s\nmodel=%s\n' "$bin" "$clip_1080" "$clip_360" "$model"
+  exit 0
 fi
 
 requests=${E2E_REQUESTS:-$("$py" - "$model/model.xml" "$hint" "$precision" <<'PY'

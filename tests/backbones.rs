@@ -40,7 +40,7 @@ fn photo(name: &str) -> Frame {
     Frame::new(pixels, layout, name.into(), 0, CaptureTime::now())
 }
 
-fn top5(model: &mut LoadedModel, frame: &Frame) -> Vec<usize> {
+fn top5(model: &LoadedModel, frame: &Frame) -> Vec<usize> {
     let params: PreprocessParams = serde_json::from_value(
         serde_json::json!({"width": 224, "height": 224, "resize": "bilinear_antialias"}),
     )
@@ -66,7 +66,7 @@ fn check(backbone: Backbone) {
     let dir = tempfile::tempdir().expect("temp dir");
     let xml = dir.path().join(format!("{}.xml", backbone.name()));
     backbone.import(224, &xml).unwrap_or_else(|e| panic!("{e}"));
-    let mut model =
+    let model =
         LoadedModel::load(&xml, &CompileOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, vec!["features_s8", "features_s16", "logits"]);
@@ -74,13 +74,13 @@ fn check(backbone: Backbone) {
     assert_eq!(model.outputs[0].shape, vec![1, s8 as i64, 28, 28]);
     assert_eq!(model.outputs[1].shape, vec![1, s16 as i64, 14, 14]);
 
-    let cat = top5(&mut model, &photo("chelsea"));
+    let cat = top5(&model, &photo("chelsea"));
     assert!(
         cat.iter().any(|class| CATS.contains(class)),
         "{}: chelsea top-5 {cat:?} has no cat",
         backbone.name()
     );
-    let coffee = top5(&mut model, &photo("coffee"));
+    let coffee = top5(&model, &photo("coffee"));
     assert_eq!(
         coffee[0],
         ESPRESSO,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{graph_from_yaml, registry_with_probe, run_to_end, seen_by};
 use inspectflow::backbone::Backbone;
+use inspectflow::operators::infer::shared;
 use inspectflow::runtime::Pipeline;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -121,6 +122,83 @@ edges:
     pipeline.stop_handle().stop();
     let outcome = pipeline.wait();
     assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+}
+
+/// Four cameras, two in one pipeline and two in another, each with its own chain to
+/// `infer.openvino` on the same model: one compiled model serves all four nodes while they run,
+/// every camera's frames get their outputs, and the model leaves memory with its last node.
+#[test]
+fn nodes_naming_the_same_model_share_one_compiled_model_across_pipelines() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    const IMAGES: usize = 3;
+    for index in 0..IMAGES {
+        image::RgbImage::from_pixel(64, 48, image::Rgb([60 * index as u8, 90, 200]))
+            .save(images.join(format!("{index}.png")))
+            .expect("write an image");
+    }
+    let two_cameras = |names: [&str; 2]| {
+        let mut nodes = String::new();
+        let mut edges = String::new();
+        for name in names {
+            nodes += &format!(
+                r#"
+  - {{id: {name}, op: source.images_folder, params: {{path: "{}", watch: true, settle_ms: 0, poll_interval_ms: 20}}}}
+  - {{id: {name}_pre, op: preprocess, params: {{width: 224, height: 224}}}}
+  - {{id: {name}_infer, op: infer.openvino, params: {{model: "{}", hint: throughput}}}}
+  - {{id: {name}_probe, op: test.probe}}"#,
+                images.display(),
+                model.display()
+            );
+            edges += &format!(
+                r#"
+  - {{from: {name}, to: {name}_pre}}
+  - {{from: {name}_pre, to: {name}_infer}}
+  - {{from: {name}_infer, to: {name}_probe}}"#
+            );
+        }
+        format!("nodes:{nodes}\nedges:{edges}\n")
+    };
+    let (registry, recordings) = registry_with_probe();
+    let pipelines: Vec<Pipeline> = [["a", "b"], ["c", "d"]]
+        .into_iter()
+        .map(|names| {
+            Pipeline::start(&graph_from_yaml(&registry, &two_cameras(names))).expect("starts")
+        })
+        .collect();
+    let probes = ["a_probe", "b_probe", "c_probe", "d_probe"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while probes
+        .iter()
+        .any(|probe| seen_by(&recordings, probe).len() < IMAGES)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for probe in probes {
+        let seen = seen_by(&recordings, probe);
+        assert_eq!(seen.len(), IMAGES, "{probe} got every frame");
+        assert!(seen.iter().all(|s| !s.inference.is_empty()), "{probe}");
+    }
+    let real_path = model.canonicalize().expect("model path");
+    let in_memory = shared::in_memory();
+    assert_eq!(
+        in_memory,
+        vec![shared::InMemory {
+            path: real_path,
+            device: "CPU".into(),
+            users: 4,
+        }],
+        "one compiled model for four nodes"
+    );
+    for pipeline in pipelines {
+        pipeline.stop_handle().stop();
+        let outcome = pipeline.wait();
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    }
+    assert_eq!(shared::in_memory(), vec![], "freed with its last node");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! input of the wrong size).
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use openvino::{CompiledModel, DeviceType, InferRequest, RwPropertyKey, Tensor};
 
@@ -103,7 +104,7 @@ pub enum Precision {
 }
 
 /// Settings for compiling a model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompileOptions {
     /// `CPU`, `GPU`, `NPU`, `AUTO` or an indexed name such as `GPU.1`.
     pub device: String,
@@ -153,9 +154,10 @@ pub struct OutputValues {
     pub values: Vec<f32>,
 }
 
-/// A model compiled for a device.
+/// A model compiled for a device. Its infer requests are independent, so one compiled model can
+/// serve several nodes and pipelines at once (see [`super::shared`]).
 pub struct LoadedModel {
-    compiled: CompiledModel,
+    compiled: Mutex<CompiledModel>,
     /// The model's input.
     pub input: PortInfo,
     /// The model's outputs, in order.
@@ -304,7 +306,7 @@ impl LoadedModel {
             .map(|i| describe(call("reading an output", compiled.get_output_by_index(i))?))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            compiled,
+            compiled: Mutex::new(compiled),
             input,
             outputs,
             path: path.to_path_buf(),
@@ -312,11 +314,12 @@ impl LoadedModel {
     }
 
     /// A new infer request (each can have one inference in flight).
-    pub fn request(&mut self) -> Result<InferRequest, ModelError> {
-        call(
-            "creating an infer request",
-            self.compiled.create_infer_request(),
-        )
+    pub fn request(&self) -> Result<InferRequest, ModelError> {
+        let mut compiled = self.compiled.lock().map_err(|_| ModelError::Call {
+            context: "creating an infer request".into(),
+            message: "another thread panicked while creating one".into(),
+        })?;
+        call("creating an infer request", compiled.create_infer_request())
     }
 
     /// Values in one input (the product of the input shape).
@@ -348,7 +351,7 @@ impl LoadedModel {
 
     /// Runs `input` synchronously and returns every output (for tools and tests; pipelines use the
     /// asynchronous `infer.openvino` operator).
-    pub fn infer(&mut self, input: &[f32]) -> Result<Vec<OutputValues>, ModelError> {
+    pub fn infer(&self, input: &[f32]) -> Result<Vec<OutputValues>, ModelError> {
         let mut request = self.request()?;
         self.set_input(&mut request, input)?;
         call("running inference", request.infer())?;

@@ -15,6 +15,7 @@ use openvino::InferRequest;
 use serde::Deserialize;
 
 use super::model::{CompileOptions, LoadedModel, ModelError, PerformanceHint, Precision, call};
+use super::shared;
 use crate::contract::{
     Emitter, Held, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
@@ -117,7 +118,8 @@ struct InFlight {
 
 /// The running operator.
 pub struct Infer {
-    model: LoadedModel,
+    /// Shared with every other node that names the same model and settings.
+    model: Arc<LoadedModel>,
     batch: usize,
     idle: Vec<InferRequest>,
     in_flight: VecDeque<InFlight>,
@@ -125,9 +127,10 @@ pub struct Infer {
 }
 
 impl Infer {
-    /// Loads and compiles the model with `hint` and creates the requests.
+    /// Takes the model compiled with `hint` (compiling it unless another node already holds it)
+    /// and creates this node's requests.
     pub fn new(params: InferParams, hint: PerformanceHint) -> Result<Self, OpError> {
-        let mut model = LoadedModel::load(
+        let model = shared::load(
             &params.model,
             &CompileOptions {
                 device: params.device.clone(),
