@@ -104,7 +104,9 @@ def main():
     expect(call(base, "POST", "/api/active-pipelines", {"pipeline_id": pipeline["id"]}), 201, 409)
 
     print(f"""
-demo running:
+demo running: open {base}/ in a browser (the web UI: projects, dataset, training, models,
+pipelines with live view)
+  the demo project          {base}/#/projects/{project['id']}/pipelines
   API and its description   {base}/api/openapi.json
   the demo pipeline         {base}/api/active-pipelines/{pipeline['id']}
   Prometheus metrics        {base}/metrics

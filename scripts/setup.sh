@@ -73,3 +73,20 @@ if [ ! -f tests/browser/node_modules/playwright-core/package.json ] \
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
   cp tests/browser/package-lock.json "$NPM_STAMP"
 fi
+
+# The web UI (ui/): npm packages pinned by its package-lock.json, then `npm run build` into
+# ui/dist, which the binary embeds (src/server/ui.rs). Both steps are skipped when nothing they
+# read changed (a hash of the lockfile, and of every source file of the UI).
+UI_NPM_STAMP=ui/node_modules/.inspectflow-package-lock.json
+if [ ! -x ui/node_modules/.bin/vite ] || ! cmp -s ui/package-lock.json "$UI_NPM_STAMP"; then
+  echo "setup: installing npm packages in ui"
+  (cd ui && npm ci --no-audit --no-fund --loglevel=error)
+  cp ui/package-lock.json "$UI_NPM_STAMP"
+fi
+ui_sources_hash=$(cd ui && find index.html package-lock.json tsconfig.json vite.config.ts src -type f \
+  -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+if [ ! -f ui/dist/index.html ] || [ "$(cat ui/dist/.sources-hash 2>/dev/null)" != "$ui_sources_hash" ]; then
+  echo "setup: building the web UI into ui/dist"
+  (cd ui && npm run --silent build)
+  echo "$ui_sources_hash" > ui/dist/.sources-hash
+fi

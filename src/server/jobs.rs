@@ -109,6 +109,8 @@ impl TrainRequest {
 pub struct TrainableModels {
     /// Every family training supports.
     pub trainable_models: Vec<TrainableModel>,
+    /// Normal images a project needs before it can be trained.
+    pub min_normal_images: usize,
 }
 
 /// A model family and the settings it takes.
@@ -138,6 +140,7 @@ impl TrainableModels {
                     parameters: TrainConfig::parameters(family),
                 })
                 .collect(),
+            min_normal_images: MIN_NORMAL_IMAGES,
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod state;
 pub mod store;
 pub mod system;
 pub mod training;
+pub mod ui;
 #[cfg(feature = "gstreamer")]
 pub mod webrtc;
 

@@ -72,6 +72,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteDoc> {
         super::preview::DOCS,
         super::snapshots::DOCS,
         super::captures::DOCS,
+        super::ui::DOCS,
         #[cfg(feature = "gstreamer")]
         super::webrtc::DOCS,
     ]
@@ -151,14 +152,21 @@ pub fn spec() -> Value {
                 json!({"description": reason(*status), "content": error}),
             );
         }
+        let paged = is_page(&generator, &responses[&status.to_string()]);
         let mut operation = json!({"summary": route.summary, "responses": responses});
-        let parameters: Vec<Value> = route
+        let mut parameters: Vec<Value> = route
             .path
             .split('{')
             .skip(1)
             .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
+        if paged {
+            parameters.extend([
+                json!({"name": "limit", "in": "query", "required": false, "description": "Items per page (1 to 1000, default 20).", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
+                json!({"name": "offset", "in": "query", "required": false, "description": "Items to skip.", "schema": {"type": "integer", "minimum": 0}}),
+            ]);
+        }
         if !parameters.is_empty() {
             operation["parameters"] = Value::Array(parameters);
         }
@@ -185,6 +193,18 @@ pub fn spec() -> Value {
         },
         "paths": paths,
     })
+}
+
+/// Whether a success answer is one page of a list (its JSON type has `pagination`), so that the
+/// route takes `limit` and `offset`.
+fn is_page(generator: &SchemaGenerator, response: &Value) -> bool {
+    response
+        .pointer("/content/application~1json/schema/$ref")
+        .and_then(Value::as_str)
+        .and_then(|reference| reference.rsplit('/').next())
+        .and_then(|name| generator.definitions().get(name))
+        .and_then(|definition| definition.pointer("/properties/pagination"))
+        .is_some()
 }
 
 /// The JSON Schema of the success answer of `method` `path` (a documented path template, such

@@ -54,8 +54,11 @@ pub fn routes(
         .or(super::webrtc::routes(Arc::clone(&state)))
         .unify()
         .boxed();
-    authenticated(state)
-        .and(api)
+    // The UI's page and assets hold no data, so they are served without the token (the page
+    // asks for it and sends it with every API call).
+    super::ui::routes()
+        .or(authenticated(state).and(api))
+        .unify()
         .recover(into_json_error)
         .unify()
 }
