@@ -71,6 +71,52 @@ fn projects_are_created_listed_paged_renamed_and_deleted_and_survive_a_kill() {
         (status, fetched["name"].as_str()),
         (StatusCode::OK, Some("welding"))
     );
+    assert_eq!(fetched["description"], "", "none given");
+
+    // A description: given at creation, changed alone, limited, and one of name or description
+    // is needed to change anything.
+    let (status, described) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "caps", "description": "Bottle caps on line 3"})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{described}");
+    assert_eq!(described["description"], "Bottle caps on line 3");
+    let caps = described["id"].as_str().expect("id");
+    let (status, changed) = call(
+        http.patch(server.url(&format!("/api/projects/{caps}")))
+            .json(&json!({"description": "Bottle caps, lines 3 and 4"})),
+    );
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(
+        (changed["name"].as_str(), changed["description"].as_str()),
+        (Some("caps"), Some("Bottle caps, lines 3 and 4"))
+    );
+    for (body, field) in [
+        (json!({"description": "x".repeat(4001)}), "description"),
+        (json!({}), "name, description"),
+        (json!({"name": ""}), "name"),
+    ] {
+        let (status, error) = call(
+            http.patch(server.url(&format!("/api/projects/{caps}")))
+                .json(&body),
+        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+        assert!(
+            error["detail"].as_str().expect("detail").contains(field),
+            "{error}"
+        );
+    }
+    let (_, created) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "tmp"})),
+    );
+    let (status, _) = call(http.delete(server.url(&format!(
+        "/api/projects/{}",
+        created["id"].as_str().expect("id")
+    ))));
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(http.delete(server.url(&format!("/api/projects/{caps}"))));
+    assert_eq!(status, StatusCode::NO_CONTENT);
 
     let (status, body) = call(http.delete(server.url(&format!("/api/projects/{}", ids[4]))));
     assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null));
@@ -1638,6 +1684,15 @@ fn jobs_queue_one_at_a_time_and_cancel_while_pending_or_running_registers_nothin
         "{canceled}"
     );
     assert!(canceled["end_time"].is_string());
+    assert_eq!(
+        canceled["completed_at"], canceled["end_time"],
+        "the seed's name"
+    );
+    assert_eq!(
+        canceled["error_message"],
+        Value::Null,
+        "canceled is not failed"
+    );
 
     // The worker is free again: the next job runs to the end.
     let (status, third) = call(
@@ -2221,4 +2276,97 @@ fn the_web_uis_api_types_are_generated_from_the_current_openapi_document() {
         "ui/src/api/schema.d.ts is stale: run `cargo run -- gen-api --target-path target/openapi.json && \
          (cd ui && npm run gen-api -- ../target/openapi.json -o src/api/schema.d.ts)`"
     );
+}
+
+/// Training jobs and assembled pipelines run on the OpenVINO device they name (here `AUTO`,
+/// which every machine has); a device this machine lacks is a 422 that names the field and the
+/// device, at submission, before anything runs.
+#[test]
+fn training_and_pipelines_run_on_the_chosen_openvino_device() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("line");
+    std::fs::create_dir_all(&root).expect("root");
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--path-root", root.to_str().expect("utf-8")],
+    );
+    let http = client();
+    let project = create_project(&http, &server, "devices");
+    upload_all(&http, &server, &project, &normal_images(dir.path(), 8, 96));
+    let train = |body: Value| {
+        call(
+            http.post(server.url(&format!("/api/projects/{project}/train")))
+                .json(&body),
+        )
+    };
+    let (status, refused) = train(json!({"model_name": "padim", "device": "NPU.9"}));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    let detail = refused["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("device: ") && detail.contains("NPU.9") && detail.contains("CPU"),
+        "names the field, the device and what there is: {detail}"
+    );
+    let (status, job) = train(json!({"model_name": "padim", "input_size": 64, "device": "AUTO"}));
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    assert_eq!(job["payload"]["device"], "AUTO");
+    let job_id = job["id"].as_str().expect("job id");
+    let done = poll(&http, &server.url(&format!("/api/jobs/{job_id}")), |job| {
+        job["status"] == "completed" || job["status"] == "failed"
+    });
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["started_at"], done["start_time"],
+        "the seed's names too"
+    );
+    assert_eq!(done["error_message"], Value::Null);
+    let model_id = done["model_id"].as_str().expect("model id");
+
+    let video = root.join("line.mp4");
+    mp4(&video, 30);
+    let (_, source) = call(http.post(server.url("/api/sources")).json(&json!({
+        "name": "line", "type": "video_file", "config": {"path": video, "loop": true}
+    })));
+    let (_, sink) = call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "results", "type": "folder", "config": {"path": root.join("results"), "create": true}
+    })));
+    let pipeline = |device: &str| {
+        call(
+            http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+                .json(&json!({
+                    "name": format!("on {device}"), "source_id": source["id"], "model_id": model_id,
+                    "sink_ids": [sink["id"]], "device": device
+                })),
+        )
+    };
+    let (status, refused) = pipeline("XPU");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .expect("detail")
+            .starts_with("device: device 'XPU' is not available here"),
+        "{refused}"
+    );
+    let (status, created) = pipeline("AUTO");
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["device"], "AUTO");
+    let pipeline_id = created["id"].as_str().expect("pipeline id");
+    let (status, started) = call(
+        http.post(server.url("/api/active-pipelines"))
+            .json(&json!({"pipeline_id": pipeline_id})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    poll(
+        &http,
+        &server.url(&format!("/api/active-pipelines/{pipeline_id}")),
+        |body| {
+            body["metrics"]["nodes"]
+                .as_array()
+                .and_then(|nodes| nodes.iter().find(|n| n["id"] == "sink1"))
+                .is_some_and(|sink| sink["packets_in"].as_u64().unwrap_or(0) >= 5)
+        },
+    );
+    let (status, stopped) =
+        call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
+    assert_eq!(status, StatusCode::OK, "{stopped}");
 }

@@ -43,6 +43,7 @@ fn config(architecture: Architecture) -> TrainConfig {
         tile: None,
         padim_channels: 100,
         memory_bank: Some(512),
+        device: "CPU".into(),
     }
 }
 
@@ -292,8 +293,8 @@ fn predict_gives_the_scores_of_the_trainers_evaluation_and_the_map_finds_the_def
             masks: Some(&masks),
         };
         let entries = dataset::list(&sources).expect("entries");
-        let scored =
-            evaluate::score(&model.join("model.xml"), &entries, 256, &mut |_| {}).expect("scores");
+        let scored = evaluate::score(&model.join("model.xml"), "CPU", &entries, 256, &mut |_| {})
+            .expect("scores");
         let mut found = 0;
         for image in scored
             .iter()

@@ -175,11 +175,40 @@ pub struct Job {
     pub end_time: Option<String>,
 }
 
+/// A job as the API answers it: the record, plus the seed's names for three of its fields
+/// (Geti Inspect's API says `start_time`, `end_time` and `message`; its database
+/// `started_at`, `completed_at` and `error_message`), so clients written for either find them.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct JobView {
+    /// The record.
+    #[serde(flatten)]
+    pub job: Job,
+    /// The same as `start_time`.
+    pub started_at: Option<String>,
+    /// The same as `end_time`.
+    pub completed_at: Option<String>,
+    /// `message` when the job failed; null otherwise.
+    pub error_message: Option<String>,
+}
+
+impl From<Job> for JobView {
+    fn from(job: Job) -> Self {
+        Self {
+            started_at: job.start_time.clone(),
+            completed_at: job.end_time.clone(),
+            error_message: (job.status == JobStatus::Failed)
+                .then(|| job.message.clone())
+                .flatten(),
+            job,
+        }
+    }
+}
+
 listing!(
     /// The answer of `GET /api/jobs`.
     JobList,
     jobs,
-    Job
+    JobView
 );
 
 /// Normal images training needs: 2 to fit and 1 to calibrate.
@@ -251,7 +280,7 @@ pub const DOCS: &[RouteDoc] = &[
         path: "/api/projects/{project_id}/train",
         summary: "Queue a training job on the project's media (201 with the job; 422 with fewer than 3 normal images).",
         body: Content::Json(schema_of::<TrainRequest>),
-        ok: (201, Content::Json(schema_of::<Job>)),
+        ok: (201, Content::Json(schema_of::<JobView>)),
         errors: &[401, 404, 413, 415, 422],
     },
     RouteDoc {
@@ -267,7 +296,7 @@ pub const DOCS: &[RouteDoc] = &[
         path: "/api/jobs/{job_id}",
         summary: "A job: status, progress 0-100, stage, message, model_id.",
         body: Content::None,
-        ok: (200, Content::Json(schema_of::<Job>)),
+        ok: (200, Content::Json(schema_of::<JobView>)),
         errors: &[401, 404],
     },
     RouteDoc {
@@ -275,7 +304,7 @@ pub const DOCS: &[RouteDoc] = &[
         path: "/api/jobs/{job_id}:cancel",
         summary: "Cancel a pending or running job; answers once it stopped (409 if it already ended).",
         body: Content::None,
-        ok: (200, Content::Json(schema_of::<Job>)),
+        ok: (200, Content::Json(schema_of::<JobView>)),
         errors: &[401, 404, 409],
     },
     RouteDoc {
@@ -283,7 +312,7 @@ pub const DOCS: &[RouteDoc] = &[
         path: "/api/jobs/{job_id}/progress",
         summary: "Server-sent `progress` events with the job on every change, until it ends.",
         body: Content::None,
-        ok: (200, Content::EventStream(schema_of::<Job>)),
+        ok: (200, Content::EventStream(schema_of::<JobView>)),
         errors: &[401, 404],
     },
     RouteDoc {
@@ -302,6 +331,7 @@ async fn start_training(
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
     let payload = TrainRequest::from_body(body)?;
+    super::system::require_device("device", &payload.config.device).await?;
     let key = project_id.clone();
     let (project, normal) = blocking(&state, move |store| {
         let project = store.get::<Project>(PROJECTS, &key)?;
@@ -340,7 +370,10 @@ async fn start_training(
     };
     super::http::put_in_project(&state, &job.project_id, JOBS, &job.id, job.clone()).await?;
     submit(&state, job.clone());
-    Ok(warp::reply::with_status(warp::reply::json(&job), StatusCode::CREATED).into_response())
+    Ok(
+        warp::reply::with_status(warp::reply::json(&JobView::from(job)), StatusCode::CREATED)
+            .into_response(),
+    )
 }
 
 async fn list(query: ProjectPage, state: Arc<AppState>) -> Result<Response, Rejection> {
@@ -354,7 +387,7 @@ async fn list(query: ProjectPage, state: Arc<AppState>) -> Result<Response, Reje
     jobs.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     let (items, pagination) = paginate(jobs, &query.page())?;
     Ok(warp::reply::json(&JobList {
-        jobs: items,
+        jobs: items.into_iter().map(JobView::from).collect(),
         pagination,
     })
     .into_response())
@@ -372,7 +405,7 @@ async fn current(state: &Arc<AppState>, id: &str) -> Result<Job, Rejection> {
 }
 
 async fn get(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
-    Ok(warp::reply::json(&current(&state, &id).await?).into_response())
+    Ok(warp::reply::json(&JobView::from(current(&state, &id).await?)).into_response())
 }
 
 /// Cancels a pending or running job and answers once it has stopped (at most 10 s).
@@ -391,7 +424,7 @@ async fn cancel(id: String, state: Arc<AppState>) -> Result<Response, Rejection>
         Ok(Some(job)) => job,
         _ => current(&state, &id).await?,
     };
-    Ok(warp::reply::json(&job).into_response())
+    Ok(warp::reply::json(&JobView::from(job)).into_response())
 }
 
 /// `GET /api/jobs/{id}/progress`: a `progress` event with the job on every change, ending
@@ -416,7 +449,7 @@ async fn progress_events(id: String, state: Arc<AppState>) -> Result<Response, R
             let last = job.status.is_final() || updates.is_none();
             let event = warp::sse::Event::default()
                 .event("progress")
-                .json_data(&job)
+                .json_data(JobView::from(job))
                 .map_err(|e| std::io::Error::other(e.to_string()));
             Some((event, (None, updates, last)))
         },
@@ -487,4 +520,40 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
         .chain(future)
         .map(|line| line.map(|text| warp::sse::Event::default().event("log").data(text)));
     Ok(warp::sse::reply(warp::sse::keep_alive().stream(events)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_answers_with_the_seeds_field_names_too() {
+        let payload: TrainRequest =
+            serde_json::from_value(serde_json::json!({"model_name": "padim"})).expect("request");
+        let job = Job {
+            id: "j".into(),
+            project_id: "p".into(),
+            job_type: "training".into(),
+            status: JobStatus::Failed,
+            progress: 40,
+            stage: Some("features".into()),
+            message: Some("out of memory".into()),
+            payload,
+            model_id: "m".into(),
+            created_at: "2026-12-02T00:00:00Z".into(),
+            start_time: Some("2026-12-02T00:00:01Z".into()),
+            end_time: Some("2026-12-02T00:00:09Z".into()),
+        };
+        let failed = serde_json::to_value(JobView::from(job.clone())).expect("json");
+        assert_eq!(failed["started_at"], failed["start_time"]);
+        assert_eq!(failed["completed_at"], failed["end_time"]);
+        assert_eq!(failed["error_message"], "out of memory");
+        assert_eq!(failed["message"], "out of memory");
+        let completed = JobView::from(Job {
+            status: JobStatus::Completed,
+            message: Some("model m registered".into()),
+            ..job
+        });
+        assert_eq!(completed.error_message, None, "only a failure has an error");
+    }
 }

@@ -59,6 +59,10 @@ pub struct PipelineRecord {
     /// wait (a realtime file slows down; a camera's own buffer drops instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_policy: Option<QueuePolicy>,
+    /// Assembled form: the OpenVINO device the model runs on (`CPU`, `GPU`, `NPU`, `AUTO`,
+    /// `GPU.1`; see `/api/devices`). Unset: `CPU`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Creation time.
     pub created_at: String,
     /// Last change.
@@ -85,6 +89,8 @@ pub(crate) struct PipelineBody {
     sink_ids: Vec<String>,
     #[serde(default)]
     queue_policy: Option<QueuePolicy>,
+    #[serde(default)]
+    device: Option<String>,
 }
 
 /// Whether a stored pipeline runs.
@@ -251,6 +257,7 @@ async fn create(
         model_id: body.model_id,
         sink_ids: body.sink_ids,
         queue_policy: body.queue_policy,
+        device: body.device,
         created_at: now.clone(),
         updated_at: now,
         keep_running: false,
@@ -295,6 +302,7 @@ async fn update(
     record.model_id = body.model_id;
     record.sink_ids = body.sink_ids;
     record.queue_policy = body.queue_policy;
+    record.device = body.device;
     record.updated_at = now();
     save(&state, &record).await?;
     Ok(warp::reply::json(&with_status(&state, record)).into_response())
@@ -336,11 +344,12 @@ pub(crate) async fn resolve(
     let assembled = record.source_id.is_some()
         || record.model_id.is_some()
         || !record.sink_ids.is_empty()
-        || record.queue_policy.is_some();
+        || record.queue_policy.is_some()
+        || record.device.is_some();
     let (text, is_json, uses) = match (&record.graph, assembled) {
         (Some(_), true) => {
             return Err(invalid(
-                "graph: give either a graph or source_id, model_id, sink_ids (and queue_policy), not both"
+                "graph: give either a graph or source_id, model_id, sink_ids (and queue_policy, device), not both"
                     .into(),
             ));
         }
@@ -411,13 +420,15 @@ async fn assemble(
                 .map_err(|_| invalid(format!("sink_ids: sink {sink_id} does not exist")))?,
         );
     }
+    let device = record.device.as_deref().unwrap_or("CPU");
+    super::system::require_device("device", device).await?;
     let model_dir = Model::dir(&state.data_dir, &model.id);
     let op =
         |kind: EndpointKind, e: &Endpoint| kind.operator(&e.endpoint_type).unwrap_or("invalid");
     let mut nodes = vec![
         json!({"id": "source", "op": op(EndpointKind::Source, &source), "params": source.config}),
         json!({"id": "preprocess", "op": "preprocess", "params": {"width": model.input_size, "height": model.input_size}}),
-        json!({"id": "model", "op": "infer.openvino", "params": {"model": model_dir.join("model.xml"), "device": "CPU"}}),
+        json!({"id": "model", "op": "infer.openvino", "params": {"model": model_dir.join("model.xml"), "device": device}}),
         json!({"id": "verdict", "op": "anomaly", "params": {"model": model_dir, "threshold": model.threshold}}),
         json!({"id": "heatmap", "op": "heatmap", "params": {}}),
         json!({"id": "jpeg", "op": "encode.jpeg", "params": {}}),

@@ -22,30 +22,61 @@ pub struct Project {
     pub id: String,
     /// Display name.
     pub name: String,
+    /// What the project inspects (free text, may be empty).
+    #[serde(default)]
+    pub description: String,
     /// Creation time, RFC 3339 UTC.
     pub created_at: String,
     /// Last change, RFC 3339 UTC.
     pub updated_at: String,
 }
 
-/// Body of `POST /api/projects` and `PATCH /api/projects/{id}`.
+/// Longest project description, in bytes.
+const MAX_DESCRIPTION_BYTES: usize = 4000;
+
+/// Body of `POST /api/projects`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ProjectBody {
+    /// 1 to 200 characters.
     name: String,
+    /// What the project inspects (at most 4000 bytes).
+    #[serde(default)]
+    description: Option<String>,
 }
 
-impl ProjectBody {
-    fn checked_name(self) -> Result<String, Rejection> {
-        let name = self.name.trim().to_string();
-        if name.is_empty() || name.len() > 200 {
-            return Err(ApiError::reject(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "name: must be 1 to 200 characters",
-            ));
-        }
-        Ok(name)
+/// Body of `PATCH /api/projects/{id}`: what changes.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProjectChange {
+    /// A new name (1 to 200 characters).
+    #[serde(default)]
+    name: Option<String>,
+    /// A new description (at most 4000 bytes; empty clears it).
+    #[serde(default)]
+    description: Option<String>,
+}
+
+fn checked_name(name: &str) -> Result<String, Rejection> {
+    let name = name.trim().to_string();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name: must be 1 to 200 characters",
+        ));
     }
+    Ok(name)
+}
+
+fn checked_description(description: &str) -> Result<String, Rejection> {
+    let description = description.trim().to_string();
+    if description.len() > MAX_DESCRIPTION_BYTES {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("description: at most {MAX_DESCRIPTION_BYTES} bytes"),
+        ));
+    }
+    Ok(description)
 }
 
 listing!(
@@ -74,7 +105,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(get_project);
     let rename = warp::path!("api" / "projects" / String)
         .and(warp::patch())
-        .and(json_body::<ProjectBody>())
+        .and(json_body::<ProjectChange>())
         .and(with_state.clone())
         .and_then(rename_project);
     let delete = warp::path!("api" / "projects" / String)
@@ -105,7 +136,7 @@ pub const DOCS: &[RouteDoc] = &[
     RouteDoc {
         method: "post",
         path: "/api/projects",
-        summary: "Create a project: {\"name\": ...} (1-200 characters).",
+        summary: "Create a project: {\"name\": ... (1-200 characters), \"description\"?: ...}.",
         body: Content::Json(schema_of::<ProjectBody>),
         ok: (201, Content::Json(schema_of::<Project>)),
         errors: &[401, 413, 415, 422],
@@ -121,8 +152,8 @@ pub const DOCS: &[RouteDoc] = &[
     RouteDoc {
         method: "patch",
         path: "/api/projects/{project_id}",
-        summary: "Rename a project: {\"name\": ...}.",
-        body: Content::Json(schema_of::<ProjectBody>),
+        summary: "Rename a project or change its description: {\"name\"?: ..., \"description\"?: ...}.",
+        body: Content::Json(schema_of::<ProjectChange>),
         ok: (200, Content::Json(schema_of::<Project>)),
         errors: &[401, 404, 413, 415, 422],
     },
@@ -150,7 +181,8 @@ async fn create_project(body: ProjectBody, state: Arc<AppState>) -> Result<Respo
     let now = now();
     let project = Project {
         id: uuid::Uuid::new_v4().to_string(),
-        name: body.checked_name()?,
+        name: checked_name(&body.name)?,
+        description: checked_description(body.description.as_deref().unwrap_or_default())?,
         created_at: now.clone(),
         updated_at: now,
     };
@@ -172,17 +204,33 @@ async fn get_project(id: String, state: Arc<AppState>) -> Result<Response, Rejec
 
 async fn rename_project(
     id: String,
-    body: ProjectBody,
+    body: ProjectChange,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
-    let name = body.checked_name()?;
+    if body.name.is_none() && body.description.is_none() {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "request body: give name, description or both",
+        ));
+    }
+    let name = body.name.as_deref().map(checked_name).transpose()?;
+    let description = body
+        .description
+        .as_deref()
+        .map(checked_description)
+        .transpose()?;
     let key = id.clone();
     let Some(mut project) =
         blocking(&state, move |store| store.get::<Project>(PROJECTS, &key)).await?
     else {
         return Err(ApiError::not_found("project", &id));
     };
-    project.name = name;
+    if let Some(name) = name {
+        project.name = name;
+    }
+    if let Some(description) = description {
+        project.description = description;
+    }
     project.updated_at = now();
     let stored = project.clone();
     blocking(&state, move |store| {

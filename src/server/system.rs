@@ -111,3 +111,24 @@ async fn list_devices() -> Result<Response, Rejection> {
         cameras,
     }))
 }
+
+/// Answers 422 naming `field` unless OpenVINO has `device` on this machine (the check that
+/// `/api/devices` lists; a missing runtime is a 503).
+pub(crate) async fn require_device(field: &str, device: &str) -> Result<(), Rejection> {
+    use inspectflow_operators::infer::model::{ModelError, require_device};
+    let name = device.to_string();
+    match tokio::task::spawn_blocking(move || require_device(&name))
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    {
+        Ok(()) => Ok(()),
+        Err(error @ ModelError::UnknownDevice { .. }) => Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{field}: {error}"),
+        )),
+        Err(error) => Err(ApiError::reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            error.to_string(),
+        )),
+    }
+}

@@ -50,15 +50,23 @@ impl Sink for Collector {
 /// complete. A file that cannot be read fails the run with its path.
 pub fn run_model(
     model_xml: &Path,
+    device: &str,
     files: &[PathBuf],
     input_size: usize,
     progress: &mut dyn FnMut(f32),
 ) -> Result<Vec<ImageOutputs>, TrainError> {
     let mut results = Vec::with_capacity(files.len());
-    run_model_each(model_xml, files, input_size, progress, &mut |outputs| {
-        results.push(outputs);
-        Ok(())
-    })?;
+    run_model_each(
+        model_xml,
+        device,
+        files,
+        input_size,
+        progress,
+        &mut |outputs| {
+            results.push(outputs);
+            Ok(())
+        },
+    )?;
     Ok(results)
 }
 
@@ -67,6 +75,7 @@ pub fn run_model(
 /// only what it needs of each image's features.
 pub fn run_model_each(
     model_xml: &Path,
+    device: &str,
     files: &[PathBuf],
     input_size: usize,
     progress: &mut dyn FnMut(f32),
@@ -97,7 +106,7 @@ pub fn run_model_each(
         "nodes": [
             {"id": "images", "op": "source.files", "params": {"paths": files}},
             {"id": "preprocess", "op": "preprocess", "params": super::preprocess_params(input_size)},
-            {"id": "model", "op": "infer.openvino", "params": {"model": model_xml, "requests": 2}},
+            {"id": "model", "op": "infer.openvino", "params": {"model": model_xml, "device": device, "requests": 2}},
             {"id": "collect", "op": "collect", "params": {}}
         ],
         "edges": [

@@ -121,8 +121,20 @@ pub struct TrainConfig {
     #[arg(long)]
     #[schemars(range(min = 1, max = 100_000), extend("x-families" = ["patchcore"]))]
     pub memory_bank: Option<usize>,
+    /// OpenVINO device that extracts the features and scores the validation images: `CPU`,
+    /// `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see `GET /api/devices`.
+    #[serde(default = "default_device")]
+    #[arg(long, default_value = DEFAULT_DEVICE)]
+    #[schemars(length(min = 1, max = 64))]
+    pub device: String,
 }
 
+/// The device training runs on unless told otherwise.
+pub const DEFAULT_DEVICE: &str = "CPU";
+
+fn default_device() -> String {
+    DEFAULT_DEVICE.into()
+}
 fn default_backbone() -> Backbone {
     Backbone::MobilenetV2
 }
@@ -143,6 +155,7 @@ impl Default for TrainConfig {
             seed: DEFAULT_SEED,
             padim_channels: DEFAULT_PADIM_CHANNELS,
             memory_bank: None,
+            device: default_device(),
         }
     }
 }

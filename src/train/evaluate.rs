@@ -97,15 +97,16 @@ fn read_mask(mask: &Path, image: &Path, size: usize) -> Result<Vec<bool>, TrainE
     Ok(resized)
 }
 
-/// Scores `entries` with the IR at `model_xml`.
+/// Scores `entries` with the IR at `model_xml` on `device`.
 pub fn score(
     model_xml: &Path,
+    device: &str,
     entries: &[Entry],
     input_size: usize,
     progress: &mut dyn FnMut(f32),
 ) -> Result<Vec<Scored>, TrainError> {
     let files: Vec<PathBuf> = entries.iter().map(|e| e.path.clone()).collect();
-    let outputs = batch::run_model(model_xml, &files, input_size, progress)?;
+    let outputs = batch::run_model(model_xml, device, &files, input_size, progress)?;
     entries
         .iter()
         .zip(outputs)
@@ -434,6 +435,7 @@ pub fn evaluate_package(
     }
     let scored = score(
         &package.model_path(),
+        super::config::DEFAULT_DEVICE,
         &entries,
         package.manifest.input_size,
         progress,

@@ -266,6 +266,7 @@ fn train_in(
         Architecture::Padim => {
             let outputs = batch::run_model(
                 &embedding_xml,
+                &config.device,
                 &training,
                 input_size,
                 &mut features_progress,
@@ -290,6 +291,7 @@ fn train_in(
             );
             batch::run_model_each(
                 &embedding_xml,
+                &config.device,
                 &training,
                 input_size,
                 &mut features_progress,
@@ -331,9 +333,13 @@ fn train_in(
             evaluate::generate_anomalies(&validation, &scratch.join("generated"), config.seed)?;
         validation.extend(generated);
     }
-    let scored = evaluate::score(&model_xml, &validation, input_size, &mut |f| {
-        progress("calibration", f)
-    })?;
+    let scored = evaluate::score(
+        &model_xml,
+        &config.device,
+        &validation,
+        input_size,
+        &mut |f| progress("calibration", f),
+    )?;
     let calibration = evaluate::calibrate(&scored, labelled)?;
     let normalization = calibration.normalization;
     let evaluation = evaluate::evaluate(&scored, normalization, 0.5)?;

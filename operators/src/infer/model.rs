@@ -154,6 +154,33 @@ pub struct OutputValues {
     pub values: Vec<f32>,
 }
 
+/// Fails with [`ModelError::UnknownDevice`] unless OpenVINO has `device_name` here (`CPU`,
+/// `GPU`, `NPU`, `AUTO` or an indexed name such as `GPU.1`).
+pub fn require_device(device_name: &str) -> Result<(), ModelError> {
+    let base = device_name.split(['.', ':']).next().unwrap_or(device_name);
+    // The CPU plugin is always there. Any other device is checked against the list, which
+    // loads every plugin (the GPU plugin alone costs about 15 MB of resident libraries and
+    // its OpenCL probe), so a CPU pipeline does not pay for it.
+    if base == "CPU" {
+        return Ok(());
+    }
+    let known = runtime::available_devices()?;
+    if known
+        .iter()
+        .any(|d| d.name == device_name || d.name.split('.').next() == Some(base))
+    {
+        return Ok(());
+    }
+    Err(ModelError::UnknownDevice {
+        device: device_name.to_string(),
+        available: known
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 /// A model compiled for a device. Its infer requests are independent, so one compiled model can
 /// serve several nodes and pipelines at once (see [`super::shared`]).
 pub struct LoadedModel {
@@ -174,29 +201,7 @@ impl LoadedModel {
         }
         let mut core = runtime::core()?;
         let device_name = options.device.as_str();
-        let base = device_name.split(['.', ':']).next().unwrap_or(device_name);
-        // The CPU plugin is always there. Any other device is checked against the list, which
-        // loads every plugin (the GPU plugin alone costs about 15 MB of resident libraries and
-        // its OpenCL probe), so a CPU pipeline does not pay for it.
-        let known = if base == "CPU" {
-            None
-        } else {
-            Some(runtime::available_devices()?)
-        };
-        if let Some(known) = known
-            && !known
-                .iter()
-                .any(|d| d.name == device_name || d.name.split('.').next() == Some(base))
-        {
-            return Err(ModelError::UnknownDevice {
-                device: device_name.to_string(),
-                available: known
-                    .iter()
-                    .map(|d| d.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
+        require_device(device_name)?;
         let weights = if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("xml"))

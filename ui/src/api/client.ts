@@ -7,7 +7,7 @@ import type { components, paths } from "./schema";
 export type Schemas = components["schemas"];
 export type Project = Schemas["Project"];
 export type Media = Schemas["Media"];
-export type Job = Schemas["Job"];
+export type Job = Schemas["JobView"];
 export type Model = Schemas["Model"];
 export type PipelineView = Schemas["PipelineView"];
 export type ActiveStatus = Schemas["ActiveStatus"];

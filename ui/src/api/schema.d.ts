@@ -704,7 +704,7 @@ export interface paths {
                         [name: string]: unknown;
                     };
                     content: {
-                        "application/json": components["schemas"]["Job"];
+                        "application/json": components["schemas"]["JobView"];
                     };
                 };
                 /** @description Missing or wrong bearer token */
@@ -874,7 +874,7 @@ export interface paths {
                         [name: string]: unknown;
                     };
                     content: {
-                        "application/json": components["schemas"]["Job"];
+                        "application/json": components["schemas"]["JobView"];
                     };
                 };
                 /** @description Missing or wrong bearer token */
@@ -1009,7 +1009,7 @@ export interface paths {
             };
         };
         put?: never;
-        /** Create a project: {"name": ...} (1-200 characters). */
+        /** Create a project: {"name": ... (1-200 characters), "description"?: ...}. */
         post: {
             parameters: {
                 query?: never;
@@ -1176,7 +1176,7 @@ export interface paths {
         };
         options?: never;
         head?: never;
-        /** Rename a project: {"name": ...}. */
+        /** Rename a project or change its description: {"name"?: ..., "description"?: ...}. */
         patch: {
             parameters: {
                 query?: never;
@@ -1188,7 +1188,7 @@ export interface paths {
             };
             requestBody: {
                 content: {
-                    "application/json": components["schemas"]["ProjectBody"];
+                    "application/json": components["schemas"]["ProjectChange"];
                 };
             };
             responses: {
@@ -2437,7 +2437,7 @@ export interface paths {
                         [name: string]: unknown;
                     };
                     content: {
-                        "application/json": components["schemas"]["Job"];
+                        "application/json": components["schemas"]["JobView"];
                     };
                 };
                 /** @description Missing or wrong bearer token */
@@ -3909,12 +3909,29 @@ export interface components {
             /** @description Its URLs. */
             urls: string[];
         };
-        /** @description A job record. */
-        Job: {
+        /** @description The answer of `GET /api/jobs`. */
+        JobList: {
+            /** @description This page's items. */
+            jobs: components["schemas"]["JobView"][];
+            /** @description Where the page lies in the whole list. */
+            pagination: components["schemas"]["Pagination"];
+        };
+        /** @description Where a job is in its life. */
+        JobStatus: "pending" | "running" | "completed" | "failed" | "canceled";
+        /**
+         * @description A job as the API answers it: the record, plus the seed's names for three of its fields
+         *     (Geti Inspect's API says `start_time`, `end_time` and `message`; its database
+         *     `started_at`, `completed_at` and `error_message`), so clients written for either find them.
+         */
+        JobView: {
+            /** @description The same as `end_time`. */
+            completed_at?: string | null;
             /** @description Submission time. */
             created_at: string;
             /** @description When it ended. */
             end_time?: string | null;
+            /** @description `message` when the job failed; null otherwise. */
+            error_message?: string | null;
             /** @description UUID. */
             id: string;
             /** @description Why it failed, or what it produced. */
@@ -3934,20 +3951,13 @@ export interface components {
             stage?: string | null;
             /** @description When it started running. */
             start_time?: string | null;
+            /** @description The same as `start_time`. */
+            started_at?: string | null;
             /** @description Status. */
             status: components["schemas"]["JobStatus"];
             /** @description Always `training` for now. */
             type: string;
         };
-        /** @description The answer of `GET /api/jobs`. */
-        JobList: {
-            /** @description This page's items. */
-            jobs: components["schemas"]["Job"][];
-            /** @description Where the page lies in the whole list. */
-            pagination: components["schemas"]["Pagination"];
-        };
-        /** @description Where a job is in its life. */
-        JobStatus: "pending" | "running" | "completed" | "failed" | "canceled";
         /** @description Latency percentiles in milliseconds. */
         LatencySummary: {
             /**
@@ -4212,6 +4222,8 @@ export interface components {
         /** @description Body of create and update. */
         PipelineBody: {
             /** @default null */
+            device?: string | null;
+            /** @default null */
             graph?: unknown;
             /** @default null */
             model_id?: string | null;
@@ -4234,6 +4246,11 @@ export interface components {
         PipelineView: {
             /** @description Creation time. */
             created_at: string;
+            /**
+             * @description Assembled form: the OpenVINO device the model runs on (`CPU`, `GPU`, `NPU`, `AUTO`,
+             *     `GPU.1`; see `/api/devices`). Unset: `CPU`.
+             */
+            device?: string | null;
             /** @description A graph: YAML text or a JSON object. */
             graph?: unknown;
             /** @description UUID. */
@@ -4293,6 +4310,11 @@ export interface components {
         Project: {
             /** @description Creation time, RFC 3339 UTC. */
             created_at: string;
+            /**
+             * @description What the project inspects (free text, may be empty).
+             * @default
+             */
+            description?: string;
             /** @description UUID. */
             id: string;
             /** @description Display name. */
@@ -4300,9 +4322,28 @@ export interface components {
             /** @description Last change, RFC 3339 UTC. */
             updated_at: string;
         };
-        /** @description Body of `POST /api/projects` and `PATCH /api/projects/{id}`. */
+        /** @description Body of `POST /api/projects`. */
         ProjectBody: {
+            /**
+             * @description What the project inspects (at most 4000 bytes).
+             * @default null
+             */
+            description?: string | null;
+            /** @description 1 to 200 characters. */
             name: string;
+        };
+        /** @description Body of `PATCH /api/projects/{id}`: what changes. */
+        ProjectChange: {
+            /**
+             * @description A new description (at most 4000 bytes; empty clears it).
+             * @default null
+             */
+            description?: string | null;
+            /**
+             * @description A new name (1 to 200 characters).
+             * @default null
+             */
+            name?: string | null;
         };
         /** @description The answer of `GET /api/projects`. */
         ProjectList: {
@@ -4448,6 +4489,12 @@ export interface components {
              * @default mobilenet_v2
              */
             backbone?: components["schemas"]["Backbone"];
+            /**
+             * @description OpenVINO device that extracts the features and scores the validation images: `CPU`,
+             *     `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see `GET /api/devices`.
+             * @default CPU
+             */
+            device?: string;
             /**
              * Format: uint
              * @description Square input size in pixels, a multiple of 32; absent: PaDiM 256, PatchCore the training

@@ -46,6 +46,8 @@ function Builder({ projectId, onCreated }: { projectId: string; onCreated: () =>
   const [modelId, setModelId] = useState("");
   const [sinkIds, setSinkIds] = useState<string[]>([]);
   const [policy, setPolicy] = useState("");
+  const [device, setDevice] = useState("");
+  const devices = useResource(async () => (await must(api.GET("/api/devices"))).inference_devices, []);
   const [graph, setGraph] = useState("");
   const [problem, setProblem] = useState<ApiProblem>();
   const [status, setStatus] = useState<string>();
@@ -62,6 +64,7 @@ function Builder({ projectId, onCreated }: { projectId: string; onCreated: () =>
             model_id: modelId || models.value?.[0]?.id || null,
             sink_ids: sinkIds,
             queue_policy: (policy || null) as Schemas["PipelineBody"]["queue_policy"],
+            device: device || null,
           };
     try {
       const created = await must(
@@ -143,6 +146,21 @@ function Builder({ projectId, onCreated }: { projectId: string; onCreated: () =>
                 ))}
                 {sinks.value?.length === 0 && <a href="#/devices">Add a sink</a>}
               </fieldset>
+              <label>
+                Inference device
+                <select
+                  value={device}
+                  onChange={(e) => setDevice(e.target.value)}
+                  className={fieldError("device") ? "field-error" : undefined}
+                >
+                  <option value="">CPU (default)</option>
+                  {devices.value?.map((d) => (
+                    <option key={d.name} value={d.name}>
+                      {d.name}
+                    </option>
+                  ))}
+                </select>
+              </label>
               <label>
                 When a queue is full
                 <select value={policy} onChange={(e) => setPolicy(e.target.value)}>

@@ -9,6 +9,7 @@ export function Projects() {
     [],
   );
   const [name, setName] = useState("");
+  const [description, setDescription] = useState("");
   const [status, setStatus] = useState<string>();
   const [error, setError] = useState<string>();
 
@@ -16,8 +17,9 @@ export function Projects() {
     event.preventDefault();
     setError(undefined);
     try {
-      const project = await must(api.POST("/api/projects", { body: { name } }));
+      const project = await must(api.POST("/api/projects", { body: { name, description } }));
       setName("");
+      setDescription("");
       setStatus(`Project “${project.name}” created.`);
       location.hash = `#/projects/${project.id}/dataset`;
     } catch (e) {
@@ -35,6 +37,10 @@ export function Projects() {
             Name
             <input value={name} onChange={(e) => setName(e.target.value)} required maxLength={200} />
           </label>
+          <label>
+            Description (optional)
+            <input value={description} onChange={(e) => setDescription(e.target.value)} maxLength={4000} />
+          </label>
           <button type="submit">Create project</button>
         </form>
         {error && <p role="alert" className="error">{error}</p>}
@@ -46,6 +52,7 @@ export function Projects() {
         <thead>
           <tr>
             <th scope="col">Name</th>
+            <th scope="col">Description</th>
             <th scope="col">Created</th>
             <th scope="col">Actions</th>
           </tr>
@@ -109,6 +116,7 @@ function ProjectRow(props: { project: Project; onChange: () => void; setStatus: 
         )}
         {error && <span role="alert" className="error"> {error}</span>}
       </td>
+      <td>{project.description}</td>
       <td>{new Date(project.created_at).toLocaleString()}</td>
       <td className="row">
         <button type="button" className="secondary" onClick={() => setRenaming(true)} aria-label={`Rename ${project.name}`}>
