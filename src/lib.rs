@@ -11,6 +11,7 @@
 //! Operators and the packet types live in the `inspectflow-operators` crate, re-exported here as
 //! [`operators`].
 
+pub mod anomalib;
 pub mod backbone;
 pub mod graph;
 pub mod predictor;

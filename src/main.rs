@@ -103,6 +103,20 @@ enum Command {
         #[arg(long)]
         threshold: Option<f32>,
     },
+    /// Import a model exported by anomalib (OpenVINO IR with an `anomaly_map` output, and its
+    /// metadata.json) as a model package that pipelines, predict and the API serve.
+    ImportAnomalib {
+        /// The exported IR (`model.xml`, with `model.bin` beside it).
+        #[arg(long)]
+        model: PathBuf,
+        /// anomalib's metadata.json (thresholds, min-max normalisation, input transform);
+        /// without it the IR is taken to normalise its own outputs (anomalib 1.x and later).
+        #[arg(long)]
+        metadata: Option<PathBuf>,
+        /// The package directory to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List OpenVINO's inference devices on this machine.
     Devices {
         /// Print JSON instead of a table.
@@ -306,6 +320,24 @@ fn main() -> ExitCode {
             }
         },
         Command::Backbones { action } => backbones(action),
+        Command::ImportAnomalib {
+            model,
+            metadata,
+            out,
+        } => report(
+            inspectflow::anomalib::import(&model, metadata.as_deref(), &out)
+                .map(|package| {
+                    println!(
+                        "imported {} as {} (input {}x{}, threshold at raw score {})",
+                        model.display(),
+                        out.display(),
+                        package.manifest.input_size,
+                        package.manifest.input_size,
+                        package.manifest.normalization.threshold
+                    );
+                })
+                .map_err(|e| e.to_string()),
+        ),
     }
 }
 

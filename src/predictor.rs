@@ -35,8 +35,7 @@ impl Predictor {
         }
         let model = LoadedModel::load(&package.model_path(), &CompileOptions::default())
             .map_err(|e| e.to_string())?;
-        let preprocess =
-            crate::train::preprocessor(manifest.input_size).map_err(|e| e.to_string())?;
+        let preprocess = crate::train::preprocessor(manifest).map_err(|e| e.to_string())?;
         let postprocess =
             AnomalyPostprocess::new(&package.id(), manifest.normalization, threshold, 0.0);
         Ok(Self {

@@ -403,3 +403,114 @@ fn server_modules_stay_layered_and_small() {
     }
     assert!(checked >= 10, "{checked} modules");
 }
+
+/// An export shaped like anomalib's (an IR with `anomaly_map` and `pred_score` outputs that
+/// expects ImageNet-style normalised input, and a metadata.json with thresholds, min-max
+/// statistics and an albumentations transform), made here: `import-anomalib` turns it into a
+/// package and `predict` gives exactly the scores and labels the metadata implies.
+#[test]
+fn an_anomalib_export_is_imported_and_scores_as_its_metadata_implies() {
+    use inspectflow::backbone::ir::{IrGraph, Reduction};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let export = dir.path().join("export");
+    std::fs::create_dir_all(&export).expect("export folder");
+    // The "model": the anomaly map is the sum of the normalised channels, the score its maximum.
+    let mut graph = IrGraph::new("anomalib-like");
+    let input = graph.parameter("input", &[1, 3, 32, 32]);
+    let summed = graph.reduce("channel_sum", input, &[1], Reduction::Sum);
+    let map = graph.reshape("map", summed, &[1, 1, 32, 32]);
+    let score = graph.reduce("score", map, &[1, 2, 3], Reduction::Max);
+    graph.result("anomaly_map", map);
+    graph.result("pred_score", score);
+    let xml = export.join("model.xml");
+    graph.write(&xml).expect("IR written");
+    let metadata = export.join("metadata.json");
+    std::fs::write(
+        &metadata,
+        serde_json::json!({
+            "task": "segmentation",
+            "image_threshold": 1.0, "pixel_threshold": 1.0, "min": -6.0, "max": 6.0,
+            "transform": {"__version__": "1.3.1", "transform": {
+                "__class_fullname__": "Compose", "transforms": [
+                    {"__class_fullname__": "Resize", "height": 32, "width": 32},
+                    {"__class_fullname__": "Normalize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "max_pixel_value": 255.0},
+                    {"__class_fullname__": "ToTensorV2"}
+                ]}}
+        })
+        .to_string(),
+    )
+    .expect("metadata written");
+    let package = dir.path().join("imported");
+    let output = binary()
+        .args(["import-anomalib", "--model"])
+        .arg(&xml)
+        .arg("--metadata")
+        .arg(&metadata)
+        .arg("--out")
+        .arg(&package)
+        .output()
+        .expect("import runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Two flat images: (200, 100, 50) normalises to (1.137, -0.431, -1.216), summed -0.510;
+    // white to (2, 2, 2), summed 6. Normalised: (raw - 1) / 12 + 0.5.
+    let images = [
+        ("dim.png", [200u8, 100, 50], -0.5098_f64),
+        ("white.png", [255, 255, 255], 6.0),
+    ];
+    for (name, colour, _) in &images {
+        image::RgbImage::from_pixel(48, 48, image::Rgb(*colour))
+            .save(dir.path().join(name))
+            .expect("image written");
+    }
+    let output = binary()
+        .args(["predict", "--json", "--model"])
+        .arg(&package)
+        .args(images.iter().map(|(name, _, _)| dir.path().join(name)))
+        .output()
+        .expect("predict runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("predict's JSON");
+    let predictions = document["predictions"].as_array().expect("predictions");
+    for ((name, _, raw), prediction) in images.iter().zip(predictions) {
+        let expected = ((raw - 1.0) / 12.0 + 0.5).clamp(0.0, 1.0);
+        let got_raw = prediction["raw_score"].as_f64().expect("raw score");
+        let got = prediction["score"].as_f64().expect("score");
+        assert!(
+            (got_raw - raw).abs() < 1e-3,
+            "{name}: raw {got_raw} vs {raw}"
+        );
+        assert!((got - expected).abs() < 1e-3, "{name}: {got} vs {expected}");
+        let label = if expected >= 0.5 {
+            "Anomalous"
+        } else {
+            "Normal"
+        };
+        assert_eq!(prediction["label"], label, "{name}");
+    }
+
+    // Bad exports are refused naming what is wrong.
+    std::fs::write(&metadata, r#"{"min": 0, "max": 1}"#).expect("metadata rewritten");
+    let output = binary()
+        .args(["import-anomalib", "--model"])
+        .arg(&xml)
+        .arg("--metadata")
+        .arg(&metadata)
+        .arg("--out")
+        .arg(dir.path().join("refused"))
+        .output()
+        .expect("import runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("image_threshold"), "{stderr}");
+    assert!(!dir.path().join("refused").exists(), "nothing half-written");
+}

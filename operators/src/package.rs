@@ -90,6 +90,43 @@ pub struct Manifest {
     pub metrics: serde_json::Value,
     /// Origin of the model.
     pub provenance: Provenance,
+    /// Per-channel normalisation the IR expects on its RGB [0, 1] input; absent: the IR
+    /// normalises inside (inspectflow's own packages). Imported models (anomalib's exports)
+    /// carry their training transform's mean and standard deviation here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_normalization: Option<InputNormalization>,
+}
+
+/// Mean and standard deviation per RGB channel, on values in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InputNormalization {
+    /// Subtracted first.
+    pub mean: [f32; 3],
+    /// Divided by next.
+    pub std: [f32; 3],
+}
+
+/// The `preprocess` parameters a model with this input takes: bilinear resize to the square
+/// input size, RGB in [0, 1], then `input`'s mean and standard deviation when given. Training,
+/// prediction and assembled pipelines all take them from here.
+pub fn preprocess_params(
+    input_size: usize,
+    input: Option<&InputNormalization>,
+) -> serde_json::Value {
+    let mut params =
+        serde_json::json!({"width": input_size, "height": input_size, "resize": "bilinear"});
+    if let Some(input) = input {
+        params["mean"] = serde_json::json!(input.mean);
+        params["std"] = serde_json::json!(input.std);
+    }
+    params
+}
+
+impl Manifest {
+    /// The `preprocess` parameters this package's model takes.
+    pub fn preprocess_params(&self) -> serde_json::Value {
+        preprocess_params(self.input_size, self.input_normalization.as_ref())
+    }
 }
 
 /// A package could not be read or written.

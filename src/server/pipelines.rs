@@ -31,6 +31,7 @@ use super::state::AppState;
 use super::store::PIPELINES;
 use crate::graph::QueuePolicy;
 use crate::graph::{GraphErrors, ValidatedGraph};
+use inspectflow_operators::package::ModelPackage;
 
 /// A stored pipeline.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -423,11 +424,13 @@ async fn assemble(
     let device = record.device.as_deref().unwrap_or("CPU");
     super::system::require_device("device", device).await?;
     let model_dir = Model::dir(&state.data_dir, &model.id);
+    let package = ModelPackage::open(&model_dir)
+        .map_err(|e| invalid(format!("model_id: model {model_id}: {e}")))?;
     let op =
         |kind: EndpointKind, e: &Endpoint| kind.operator(&e.endpoint_type).unwrap_or("invalid");
     let mut nodes = vec![
         json!({"id": "source", "op": op(EndpointKind::Source, &source), "params": source.config}),
-        json!({"id": "preprocess", "op": "preprocess", "params": {"width": model.input_size, "height": model.input_size}}),
+        json!({"id": "preprocess", "op": "preprocess", "params": package.manifest.preprocess_params()}),
         json!({"id": "model", "op": "infer.openvino", "params": {"model": model_dir.join("model.xml"), "device": device}}),
         json!({"id": "verdict", "op": "anomaly", "params": {"model": model_dir, "threshold": model.threshold}}),
         json!({"id": "heatmap", "op": "heatmap", "params": {}}),

@@ -107,15 +107,14 @@ pub fn smooth_and_resize(graph: &mut IrGraph, map: Output, input_size: usize) ->
     (smoothed, full)
 }
 
-/// The `preprocess` parameters every model uses: bilinear resize to the input size, RGB in
-/// [0, 1]. Batch graphs and [`preprocessor`] both take them from here.
+/// The `preprocess` parameters the models training writes take (their IR normalises inside).
 pub fn preprocess_params(input_size: usize) -> serde_json::Value {
-    serde_json::json!({"width": input_size, "height": input_size, "resize": "bilinear"})
+    crate::operators::package::preprocess_params(input_size, None)
 }
 
-/// The preprocessing every model uses, outside a pipeline (`predict`).
-pub fn preprocessor(input_size: usize) -> Result<Preprocess, OpError> {
-    let params: PreprocessParams = serde_json::from_value(preprocess_params(input_size))
+/// A package's preprocessing outside a pipeline (`predict`).
+pub fn preprocessor(manifest: &Manifest) -> Result<Preprocess, OpError> {
+    let params: PreprocessParams = serde_json::from_value(manifest.preprocess_params())
         .map_err(|e| OpError::param("input_size", e.to_string()))?;
     Preprocess::new(params)
 }
@@ -382,6 +381,7 @@ fn train_in(
             seed: config.seed,
             dataset_snapshot: Some(snapshot.id.clone()),
         },
+        input_normalization: None,
     };
     let mut table = evaluation.table()?;
     let package = ModelPackage::create(out, &manifest, |target| {
