@@ -113,10 +113,7 @@ pub fn import(
         }),
         provenance: Provenance {
             inspectflow_version: env!("CARGO_PKG_VERSION").into(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            created_unix_ms: package::unix_millis_now(),
             training_images: 0,
             calibration_images: 0,
             seed: 0,

@@ -69,6 +69,14 @@ pub struct Provenance {
     pub dataset_snapshot: Option<String>,
 }
 
+/// Milliseconds since the Unix epoch now: a package's `created_unix_ms`.
+pub fn unix_millis_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The manifest of a model package.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

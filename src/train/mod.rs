@@ -372,10 +372,7 @@ fn train_in(
         metrics,
         provenance: Provenance {
             inspectflow_version: env!("CARGO_PKG_VERSION").into(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            created_unix_ms: package::unix_millis_now(),
             training_images: training.len(),
             calibration_images: scored.len(),
             seed: config.seed,
