@@ -1569,7 +1569,16 @@ fn a_server_killed_during_uploads_and_training_restarts_consistent() {
         (project, job_id, pipelines)
     };
 
+    // What an upload killed between placing its files and committing its record leaves: a
+    // file no record points to. The restart removes it.
+    let uncommitted = data.join(format!("projects/{project}/media/uncommitted.png"));
+    std::fs::create_dir_all(uncommitted.parent().expect("media folder")).expect("media folder");
+    std::fs::write(&uncommitted, png(8, 8, 40)).expect("planted file");
     let server = Server::start(&data, None);
+    assert!(
+        !uncommitted.exists(),
+        "an uncommitted upload's file is removed"
+    );
     // The pipeline that was running runs again; the stopped and the finished ones do not.
     let [running, stopped, finished] = &pipelines;
     let (status, active) = call(http.get(server.url(&format!("/api/active-pipelines/{running}"))));

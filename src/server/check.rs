@@ -39,7 +39,6 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
         problems.push(error.to_string());
         Vec::new()
     });
-    let mut expected: HashSet<PathBuf> = HashSet::new();
     for item in &media {
         if !projects.contains(&item.project_id) {
             problems.push(format!(
@@ -47,11 +46,7 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
                 item.id, item.project_id
             ));
         }
-        let mut files = vec![item.image_path(data_dir), item.thumbnail_path(data_dir)];
-        if item.has_mask {
-            files.push(item.mask_path(data_dir));
-        }
-        for file in files {
+        for file in files_of(item, data_dir) {
             if !file.is_file() {
                 problems.push(format!(
                     "dangling record: media {} lacks its file {}",
@@ -59,9 +54,12 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
                     file.display()
                 ));
             }
-            expected.insert(file);
         }
     }
+    let expected: HashSet<PathBuf> = media
+        .iter()
+        .flat_map(|item| files_of(item, data_dir))
+        .collect();
     for file in files_under(&data_dir.join("projects")) {
         let name = file
             .file_name()
@@ -150,6 +148,39 @@ fn check_models_and_jobs(
 }
 
 /// Every file under `dir` (none when it does not exist).
+/// The files a media record points to.
+fn files_of(item: &Media, data_dir: &Path) -> Vec<PathBuf> {
+    let mut files = vec![item.image_path(data_dir), item.thumbnail_path(data_dir)];
+    if item.has_mask {
+        files.push(item.mask_path(data_dir));
+    }
+    files
+}
+
+/// Removes media files no record points to: what an upload killed between placing its files and
+/// committing its record left (the record never existed, so nothing can reach them). Runs when
+/// the server starts, before any request is answered; `.partial` files are the sweep's.
+pub(crate) fn remove_uncommitted_uploads(store: &Store, data_dir: &Path) {
+    let Ok(media) = store.all::<Media>(MEDIA) else {
+        // Unreadable records: keep every file; check-db reports the problem.
+        return;
+    };
+    let expected: HashSet<PathBuf> = media
+        .iter()
+        .flat_map(|item| files_of(item, data_dir))
+        .collect();
+    for file in files_under(&data_dir.join("projects")) {
+        let partial = file.extension().is_some_and(|e| e == "partial");
+        if !partial && !expected.contains(&file) {
+            tracing::warn!(
+                "removing {} (its upload was never committed)",
+                file.display()
+            );
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();

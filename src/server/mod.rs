@@ -134,6 +134,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     let shutdown = Arc::clone(&state);
     runtime.block_on(async move {
         sweep_half_written(data_dir);
+        check::remove_uncommitted_uploads(&state.store, data_dir);
         training::JobRunner::recover(&state)?;
         active::restart_kept(&state).await;
         let listener = tokio::net::TcpListener::bind(bind)
