@@ -255,4 +255,29 @@ mod tests {
         let deep = (0..100).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]));
         assert!(find_normalize(&deep, 0).is_none(), "bounded depth");
     }
+
+    #[test]
+    fn hostile_metadata_is_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("metadata.json");
+        let refused = |text: &[u8]| {
+            std::fs::write(&file, text).expect("write");
+            match read_metadata(&file) {
+                Err(error) => error.to_string(),
+                Ok(_) => panic!(
+                    "accepted {:?}",
+                    String::from_utf8_lossy(&text[..text.len().min(60)])
+                ),
+            }
+        };
+        assert!(refused(&vec![b' '; (MAX_METADATA_BYTES + 1) as usize]).contains("at most"));
+        assert!(refused(b"{\"image_threshold\": ").contains("not JSON"));
+        assert!(
+            refused(b"{\"image_threshold\": 1, \"min\": 2, \"max\": 1}").contains("min below max")
+        );
+        assert!(
+            refused(b"{\"image_threshold\": \"high\", \"min\": 0, \"max\": 1}")
+                .contains("image_threshold")
+        );
+    }
 }

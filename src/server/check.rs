@@ -56,10 +56,7 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
             }
         }
     }
-    let expected: HashSet<PathBuf> = media
-        .iter()
-        .flat_map(|item| files_of(item, data_dir))
-        .collect();
+    let expected = expected_files(&media, data_dir);
     for file in files_under(&data_dir.join("projects")) {
         let name = file
             .file_name()
@@ -147,7 +144,6 @@ fn check_models_and_jobs(
     models.len() + jobs.len() + pipelines.len()
 }
 
-/// Every file under `dir` (none when it does not exist).
 /// The files a media record points to.
 fn files_of(item: &Media, data_dir: &Path) -> Vec<PathBuf> {
     let mut files = vec![item.image_path(data_dir), item.thumbnail_path(data_dir)];
@@ -165,10 +161,7 @@ pub(crate) fn remove_uncommitted_uploads(store: &Store, data_dir: &Path) {
         // Unreadable records: keep every file; check-db reports the problem.
         return;
     };
-    let expected: HashSet<PathBuf> = media
-        .iter()
-        .flat_map(|item| files_of(item, data_dir))
-        .collect();
+    let expected = expected_files(&media, data_dir);
     for file in files_under(&data_dir.join("projects")) {
         let partial = file.extension().is_some_and(|e| e == "partial");
         if !partial && !expected.contains(&file) {
@@ -181,6 +174,15 @@ pub(crate) fn remove_uncommitted_uploads(store: &Store, data_dir: &Path) {
     }
 }
 
+/// Every file the media records point to.
+fn expected_files(media: &[Media], data_dir: &Path) -> HashSet<PathBuf> {
+    media
+        .iter()
+        .flat_map(|item| files_of(item, data_dir))
+        .collect()
+}
+
+/// Every file under `dir` (none when it does not exist).
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();

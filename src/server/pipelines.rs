@@ -421,7 +421,10 @@ async fn assemble(
                 .map_err(|_| invalid(format!("sink_ids: sink {sink_id} does not exist")))?,
         );
     }
-    let device = record.device.as_deref().unwrap_or("CPU");
+    let device = record
+        .device
+        .as_deref()
+        .unwrap_or(inspectflow_operators::infer::model::DEFAULT_DEVICE);
     super::system::require_device("device", device).await?;
     let model_dir = Model::dir(&state.data_dir, &model.id);
     let package = ModelPackage::open(&model_dir)

@@ -129,8 +129,7 @@ pub struct TrainConfig {
     pub device: String,
 }
 
-/// The device training runs on unless told otherwise.
-pub const DEFAULT_DEVICE: &str = "CPU";
+use crate::operators::infer::model::DEFAULT_DEVICE;
 
 fn default_device() -> String {
     DEFAULT_DEVICE.into()

@@ -435,7 +435,7 @@ pub fn evaluate_package(
     }
     let scored = score(
         &package.model_path(),
-        super::config::DEFAULT_DEVICE,
+        crate::operators::infer::model::DEFAULT_DEVICE,
         &entries,
         package.manifest.input_size,
         progress,

@@ -103,6 +103,9 @@ pub enum Precision {
     Device,
 }
 
+/// The device inference runs on unless told otherwise (graph files, training, the API).
+pub const DEFAULT_DEVICE: &str = "CPU";
+
 /// Settings for compiling a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompileOptions {
@@ -124,7 +127,7 @@ impl Default for CompileOptions {
     /// One frame at a time on the CPU, latency hint, f32: what tools and training use.
     fn default() -> Self {
         Self {
-            device: "CPU".into(),
+            device: DEFAULT_DEVICE.into(),
             hint: PerformanceHint::Latency,
             threads: None,
             streams: None,

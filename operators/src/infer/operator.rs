@@ -62,7 +62,7 @@ pub struct InferParams {
 }
 
 fn default_device() -> String {
-    "CPU".into()
+    super::model::DEFAULT_DEVICE.into()
 }
 /// The hint when a graph sets none: latency for a node that a live source feeds, throughput
 /// otherwise.
