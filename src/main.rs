@@ -138,6 +138,16 @@ enum Command {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Write the skeleton of the store's next schema revision and register it in the migration
+    /// chain (for developers of inspectflow, in its source tree).
+    CreateDbRevision {
+        /// Short name: lower-case letters, digits and underscores.
+        #[arg(long)]
+        name: String,
+        /// The migration chain's source folder.
+        #[arg(long, default_value = "src/server/migrations")]
+        dir: PathBuf,
+    },
     /// Check the server's store (stopped): schema version, records that do not parse or lack
     /// their files, files without records, half-written files. Exits 1 when anything is wrong.
     CheckDb {
@@ -266,12 +276,26 @@ fn main() -> ExitCode {
         },
         Command::Schemas { out, check } => schemas(&registry, &out, check),
         Command::Migrate { data_dir } => report(
-            inspectflow::server::store::Store::open(&data_dir)
-                .and_then(|store| store.schema_version())
-                .map(|version| {
-                    println!("{}: schema version {version}", data_dir.display());
+            inspectflow::server::store::Store::migrate(&data_dir)
+                .map(|migrated| match migrated.backup {
+                    Some(backup) => println!(
+                        "{}: upgraded from schema version {} to {} (the old store is kept as {})",
+                        data_dir.display(),
+                        migrated.from,
+                        migrated.to,
+                        backup.display()
+                    ),
+                    None => println!("{}: schema version {}", data_dir.display(), migrated.to),
                 })
                 .map_err(|e| format!("{}: {e}", data_dir.display())),
+        ),
+        Command::CreateDbRevision { name, dir } => report(
+            inspectflow::server::migrations::create_revision(&dir, &name).map(|file| {
+                println!(
+                    "wrote {}: fill in its upgrade, then build and test",
+                    file.display()
+                );
+            }),
         ),
         Command::CheckDb { data_dir } => check_db(&data_dir),
         Command::GenApi { target_path } => report(

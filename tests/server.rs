@@ -584,7 +584,7 @@ fn walk(dir: &Path) -> Vec<String> {
 fn migrate_and_check_db_report_the_schema_and_every_inconsistency() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (ok, out) = inspectflow(&["migrate"], dir.path());
-    assert!(ok && out.contains("schema version 1"), "{out}");
+    assert!(ok && out.contains("schema version 2"), "{out}");
     let (ok, out) = inspectflow(&["check-db"], dir.path());
     assert!(ok && out.contains("consistent"), "{out}");
 

@@ -176,6 +176,7 @@ async fn capture(body: CaptureBody, state: Arc<AppState>) -> Result<Response, Re
         format: "png".to_string(),
         size_bytes: png.len() as u64,
         has_mask: false,
+        sha256: None,
         created_at: now(),
         capture: Some(origin),
     };

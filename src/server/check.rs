@@ -1,15 +1,17 @@
 //! `inspectflow check-db`: the store's consistency with the files beside it. It reports the
 //! schema version, records that do not parse, media, models, jobs and pipelines whose project
 //! is gone, media and models whose files are missing (dangling records), files and model
-//! folders no record points to (orphans), half-written `.partial` files and packages, and jobs
-//! still marked running. The server must not be running (redb locks the store).
+//! folders no record points to (orphans), snapshots against their manifests and image blobs,
+//! half-written `.partial` files and packages, and jobs still marked running. The server must not be running (redb locks the store).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::blobs;
 use super::media::Media;
 use super::models::Model;
-use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS, Store};
+use super::snapshot_store::{self, Snapshot};
+use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS, SNAPSHOTS, Store};
 
 /// What `check-db` found.
 pub struct Report {
@@ -70,6 +72,7 @@ pub fn check(data_dir: &Path) -> Result<Report, String> {
     }
     let mut records = projects.len() + media.len();
     records += check_models_and_jobs(&store, data_dir, &projects, &mut problems);
+    records += check_snapshots(&store, data_dir, &projects, &mut problems);
     Ok(Report {
         schema_version: store.schema_version().map_err(|e| e.to_string())?,
         records,
@@ -142,6 +145,69 @@ fn check_models_and_jobs(
         }
     }
     models.len() + jobs.len() + pipelines.len()
+}
+
+/// Snapshots: records against their manifests, manifests against the blobs they name, and
+/// blobs or manifests nothing refers to; returns how many records it checked.
+fn check_snapshots(
+    store: &Store,
+    data_dir: &Path,
+    projects: &HashSet<String>,
+    problems: &mut Vec<String>,
+) -> usize {
+    let snapshots: Vec<Snapshot> = store.all(SNAPSHOTS).unwrap_or_else(|error| {
+        problems.push(error.to_string());
+        Vec::new()
+    });
+    let mut referenced = HashSet::new();
+    let mut manifests = HashSet::new();
+    for snapshot in &snapshots {
+        if !projects.contains(&snapshot.project_id) {
+            problems.push(format!(
+                "dangling record: snapshot {} belongs to project {}, which does not exist",
+                snapshot.id, snapshot.project_id
+            ));
+        }
+        let manifest = snapshot_store::manifest_path(data_dir, &snapshot.id);
+        let rows = match snapshot_store::read_manifest(&manifest) {
+            Ok(rows) => rows,
+            Err(error) => {
+                problems.push(format!(
+                    "dangling record: snapshot {} lacks a readable manifest: {error}",
+                    snapshot.id
+                ));
+                continue;
+            }
+        };
+        manifests.insert(manifest);
+        for hash in rows
+            .iter()
+            .flat_map(|r| std::iter::once(&r.sha256).chain(&r.mask_sha256))
+        {
+            if referenced.insert(hash.clone()) && !blobs::blob_path(data_dir, hash).is_file() {
+                problems.push(format!(
+                    "dangling record: snapshot {} lacks its image {}",
+                    snapshot.id,
+                    blobs::blob_path(data_dir, hash).display()
+                ));
+            }
+        }
+    }
+    for file in files_under(&data_dir.join("snapshots")) {
+        if !manifests.contains(&file) {
+            problems.push(format!("orphan file (no snapshot): {}", file.display()));
+        }
+    }
+    for file in blobs::blob_files(data_dir) {
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !referenced.contains(&name) {
+            problems.push(format!("orphan image (no snapshot): {}", file.display()));
+        }
+    }
+    snapshots.len()
 }
 
 /// The files a media record points to.

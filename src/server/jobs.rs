@@ -18,8 +18,9 @@ use warp::{Filter, Rejection, Reply};
 use super::http::{ApiError, ProjectPage, action, blocking, listing, now, paginate};
 use super::media::Media;
 use super::projects::Project;
+use super::snapshot_store::Snapshot;
 use super::state::AppState;
-use super::store::{JOBS, MEDIA, PROJECTS};
+use super::store::{JOBS, MEDIA, PROJECTS, SNAPSHOTS};
 use super::training::{log_path, submit, until_final};
 use crate::train::{Architecture, TrainConfig};
 
@@ -74,6 +75,11 @@ pub struct TrainRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 200))]
     pub name: Option<String>,
+    /// The dataset snapshot to train on (`/api/snapshots/{id}`, of the same project); default:
+    /// a snapshot of the project's media when the job starts (an unchanged dataset reuses its
+    /// newest one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_snapshot_id: Option<String>,
     /// The training settings.
     #[serde(flatten)]
     pub config: TrainConfig,
@@ -99,8 +105,21 @@ impl TrainRequest {
                 ));
             }
         };
+        let dataset_snapshot_id = match fields.remove("dataset_snapshot_id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(id)) if !id.is_empty() && id.len() <= 100 => Some(id),
+            Some(_) => {
+                return Err(invalid(
+                    "dataset_snapshot_id: must be a snapshot id (a string)".into(),
+                ));
+            }
+        };
         let config = TrainConfig::from_json(&serde_json::Value::Object(fields)).map_err(invalid)?;
-        Ok(Self { name, config })
+        Ok(Self {
+            name,
+            dataset_snapshot_id,
+            config,
+        })
     }
 }
 
@@ -333,25 +352,43 @@ async fn start_training(
     let payload = TrainRequest::from_body(body)?;
     super::system::require_device("device", &payload.config.device).await?;
     let key = project_id.clone();
-    let (project, normal) = blocking(&state, move |store| {
+    let snapshot_id = payload.dataset_snapshot_id.clone();
+    let (project, normal, snapshot) = blocking(&state, move |store| {
         let project = store.get::<Project>(PROJECTS, &key)?;
+        let snapshot = match &snapshot_id {
+            Some(id) => Some(store.get::<Snapshot>(SNAPSHOTS, id)?),
+            None => None,
+        };
         let media: Vec<Media> = store.all(MEDIA)?;
         let normal = media
             .iter()
             .filter(|m| m.project_id == key && m.label == "normal")
             .count();
-        Ok((project, normal))
+        Ok((project, normal, snapshot))
     })
     .await?;
     if project.is_none() {
         return Err(ApiError::not_found("project", &project_id));
     }
+    let (normal, what) = match snapshot {
+        None => (normal, "the project has"),
+        Some(Some(snapshot)) if snapshot.project_id == project_id => {
+            (snapshot.count - snapshot.anomalous, "the snapshot has")
+        }
+        Some(_) => {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "dataset_snapshot_id: project {project_id} has no snapshot {}",
+                    payload.dataset_snapshot_id.unwrap_or_default()
+                ),
+            ));
+        }
+    };
     if normal < MIN_NORMAL_IMAGES {
         return Err(ApiError::reject(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the project has {normal} normal images; training needs at least {MIN_NORMAL_IMAGES}"
-            ),
+            format!("{what} {normal} normal images; training needs at least {MIN_NORMAL_IMAGES}"),
         ));
     }
     let job = Job {

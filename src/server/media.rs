@@ -51,6 +51,9 @@ pub struct Media {
     pub size_bytes: u64,
     /// Whether a mask was uploaded with it.
     pub has_mask: bool,
+    /// SHA-256 of the image file, hex: its key in dataset snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// Upload time, RFC 3339 UTC.
     pub created_at: String,
     /// Where it came from when it was captured from a running pipeline (`/api/captures`).
@@ -355,6 +358,7 @@ async fn upload(
         format: format.to_string(),
         size_bytes: bytes.len() as u64,
         has_mask: form.mask.is_some(),
+        sha256: None,
         created_at: now(),
         capture: None,
     };
@@ -368,11 +372,12 @@ async fn upload(
 /// its files, and an upload racing the project's deletion answers 404 and leaves nothing behind.
 pub(crate) async fn save(
     state: &Arc<AppState>,
-    media: Media,
+    mut media: Media,
     bytes: Vec<u8>,
     decoded: &image::DynamicImage,
     mask: Option<Vec<u8>>,
 ) -> Result<Media, Rejection> {
+    media.sha256 = Some(super::blobs::sha256_hex(&bytes));
     let mut thumbnail = Vec::new();
     decoded
         .thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE)

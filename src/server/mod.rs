@@ -2,7 +2,7 @@
 //!
 //! Layers, bottom up (a module imports only from the layers below it):
 //! 1. the store, state and HTTP helpers: [`store`] (the redb database, a table per resource,
-//!    JSON records, schema version), [`state`] (what every handler shares), [`http`] (the error
+//!    JSON records, schema version) with its revision chain in [`migrations`], [`state`] (what every handler shares), [`http`] (the error
 //!    contract, paging, JSON bodies and replies) and [`openapi`] (the route documentation types
 //!    and the generated description);
 //! 2. one module per resource, each with its routes and their documentation: [`system`]
@@ -11,7 +11,9 @@
 //!    cancel) run by the worker in [`training`], [`models`] (`:predict`, `:export`,
 //!    thresholds), [`endpoints`] (sources and sinks as stored operator configurations),
 //!    [`pipelines`] (stored ones), [`active`] (the running ones, with metrics) over the table of
-//!    runs in [`running`], [`preview`] (their live view as MJPEG) and `webrtc` (as WebRTC), [`snapshots`] (the Parquet dataset snapshots training writes) and
+//!    runs in [`running`], [`preview`] (their live view as MJPEG) and `webrtc` (as WebRTC), [`snapshots`] (dataset
+//!    snapshots, kept with their images by [`snapshot_store`], downloaded and imported as
+//!    [`snapshot_file`]) and
 //!    [`captures`] (a running pipeline's current frame saved as a project image);
 //! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors.
 //!
@@ -22,6 +24,7 @@
 
 pub mod active;
 #[cfg(feature = "gstreamer")]
+pub mod blobs;
 pub mod broadcast;
 pub mod captures;
 pub mod check;
@@ -29,6 +32,7 @@ pub mod endpoints;
 pub mod http;
 pub mod jobs;
 pub mod media;
+pub mod migrations;
 pub mod models;
 pub mod openapi;
 pub mod pipelines;
@@ -38,6 +42,8 @@ pub mod router;
 pub mod running;
 #[cfg(feature = "gstreamer")]
 pub mod sdp;
+pub mod snapshot_file;
+pub mod snapshot_store;
 pub mod snapshots;
 pub mod state;
 pub mod store;
@@ -99,6 +105,16 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     #[cfg(not(feature = "gstreamer"))]
     let _ = webrtc;
     let data_dir = data_dir.as_path();
+    let migrated = store::Store::migrate(data_dir)
+        .map_err(|e| format!("cannot open the store in {}: {e}", data_dir.display()))?;
+    if let Some(backup) = &migrated.backup {
+        tracing::info!(
+            "upgraded the store from schema version {} to {} (the old one is kept as {})",
+            migrated.from,
+            migrated.to,
+            backup.display()
+        );
+    }
     let store = store::Store::open(data_dir)
         .map_err(|e| format!("cannot open the store in {}: {e}", data_dir.display()))?;
     path_roots.insert(0, data_dir.to_path_buf());
@@ -135,6 +151,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     runtime.block_on(async move {
         sweep_half_written(data_dir);
         check::remove_uncommitted_uploads(&state.store, data_dir);
+        snapshot_store::sweep(&state.store, data_dir);
         training::JobRunner::recover(&state)?;
         active::restart_kept(&state).await;
         let listener = tokio::net::TcpListener::bind(bind)

@@ -12,8 +12,9 @@ use warp::{Filter, Rejection, Reply};
 use super::http::{ApiError, Page, blocking, json_body, json_reply, listing, now, ok, paginate};
 use super::jobs::Job;
 use super::openapi::{Content, RouteDoc, schema_of};
+use super::snapshot_store::Snapshot;
 use super::state::AppState;
-use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS};
+use super::store::{JOBS, MEDIA, MODELS, PIPELINES, PROJECTS, SNAPSHOTS};
 
 /// A project: the unit that owns media, models, pipelines and jobs.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -256,6 +257,7 @@ async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Re
         Deleted {
             models: Vec<super::models::Model>,
             jobs: Vec<Job>,
+            snapshots: Vec<String>,
         },
         Missing,
         Busy(String),
@@ -287,8 +289,21 @@ async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Re
             for job in &jobs {
                 tx.remove(JOBS, &job.id)?;
             }
+            let snapshots: Vec<Snapshot> = tx.all(SNAPSHOTS)?;
+            let snapshots: Vec<String> = snapshots
+                .into_iter()
+                .filter(|s| s.project_id == key)
+                .map(|s| s.id)
+                .collect();
+            for snapshot in &snapshots {
+                tx.remove(SNAPSHOTS, snapshot)?;
+            }
             tx.remove(PROJECTS, &key)?;
-            Ok(Outcome::Deleted { models, jobs })
+            Ok(Outcome::Deleted {
+                models,
+                jobs,
+                snapshots,
+            })
         })
     })
     .await?;
@@ -298,9 +313,15 @@ async fn delete_project(id: String, state: Arc<AppState>) -> Result<Response, Re
             StatusCode::CONFLICT,
             format!("project {id} has job {job} in progress; cancel it first"),
         )),
-        Outcome::Deleted { models, jobs } => {
+        Outcome::Deleted {
+            models,
+            jobs,
+            snapshots,
+        } => {
             let data_dir = state.data_dir.clone();
+            let shared = Arc::clone(&state);
             let _ = tokio::task::spawn_blocking(move || {
+                super::snapshot_store::forget(&shared.store, &data_dir, &snapshots);
                 for model in &models {
                     let _ =
                         std::fs::remove_dir_all(super::models::Model::dir(&data_dir, &model.id));

@@ -1,89 +1,48 @@
-//! Dataset snapshots: the Parquet tables training freezes its dataset into (one row per image:
-//! path, filename, label, mask, split, sha256), kept under `snapshots/` in the data directory
-//! and reused while the dataset does not change. Models name theirs (`dataset_snapshot_id`).
+//! The dataset snapshot routes (the records and files are [`super::snapshot_store`]'s):
 //!
-//! `GET /api/snapshots` lists them, `GET /api/snapshots/{id}` gives one's counts, and
-//! `GET /api/snapshots/{id}/download` answers the Parquet file.
+//! - `POST /api/projects/{id}/snapshots` freezes the project's media now;
+//! - `POST /api/projects/{id}/snapshots:import` takes a downloaded snapshot file back;
+//! - `GET /api/snapshots` (`?project_id=` filters) lists them, `GET /api/snapshots/{id}` gives
+//!   one, `GET /api/snapshots/{id}/download` answers it as one Parquet file with the images;
+//! - `DELETE /api/snapshots/{id}` removes one no model was trained on.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::openapi::{Content, RouteDoc, schema_of};
-use serde::{Deserialize, Serialize};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::http::{ApiError, Page, listing, ok, paginate};
+use super::http::{ApiError, ProjectPage, listing, paginate};
+use super::openapi::{Content, RouteDoc, schema_of};
+use super::snapshot_file::{self, MAX_IMPORT_BYTES};
+use super::snapshot_store::{self, Snapshot, SnapshotError, SnapshotOrigin};
 use super::state::AppState;
-
-/// One snapshot.
-#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct SnapshotInfo {
-    /// Content key of the dataset listing.
-    pub id: String,
-    /// Images in it.
-    pub count: usize,
-    /// Of which labelled anomalous.
-    pub anomalous: usize,
-    /// Size of the Parquet file.
-    pub size_bytes: u64,
-    /// When it was written, RFC 3339 UTC.
-    pub created_at: String,
-}
-
-fn folder(data_dir: &Path) -> PathBuf {
-    data_dir.join("snapshots")
-}
-
-/// The file of snapshot `id`, when `id` is a plain name and the file exists.
-fn file_of(data_dir: &Path, id: &str) -> Option<PathBuf> {
-    let plain = !id.is_empty()
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    let file = folder(data_dir).join(format!("{id}.parquet"));
-    (plain && file.is_file()).then_some(file)
-}
-
-fn describe(file: &Path) -> Result<SnapshotInfo, String> {
-    let entries = crate::train::dataset::read_snapshot(file).map_err(|e| e.to_string())?;
-    let metadata =
-        std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let written_ms = metadata
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64);
-    Ok(SnapshotInfo {
-        id: file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        count: entries.len(),
-        anomalous: entries
-            .iter()
-            .filter(|e| e.label == crate::train::dataset::Label::Anomalous)
-            .count(),
-        size_bytes: metadata.len(),
-        created_at: inspectflow_operators::sink::message::rfc3339_utc(written_ms),
-    })
-}
+use super::store::SNAPSHOTS;
 
 listing!(
     /// The answer of `GET /api/snapshots`.
     SnapshotList,
     snapshots,
-    SnapshotInfo
+    Snapshot
 );
 
 /// The snapshot routes.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
+    let create = warp::path!("api" / "projects" / String / "snapshots")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and_then(create);
+    let import = warp::path!("api" / "projects" / String / "snapshots:import")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(MAX_IMPORT_BYTES))
+        .and(warp::body::bytes())
+        .and(with_state.clone())
+        .and_then(import);
     let list = warp::path!("api" / "snapshots")
         .and(warp::get())
-        .and(warp::query::<Page>())
+        .and(warp::query::<ProjectPage>())
         .and(with_state.clone())
         .and_then(list);
     let get = warp::path!("api" / "snapshots" / String)
@@ -92,17 +51,48 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(get);
     let download = warp::path!("api" / "snapshots" / String / "download")
         .and(warp::get())
-        .and(with_state)
+        .and(with_state.clone())
         .and_then(download);
-    list.or(get).unify().or(download).unify().boxed()
+    let delete = warp::path!("api" / "snapshots" / String)
+        .and(warp::delete())
+        .and(with_state)
+        .and_then(delete);
+    create
+        .or(import)
+        .unify()
+        .or(list)
+        .unify()
+        .or(get)
+        .unify()
+        .or(download)
+        .unify()
+        .or(delete)
+        .unify()
+        .boxed()
 }
 
 /// The routes' documentation.
 pub const DOCS: &[RouteDoc] = &[
     RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/snapshots",
+        summary: "Freeze the project's media (images, labels, masks) into a snapshot; images already held by another snapshot add no bytes.",
+        body: Content::None,
+        ok: (201, Content::Json(schema_of::<Snapshot>)),
+        errors: &[401, 404, 409, 422],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/api/projects/{project_id}/snapshots:import",
+        summary: "Import a snapshot file (as downloaded; or Geti Inspect's image, is_anomalous, filename columns), at most 512 MiB and 100000 images.",
+        body: Content::Binary(&["application/vnd.apache.parquet"]),
+        ok: (201, Content::Json(schema_of::<Snapshot>)),
+        errors: &[401, 404, 413, 422],
+    },
+    RouteDoc {
         method: "get",
         path: "/api/snapshots",
-        summary: "Dataset snapshots (Parquet tables training froze its datasets into), paginated.",
+        summary: "Dataset snapshots, oldest first, paginated; `project_id` filters.",
         body: Content::None,
         ok: (200, Content::Json(schema_of::<SnapshotList>)),
         errors: &[401, 422],
@@ -110,73 +100,140 @@ pub const DOCS: &[RouteDoc] = &[
     RouteDoc {
         method: "get",
         path: "/api/snapshots/{snapshot_id}",
-        summary: "A snapshot: image count, anomalous count, size, time.",
+        summary: "A snapshot: its project, image, anomalous and mask counts, size, origin, time.",
         body: Content::None,
-        ok: (200, Content::Json(schema_of::<SnapshotInfo>)),
+        ok: (200, Content::Json(schema_of::<Snapshot>)),
         errors: &[401, 404],
     },
     RouteDoc {
         method: "get",
         path: "/api/snapshots/{snapshot_id}/download",
-        summary: "The snapshot's Parquet file (path, filename, label, mask, split, sha256 per image).",
+        summary: "The snapshot as one Parquet file: image and mask bytes, is_anomalous, label, filename and sha256 per image.",
         body: Content::None,
         ok: (200, Content::Binary(&["application/vnd.apache.parquet"])),
         errors: &[401, 404],
     },
+    RouteDoc {
+        method: "delete",
+        path: "/api/snapshots/{snapshot_id}",
+        summary: "Delete a snapshot (and the images no other snapshot holds); 409 while a model or a running job uses it.",
+        body: Content::None,
+        ok: (204, Content::None),
+        errors: &[401, 404, 409],
+    },
 ];
 
-async fn list(page: Page, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let dir = folder(&state.data_dir);
-    let snapshots = tokio::task::spawn_blocking(move || {
-        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut snapshots: Vec<SnapshotInfo> = files
-            .iter()
-            .filter_map(|file| describe(file).ok())
-            .collect();
-        snapshots.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
-        snapshots
+fn rejection(error: SnapshotError) -> Rejection {
+    match error {
+        SnapshotError::Store(error) => warp::reject::custom(ApiError::from(error)),
+        SnapshotError::Io(message) => {
+            tracing::error!("snapshot: {message}");
+            ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, message)
+        }
+        SnapshotError::Invalid(message) => {
+            ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, message)
+        }
+        SnapshotError::NotFound { what, id } => ApiError::not_found(what, &id),
+        SnapshotError::Conflict(message) => ApiError::reject(StatusCode::CONFLICT, message),
+    }
+}
+
+/// Runs a snapshot call on the blocking pool.
+async fn run<T: Send + 'static>(
+    state: &Arc<AppState>,
+    call: impl FnOnce(&AppState) -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, Rejection> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || call(&state))
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(rejection)
+}
+
+fn created(snapshot: &Snapshot) -> Response {
+    warp::reply::with_status(warp::reply::json(snapshot), StatusCode::CREATED).into_response()
+}
+
+async fn create(project_id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let snapshot = run(&state, move |state| {
+        snapshot_store::take(
+            &state.store,
+            &state.data_dir,
+            &project_id,
+            SnapshotOrigin::OnDemand,
+        )
     })
-    .await
-    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let (items, pagination) = paginate(snapshots, &page)?;
-    Ok(ok(&SnapshotList {
+    .await?;
+    Ok(created(&snapshot))
+}
+
+async fn import(
+    project_id: String,
+    body: bytes::Bytes,
+    state: Arc<AppState>,
+) -> Result<Response, Rejection> {
+    let snapshot = run(&state, move |state| {
+        snapshot_file::import(&state.store, &state.data_dir, &project_id, &body)
+    })
+    .await?;
+    Ok(created(&snapshot))
+}
+
+async fn list(query: ProjectPage, state: Arc<AppState>) -> Result<Response, Rejection> {
+    let mut snapshots: Vec<Snapshot> = run(&state, |state| Ok(state.store.all(SNAPSHOTS)?)).await?;
+    snapshots.retain(|s| {
+        query
+            .project_id
+            .as_ref()
+            .is_none_or(|id| &s.project_id == id)
+    });
+    snapshots.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let (items, pagination) = paginate(snapshots, &query.page())?;
+    Ok(warp::reply::json(&SnapshotList {
         snapshots: items,
         pagination,
-    }))
+    })
+    .into_response())
+}
+
+async fn find(state: &Arc<AppState>, id: String) -> Result<Snapshot, Rejection> {
+    let key = id.clone();
+    run(state, move |state| Ok(state.store.get(SNAPSHOTS, &key)?))
+        .await?
+        .ok_or_else(|| ApiError::not_found("snapshot", &id))
 }
 
 async fn get(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let file = file_of(&state.data_dir, &id).ok_or_else(|| ApiError::not_found("snapshot", &id))?;
-    let info = tokio::task::spawn_blocking(move || describe(&file))
-        .await
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    Ok(warp::reply::json(&info).into_response())
+    let snapshot = find(&state, id).await?;
+    Ok(warp::reply::json(&snapshot).into_response())
 }
 
 async fn download(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
-    let file = file_of(&state.data_dir, &id).ok_or_else(|| ApiError::not_found("snapshot", &id))?;
-    let bytes = tokio::fs::read(&file)
-        .await
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let snapshot = find(&state, id).await?;
+    let filename = snapshot.filename.clone();
+    let bytes = run(&state, move |state| {
+        snapshot_file::export(&state.data_dir, &snapshot)
+    })
+    .await?;
     let mut response = Response::new(bytes.into());
     response.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,
         warp::http::HeaderValue::from_static("application/vnd.apache.parquet"),
     );
     if let Ok(value) =
-        warp::http::HeaderValue::from_str(&format!("attachment; filename=\"{id}.parquet\""))
+        warp::http::HeaderValue::from_str(&format!("attachment; filename=\"{filename}\""))
     {
         response
             .headers_mut()
             .insert(warp::http::header::CONTENT_DISPOSITION, value);
     }
     Ok(response)
+}
+
+async fn delete(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
+    run(&state, move |state| {
+        snapshot_store::delete(&state.store, &state.data_dir, &id)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

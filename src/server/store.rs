@@ -4,7 +4,8 @@
 //! directory; records point to them.
 //!
 //! Every change is one redb transaction, committed durably before the API answers, so a crash
-//! never leaves half a record.
+//! never leaves half a record. A store written by an older build is brought up to this one's
+//! schema by [`Store::migrate`] (the revision chain in [`super::migrations`]).
 
 use std::path::Path;
 
@@ -13,7 +14,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The schema version this build writes; `inspectflow migrate` brings older stores up to it.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = super::migrations::LATEST;
+
+/// The store's file in a data directory.
+pub const FILE_NAME: &str = "inspectflow.redb";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -34,9 +38,13 @@ pub const SOURCES: Collection = TableDefinition::new("sources");
 pub const SINKS: Collection = TableDefinition::new("sinks");
 /// Pipelines (graphs, or a project's source, model and sinks).
 pub const PIPELINES: Collection = TableDefinition::new("pipelines");
+/// Dataset snapshots (their images are content-addressed files under `blobs/`).
+pub const SNAPSHOTS: Collection = TableDefinition::new("snapshots");
 
 /// Every resource table.
-pub const COLLECTIONS: [Collection; 7] = [PROJECTS, MEDIA, JOBS, MODELS, SOURCES, SINKS, PIPELINES];
+pub const COLLECTIONS: [Collection; 8] = [
+    PROJECTS, MEDIA, JOBS, MODELS, SOURCES, SINKS, PIPELINES, SNAPSHOTS,
+];
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +70,37 @@ pub enum StoreError {
         /// The version found.
         found: u64,
     },
+    /// The store was written by an older inspectflow and must be migrated first.
+    #[error(
+        "the store has schema version {found}, older than this build's {SCHEMA_VERSION}: run `inspectflow migrate`"
+    )]
+    TooOld {
+        /// The version found.
+        found: u64,
+    },
+    /// A revision of the migration chain failed; the store was left as it was.
+    #[error(
+        "migration to schema version {version} ({name}) failed, the store is unchanged: {message}"
+    )]
+    Migration {
+        /// The revision's version.
+        version: u64,
+        /// The revision's name.
+        name: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What [`Store::migrate`] did.
+#[derive(Debug)]
+pub struct Migrated {
+    /// The schema version found (0: a new store).
+    pub from: u64,
+    /// The schema version now.
+    pub to: u64,
+    /// The copy of the store taken before upgrading (none when nothing was upgraded).
+    pub backup: Option<std::path::PathBuf>,
 }
 
 fn db_error(error: impl std::fmt::Display) -> StoreError {
@@ -75,18 +114,79 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store in `data_dir`, creating its tables and recording the schema
-    /// version on first use.
+    /// version on first use. A store of an older schema is refused ([`StoreError::TooOld`]):
+    /// [`Store::migrate`] upgrades it.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| db_error(format!("cannot create {}: {e}", data_dir.display())))?;
-        let path = data_dir.join("inspectflow.redb");
-        let db = Database::create(&path)
-            .map_err(|e| db_error(format!("cannot open {}: {e}", path.display())))?;
-        let store = Self { db };
+        let store = Self::open_any_version(data_dir)?;
         let found = store.schema_version()?;
         if found > SCHEMA_VERSION {
             return Err(StoreError::TooNew { found });
         }
+        if found != 0 && found < SCHEMA_VERSION {
+            return Err(StoreError::TooOld { found });
+        }
+        store.create_tables(found)?;
+        Ok(store)
+    }
+
+    fn open_any_version(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| db_error(format!("cannot create {}: {e}", data_dir.display())))?;
+        let path = data_dir.join(FILE_NAME);
+        let db = Database::create(&path)
+            .map_err(|e| db_error(format!("cannot open {}: {e}", path.display())))?;
+        Ok(Self { db })
+    }
+
+    /// Brings the store in `data_dir` up to this build's schema: a copy of the store is kept as
+    /// `inspectflow.redb.v<old>.backup`, then every revision after the store's version runs in
+    /// ONE write transaction, which commits with the new version or, when a revision fails,
+    /// rolls back and leaves the store exactly as it was. A new store is simply created.
+    pub fn migrate(data_dir: &Path) -> Result<Migrated, StoreError> {
+        let found = Self::open_any_version(data_dir)?.schema_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { found });
+        }
+        if found == 0 || found == SCHEMA_VERSION {
+            Self::open(data_dir)?;
+            return Ok(Migrated {
+                from: found,
+                to: SCHEMA_VERSION,
+                backup: None,
+            });
+        }
+        // The database is closed here, so the copy is of committed state only.
+        let path = data_dir.join(FILE_NAME);
+        let backup = data_dir.join(format!("{FILE_NAME}.v{found}.backup"));
+        std::fs::copy(&path, &backup).map_err(|e| {
+            db_error(format!(
+                "cannot back the store up to {}: {e}",
+                backup.display()
+            ))
+        })?;
+        let store = Self::open_any_version(data_dir)?;
+        store.write(|tx| {
+            for revision in super::migrations::after(found) {
+                (revision.upgrade)(tx, data_dir).map_err(|message| StoreError::Migration {
+                    version: revision.version,
+                    name: revision.name,
+                    message,
+                })?;
+                tx.set_schema_version(revision.version)?;
+            }
+            Ok(())
+        })?;
+        store.create_tables(SCHEMA_VERSION)?;
+        Ok(Migrated {
+            from: found,
+            to: SCHEMA_VERSION,
+            backup: Some(backup),
+        })
+    }
+
+    /// Creates every table (and records the schema version when `found` is 0, a new store).
+    fn create_tables(&self, found: u64) -> Result<(), StoreError> {
+        let store = self;
         let write = store.db.begin_write().map_err(db_error)?;
         {
             let mut meta = write.open_table(META).map_err(db_error)?;
@@ -99,7 +199,7 @@ impl Store {
             }
         }
         write.commit().map_err(db_error)?;
-        Ok(store)
+        Ok(())
     }
 
     /// The schema version recorded in the store (0 for a new one).
@@ -210,6 +310,16 @@ impl Transaction<'_> {
             .open_table(table)
             .map_err(db_error)?
             .insert(id, bytes.as_slice())
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Records `version` as the store's schema version (the migration chain's last step).
+    fn set_schema_version(&self, version: u64) -> Result<(), StoreError> {
+        self.write
+            .open_table(META)
+            .map_err(db_error)?
+            .insert("schema_version", version)
             .map_err(db_error)?;
         Ok(())
     }

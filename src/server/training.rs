@@ -1,5 +1,6 @@
-//! The training worker: runs each queued job as an `inspectflow train` child process on the
-//! project's media (hard-linked into a per-job dataset folder), so a cancel is a kill, a crash
+//! The training worker: runs each queued job as an `inspectflow train` child process on a
+//! dataset snapshot (the one the job names, or one taken of the project's media when it starts;
+//! its images hard-linked into a per-job dataset folder), so a cancel is a kill, a crash
 //! in training cannot take the server down, and the child dies with the server
 //! (`PR_SET_PDEATHSIG`). The job's settings reach the child as a JSON file (`--settings`), its
 //! progress comes back as typed [`TrainEvent`] lines. The package is written to
@@ -17,10 +18,10 @@ use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::http::{blocking, now};
 use super::jobs::{Job, JobStatus};
-use super::media::Media;
 use super::models::Model;
+use super::snapshot_store::{self, Snapshot, SnapshotOrigin};
 use super::state::AppState;
-use super::store::{JOBS, MEDIA, MODELS};
+use super::store::{JOBS, MODELS, SNAPSHOTS};
 use crate::train::TrainEvent;
 
 /// Share of the whole job each training stage takes, in percent (sums to 100).
@@ -295,8 +296,40 @@ impl Log {
     }
 }
 
-/// Links the project's media into a dataset folder, runs `inspectflow train` on it and moves
-/// the package into place.
+/// The job's dataset snapshot: the one it names, else one taken of the project's media now
+/// (recorded in the job's payload, so the snapshot cannot be deleted under it).
+async fn snapshot_of(
+    state: &Arc<AppState>,
+    live: &LiveJob,
+    job: &mut Job,
+) -> Result<Snapshot, Ended> {
+    let failed = |e: String| Ended::Failed(format!("dataset snapshot: {e}"));
+    if let Some(id) = job.payload.dataset_snapshot_id.clone() {
+        let key = id.clone();
+        return blocking(state, move |store| store.get::<Snapshot>(SNAPSHOTS, &key))
+            .await
+            .map_err(|_| failed("cannot read the store".into()))?
+            .ok_or_else(|| failed(format!("snapshot {id} is gone")));
+    }
+    let (shared, project_id) = (Arc::clone(state), job.project_id.clone());
+    let snapshot = tokio::task::spawn_blocking(move || {
+        snapshot_store::take(
+            &shared.store,
+            &shared.data_dir,
+            &project_id,
+            SnapshotOrigin::Training,
+        )
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+    .map_err(|e| failed(e.to_string()))?;
+    job.payload.dataset_snapshot_id = Some(snapshot.id.clone());
+    publish(state, live, job).await;
+    Ok(snapshot)
+}
+
+/// Links the job's dataset snapshot into a dataset folder, runs `inspectflow train` on it and
+/// moves the package into place.
 async fn train(
     state: &Arc<AppState>,
     live: &LiveJob,
@@ -305,21 +338,21 @@ async fn train(
     canceled: &mut watch::Receiver<bool>,
 ) -> Result<Model, Ended> {
     let data_dir = state.data_dir.clone();
-    let project_id = job.project_id.clone();
-    let media: Vec<Media> = blocking(state, |store| store.all(MEDIA))
-        .await
-        .map_err(|_| Ended::Failed("cannot read the project's media".into()))?
-        .into_iter()
-        .filter(|m: &Media| m.project_id == project_id)
-        .collect();
+    let snapshot = snapshot_of(state, live, job).await?;
+    log.line(live, &format!("dataset snapshot {}", snapshot.id))
+        .await;
     let dataset = job_dir(&data_dir, &job.id).join("dataset");
     let folders = {
         let dataset = dataset.clone();
         let data_dir = data_dir.clone();
-        tokio::task::spawn_blocking(move || link_dataset(&data_dir, &media, &dataset))
-            .await
-            .map_err(|e| Ended::Failed(e.to_string()))?
-            .map_err(Ended::Failed)?
+        let manifest = snapshot_store::manifest_path(&data_dir, &snapshot.id);
+        tokio::task::spawn_blocking(move || {
+            let rows = snapshot_store::read_manifest(&manifest).map_err(|e| e.to_string())?;
+            snapshot_store::link_dataset(&data_dir, &rows, &dataset)
+        })
+        .await
+        .map_err(|e| Ended::Failed(e.to_string()))?
+        .map_err(Ended::Failed)?
     };
     log.line(
         live,
@@ -346,7 +379,7 @@ async fn train(
         .arg("--settings")
         .arg(&settings)
         .arg("--snapshots")
-        .arg(data_dir.join("snapshots"))
+        .arg(job_dir(&data_dir, &job.id).join("snapshot-cache"))
         .arg("--out")
         .arg(&out)
         .args(["--progress", "json"])
@@ -373,7 +406,6 @@ async fn train(
     let mut stdout = BufReader::new(stdout).lines();
     let mut stderr = BufReader::new(stderr).lines();
     let mut last_error = None;
-    let mut snapshot_id = None;
     let mut saved_percent = 0u8;
     let mut stdout_open = true;
     let mut stderr_open = true;
@@ -401,7 +433,8 @@ async fn train(
                             live.state.send_replace(job.clone());
                         }
                     }
-                    Some(TrainEvent::Finished { snapshot_id: id }) => snapshot_id = Some(id),
+                    // The CLI's own snapshot is of the job's folder; the model names the server's.
+                    Some(TrainEvent::Finished { .. }) => {}
                     None => {
                         last_error = Some(line.clone());
                         log.line(live, &line).await;
@@ -435,7 +468,7 @@ async fn train(
             model_dir.display()
         ))
     })?;
-    Model::from_package(&model_dir, job, snapshot_id).map_err(|error| {
+    Model::from_package(&model_dir, job, Some(snapshot.id)).map_err(|error| {
         let _ = std::fs::remove_dir_all(&model_dir);
         Ended::Failed(error)
     })
@@ -467,55 +500,4 @@ fn die_with_parent(command: &mut tokio::process::Command) {
             Ok(())
         });
     }
-}
-
-/// The dataset folders of a job.
-struct DatasetFolders {
-    normal_count: usize,
-    anomalous_count: usize,
-}
-
-/// Hard-links (or copies, across file systems) each image into `normal/` or `anomalous/`, and
-/// each mask into `masks/` under the anomalous image's name.
-fn link_dataset(
-    data_dir: &Path,
-    media: &[Media],
-    dataset: &Path,
-) -> Result<DatasetFolders, String> {
-    let _ = std::fs::remove_dir_all(dataset);
-    let mut folders = DatasetFolders {
-        normal_count: 0,
-        anomalous_count: 0,
-    };
-    for folder in ["normal", "anomalous", "masks"] {
-        std::fs::create_dir_all(dataset.join(folder))
-            .map_err(|e| format!("cannot create {}: {e}", dataset.join(folder).display()))?;
-    }
-    for item in media {
-        let image = item.image_path(data_dir);
-        let Some(name) = image.file_name() else {
-            continue;
-        };
-        let folder = if item.label == "anomalous" {
-            folders.anomalous_count += 1;
-            "anomalous"
-        } else {
-            folders.normal_count += 1;
-            "normal"
-        };
-        link(&image, &dataset.join(folder).join(name))?;
-        if item.label == "anomalous" && item.has_mask {
-            link(
-                &item.mask_path(data_dir),
-                &dataset.join("masks").join(format!("{}.png", item.id)),
-            )?;
-        }
-    }
-    Ok(folders)
-}
-
-fn link(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::hard_link(from, to)
-        .or_else(|_| std::fs::copy(from, to).map(|_| ()))
-        .map_err(|e| format!("cannot link {} into the dataset: {e}", from.display()))
 }

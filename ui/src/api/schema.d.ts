@@ -2406,6 +2406,158 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/projects/{project_id}/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Freeze the project's media (images, labels, masks) into a snapshot; images already held by another snapshot add no bytes. */
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    project_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Created */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Snapshot"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Conflicts with the current state (in use, running, ended) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Invalid request field */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/projects/{project_id}/snapshots:import": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Import a snapshot file (as downloaded; or Geti Inspect's image, is_anomalous, filename columns), at most 512 MiB and 100000 images. */
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    project_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/vnd.apache.parquet": string;
+                };
+            };
+            responses: {
+                /** @description Created */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Snapshot"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Body too large */
+                413: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Invalid request field */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/projects/{project_id}/train": {
         parameters: {
             query?: never;
@@ -2802,7 +2954,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Dataset snapshots (Parquet tables training froze its datasets into), paginated. */
+        /** Dataset snapshots, oldest first, paginated; `project_id` filters. */
         get: {
             parameters: {
                 query?: {
@@ -2861,7 +3013,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** A snapshot: image count, anomalous count, size, time. */
+        /** A snapshot: its project, image, anomalous and mask counts, size, origin, time. */
         get: {
             parameters: {
                 query?: never;
@@ -2879,7 +3031,7 @@ export interface paths {
                         [name: string]: unknown;
                     };
                     content: {
-                        "application/json": components["schemas"]["SnapshotInfo"];
+                        "application/json": components["schemas"]["Snapshot"];
                     };
                 };
                 /** @description Missing or wrong bearer token */
@@ -2904,7 +3056,54 @@ export interface paths {
         };
         put?: never;
         post?: never;
-        delete?: never;
+        /** Delete a snapshot (and the images no other snapshot holds); 409 while a model or a running job uses it. */
+        delete: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    snapshot_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description No Content */
+                204: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content?: never;
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Conflicts with the current state (in use, running, ended) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
         options?: never;
         head?: never;
         patch?: never;
@@ -2917,7 +3116,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** The snapshot's Parquet file (path, filename, label, mask, split, sha256 per image). */
+        /** The snapshot as one Parquet file: image and mask bytes, is_anomalous, label, filename and sha256 per image. */
         get: {
             parameters: {
                 query?: never;
@@ -4014,6 +4213,8 @@ export interface components {
             label: string;
             /** @description The project it belongs to. */
             project_id: string;
+            /** @description SHA-256 of the image file, hex: its key in dataset snapshots. */
+            sha256?: string | null;
             /**
              * Format: uint64
              * @description Size of the image file in bytes.
@@ -4412,24 +4613,42 @@ export interface components {
             state: string;
         };
         /** @description One snapshot. */
-        SnapshotInfo: {
+        Snapshot: {
+            /**
+             * Format: uint64
+             * @description Bytes it added to the image store when taken (0 when every image was already held).
+             */
+            added_bytes: number;
             /**
              * Format: uint
              * @description Of which labelled anomalous.
              */
             anomalous: number;
+            /** @description Hash of its rows (image, label, mask): equal datasets have equal keys. */
+            content_key: string;
             /**
              * Format: uint
              * @description Images in it.
              */
             count: number;
-            /** @description When it was written, RFC 3339 UTC. */
+            /** @description When it was taken, RFC 3339 UTC. */
             created_at: string;
-            /** @description Content key of the dataset listing. */
+            /** @description The name of the file `GET /api/snapshots/{id}/download` answers. */
+            filename: string;
+            /** @description UUID (or, for a migrated snapshot, the id models already knew it by). */
             id: string;
             /**
+             * Format: uint
+             * @description Images that have a defect mask.
+             */
+            masks: number;
+            /** @description How it came to be. */
+            origin: components["schemas"]["SnapshotOrigin"];
+            /** @description The project it belongs to. */
+            project_id: string;
+            /**
              * Format: uint64
-             * @description Size of the Parquet file.
+             * @description Bytes of its images and masks.
              */
             size_bytes: number;
         };
@@ -4438,8 +4657,10 @@ export interface components {
             /** @description Where the page lies in the whole list. */
             pagination: components["schemas"]["Pagination"];
             /** @description This page's items. */
-            snapshots: components["schemas"]["SnapshotInfo"][];
+            snapshots: components["schemas"]["Snapshot"][];
         };
+        /** @description How a snapshot came to be. */
+        SnapshotOrigin: "on_demand" | "training" | "import" | "migrated";
         /** @description The answer of `GET /api/sources`. */
         SourceList: {
             /** @description Where the page lies in the whole list. */
@@ -4489,6 +4710,12 @@ export interface components {
              * @default mobilenet_v2
              */
             backbone?: components["schemas"]["Backbone"];
+            /**
+             * @description The dataset snapshot to train on (`/api/snapshots/{id}`, of the same project); default:
+             *     a snapshot of the project's media when the job starts (an unchanged dataset reuses its
+             *     newest one).
+             */
+            dataset_snapshot_id?: string | null;
             /**
              * @description OpenVINO device that extracts the features and scores the validation images: `CPU`,
              *     `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see `GET /api/devices`.
