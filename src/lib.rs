@@ -2,6 +2,7 @@
 //!
 //! - [`backbone`]: importing pretrained backbones (PyTorch checkpoints) into OpenVINO IR;
 //! - [`graph`]: graph files (YAML/JSON), validation with precise errors, schemas, DOT;
+//! - [`onnx`]: exporting a model package's IR as ONNX;
 //! - [`predictor`]: scoring single images with a model package (CLI `predict`, API `:predict`);
 //! - [`roots`]: the folders file and folder parameters must stay in (links resolved);
 //! - [`runtime`]: queues with backpressure policies, one thread per node, metrics;
@@ -14,6 +15,7 @@
 pub mod anomalib;
 pub mod backbone;
 pub mod graph;
+pub mod onnx;
 pub mod predictor;
 pub mod roots;
 pub mod runtime;

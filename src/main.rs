@@ -117,6 +117,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a model package's network as ONNX (the same outputs, read by any ONNX runtime).
+    ExportOnnx {
+        /// The package directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The .onnx file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Store weights as 16-bit floats (half the size).
+        #[arg(long)]
+        fp16: bool,
+    },
     /// List OpenVINO's inference devices on this machine.
     Devices {
         /// Print JSON instead of a table.
@@ -344,6 +356,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Backbones { action } => backbones(action),
+        Command::ExportOnnx { model, out, fp16 } => report(export_onnx(&model, &out, fp16)),
         Command::ImportAnomalib {
             model,
             metadata,
@@ -391,6 +404,26 @@ fn check_db(data_dir: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `export-onnx`: the package's IR as an ONNX file.
+fn export_onnx(model: &std::path::Path, out: &std::path::Path, fp16: bool) -> Result<(), String> {
+    let xml = model.join(inspectflow::operators::package::MODEL_FILE);
+    let text = std::fs::read_to_string(&xml)
+        .map_err(|e| format!("--model: cannot read {}: {e}", xml.display()))?;
+    let weights = std::fs::read(xml.with_extension("bin")).map_err(|e| {
+        format!(
+            "--model: cannot read {}: {e}",
+            xml.with_extension("bin").display()
+        )
+    })?;
+    let onnx =
+        inspectflow::onnx::ir_to_onnx(&text, &weights, inspectflow::onnx::OnnxOptions { fp16 })
+            .map_err(|e| format!("{}: {e}", xml.display()))?;
+    inspectflow::operators::files::write_atomically(out, &onnx)
+        .map_err(|e| format!("--out: cannot write {}: {e}", out.display()))?;
+    println!("wrote {} ({} bytes)", out.display(), onnx.len());
+    Ok(())
 }
 
 fn report(result: Result<(), String>) -> ExitCode {

@@ -178,6 +178,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(action("export"))
         .and(warp::path::end())
         .and(warp::post())
+        .and(warp::query::<ExportQuery>())
         .and(with_state)
         .and_then(export);
     list.or(get)
@@ -238,10 +239,10 @@ pub const DOCS: &[RouteDoc] = &[
     RouteDoc {
         method: "post",
         path: "/api/projects/{project_id}/models/{model_id}:export",
-        summary: "The model package (OpenVINO IR and manifest) as a zip.",
+        summary: "The model package as a zip: `format=openvino` (default; IR and manifest) or `format=onnx` (model.onnx, the same network and outputs, and the manifest), `precision=fp16` for half-size ONNX weights; 422 for an IR operation ONNX export does not convert.",
         body: Content::None,
         ok: (200, Content::Binary(&["application/zip"])),
-        errors: &[401, 404],
+        errors: &[401, 404, 422],
     },
 ];
 
@@ -461,19 +462,53 @@ fn encode_jpeg(frame: &crate::operators::Frame) -> Result<Vec<u8>, String> {
 
 use image::ImageEncoder;
 
-/// `:export`: the package folder as a zip (stored, not deflated: the weights are float data that
-/// deflate barely shrinks), named after the model.
+/// The query of `:export`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    /// `openvino` (default: the package's IR) or `onnx` (`model.onnx` in its place).
+    #[serde(default)]
+    pub format: crate::onnx::ExportFormat,
+    /// `fp16` stores ONNX weights as 16-bit floats (half the size); default `fp32`.
+    #[serde(default)]
+    pub precision: Option<String>,
+}
+
+/// `:export`: the package as a zip (stored, not deflated: the weights are float data that
+/// barely compresses), in the format asked for.
 async fn export(
     project_id: String,
     model_id: String,
+    query: ExportQuery,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
+    let fp16 = match query.precision.as_deref() {
+        None | Some("fp32") => false,
+        Some("fp16") if query.format == crate::onnx::ExportFormat::Onnx => true,
+        Some("fp16") => {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "precision: fp16 is offered for format=onnx",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("precision: {other:?}, expected fp32 or fp16"),
+            ));
+        }
+    };
     let model = model_of(&state, &project_id, &model_id).await?;
     let dir = Model::dir(&state.data_dir, &model.id);
-    let zipped = tokio::task::spawn_blocking(move || zip_folder(&dir))
-        .await
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let format = query.format;
+    let zipped = tokio::task::spawn_blocking(move || {
+        crate::onnx::package_files(&dir, format, crate::onnx::OnnxOptions { fp16 })
+            .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))
+            .and_then(|files| zip_files(files).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e)))
+    })
+    .await
+    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|(status, e)| ApiError::reject(status, e))?;
     let filename: String = model
         .name
         .chars()
@@ -499,24 +534,12 @@ async fn export(
     Ok(response)
 }
 
-fn zip_folder(dir: &Path) -> Result<Vec<u8>, String> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.is_file())
-        .collect();
-    names.sort();
+fn zip_files(files: Vec<(String, Vec<u8>)>) -> Result<Vec<u8>, String> {
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(true);
-    for path in names {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    for (name, bytes) in files {
         writer
             .start_file(name.as_str(), options)
             .and_then(|()| writer.write_all(&bytes).map_err(Into::into))

@@ -1931,7 +1931,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** The model package (OpenVINO IR and manifest) as a zip. */
+        /** The model package as a zip: `format=openvino` (default; IR and manifest) or `format=onnx` (model.onnx, the same network and outputs, and the manifest), `precision=fp16` for half-size ONNX weights; 422 for an IR operation ONNX export does not convert. */
         post: {
             parameters: {
                 query?: never;
@@ -1964,6 +1964,15 @@ export interface paths {
                 };
                 /** @description Not found */
                 404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Invalid request field */
+                422: {
                     headers: {
                         [name: string]: unknown;
                     };
