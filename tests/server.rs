@@ -2379,3 +2379,148 @@ fn training_and_pipelines_run_on_the_chosen_openvino_device() {
         call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
     assert_eq!(status, StatusCode::OK, "{stopped}");
 }
+
+/// Sources and sinks move between servers as YAML (secrets left out, imports checked as creates
+/// are), and `disconnected` ones are placeholders: a pipeline naming a disconnected source is
+/// stored but cannot start until the source gets a type; a disconnected sink receives nothing.
+#[test]
+fn sources_and_sinks_travel_as_yaml_and_disconnected_ones_hold_a_pipeline_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), None);
+    let http = client();
+    let contract = Contract::of(&server, &http);
+    let project = create_project(&http, &server, "line");
+    let images = normal_images(dir.path(), 4, 64);
+    upload_all(&http, &server, &project, &images);
+    let (status, job) = contract.call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "padim", "input_size": 64})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let job_url = server.url(&format!("/api/jobs/{}", job["id"].as_str().expect("id")));
+    let job = poll(&http, &job_url, |job| job["status"] == "completed");
+    let model_id = job["model_id"].as_str().expect("model").to_string();
+
+    // Disconnected: no parameters allowed.
+    let (status, body) = contract.call(http.post(server.url("/api/sources")).json(&json!({
+        "name": "later", "type": "disconnected", "config": {"path": "x"}
+    })));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .starts_with("config")
+    );
+    let (status, source) = contract.call(http.post(server.url("/api/sources")).json(&json!({
+        "name": "later", "type": "disconnected"
+    })));
+    assert_eq!(status, StatusCode::CREATED, "{source}");
+    let source_id = source["id"].as_str().expect("id").to_string();
+    let (_, unplugged) = contract.call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "unplugged", "type": "disconnected"
+    })));
+
+    // A sink as YAML, out and back in; a secret never leaves.
+    let results = dir.path().join("results");
+    let (status, sink) = contract.call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "results", "type": "folder", "config": {"path": results, "create": true}
+    })));
+    assert_eq!(status, StatusCode::CREATED, "{sink}");
+    let sink_id = sink["id"].as_str().expect("id").to_string();
+    let yaml = http
+        .get(server.url(&format!("/api/sinks/{sink_id}:export")))
+        .send()
+        .expect("export")
+        .text()
+        .expect("text");
+    assert!(
+        yaml.contains("type: folder") && yaml.contains("name: results"),
+        "{yaml}"
+    );
+    let (status, copy) = contract.call(
+        http.post(server.url("/api/sinks:import"))
+            .header("content-type", "application/yaml")
+            .body(yaml.clone()),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{copy}");
+    assert_eq!(copy["config"], sink["config"]);
+    assert_ne!(copy["id"], sink["id"]);
+    let (status, hook) = contract.call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "hook", "type": "webhook",
+        "config": {"url": "http://127.0.0.1:9/in", "headers": {"X-Key": "s3cret"}}
+    })));
+    assert_eq!(status, StatusCode::CREATED, "{hook}");
+    let hook_yaml = http
+        .get(server.url(&format!(
+            "/api/sinks/{}:export",
+            hook["id"].as_str().expect("id")
+        )))
+        .send()
+        .expect("export")
+        .text()
+        .expect("text");
+    assert!(
+        hook_yaml.contains("type: webhook")
+            && !hook_yaml.contains("s3cret")
+            && !hook_yaml.contains("headers"),
+        "{hook_yaml}"
+    );
+    for (bad, expected) in [
+        (
+            "name: x\ntype: folder\nconfig: {path: /etc}\n",
+            "config.path",
+        ),
+        ("nme: x\ntype: folder\n", "nme"),
+        ("name: x\ntype: teleporter\n", "type"),
+        ("[unclosed", "request body"),
+    ] {
+        let (status, body) = contract.call(http.post(server.url("/api/sinks:import")).body(bad));
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        let detail = body["detail"].as_str().expect("detail");
+        assert!(detail.contains(expected), "{bad}: {detail}");
+    }
+
+    // A pipeline on the disconnected source is stored, but does not start until it is connected.
+    let (status, pipeline) = contract.call(
+        http.post(server.url(&format!("/api/projects/{project}/pipelines")))
+            .json(&json!({
+                "name": "line 1", "source_id": source_id, "model_id": model_id,
+                "sink_ids": [sink_id, unplugged["id"]]
+            })),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let pipeline_id = pipeline["id"].as_str().expect("id").to_string();
+    let start = || {
+        contract.call(
+            http.post(server.url("/api/active-pipelines"))
+                .json(&json!({"pipeline_id": pipeline_id})),
+        )
+    };
+    let (status, body) = start();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("disconnected")
+    );
+    let folder = images[0].parent().expect("image folder").to_path_buf();
+    let (status, body) = contract.call(
+        http.put(server.url(&format!("/api/sources/{source_id}")))
+            .json(&json!({"name": "later", "type": "images_folder", "config": {"path": folder}})),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = start();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for _ in 0..300 {
+        if index_lines(&results).len() >= images.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(index_lines(&results).len(), images.len());
+    let (status, _) =
+        contract.call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
+    assert_eq!(status, StatusCode::OK);
+}

@@ -17,7 +17,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::http::{ApiError, blocking, json_body, json_reply, now, ok};
 use super::openapi::{Content, RouteDoc, schema_of};
-use super::pipelines::{PipelineRecord, resolve};
+use super::pipelines::{PipelineRecord, Purpose, resolve};
 use super::running::Active;
 use super::state::AppState;
 use super::store::PIPELINES;
@@ -318,7 +318,7 @@ async fn launch(
             "the server is shutting down",
         ));
     }
-    let (graph, uses) = resolve(state, record).await?;
+    let (graph, uses) = resolve(state, record, Purpose::Run).await?;
     let pipeline = state
         .pipelines
         .launch(graph, mode)

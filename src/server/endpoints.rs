@@ -1,7 +1,8 @@
 //! Sources and sinks as stored configurations: `/api/sources` and `/api/sinks`.
 //!
 //! Each record names a type users of the reference system know (`video_file`, `images_folder`,
-//! `usb_camera`, `ip_camera`; `folder`, `webhook`, `mqtt`) and holds the parameters of the
+//! `usb_camera`, `ip_camera`; `folder`, `webhook`, `mqtt`; `disconnected` for either, a
+//! placeholder without parameters) and holds the parameters of the
 //! operator it maps to (`source.video_file`, ..., `sink.mqtt`; see `inspectflow operators` and
 //! `schemas/`). Parameters are validated exactly as a graph file's are, and errors name the
 //! field (`config.path`). Paths must lie under the server's path roots. A source is checked for
@@ -23,6 +24,11 @@ use super::http::{ApiError, Page, blocking, json_body, listing, now, ok, paginat
 use super::state::AppState;
 use super::store::{Collection, SINKS, SOURCES};
 
+/// The type of a source or sink that is not connected to anything yet (no operator, empty
+/// config): a pipeline may name it and be stored, but a pipeline whose source is disconnected
+/// cannot start, and a disconnected sink receives nothing.
+pub const DISCONNECTED: &str = "disconnected";
+
 /// Which of the two resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndpointKind {
@@ -40,7 +46,7 @@ impl EndpointKind {
         }
     }
 
-    fn noun(self) -> &'static str {
+    pub(crate) fn noun(self) -> &'static str {
         match self {
             Self::Source => "source",
             Self::Sink => "sink",
@@ -63,8 +69,8 @@ impl EndpointKind {
 
     fn types(self) -> &'static str {
         match self {
-            Self::Source => "video_file, images_folder, usb_camera, ip_camera",
-            Self::Sink => "folder, webhook, mqtt",
+            Self::Source => "video_file, images_folder, usb_camera, ip_camera, disconnected",
+            Self::Sink => "folder, webhook, mqtt, disconnected",
         }
     }
 }
@@ -76,7 +82,8 @@ pub struct Endpoint {
     pub id: String,
     /// Display name.
     pub name: String,
-    /// `video_file`, `images_folder`, `usb_camera`, `ip_camera`, `folder`, `webhook`, `mqtt`.
+    /// `video_file`, `images_folder`, `usb_camera`, `ip_camera`, `folder`, `webhook`, `mqtt`, or
+    /// [`DISCONNECTED`].
     #[serde(rename = "type")]
     pub endpoint_type: String,
     /// The operator's parameters.
@@ -105,11 +112,11 @@ listing!(
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EndpointBody {
-    name: String,
+    pub(crate) name: String,
     #[serde(rename = "type")]
-    endpoint_type: String,
+    pub(crate) endpoint_type: String,
     #[serde(default = "empty_object")]
-    config: Value,
+    pub(crate) config: Value,
 }
 
 fn empty_object() -> Value {
@@ -290,7 +297,7 @@ async fn get(id: String, kind: EndpointKind, state: Arc<AppState>) -> Result<Res
 }
 
 /// The record as answered: header values and passwords are not sent back.
-fn redacted(mut endpoint: Endpoint) -> Endpoint {
+pub(crate) fn redacted(mut endpoint: Endpoint) -> Endpoint {
     for secret in ["password", "headers"] {
         if let Some(value) = endpoint.config.get_mut(secret)
             && !value.is_null()
@@ -311,7 +318,20 @@ async fn create(
     kind: EndpointKind,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
-    let checked = check(&state, kind, body).await?;
+    let endpoint = add(&state, kind, body).await?;
+    Ok(
+        warp::reply::with_status(warp::reply::json(&redacted(endpoint)), StatusCode::CREATED)
+            .into_response(),
+    )
+}
+
+/// Checks `body` and stores it as a new source or sink.
+pub(crate) async fn add(
+    state: &Arc<AppState>,
+    kind: EndpointKind,
+    body: EndpointBody,
+) -> Result<Endpoint, Rejection> {
+    let checked = check(state, kind, body).await?;
     let now = now();
     let endpoint = Endpoint {
         id: uuid::Uuid::new_v4().to_string(),
@@ -322,14 +342,11 @@ async fn create(
         updated_at: now,
     };
     let stored = endpoint.clone();
-    blocking(&state, move |store| {
+    blocking(state, move |store| {
         store.put(kind.table(), &stored.id, &stored)
     })
     .await?;
-    Ok(
-        warp::reply::with_status(warp::reply::json(&redacted(endpoint)), StatusCode::CREATED)
-            .into_response(),
-    )
+    Ok(endpoint)
 }
 
 async fn update(
@@ -389,6 +406,14 @@ async fn check(
     let name = body.name.trim().to_string();
     if name.is_empty() || name.len() > 200 {
         return Err(invalid("name: must be 1 to 200 characters".into()));
+    }
+    if body.endpoint_type == DISCONNECTED {
+        if body.config.as_object().is_none_or(|c| !c.is_empty()) {
+            return Err(invalid(
+                "config: a disconnected source or sink takes no parameters ({})".into(),
+            ));
+        }
+        return Ok(EndpointBody { name, ..body });
     }
     let Some(operator) = kind.operator(&body.endpoint_type) else {
         return Err(invalid(format!(

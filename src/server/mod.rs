@@ -9,7 +9,8 @@
 //!    (`/health`, `/api/devices`, `/api/openapi.json`), [`projects`], [`media`] (uploads with
 //!    labels and masks, thumbnails, downloads), [`jobs`] (training jobs with progress, logs and
 //!    cancel) run by the worker in [`training`], [`models`] (`:predict`, `:export`,
-//!    thresholds), [`endpoints`] (sources and sinks as stored operator configurations),
+//!    thresholds), [`endpoints`] (sources and sinks as stored operator configurations; as YAML
+//!    files in [`endpoint_yaml`]),
 //!    [`pipelines`] (stored ones), [`active`] (the running ones, with metrics) over the table of
 //!    runs in [`running`], [`preview`] (their live view as MJPEG) and `webrtc` (as WebRTC), [`snapshots`] (dataset
 //!    snapshots, kept with their images by [`snapshot_store`], downloaded and imported as
@@ -28,6 +29,7 @@ pub mod blobs;
 pub mod broadcast;
 pub mod captures;
 pub mod check;
+pub mod endpoint_yaml;
 pub mod endpoints;
 pub mod http;
 pub mod jobs;

@@ -67,6 +67,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteDoc> {
         super::jobs::DOCS,
         super::models::DOCS,
         super::endpoints::DOCS,
+        super::endpoint_yaml::DOCS,
         super::pipelines::DOCS,
         super::active::DOCS,
         super::preview::DOCS,

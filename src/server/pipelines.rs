@@ -20,7 +20,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::endpoints::{Endpoint, EndpointKind, endpoint};
+use super::endpoints::{DISCONNECTED, Endpoint, EndpointKind, endpoint};
 use super::http::{
     ApiError, Page, blocking, json_body, listing, now, ok, paginate, put_in_project,
 };
@@ -273,7 +273,7 @@ async fn create(
 
 /// Checks a record (its graph, or what it assembles) and stores it, if its project still exists.
 async fn save(state: &Arc<AppState>, record: &PipelineRecord) -> Result<(), Rejection> {
-    resolve(state, record).await?;
+    resolve(state, record, Purpose::Store).await?;
     put_in_project(
         state,
         &record.project_id,
@@ -332,11 +332,22 @@ fn refuse_running(state: &AppState, id: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Why a record is resolved into a graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// To check it before storing: a disconnected source stands in as a placeholder, so the rest
+    /// (model, sinks, device) is still checked.
+    Store,
+    /// To run it: a disconnected source is a 409.
+    Run,
+}
+
 /// Turns a record into a validated graph (named after the pipeline's id, which labels its
 /// metrics and messages) and what it uses.
 pub(crate) async fn resolve(
     state: &Arc<AppState>,
     record: &PipelineRecord,
+    purpose: Purpose,
 ) -> Result<(ValidatedGraph, Uses), Rejection> {
     let invalid = |message: String| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, message);
     if record.name.is_empty() || record.name.len() > 200 {
@@ -362,7 +373,7 @@ pub(crate) async fn resolve(
             ));
         }
         (None, _) => {
-            let (graph, uses) = assemble(state, record).await?;
+            let (graph, uses) = assemble(state, record, purpose).await?;
             (graph.to_string(), true, uses)
         }
     };
@@ -393,6 +404,7 @@ fn graph_errors(errors: GraphErrors) -> Rejection {
 async fn assemble(
     state: &Arc<AppState>,
     record: &PipelineRecord,
+    purpose: Purpose,
 ) -> Result<(Value, Uses), Rejection> {
     let invalid = |message: String| ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, message);
     let (Some(source_id), Some(model_id)) = (&record.source_id, &record.model_id) else {
@@ -431,8 +443,24 @@ async fn assemble(
         .map_err(|e| invalid(format!("model_id: model {model_id}: {e}")))?;
     let op =
         |kind: EndpointKind, e: &Endpoint| kind.operator(&e.endpoint_type).unwrap_or("invalid");
+    let source_node = match (source.endpoint_type == DISCONNECTED, purpose) {
+        (false, _) => {
+            json!({"id": "source", "op": op(EndpointKind::Source, &source), "params": source.config})
+        }
+        (true, Purpose::Store) => {
+            json!({"id": "source", "op": "source.synthetic", "params": {"width": 64, "height": 64}})
+        }
+        (true, Purpose::Run) => {
+            return Err(ApiError::reject(
+                StatusCode::CONFLICT,
+                format!(
+                    "source_id: source {source_id} is disconnected; give it a type (PUT /api/sources/{source_id}) before starting the pipeline"
+                ),
+            ));
+        }
+    };
     let mut nodes = vec![
-        json!({"id": "source", "op": op(EndpointKind::Source, &source), "params": source.config}),
+        source_node,
         json!({"id": "preprocess", "op": "preprocess", "params": package.manifest.preprocess_params()}),
         json!({"id": "model", "op": "infer.openvino", "params": {"model": model_dir.join("model.xml"), "device": device}}),
         json!({"id": "verdict", "op": "anomaly", "params": {"model": model_dir, "threshold": model.threshold}}),
@@ -452,6 +480,9 @@ async fn assemble(
         edge("heatmap", "jpeg"),
     ];
     for (index, sink) in sinks.iter().enumerate() {
+        if sink.endpoint_type == DISCONNECTED {
+            continue; // Receives nothing.
+        }
         let id = format!("sink{}", index + 1);
         nodes.push(json!({"id": id, "op": op(EndpointKind::Sink, sink), "params": sink.config}));
         edges.push(edge("jpeg", &id));

@@ -38,6 +38,16 @@ pub fn routes(
             EndpointKind::Sink,
         ))
         .unify()
+        .or(super::endpoint_yaml::routes(
+            Arc::clone(&state),
+            EndpointKind::Source,
+        ))
+        .unify()
+        .or(super::endpoint_yaml::routes(
+            Arc::clone(&state),
+            EndpointKind::Sink,
+        ))
+        .unify()
         .or(super::pipelines::routes(Arc::clone(&state)))
         .unify()
         .or(super::active::routes(Arc::clone(&state)))

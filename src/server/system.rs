@@ -28,6 +28,21 @@ pub struct CameraDevice {
     /// Always `usb_camera`.
     #[serde(rename = "type")]
     pub camera_type: String,
+    /// Its name as the driver gives it (empty when unknown).
+    pub name: String,
+    /// What it can deliver: pixel format, size and frame rates (empty when unknown).
+    pub modes: Vec<CameraMode>,
+}
+
+#[cfg(feature = "gstreamer")]
+use inspectflow_operators::video::devices::CameraMode;
+
+/// One way a camera can deliver frames (this build has no GStreamer to ask).
+#[cfg(not(feature = "gstreamer"))]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CameraMode {
+    /// The pixel format.
+    pub format: String,
 }
 
 /// The answer of `/api/devices`.
@@ -89,27 +104,51 @@ async fn list_devices() -> Result<Response, Rejection> {
             .await
             .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let mut cameras: Vec<CameraDevice> = std::fs::read_dir("/dev")
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok())
-                .filter_map(|entry| {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let index: u32 = name.strip_prefix("video")?.parse().ok()?;
-                    Some(CameraDevice {
-                        index,
-                        path: format!("/dev/{name}"),
-                        camera_type: "usb_camera".into(),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    cameras.sort_by_key(|camera| camera.index);
+    let cameras = tokio::task::spawn_blocking(cameras)
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(ok(&Devices {
         inference_devices: inference,
         cameras,
     }))
+}
+
+/// The `/dev/videoN` devices, named by the kernel (`/sys/class/video4linux`) and described by
+/// GStreamer's device monitor where it knows them.
+fn cameras() -> Vec<CameraDevice> {
+    let Ok(entries) = std::fs::read_dir("/dev") else {
+        return Vec::new();
+    };
+    let mut cameras: Vec<CameraDevice> = entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let index: u32 = file.strip_prefix("video")?.parse().ok()?;
+            let name = std::fs::read_to_string(format!("/sys/class/video4linux/{file}/name"))
+                .map(|n| n.trim().to_string())
+                .unwrap_or_default();
+            Some(CameraDevice {
+                index,
+                path: format!("/dev/{file}"),
+                camera_type: "usb_camera".into(),
+                name,
+                modes: Vec::new(),
+            })
+        })
+        .collect();
+    cameras.sort_by_key(|camera| camera.index);
+    #[cfg(feature = "gstreamer")]
+    if !cameras.is_empty() {
+        for described in inspectflow_operators::video::devices::describe_cameras() {
+            if let Some(camera) = cameras.iter_mut().find(|c| c.path == described.path) {
+                if camera.name.is_empty() {
+                    camera.name = described.name;
+                }
+                camera.modes = described.modes;
+            }
+        }
+    }
+    cameras
 }
 
 /// Answers 422 naming `field` unless OpenVINO has `device` on this machine (the check that

@@ -9,9 +9,11 @@
 //!
 //! - [`file`] has `source.video_file`;
 //! - [`camera`] has `source.ip_camera` and `source.usb_camera`, which reconnect with backoff;
+//! - [`devices`] lists the cameras with their names and modes;
 //! - [`h264`] has `encode.h264` and `sink.video_file`.
 
 pub mod camera;
+pub mod devices;
 pub mod file;
 pub mod h264;
 

@@ -2956,6 +2956,129 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/sinks/{sink_id}:export": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The sink as YAML (name, type, config), secrets left out. */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    sink_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/yaml": string;
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/sinks:import": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Create a sink from YAML (name, type, config; at most 64 KiB), checked as POST /api/sinks checks. */
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/yaml": string;
+                };
+            };
+            responses: {
+                /** @description Created */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Endpoint"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Body too large */
+                413: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Invalid request field */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/snapshots": {
         parameters: {
             query?: never;
@@ -3476,6 +3599,129 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/sources/{source_id}:export": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The source as YAML (name, type, config), secrets left out. */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    source_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/yaml": string;
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/sources:import": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Create a source from YAML (name, type, config; at most 64 KiB), checked as POST /api/sources checks. */
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/yaml": string;
+                };
+            };
+            responses: {
+                /** @description Created */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Endpoint"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Body too large */
+                413: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Invalid request field */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/trainable-models": {
         parameters: {
             query?: never;
@@ -3985,10 +4231,31 @@ export interface components {
              * @description The N of `/dev/videoN`.
              */
             index: number;
+            /** @description What it can deliver: pixel format, size and frame rates (empty when unknown). */
+            modes: components["schemas"]["CameraMode"][];
+            /** @description Its name as the driver gives it (empty when unknown). */
+            name: string;
             /** @description Its path, as `source.usb_camera` takes it. */
             path: string;
             /** @description Always `usb_camera`. */
             type: string;
+        };
+        /** @description One way a camera can deliver frames. */
+        CameraMode: {
+            /** @description The pixel format: GStreamer's raw format name (`YUY2`, `NV12`, ...) or `MJPG` for JPEG. */
+            format: string;
+            /** @description Frame rates as fractions (`30/1`), or a range (`5/1-30/1`). */
+            framerates: string[];
+            /**
+             * Format: uint32
+             * @description Height in pixels.
+             */
+            height: number;
+            /**
+             * Format: uint32
+             * @description Width in pixels.
+             */
+            width: number;
         };
         /** @description Body of `POST /api/captures`. */
         CaptureBody: {
@@ -4077,7 +4344,10 @@ export interface components {
             id: string;
             /** @description Display name. */
             name: string;
-            /** @description `video_file`, `images_folder`, `usb_camera`, `ip_camera`, `folder`, `webhook`, `mqtt`. */
+            /**
+             * @description `video_file`, `images_folder`, `usb_camera`, `ip_camera`, `folder`, `webhook`, `mqtt`, or
+             *     [`DISCONNECTED`].
+             */
             type: string;
             /** @description Last change. */
             updated_at: string;
