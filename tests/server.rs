@@ -2231,6 +2231,18 @@ fn a_newcomer_walks_the_whole_flow_in_the_web_ui() {
     );
     let (_, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
     let model = &models["models"][0];
+    let (_, snapshots) =
+        call(http.get(server.url(&format!("/api/snapshots?project_id={project}"))));
+    let snapshot = &snapshots["snapshots"][0];
+    assert_eq!(
+        (&snapshot["origin"], &snapshot["count"]),
+        (&json!("on_demand"), &json!(20)),
+        "{snapshots}"
+    );
+    assert_eq!(
+        model["dataset_snapshot_id"], snapshot["id"],
+        "trained on the snapshot the UI chose"
+    );
     let saved = model["threshold"].as_f64().expect("threshold");
     let moved = report["thresholdAfter"].as_f64().expect("moved threshold");
     assert!(

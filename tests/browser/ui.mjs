@@ -75,8 +75,17 @@ try {
   await audit(page, "dataset");
   step(`uploaded ${images.length} images`);
 
-  // Training: PaDiM at 64x64 (quick), followed to completed.
+  // Snapshot the dataset, then train on that snapshot.
+  await page.getByRole("button", { name: "Take snapshot" }).click();
+  await page.getByText(`Snapshot of ${images.length} images taken`).waitFor({ timeout: left() });
+  await page.getByRole("button", { name: /^Download the snapshot of/ }).first().waitFor();
+  step("took a snapshot");
+
+  // Training: PaDiM at 64x64 (quick) on the snapshot, followed to completed.
   await page.getByRole("link", { name: "Training" }).click();
+  const dataset = page.getByLabel("Dataset");
+  await dataset.locator("option", { hasText: "snapshot of" }).first().waitFor({ state: "attached" });
+  await dataset.selectOption({ index: 1 });
   await page.getByLabel("Model family").selectOption("padim");
   await page.getByLabel("input size").fill("64");
   await page.getByRole("button", { name: "Start training" }).click();

@@ -12,6 +12,7 @@ export type Model = Schemas["Model"];
 export type PipelineView = Schemas["PipelineView"];
 export type ActiveStatus = Schemas["ActiveStatus"];
 export type Endpoint = Schemas["Endpoint"];
+export type Snapshot = Schemas["Snapshot"];
 
 /** The API token, when the server asks for one (kept in this browser only). */
 export function token(): string | null {
@@ -88,6 +89,20 @@ export async function uploadMedia(
   const body = await response.json();
   if (!response.ok) throw new ApiProblem(response.status, body.detail ?? response.statusText);
   return body as Media;
+}
+
+/** Fetches a binary answer (with the token) and saves it as `filename`. */
+export async function download(url: string, method: "GET" | "POST", filename: string) {
+  const response = await fetch(url, { method, headers: authHeaders() });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new ApiProblem(response.status, body.detail ?? response.statusText);
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = filename;
+  link.click();
+  URL.revokeObjectURL(link.href);
 }
 
 /** A media file's URL (thumbnails, full images). */

@@ -1,8 +1,8 @@
 // Dataset: the project's images as a labelled thumbnail grid, drag-and-drop upload of normal and
 // anomalous images (with a mask for a single anomalous image), the count towards what training
-// needs, and capture of a frame from a running pipeline.
+// needs, capture of a frame from a running pipeline, and the dataset's snapshots.
 import { useState } from "react";
-import { api, mediaUrl, must, uploadMedia } from "../api/client";
+import { api, download, mediaUrl, must, uploadMedia } from "../api/client";
 import { useResource } from "../api/use";
 
 type Label = "normal" | "anomalous";
@@ -114,6 +114,7 @@ export function Dataset({ projectId }: { projectId: string }) {
         )}
       </section>
       <Capture projectId={projectId} onCaptured={media.reload} />
+      <Snapshots projectId={projectId} />
       {media.error && <p role="alert" className="error">{media.error}</p>}
       <h2>Images</h2>
       <div className="grid">
@@ -194,4 +195,104 @@ function Capture({ projectId, onCaptured }: { projectId: string; onCaptured: () 
       <p role="status">{status}</p>
     </section>
   );
+}
+
+/** The project's snapshots: frozen copies of its images that models stay reproducible with. */
+function Snapshots({ projectId }: { projectId: string }) {
+  const snapshots = useResource(
+    async () =>
+      (await must(api.GET("/api/snapshots", { params: { query: { project_id: projectId, limit: 1000 } } }))).snapshots
+        .slice()
+        .reverse(),
+    [projectId],
+  );
+  const [status, setStatus] = useState<string>();
+
+  async function act(action: () => Promise<string>) {
+    try {
+      setStatus(await action());
+    } catch (e) {
+      setStatus(e instanceof Error ? e.message : String(e));
+    }
+    await snapshots.reload();
+  }
+
+  const take = () =>
+    act(async () => {
+      const taken = await must(
+        api.POST("/api/projects/{project_id}/snapshots", { params: { path: { project_id: projectId } } }),
+      );
+      return `Snapshot of ${taken.count} images taken (${kilobytes(taken.added_bytes)} new).`;
+    });
+  const remove = (id: string) =>
+    act(async () => {
+      await must(api.DELETE("/api/snapshots/{snapshot_id}", { params: { path: { snapshot_id: id } } }));
+      return "Snapshot deleted.";
+    });
+
+  return (
+    <section className="card" aria-labelledby="snapshots">
+      <h2 id="snapshots">Snapshots</h2>
+      <p>
+        A snapshot keeps the images as they are now, so a model trained on it can be trained again after
+        images are deleted. Images shared with earlier snapshots take no extra space.
+      </p>
+      <button type="button" onClick={() => void take()}>
+        Take snapshot
+      </button>
+      <p role="status">{status}</p>
+      {snapshots.value && snapshots.value.length > 0 && (
+        <table>
+          <thead>
+            <tr>
+              <th scope="col">Taken</th>
+              <th scope="col">Images</th>
+              <th scope="col">Anomalous</th>
+              <th scope="col">Size</th>
+              <th scope="col">Origin</th>
+              <th scope="col">Actions</th>
+            </tr>
+          </thead>
+          <tbody>
+            {snapshots.value.map((s) => (
+              <tr key={s.id}>
+                <td>{new Date(s.created_at).toLocaleString()}</td>
+                <td>{s.count}</td>
+                <td>{s.anomalous}</td>
+                <td>{kilobytes(s.size_bytes)}</td>
+                <td>{s.origin.replace("_", " ")}</td>
+                <td>
+                  <button
+                    type="button"
+                    className="secondary"
+                    aria-label={`Download the snapshot of ${new Date(s.created_at).toLocaleString()}`}
+                    onClick={() =>
+                      void act(async () => {
+                        await download(`/api/snapshots/${s.id}/download`, "GET", s.filename);
+                        return `Downloaded ${s.filename}.`;
+                      })
+                    }
+                  >
+                    Download
+                  </button>
+                  <button
+                    type="button"
+                    className="danger"
+                    aria-label={`Delete the snapshot of ${new Date(s.created_at).toLocaleString()}`}
+                    onClick={() => void remove(s.id)}
+                  >
+                    Delete
+                  </button>
+                </td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </section>
+  );
+}
+
+function kilobytes(bytes: number) {
+  return `${(bytes / 1024).toFixed(0)} KB`;
 }

@@ -1,7 +1,8 @@
 // Devices and sources: OpenVINO's devices, the cameras this machine has, and the stored sources
-// and sinks (saving a source checks that it can be reached: the server answers 422 otherwise).
+// and sinks (saving a source checks that it can be reached: the server answers 422 otherwise),
+// each exported as and imported from YAML. A `disconnected` one is a placeholder without settings.
 import { useState } from "react";
-import { ApiProblem, api, must, type Endpoint } from "../api/client";
+import { ApiProblem, api, authHeaders, download, must, type Endpoint } from "../api/client";
 import { useResource } from "../api/use";
 
 const SOURCE_TYPES = {
@@ -9,8 +10,9 @@ const SOURCE_TYPES = {
   images_folder: "path",
   usb_camera: "device",
   ip_camera: "url",
+  disconnected: "",
 } as const;
-const SINK_TYPES = { folder: "path", webhook: "url", mqtt: "host" } as const;
+const SINK_TYPES = { folder: "path", webhook: "url", mqtt: "host", disconnected: "" } as const;
 
 export function Devices() {
   const devices = useResource(async () => must(api.GET("/api/devices")), []);
@@ -68,7 +70,8 @@ function Endpoints({ kind, types }: { kind: "sources" | "sinks"; types: Record<s
     setProblem(undefined);
     let config: Record<string, unknown>;
     try {
-      config = { ...(extra.trim() ? JSON.parse(extra) : {}), [types[type]]: location };
+      config = extra.trim() ? JSON.parse(extra) : {};
+      if (types[type]) config[types[type]] = location;
     } catch {
       setProblem("More settings: not valid JSON");
       return;
@@ -86,6 +89,23 @@ function Endpoints({ kind, types }: { kind: "sources" | "sinks"; types: Record<s
     } catch (e) {
       setProblem(e instanceof ApiProblem ? e.detail : String(e));
     }
+  }
+
+  async function importYaml(file?: File) {
+    if (!file) return;
+    setProblem(undefined);
+    const response = await fetch(`/api/${kind}:import`, {
+      method: "POST",
+      body: await file.text(),
+      headers: { ...authHeaders(), "Content-Type": "application/yaml" },
+    });
+    const body = await response.json();
+    if (!response.ok) {
+      setProblem(body.detail ?? response.statusText);
+      return;
+    }
+    setStatus(`${singular} “${body.name}” imported.`);
+    await list.reload();
   }
 
   async function remove(endpoint: Endpoint) {
@@ -117,16 +137,22 @@ function Endpoints({ kind, types }: { kind: "sources" | "sinks"; types: Record<s
             ))}
           </select>
         </label>
-        <label>
-          {singular} {types[type]}
-          <input value={location} onChange={(e) => setLocation(e.target.value)} required />
-        </label>
+        {types[type] && (
+          <label>
+            {singular} {types[type]}
+            <input value={location} onChange={(e) => setLocation(e.target.value)} required />
+          </label>
+        )}
         <label>
           More settings (JSON)
           <input value={extra} onChange={(e) => setExtra(e.target.value)} placeholder='{"realtime": true}' />
         </label>
         <button type="submit">Save {singular}</button>
       </form>
+      <label>
+        Import a {singular.toLowerCase()} from YAML
+        <input type="file" accept=".yaml,.yml,application/yaml,text/yaml" onChange={(e) => void importYaml(e.target.files?.[0])} />
+      </label>
       {problem && <p role="alert" className="error">{problem}</p>}
       <p role="status">{status}</p>
       <table>
@@ -147,6 +173,18 @@ function Endpoints({ kind, types }: { kind: "sources" | "sinks"; types: Record<s
                 <code>{JSON.stringify(endpoint.config)}</code>
               </td>
               <td>
+                <button
+                  type="button"
+                  className="secondary"
+                  aria-label={`Export ${endpoint.name} as YAML`}
+                  onClick={() =>
+                    void download(`/api/${kind}/${endpoint.id}:export`, "GET", `${endpoint.name}.yaml`).catch((e) =>
+                      setProblem(String(e)),
+                    )
+                  }
+                >
+                  YAML
+                </button>
                 <button type="button" className="danger" onClick={() => void remove(endpoint)} aria-label={`Delete ${endpoint.name}`}>
                   Delete
                 </button>

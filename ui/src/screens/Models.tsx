@@ -2,7 +2,7 @@
 // of the project's images it would flag before it is saved, predict on an uploaded image with
 // its heatmap, and export.
 import { useEffect, useState } from "react";
-import { ApiProblem, api, authHeaders, mediaUrl, must, type Media, type Model, type Schemas } from "../api/client";
+import { ApiProblem, api, authHeaders, download, mediaUrl, must, type Media, type Model, type Schemas } from "../api/client";
 import { useResource } from "../api/use";
 
 export function Models({ projectId }: { projectId: string }) {
@@ -69,8 +69,11 @@ function ModelCard({ model, onChange }: { model: Model; onChange: () => void }) 
       <Threshold model={model} onSaved={onChange} />
       <Predict model={model} />
       <div className="row">
-        <button type="button" className="secondary" onClick={() => void exportModel(model)}>
-          Export (zip)
+        <button type="button" className="secondary" onClick={() => void exportModel(model, "openvino")}>
+          Export OpenVINO (zip)
+        </button>
+        <button type="button" className="secondary" onClick={() => void exportModel(model, "onnx")}>
+          Export ONNX (zip)
         </button>
         <button
           type="button"
@@ -92,16 +95,12 @@ function fmt(value: unknown) {
   return typeof value === "number" ? value.toFixed(3) : "–";
 }
 
-async function exportModel(model: Model) {
-  const response = await fetch(`/api/projects/${model.project_id}/models/${model.id}:export`, {
-    method: "POST",
-    headers: authHeaders(),
-  });
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(await response.blob());
-  link.download = `${model.name}.zip`;
-  link.click();
-  URL.revokeObjectURL(link.href);
+async function exportModel(model: Model, format: "openvino" | "onnx") {
+  await download(
+    `/api/projects/${model.project_id}/models/${model.id}:export?format=${format}`,
+    "POST",
+    `${model.name}-${format}.zip`,
+  );
 }
 
 /** Scores one image with the model (the server's `:predict`). */

@@ -25,6 +25,14 @@ export function Training({ projectId }: { projectId: string }) {
         .reverse(),
     [projectId],
   );
+  const snapshots = useResource(
+    async () =>
+      (await must(api.GET("/api/snapshots", { params: { query: { project_id: projectId, limit: 1000 } } }))).snapshots
+        .slice()
+        .reverse(),
+    [projectId],
+  );
+  const [snapshot, setSnapshot] = useState("");
   const [family, setFamily] = useState<string>();
   const chosen = families.value?.find((f) => f.name === family) ?? families.value?.find((f) => f.recommended);
   const [values, setValues] = useState<Record<string, string>>({});
@@ -36,6 +44,7 @@ export function Training({ projectId }: { projectId: string }) {
     if (!chosen) return;
     setError(undefined);
     const body: Record<string, unknown> = { model_name: chosen.name };
+    if (snapshot) body.dataset_snapshot_id = snapshot;
     for (const [name, raw] of Object.entries(values)) {
       const schema = chosen.parameters[name] as ParameterSchema | undefined;
       if (!schema || raw === "") continue;
@@ -72,6 +81,17 @@ export function Training({ projectId }: { projectId: string }) {
                   <option key={f.name} value={f.name}>
                     {f.name}
                     {f.recommended ? " (recommended)" : ""}
+                  </option>
+                ))}
+              </select>
+            </label>
+            <label>
+              Dataset
+              <select value={snapshot} onChange={(e) => setSnapshot(e.target.value)}>
+                <option value="">the project&apos;s images now</option>
+                {snapshots.value?.map((s) => (
+                  <option key={s.id} value={s.id}>
+                    snapshot of {new Date(s.created_at).toLocaleString()} ({s.count} images)
                   </option>
                 ))}
               </select>
