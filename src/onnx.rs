@@ -621,6 +621,9 @@ impl Writer<'_> {
                 );
             }
             "AvgPool" => {
+                if !matches!(self.data(layer, "auto_pad"), "" | "explicit" | "notset") {
+                    return Err(Self::invalid(layer, "pooling with automatic padding"));
+                }
                 let begin = parse_list(self.data(layer, "pads_begin"));
                 let end = parse_list(self.data(layer, "pads_end"));
                 let attributes = vec![
@@ -640,6 +643,9 @@ impl Writer<'_> {
                 self.node("AveragePool", &name, vec![input], vec![output], attributes);
             }
             "TopK" => {
+                if !matches!(self.data(layer, "sort"), "" | "value") {
+                    return Err(Self::invalid(layer, "TopK not sorted by value"));
+                }
                 let k = self.integer_input(layer, 1)?;
                 let k = self.int64_constant(&name, &[1], &k[..1.min(k.len())]);
                 let input = self.input(layer, 0)?;
@@ -650,7 +656,7 @@ impl Writer<'_> {
                 self.node("TopK", &name, vec![input, k], outputs, attributes);
             }
             "SoftMax" => {
-                let axis: i64 = self.data(layer, "axis").parse().unwrap_or(-1);
+                let axis: i64 = self.data(layer, "axis").parse().unwrap_or(1);
                 let (input, output) = (self.input(layer, 0)?, self.output(layer, 0)?);
                 self.node(
                     "Softmax",
@@ -771,10 +777,17 @@ impl Writer<'_> {
             "cubic" => "cubic",
             other => return Err(Self::invalid(layer, format!("mode {other}"))),
         };
+        let output = self.output(layer, 0)?;
+        let unpadded = |key: &str| parse_list(self.data(layer, key)).iter().all(|&p| p == 0);
+        if !unpadded("pads_begin")
+            || !unpadded("pads_end")
+            || self.data(layer, "antialias") == "true"
+        {
+            return Err(Self::invalid(layer, "padded or antialiased interpolation"));
+        }
         let sizes = layer.outputs[0].dims.clone();
         let sizes = self.int64_constant(&name, &[sizes.len() as i64], &sizes);
         let input = self.input(layer, 0)?;
-        let output = self.output(layer, 0)?;
         let mut attributes = vec![
             string("mode", mode),
             string(
@@ -786,7 +799,12 @@ impl Writer<'_> {
             ),
         ];
         if mode == "nearest" {
-            attributes.push(string("nearest_mode", self.data(layer, "nearest_mode")));
+            let rounding = match self.data(layer, "nearest_mode") {
+                "" => "round_prefer_floor",
+                "simple" => return Err(Self::invalid(layer, "nearest_mode simple")),
+                other => other,
+            };
+            attributes.push(string("nearest_mode", rounding));
         }
         if mode == "cubic" {
             let coefficient: f32 = self.data(layer, "cube_coeff").parse().unwrap_or(-0.75);
@@ -814,17 +832,29 @@ pub enum ExportFormat {
     Onnx,
 }
 
+/// Why a package could not be exported.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A package file could not be read (the server's fault, not the request's).
+    #[error("{0}")]
+    Io(String),
+    /// The package's network has no ONNX conversion here.
+    #[error(transparent)]
+    Unconvertible(#[from] OnnxError),
+}
+
 /// The files of the package in `dir` in `format`, as (name, bytes), sorted by name.
 pub fn package_files(
     dir: &std::path::Path,
     format: ExportFormat,
     options: OnnxOptions,
-) -> Result<Vec<(String, Vec<u8>)>, String> {
+) -> Result<Vec<(String, Vec<u8>)>, ExportError> {
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        std::fs::read(path)
+            .map_err(|e| ExportError::Io(format!("cannot read {}: {e}", path.display())))
     };
     let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .map_err(|e| ExportError::Io(format!("cannot read {}: {e}", dir.display())))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.is_file())
         .collect();
@@ -834,8 +864,8 @@ pub fn package_files(
     let mut files = Vec::new();
     if format == ExportFormat::Onnx {
         let xml = String::from_utf8(read(&model)?)
-            .map_err(|_| format!("{} is not UTF-8", model.display()))?;
-        let onnx = ir_to_onnx(&xml, &read(&weights)?, options).map_err(|e| e.to_string())?;
+            .map_err(|_| OnnxError::Ir(format!("{} is not UTF-8", model.display())))?;
+        let onnx = ir_to_onnx(&xml, &read(&weights)?, options)?;
         files.push(("model.onnx".to_string(), onnx));
     }
     for path in names {

@@ -1,6 +1,6 @@
 //! Sources and sinks as YAML files, the way Geti Inspect users move them between servers:
 //! `GET /api/sources/{id}:export` (and `/api/sinks/...`) answers `name`, `type` and `config` as
-//! YAML, secrets left out; `POST /api/sources:import` (and `/api/sinks:import`) takes such a
+//! YAML, secrets left out (passwords, headers, a URL that carries credentials); `POST /api/sources:import` (and `/api/sinks:import`) takes such a
 //! file (at most 64 KiB, read with the graph files' YAML limits) and creates the source or sink
 //! exactly as `POST /api/sources` would, with the same checks and errors.
 
@@ -111,9 +111,16 @@ async fn export(
     kind: EndpointKind,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
-    let mut shown = redacted(endpoint(&state, kind, &id).await?);
+    let stored = endpoint(&state, kind, &id).await?;
+    let original_url = stored.config.get("url").cloned();
+    let mut shown = redacted(stored);
     if let Value::Object(config) = &mut shown.config {
+        // Secrets stay out: redacted values, and a URL whose credentials were taken out (it
+        // would import as a different, broken URL).
         config.retain(|_, value| value.as_str() != Some("<redacted>"));
+        if config.get("url") != original_url.as_ref() {
+            config.remove("url");
+        }
     }
     let document = serde_json::json!({
         "name": shown.name,

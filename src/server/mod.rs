@@ -24,8 +24,8 @@
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
 
 pub mod active;
-#[cfg(feature = "gstreamer")]
 pub mod blobs;
+#[cfg(feature = "gstreamer")]
 pub mod broadcast;
 pub mod captures;
 pub mod check;

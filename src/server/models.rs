@@ -503,7 +503,12 @@ async fn export(
     let format = query.format;
     let zipped = tokio::task::spawn_blocking(move || {
         crate::onnx::package_files(&dir, format, crate::onnx::OnnxOptions { fp16 })
-            .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))
+            .map_err(|e| match e {
+                crate::onnx::ExportError::Io(message) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, message)
+                }
+                unconvertible => (StatusCode::UNPROCESSABLE_ENTITY, unconvertible.to_string()),
+            })
             .and_then(|files| zip_files(files).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e)))
     })
     .await

@@ -10,10 +10,10 @@ use polars::prelude::*;
 use super::blobs::{add_bytes, blob_path, sha256_hex};
 use super::media::MAX_UPLOAD_BYTES;
 use super::snapshot_store::{
-    Row, Snapshot, SnapshotError, SnapshotOrigin, commit, lock, manifest_path, polars_error,
-    read_manifest,
+    Row, Snapshot, SnapshotError, SnapshotOrigin, collect_garbage, commit, lock, manifest_path,
+    polars_error, read_manifest, require_project,
 };
-use super::store::{PROJECTS, Store};
+use super::store::Store;
 
 /// Most images a snapshot file may hold on import.
 pub const MAX_IMPORT_ROWS: usize = 100_000;
@@ -55,6 +55,35 @@ pub fn export(data_dir: &Path, snapshot: &Snapshot) -> Result<Vec<u8>, SnapshotE
     Ok(bytes)
 }
 
+/// A row that passed the checks: image, mask, label, file name, format.
+type CheckedRow = (Vec<u8>, Option<Vec<u8>>, String, String, &'static str);
+
+/// Reads a snapshot file, refusing from its metadata, before anything is decompressed, one of
+/// more than [`MAX_IMPORT_ROWS`] rows or that would expand past twice [`MAX_IMPORT_BYTES`].
+fn read_bounded(file: &[u8]) -> Result<DataFrame, String> {
+    let unreadable = |e: PolarsError| format!("not a readable Parquet file: {e}");
+    let mut reader = ParquetReader::new(std::io::Cursor::new(file));
+    let metadata = reader.get_metadata().map_err(unreadable)?;
+    if metadata.num_rows > MAX_IMPORT_ROWS {
+        return Err(format!(
+            "{} rows, at most {MAX_IMPORT_ROWS} allowed",
+            metadata.num_rows
+        ));
+    }
+    let expanded: usize = metadata
+        .row_groups
+        .iter()
+        .map(|group| group.total_byte_size())
+        .sum();
+    if expanded as u64 > 2 * MAX_IMPORT_BYTES {
+        return Err(format!(
+            "its columns expand to {expanded} bytes, at most {} allowed",
+            2 * MAX_IMPORT_BYTES
+        ));
+    }
+    reader.finish().map_err(unreadable)
+}
+
 /// Imports a snapshot file (as [`export`] writes it, or Geti Inspect's `image`, `is_anomalous`,
 /// `filename` columns) into project `project_id`. Every row is checked (image a PNG or JPEG of
 /// at most [`MAX_UPLOAD_BYTES`], mask a PNG, `sha256` matching when given) before anything is
@@ -65,22 +94,14 @@ pub fn import(
     project_id: &str,
     file: &[u8],
 ) -> Result<Snapshot, SnapshotError> {
-    if store
-        .get::<serde_json::Value>(PROJECTS, project_id)?
-        .is_none()
-    {
-        return Err(SnapshotError::NotFound {
-            what: "project",
-            id: project_id.to_string(),
-        });
-    }
+    require_project(store, project_id)?;
     let invalid = |message: String| SnapshotError::Invalid(format!("snapshot file: {message}"));
     // A hostile file must not take the server down, whatever the Parquet reader does with it.
-    let frame =
-        std::panic::catch_unwind(|| ParquetReader::new(std::io::Cursor::new(file)).finish())
-            .map_err(|_| invalid("not a readable Parquet file".into()))?
-            .map_err(|e| invalid(format!("not a readable Parquet file: {e}")))?;
+    let frame = std::panic::catch_unwind(|| read_bounded(file))
+        .map_err(|_| invalid("not a readable Parquet file".into()))?
+        .map_err(invalid)?;
     if frame.height() > MAX_IMPORT_ROWS {
+        // The metadata may understate it.
         return Err(invalid(format!(
             "{} rows, at most {MAX_IMPORT_ROWS} allowed",
             frame.height()
@@ -189,6 +210,28 @@ pub fn import(
         return Err(invalid("it holds no images".into()));
     }
     let _guard = lock();
+    let stored = store_rows(data_dir, checked);
+    let (rows, added) = match stored {
+        Ok(stored) => stored,
+        Err(error) => {
+            collect_garbage(store, data_dir);
+            return Err(error);
+        }
+    };
+    commit(
+        store,
+        data_dir,
+        project_id,
+        rows,
+        SnapshotOrigin::Import,
+        added,
+        None,
+    )
+}
+
+/// Puts each checked row's image and mask into the blob store; the rows, and the bytes the store
+/// gained.
+fn store_rows(data_dir: &Path, checked: Vec<CheckedRow>) -> Result<(Vec<Row>, u64), SnapshotError> {
     let io = |e: std::io::Error| SnapshotError::Io(format!("cannot store an image: {e}"));
     let mut rows = Vec::with_capacity(checked.len());
     let mut added = 0;
@@ -213,13 +256,5 @@ pub fn import(
             size_bytes: (image.len() + mask.as_ref().map_or(0, Vec::len)) as u64,
         });
     }
-    commit(
-        store,
-        data_dir,
-        project_id,
-        rows,
-        SnapshotOrigin::Import,
-        added,
-        None,
-    )
+    Ok((rows, added))
 }

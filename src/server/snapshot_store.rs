@@ -222,6 +222,17 @@ pub fn read_manifest(path: &Path) -> Result<Vec<Row>, SnapshotError> {
         .collect()
 }
 
+/// Fails with [`SnapshotError::NotFound`] unless project `project_id` exists.
+pub(super) fn require_project(store: &Store, project_id: &str) -> Result<(), SnapshotError> {
+    match store.get::<serde_json::Value>(PROJECTS, project_id)? {
+        Some(_) => Ok(()),
+        None => Err(SnapshotError::NotFound {
+            what: "project",
+            id: project_id.to_string(),
+        }),
+    }
+}
+
 /// Freezes project `project_id`'s media into a snapshot. A training snapshot reuses the
 /// project's newest snapshot of the same content instead of adding a record.
 pub fn take(
@@ -231,15 +242,7 @@ pub fn take(
     origin: SnapshotOrigin,
 ) -> Result<Snapshot, SnapshotError> {
     let _guard = lock();
-    if store
-        .get::<serde_json::Value>(PROJECTS, project_id)?
-        .is_none()
-    {
-        return Err(SnapshotError::NotFound {
-            what: "project",
-            id: project_id.to_string(),
-        });
-    }
+    require_project(store, project_id)?;
     let mut media: Vec<Media> = store.all(MEDIA)?;
     media.retain(|m| m.project_id == project_id);
     media.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
@@ -274,8 +277,8 @@ pub fn take(
 /// store gained.
 fn media_rows(data_dir: &Path, media: &[Media]) -> Result<(Vec<Row>, u64), SnapshotError> {
     let gone = |item: &Media, e: std::io::Error| {
-        SnapshotError::Conflict(format!(
-            "media {} changed while the snapshot was taken ({e}); try again",
+        SnapshotError::Io(format!(
+            "media {}: its files cannot be kept ({e}); `inspectflow check-db` tells what is wrong",
             item.id
         ))
     };
@@ -323,7 +326,10 @@ pub(super) fn commit(
 ) -> Result<Snapshot, SnapshotError> {
     let record = new_record(project_id, &rows, origin, added_bytes, id);
     let manifest = manifest_path(data_dir, &record.id);
-    write_manifest(&manifest, &rows)?;
+    if let Err(error) = write_manifest(&manifest, &rows) {
+        collect_garbage(store, data_dir);
+        return Err(error);
+    }
     let committed = store.write(|tx| {
         if !tx.contains(PROJECTS, project_id)? {
             return Ok(false);
@@ -390,11 +396,19 @@ pub fn delete(store: &Store, data_dir: &Path, id: &str) -> Result<(), SnapshotEr
                 model.id
             ))));
         }
+        let project_id = tx
+            .get::<Snapshot>(SNAPSHOTS, id)?
+            .map(|s| s.project_id)
+            .unwrap_or_default();
         let jobs: Vec<super::jobs::Job> = tx.all(super::store::JOBS)?;
-        if let Some(job) = jobs
-            .iter()
-            .find(|j| !j.status.is_final() && j.payload.dataset_snapshot_id.as_deref() == Some(id))
-        {
+        // A job that names no snapshot yet may be about to take (or reuse) this one.
+        if let Some(job) = jobs.iter().find(|j| {
+            !j.status.is_final()
+                && match j.payload.dataset_snapshot_id.as_deref() {
+                    Some(named) => named == id,
+                    None => j.project_id == project_id,
+                }
+        }) {
             return Ok(Err(SnapshotError::Conflict(format!(
                 "job {} trains on snapshot {id}; wait for it or cancel it first",
                 job.id
@@ -434,7 +448,7 @@ fn referenced_blobs(store: &Store, data_dir: &Path) -> Option<HashSet<String>> {
 }
 
 /// Removes the blobs no committed snapshot refers to (the caller holds the lock).
-fn collect_garbage(store: &Store, data_dir: &Path) {
+pub(super) fn collect_garbage(store: &Store, data_dir: &Path) {
     let Some(referenced) = referenced_blobs(store, data_dir) else {
         tracing::warn!("a snapshot manifest is unreadable: no image blob is collected");
         return;

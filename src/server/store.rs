@@ -139,7 +139,7 @@ impl Store {
     }
 
     /// Brings the store in `data_dir` up to this build's schema: a copy of the store is kept as
-    /// `inspectflow.redb.v<old>.backup`, then every revision after the store's version runs in
+    /// `inspectflow.redb.v<old>.backup` ([`back_up`]), then every revision after the store's version runs in
     /// ONE write transaction, which commits with the new version or, when a revision fails,
     /// rolls back and leaves the store exactly as it was. A new store is simply created.
     pub fn migrate(data_dir: &Path) -> Result<Migrated, StoreError> {
@@ -156,14 +156,7 @@ impl Store {
             });
         }
         // The database is closed here, so the copy is of committed state only.
-        let path = data_dir.join(FILE_NAME);
-        let backup = data_dir.join(format!("{FILE_NAME}.v{found}.backup"));
-        std::fs::copy(&path, &backup).map_err(|e| {
-            db_error(format!(
-                "cannot back the store up to {}: {e}",
-                backup.display()
-            ))
-        })?;
+        let backup = back_up(data_dir, found)?;
         let store = Self::open_any_version(data_dir)?;
         store.write(|tx| {
             for revision in super::migrations::after(found) {
@@ -266,6 +259,30 @@ impl Store {
     pub fn remove(&self, table: Collection, id: &str) -> Result<bool, StoreError> {
         self.write(|tx| tx.remove(table, id))
     }
+}
+
+/// Copies the (closed) store to `inspectflow.redb.v<version>.backup` (or `.backup.<n>` when that
+/// exists: an earlier backup is never overwritten), through a temporary file that is synced
+/// before it is renamed into place.
+fn back_up(data_dir: &Path, version: u64) -> Result<std::path::PathBuf, StoreError> {
+    let mut backup = data_dir.join(format!("{FILE_NAME}.v{version}.backup"));
+    let mut number = 1;
+    while backup.exists() {
+        backup = data_dir.join(format!("{FILE_NAME}.v{version}.backup.{number}"));
+        number += 1;
+    }
+    let temporary = data_dir.join(format!(".{FILE_NAME}.backup.partial"));
+    let copied = std::fs::copy(data_dir.join(FILE_NAME), &temporary)
+        .and_then(|_| std::fs::File::open(&temporary)?.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, &backup));
+    if let Err(error) = copied {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(db_error(format!(
+            "cannot back the store up to {}: {error}",
+            backup.display()
+        )));
+    }
+    Ok(backup)
 }
 
 /// The reads and writes of one [`Store::write`] transaction.

@@ -28,7 +28,6 @@ pub const REVISION: Revision = Revision {
 
 /// A version 1 media item's files, by the layout of that version.
 struct MediaFiles {
-    project_id: String,
     image: PathBuf,
     mask: Option<PathBuf>,
 }
@@ -42,7 +41,8 @@ fn text<'a>(record: &'a Value, field: &str, table: &str) -> Result<&'a str, Stri
 
 fn upgrade(tx: &Transaction, data_dir: &Path) -> Result<(), String> {
     let media: Vec<Value> = tx.all(MEDIA).map_err(|e| e.to_string())?;
-    let mut by_hash: HashMap<String, MediaFiles> = HashMap::new();
+    // By project and content; an image uploaded twice keeps the copy that has a mask.
+    let mut by_hash: HashMap<(String, String), MediaFiles> = HashMap::new();
     for mut item in media {
         let id = text(&item, "id", "media")?.to_string();
         let project_id = text(&item, "project_id", "media")?.to_string();
@@ -66,14 +66,10 @@ fn upgrade(tx: &Transaction, data_dir: &Path) -> Result<(), String> {
         }
         tx.put(MEDIA, &id, &item).map_err(|e| e.to_string())?;
         let mask = has_mask.then(|| folder.join(format!("{id}.mask.png")));
-        by_hash.insert(
-            hash,
-            MediaFiles {
-                project_id,
-                image,
-                mask,
-            },
-        );
+        let key = (project_id, hash);
+        if by_hash.get(&key).is_none_or(|known| known.mask.is_none()) {
+            by_hash.insert(key, MediaFiles { image, mask });
+        }
     }
     let models: Vec<Value> = tx.all(MODELS).map_err(|e| e.to_string())?;
     for model in &models {
@@ -100,23 +96,28 @@ fn upgrade(tx: &Transaction, data_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Turns the version 1 snapshot file `legacy` into a record with its images.
+/// Turns the version 1 snapshot file `legacy` into a record with its images. An unreadable file
+/// is left out (logged): it was a cache, and the models that name it keep working.
 fn convert(
     tx: &Transaction,
     data_dir: &Path,
     legacy: &Path,
     id: &str,
     project_id: &str,
-    by_hash: &HashMap<String, MediaFiles>,
+    by_hash: &HashMap<(String, String), MediaFiles>,
 ) -> Result<(), String> {
-    let entries = crate::train::dataset::read_snapshot(legacy).map_err(|e| e.to_string())?;
+    let entries = match crate::train::dataset::read_snapshot(legacy) {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::warn!("snapshot {id}: {error}; left out of the migration");
+            return Ok(());
+        }
+    };
     let mut rows = Vec::new();
     let mut added = 0;
     let mut missing = 0;
     for entry in entries {
-        let known = by_hash
-            .get(&entry.sha256)
-            .filter(|files| files.project_id == project_id);
+        let known = by_hash.get(&(project_id.to_string(), entry.sha256.clone()));
         let image = if entry.path.is_file() {
             entry.path.clone()
         } else if let Some(files) = known {

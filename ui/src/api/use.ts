@@ -1,5 +1,17 @@
 // Small hooks shared by the screens: loading a resource, polling it, and showing errors.
 import { useCallback, useEffect, useState } from "react";
+import { api, must } from "./client";
+
+/** The project's dataset snapshots, newest first. */
+export function useSnapshots(projectId: string) {
+  return useResource(
+    async () =>
+      (await must(api.GET("/api/snapshots", { params: { query: { project_id: projectId, limit: 1000 } } }))).snapshots
+        .slice()
+        .reverse(),
+    [projectId],
+  );
+}
 
 /** Loads `fetcher`'s value; `reload` loads it again; `every` (ms) polls. */
 export function useResource<T>(fetcher: () => Promise<T>, deps: unknown[], every?: number) {

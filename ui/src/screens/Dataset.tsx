@@ -3,7 +3,7 @@
 // needs, capture of a frame from a running pipeline, and the dataset's snapshots.
 import { useState } from "react";
 import { api, download, mediaUrl, must, uploadMedia } from "../api/client";
-import { useResource } from "../api/use";
+import { useResource, useSnapshots } from "../api/use";
 
 type Label = "normal" | "anomalous";
 
@@ -199,13 +199,7 @@ function Capture({ projectId, onCaptured }: { projectId: string; onCaptured: () 
 
 /** The project's snapshots: frozen copies of its images that models stay reproducible with. */
 function Snapshots({ projectId }: { projectId: string }) {
-  const snapshots = useResource(
-    async () =>
-      (await must(api.GET("/api/snapshots", { params: { query: { project_id: projectId, limit: 1000 } } }))).snapshots
-        .slice()
-        .reverse(),
-    [projectId],
-  );
+  const snapshots = useSnapshots(projectId);
   const [status, setStatus] = useState<string>();
 
   async function act(action: () => Promise<string>) {

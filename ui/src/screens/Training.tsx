@@ -3,7 +3,7 @@
 // cancel.
 import { useEffect, useState } from "react";
 import { api, authHeaders, must, token, type Job, type Schemas } from "../api/client";
-import { useResource } from "../api/use";
+import { useResource, useSnapshots } from "../api/use";
 
 type ParameterSchema = {
   type?: string | string[];
@@ -25,13 +25,7 @@ export function Training({ projectId }: { projectId: string }) {
         .reverse(),
     [projectId],
   );
-  const snapshots = useResource(
-    async () =>
-      (await must(api.GET("/api/snapshots", { params: { query: { project_id: projectId, limit: 1000 } } }))).snapshots
-        .slice()
-        .reverse(),
-    [projectId],
-  );
+  const snapshots = useSnapshots(projectId);
   const [snapshot, setSnapshot] = useState("");
   const [family, setFamily] = useState<string>();
   const chosen = families.value?.find((f) => f.name === family) ?? families.value?.find((f) => f.recommended);
