@@ -344,6 +344,21 @@ pub fn ir_to_onnx(xml: &str, bin: &[u8], options: OnnxOptions) -> Result<Vec<u8>
     Ok(model.encode_to_vec())
 }
 
+/// The ONNX operation of an element-wise IR operation (same inputs, one output, no attributes).
+fn elementwise(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "Add" => "Add",
+        "Multiply" => "Mul",
+        "Subtract" => "Sub",
+        "Divide" => "Div",
+        "Sqrt" => "Sqrt",
+        "Relu" => "Relu",
+        "Sigmoid" => "Sigmoid",
+        "Exp" => "Exp",
+        _ => return None,
+    })
+}
+
 /// The first child element of `parent` called `name`.
 fn child<'a, 'input>(
     parent: roxmltree::Node<'a, 'input>,
@@ -469,7 +484,7 @@ impl Writer<'_> {
         let output = self.fresh_name(&layer.name);
         self.node(
             "Transpose",
-            &output.clone(),
+            &output,
             vec![input],
             vec![output.clone()],
             vec![ints("perm", &perm)],
@@ -477,21 +492,20 @@ impl Writer<'_> {
         output
     }
 
+    /// The ONNX names of every input of `layer`, in order.
+    fn all_inputs(&self, layer: &Layer) -> Result<Vec<String>, OnnxError> {
+        (0..layer.inputs.len())
+            .map(|i| self.input(layer, i))
+            .collect()
+    }
+
     fn convert(&mut self, layer: &Layer) -> Result<(), OnnxError> {
-        let simple = |op: &str| -> Option<&'static str> {
-            Some(match op {
-                "Add" => "Add",
-                "Multiply" => "Mul",
-                "Subtract" => "Sub",
-                "Divide" => "Div",
-                "Sqrt" => "Sqrt",
-                "Relu" => "Relu",
-                "Sigmoid" => "Sigmoid",
-                "Exp" => "Exp",
-                _ => return None,
-            })
-        };
         let name = layer.name.clone();
+        if let Some(op) = elementwise(&layer.kind) {
+            let (inputs, output) = (self.all_inputs(layer)?, self.output(layer, 0)?);
+            self.node(op, &name, inputs, vec![output], Vec::new());
+            return Ok(());
+        }
         match layer.kind.as_str() {
             "Parameter" => {
                 let output = self.output(layer, 0)?;
@@ -505,14 +519,6 @@ impl Writer<'_> {
                 let port = &layer.inputs[0];
                 let info = value_info(&source, element_of(layer, port)?, &port.dims);
                 self.graph.output.push(info);
-            }
-            kind if simple(kind).is_some() => {
-                let op = simple(kind).unwrap_or_default();
-                let inputs = (0..layer.inputs.len())
-                    .map(|i| self.input(layer, i))
-                    .collect::<Result<_, _>>()?;
-                let output = self.output(layer, 0)?;
-                self.node(op, &name, inputs, vec![output], Vec::new());
             }
             "Convert" => {
                 let to = match self.data(layer, "destination_type") {
@@ -573,9 +579,7 @@ impl Writer<'_> {
             "Interpolate" => self.interpolate(layer)?,
             "Concat" => {
                 let axis: i64 = self.data(layer, "axis").parse().unwrap_or(0);
-                let inputs = (0..layer.inputs.len())
-                    .map(|i| self.input(layer, i))
-                    .collect::<Result<_, _>>()?;
+                let inputs = self.all_inputs(layer)?;
                 let output = self.output(layer, 0)?;
                 self.node(
                     "Concat",
@@ -750,7 +754,7 @@ impl Writer<'_> {
             let reshaped = self.fresh_name(&name);
             self.node(
                 "Reshape",
-                &reshaped.clone(),
+                &reshaped,
                 vec![weights, target],
                 vec![reshaped.clone()],
                 Vec::new(),

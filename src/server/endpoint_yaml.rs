@@ -14,7 +14,7 @@ use warp::{Filter, Rejection, Reply};
 use yaml_rust2::Yaml;
 
 use super::endpoints::{EndpointBody, EndpointKind, add, endpoint, redacted};
-use super::http::{ApiError, action};
+use super::http::{ApiError, action, file_reply};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::state::AppState;
 
@@ -132,12 +132,7 @@ async fn export(
         .dump(&to_yaml(&document))
         .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     text.push('\n');
-    let mut response = Response::new(text.into());
-    response.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/yaml"),
-    );
-    Ok(response)
+    Ok(file_reply(text.into_bytes(), "application/yaml", None))
 }
 
 async fn import(

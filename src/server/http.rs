@@ -88,6 +88,26 @@ pub(crate) fn ok<T: Serialize>(body: &T) -> Response {
     warp::reply::json(body).into_response()
 }
 
+/// A binary answer of `content_type`; with `filename`, offered as a download under that name.
+pub(crate) fn file_reply(
+    body: Vec<u8>,
+    content_type: &'static str,
+    filename: Option<&str>,
+) -> Response {
+    let mut response = Response::new(body.into());
+    let headers = response.headers_mut();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static(content_type),
+    );
+    if let Some(value) = filename.and_then(|name| {
+        warp::http::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")).ok()
+    }) {
+        headers.insert(warp::http::header::CONTENT_DISPOSITION, value);
+    }
+    response
+}
+
 /// Declares the answer of a list route: `{"<field>": [items], "pagination": {...}}`.
 macro_rules! listing {
     ($(#[$doc:meta])* $name:ident, $field:ident, $item:ty) => {

@@ -23,7 +23,9 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::http::{ApiError, Page, action, blocking, json_body, listing, now, paginate};
+use super::http::{
+    ApiError, Page, action, blocking, file_reply, json_body, listing, now, paginate,
+};
 use super::jobs::Job;
 use super::state::AppState;
 use super::store::MODELS;
@@ -525,18 +527,11 @@ async fn export(
             }
         })
         .collect();
-    let mut response = Response::new(zipped.into());
-    let headers = response.headers_mut();
-    headers.insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/zip"),
-    );
-    if let Ok(value) =
-        warp::http::HeaderValue::from_str(&format!("attachment; filename=\"{filename}.zip\""))
-    {
-        headers.insert(warp::http::header::CONTENT_DISPOSITION, value);
-    }
-    Ok(response)
+    Ok(file_reply(
+        zipped,
+        "application/zip",
+        Some(&format!("{filename}.zip")),
+    ))
 }
 
 fn zip_files(files: Vec<(String, Vec<u8>)>) -> Result<Vec<u8>, String> {

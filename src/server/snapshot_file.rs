@@ -225,7 +225,6 @@ pub fn import(
         rows,
         SnapshotOrigin::Import,
         added,
-        None,
     )
 }
 

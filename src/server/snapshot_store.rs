@@ -184,12 +184,9 @@ pub fn read_manifest(path: &Path) -> Result<Vec<Row>, SnapshotError> {
     let frame = ParquetReader::new(file)
         .finish()
         .map_err(polars_error(context()))?;
-    let text = |name: &str| -> Result<Vec<Option<String>>, SnapshotError> {
-        let values = frame
-            .column(name)
-            .and_then(|c| c.str().cloned())
-            .map_err(polars_error(format!("{}: column {name}", context())))?;
-        Ok(values.iter().map(|v| v.map(str::to_string)).collect())
+    let text = |name: &str| {
+        crate::train::dataset::text_column(&frame, name)
+            .map_err(polars_error(format!("{}: column {name}", context())))
     };
     let (hashes, names, labels, formats, masks, media) = (
         text("sha256")?,
@@ -270,7 +267,7 @@ pub fn take(
             return Ok(newest);
         }
     }
-    commit(store, data_dir, project_id, rows, origin, added, None)
+    commit(store, data_dir, project_id, rows, origin, added)
 }
 
 /// The rows of `media`, their images and masks put into the blob store; also the bytes the
@@ -313,8 +310,7 @@ fn media_rows(data_dir: &Path, media: &[Media]) -> Result<(Vec<Row>, u64), Snaps
 }
 
 /// Writes the manifest of a new snapshot and commits its record (in one transaction with the
-/// check that the project still exists); on failure removes what it wrote. `id` is given only by
-/// the migration, which keeps the ids models know.
+/// check that the project still exists); on failure removes what it wrote.
 pub(super) fn commit(
     store: &Store,
     data_dir: &Path,
@@ -322,9 +318,8 @@ pub(super) fn commit(
     rows: Vec<Row>,
     origin: SnapshotOrigin,
     added_bytes: u64,
-    id: Option<String>,
 ) -> Result<Snapshot, SnapshotError> {
-    let record = new_record(project_id, &rows, origin, added_bytes, id);
+    let record = new_record(project_id, &rows, origin, added_bytes, None);
     let manifest = manifest_path(data_dir, &record.id);
     if let Err(error) = write_manifest(&manifest, &rows) {
         collect_garbage(store, data_dir);
@@ -351,7 +346,8 @@ pub(super) fn commit(
     }
 }
 
-/// The record of a snapshot of `rows`.
+/// The record of a snapshot of `rows`, under `id` (the migration keeps the ids models know) or
+/// a new UUID.
 pub(super) fn new_record(
     project_id: &str,
     rows: &[Row],

@@ -13,7 +13,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::http::{ApiError, ProjectPage, listing, paginate};
+use super::http::{ApiError, ProjectPage, file_reply, listing, paginate};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::snapshot_file::{self, MAX_IMPORT_BYTES};
 use super::snapshot_store::{self, Snapshot, SnapshotError, SnapshotOrigin};
@@ -215,19 +215,11 @@ async fn download(id: String, state: Arc<AppState>) -> Result<Response, Rejectio
         snapshot_file::export(&state.data_dir, &snapshot)
     })
     .await?;
-    let mut response = Response::new(bytes.into());
-    response.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/vnd.apache.parquet"),
-    );
-    if let Ok(value) =
-        warp::http::HeaderValue::from_str(&format!("attachment; filename=\"{filename}\""))
-    {
-        response
-            .headers_mut()
-            .insert(warp::http::header::CONTENT_DISPOSITION, value);
-    }
-    Ok(response)
+    Ok(file_reply(
+        bytes,
+        "application/vnd.apache.parquet",
+        Some(&filename),
+    ))
 }
 
 async fn delete(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {

@@ -286,6 +286,13 @@ pub fn write_parquet(path: &Path, frame: &mut DataFrame) -> Result<(), TrainErro
     })
 }
 
+/// The values of the text column `name` of `frame` (an error when there is none, or it is not
+/// text).
+pub fn text_column(frame: &DataFrame, name: &str) -> PolarsResult<Vec<Option<String>>> {
+    let values = frame.column(name)?.str()?;
+    Ok(values.iter().map(|v| v.map(str::to_string)).collect())
+}
+
 /// Reads a snapshot table written by [`to_frame`] and [`write_parquet`].
 pub fn read_snapshot(path: &Path) -> Result<Vec<Entry>, TrainError> {
     let context = || format!("reading the snapshot {}", path.display());
@@ -296,12 +303,8 @@ pub fn read_snapshot(path: &Path) -> Result<Vec<Entry>, TrainError> {
     let frame = ParquetReader::new(file)
         .finish()
         .map_err(polars_error(context()))?;
-    let column = |name: &str| -> Result<Vec<Option<String>>, TrainError> {
-        let values = frame
-            .column(name)
-            .and_then(|c| c.str().cloned())
-            .map_err(polars_error(format!("{}: column {name}", context())))?;
-        Ok(values.iter().map(|v| v.map(str::to_string)).collect())
+    let column = |name: &str| {
+        text_column(&frame, name).map_err(polars_error(format!("{}: column {name}", context())))
     };
     let (paths, labels, masks, splits, hashes) = (
         column("path")?,

@@ -146,8 +146,7 @@ fn convert(
             }
             None => None,
         };
-        let png = image::guess_format(&std::fs::read(&image).unwrap_or_default()).ok()
-            == Some(image::ImageFormat::Png);
+        let png = image_is_png(&image);
         rows.push(Row {
             sha256,
             filename: entry
@@ -175,4 +174,12 @@ fn convert(
     snapshot_store::write_manifest(&snapshot_store::manifest_path(data_dir, id), &rows)
         .map_err(|e| e.to_string())?;
     tx.put(SNAPSHOTS, id, &record).map_err(|e| e.to_string())
+}
+
+/// Whether the file at `path` starts like a PNG (its first bytes only; JPEG otherwise).
+fn image_is_png(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut file| file.read(&mut head));
+    read.is_ok_and(|n| image::guess_format(&head[..n]).ok() == Some(image::ImageFormat::Png))
 }
