@@ -254,6 +254,15 @@ fn snapshots_keep_their_images_share_bytes_round_trip_and_outlive_the_media() {
         file,
         "the snapshot downloads as before"
     );
+    for bad in [json!("no-such-snapshot"), json!(42), json!("x".repeat(101))] {
+        let (status, body) = call(
+            http.post(server.url(&format!("/api/projects/{project}/train")))
+                .json(&json!({"model_name": "padim", "dataset_snapshot_id": bad})),
+        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        let detail = body["detail"].as_str().expect("detail");
+        assert!(detail.starts_with("dataset_snapshot_id"), "{detail}");
+    }
     let retrained = train(
         &http,
         &server,
