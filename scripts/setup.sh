@@ -11,10 +11,11 @@ set -euo pipefail
 # (x264enc), libav (H.264/H.265 and other decoders), tools (gst-launch-1.0, for the benchmark);
 # OpenSSL for HTTPS and MQTT over TLS (sink.webhook, sink.mqtt); the mosquitto broker, which the
 # tests and the sink benchmark start on 127.0.0.1 (the package's system service is not needed);
+# nats-server (JetStream), which sink.nats's tests and the fleet test start the same way;
 # the WebRTC live view: webrtcbin's headers (plugins-bad dev) and ICE (gstreamer1.0-nice), and
 # Debian's chromium, which the live-view tests drive headless.
 DEBIAN_PACKAGES=(build-essential pkg-config python3-venv python3-pip libturbojpeg0-dev libssl-dev
-  mosquitto chromium
+  mosquitto nats-server chromium
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
   libgstreamer-plugins-bad1.0-dev gstreamer1.0-nice
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad

@@ -373,6 +373,10 @@ pub struct SinkContext {
     pub pipeline: Arc<str>,
     /// The node id.
     pub node_id: Arc<str>,
+    /// The run's id: unique per run, except that every engine running one fleet pipeline's
+    /// desired state gets the same, so results sent again after a hand-over carry the same
+    /// message ids (`sink.nats`).
+    pub run_id: Arc<str>,
     /// Where the sink reports whether its receiver or broker is reachable, and what it gave up
     /// on or skipped.
     pub health: Arc<EndpointHealth>,
@@ -385,6 +389,7 @@ impl SinkContext {
             stop: StopSignal::new(),
             pipeline: Arc::from(pipeline),
             node_id: Arc::from(node_id),
+            run_id: Arc::from("detached"),
             health: Arc::default(),
         }
     }

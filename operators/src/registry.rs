@@ -380,6 +380,7 @@ impl Registry {
             crate::sink::folder::descriptor(),
             crate::sink::webhook::descriptor(),
             crate::sink::mqtt::descriptor(),
+            crate::sink::nats::descriptor(),
         ] {
             registry.register(descriptor);
         }

@@ -194,6 +194,8 @@ struct EdgeInfo {
 /// Everything a node's thread needs besides its operator.
 struct NodeRuntime {
     pipeline: Arc<str>,
+    /// The run's id (see [`Pipeline::start_run`]).
+    run_id: Arc<str>,
     id: Arc<str>,
     descriptor: Arc<OperatorDescriptor>,
     params: serde_json::Value,
@@ -240,8 +242,20 @@ impl Pipeline {
         Self::start_in(graph, RunMode::Running)
     }
 
-    /// [`Pipeline::start`] in `mode` from its first frame.
+    /// [`Pipeline::start`] in `mode` from its first frame, under a run id of its own.
     pub fn start_in(graph: &ValidatedGraph, mode: RunMode) -> Result<Pipeline, StartError> {
+        Self::start_run(graph, mode, &uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// [`Pipeline::start_in`] under the given run id, which sinks put in the ids of the messages
+    /// they send (a fleet pipeline's run id is the same on every engine that runs it, so results
+    /// replayed after a hand-over are recognised as copies).
+    pub fn start_run(
+        graph: &ValidatedGraph,
+        mode: RunMode,
+        run_id: &str,
+    ) -> Result<Pipeline, StartError> {
+        let run_id: Arc<str> = Arc::from(run_id);
         // Whether a live source feeds each node (an operator may pick latency over throughput).
         let mut live_input = vec![false; graph.nodes.len()];
         for edge in &graph.edges {
@@ -354,6 +368,7 @@ impl Pipeline {
             let Some(instance) = instance else { continue };
             let runtime = NodeRuntime {
                 pipeline: Arc::from(graph.name.as_str()),
+                run_id: Arc::clone(&run_id),
                 id: Arc::clone(&node.id),
                 descriptor: Arc::clone(&node.descriptor),
                 params: node.params.clone(),
@@ -823,6 +838,7 @@ impl NodeRuntime {
             stop: self.control.stop.clone(),
             pipeline: Arc::clone(&self.pipeline),
             node_id: Arc::clone(&self.id),
+            run_id: Arc::clone(&self.run_id),
             health: Arc::clone(&self.metrics.endpoint_health),
         };
         sink.attach(&ctx);

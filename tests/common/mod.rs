@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod nats;
 pub mod server;
 
 use std::collections::HashMap;

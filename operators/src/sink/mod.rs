@@ -3,5 +3,6 @@
 pub mod folder;
 pub mod message;
 pub mod mqtt;
+pub mod nats;
 pub mod null;
 pub mod webhook;
