@@ -196,6 +196,8 @@ enum Command {
         graph_limits: graph::GraphLimits,
         #[command(flatten)]
         webrtc: inspectflow::server::WebRtcSettings,
+        #[command(flatten)]
+        fleet: inspectflow::server::fleet::FleetSettings,
     },
 }
 
@@ -326,6 +328,7 @@ fn main() -> ExitCode {
             path_roots,
             graph_limits,
             webrtc,
+            fleet,
         } => report(inspectflow::server::serve(
             inspectflow::server::ServeOptions {
                 bind,
@@ -335,6 +338,7 @@ fn main() -> ExitCode {
                 path_roots,
                 graph_limits,
                 webrtc,
+                fleet,
             },
         )),
         Command::Devices { json } => devices(json),

@@ -172,11 +172,16 @@ pub const DOCS: &[RouteDoc] = &[
     },
 ];
 
-/// `GET /metrics`: every running pipeline's metrics and the job counts, in Prometheus' text
+/// `GET /metrics`: every running pipeline's metrics (fleet runs included) and the job counts, in Prometheus' text
 /// format. The job counts read the store, so the text is put together off the async workers.
 async fn prometheus(state: Arc<AppState>) -> Result<Response, Rejection> {
     let text = tokio::task::spawn_blocking(move || {
-        let mut text = state.pipelines.prometheus();
+        let fleet_runs = state
+            .fleet
+            .get()
+            .map(|fleet| fleet.prometheus_texts())
+            .unwrap_or_default();
+        let mut text = state.pipelines.prometheus(fleet_runs);
         text.push_str(&state.jobs_prometheus());
         text
     })

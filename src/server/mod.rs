@@ -18,7 +18,9 @@
 //!    [`captures`] (a running pipeline's current frame saved as a project image);
 //! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors.
 //!
-//! [`check`] is `check-db`, the store's consistency with its files.
+//! [`check`] is `check-db`, the store's consistency with its files. [`fleet`] is fleet mode
+//! (`--fleet-nats`: engines sharing pipelines through NATS JetStream), with its buckets in
+//! [`fleet_buckets`], their records in [`fleet_records`] and its routes in [`fleet_routes`].
 //!
 //! The server binds to 127.0.0.1 unless told otherwise, and with a token (`--token` or
 //! `INSPECTFLOW_API_TOKEN`) every route needs `Authorization: Bearer <token>`.
@@ -31,6 +33,10 @@ pub mod captures;
 pub mod check;
 pub mod endpoint_yaml;
 pub mod endpoints;
+pub mod fleet;
+pub mod fleet_buckets;
+pub mod fleet_records;
+pub mod fleet_routes;
 pub mod http;
 pub mod jobs;
 pub mod media;
@@ -75,6 +81,8 @@ pub struct ServeOptions {
     pub graph_limits: crate::graph::GraphLimits,
     /// The WebRTC live view's ICE servers and viewer limit.
     pub webrtc: WebRtcSettings,
+    /// Fleet mode: the NATS to share pipelines through, this engine's id and capacity.
+    pub fleet: fleet::FleetSettings,
 }
 
 /// Settings of the WebRTC live view.
@@ -103,6 +111,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         mut path_roots,
         graph_limits,
         webrtc,
+        fleet,
     } = options;
     #[cfg(not(feature = "gstreamer"))]
     let _ = webrtc;
@@ -131,6 +140,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         // Created here, on the main thread: pipelines start on its launcher thread at normal
         // priority, whereas the runtime's threads below run at a lower one.
         pipelines: running::ActivePipelines::new()?,
+        fleet: std::sync::OnceLock::new(),
         #[cfg(feature = "gstreamer")]
         webrtc: Arc::new(broadcast::WebRtc::new(webrtc)),
     });
@@ -162,12 +172,24 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         let address = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        let (signalled, on_signal) = tokio::sync::watch::channel(false);
+        let fleet_task = if fleet.nats.is_some() {
+            let joined = fleet::Fleet::join(&fleet, format!("http://{address}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let joined = Arc::new(joined);
+            let _ = state.fleet.set(Arc::clone(&joined));
+            Some(tokio::spawn(
+                joined.run(Arc::clone(&state), on_signal.clone()),
+            ))
+        } else {
+            None
+        };
         println!(
             "inspectflow API on http://{address} (data in {})",
             data_dir.display()
         );
         tracing::info!(%address, "serving");
-        let (signalled, on_signal) = tokio::sync::watch::channel(false);
         let server = warp::serve(router::routes(state))
             .incoming(listener)
             .graceful(async move {
@@ -184,6 +206,10 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
                 let _ = on_signal.wait_for(|signalled| *signalled).await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
             } => tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them"),
+        }
+        if let Some(task) = fleet_task {
+            // The fleet's runs stop and their leases go back, so other engines take over now.
+            let _ = task.await;
         }
         tracing::info!("stopping the running pipelines");
         let pipelines = Arc::clone(&shutdown);

@@ -73,6 +73,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteDoc> {
         super::preview::DOCS,
         super::snapshots::DOCS,
         super::captures::DOCS,
+        super::fleet_routes::DOCS,
         super::ui::DOCS,
         #[cfg(feature = "gstreamer")]
         super::webrtc::DOCS,

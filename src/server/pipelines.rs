@@ -358,37 +358,57 @@ pub(crate) async fn resolve(
         || !record.sink_ids.is_empty()
         || record.queue_policy.is_some()
         || record.device.is_some();
-    let (text, is_json, uses) = match (&record.graph, assembled) {
+    let (mut graph, uses) = match (&record.graph, assembled) {
         (Some(_), true) => {
             return Err(invalid(
                 "graph: give either a graph or source_id, model_id, sink_ids (and queue_policy, device), not both"
                     .into(),
             ));
         }
-        (Some(Value::String(yaml)), false) => (yaml.clone(), false, Uses::default()),
-        (Some(graph @ Value::Object(_)), false) => (graph.to_string(), true, Uses::default()),
-        (Some(_), false) => {
-            return Err(invalid(
-                "graph: must be YAML text or a JSON object of a graph".into(),
-            ));
-        }
+        (Some(graph), false) => (
+            graph_from_value(state, &format!("pipeline '{}'", record.name), graph)
+                .map_err(graph_errors)?,
+            Uses::default(),
+        ),
         (None, _) => {
             let (graph, uses) = assemble(state, record, purpose).await?;
-            (graph.to_string(), true, uses)
+            let file = format!("pipeline '{}'", record.name);
+            (
+                graph_from_value(state, &file, &graph).map_err(graph_errors)?,
+                uses,
+            )
         }
     };
-    let file = format!("pipeline '{}'", record.name);
-    let mut graph = crate::graph::load_str(
-        &file,
+    graph.name = record.id.clone();
+    Ok((graph, uses))
+}
+
+/// Validates a graph given as YAML text or a JSON object (`file` names it in errors) and
+/// confines its paths to the roots.
+pub(crate) fn graph_from_value(
+    state: &AppState,
+    file: &str,
+    graph: &Value,
+) -> Result<ValidatedGraph, GraphErrors> {
+    let (text, is_json) = match graph {
+        Value::String(yaml) => (yaml.clone(), false),
+        Value::Object(_) => (graph.to_string(), true),
+        _ => {
+            return Err(GraphErrors(vec![crate::graph::GraphError::in_file(
+                file,
+                "graph: must be YAML text or a JSON object of a graph",
+            )]));
+        }
+    };
+    let graph = crate::graph::load_str(
+        file,
         &text,
         is_json,
         super::state::registry(),
         &state.graph_limits,
-    )
-    .map_err(graph_errors)?;
-    state.roots.confine(&graph).map_err(graph_errors)?;
-    graph.name = record.id.clone();
-    Ok((graph, uses))
+    )?;
+    state.roots.confine(&graph)?;
+    Ok(graph)
 }
 
 /// 422 with every problem, each with its node, field, line and column.

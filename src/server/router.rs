@@ -58,6 +58,8 @@ pub fn routes(
         .unify()
         .or(super::captures::routes(Arc::clone(&state)))
         .unify()
+        .or(super::fleet_routes::routes(Arc::clone(&state)))
+        .unify()
         .boxed();
     #[cfg(feature = "gstreamer")]
     let api = api

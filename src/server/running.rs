@@ -65,10 +65,12 @@ impl Active {
     }
 }
 
-/// A request to the launcher thread: a graph to start, and where to send the result.
+/// A request to the launcher thread: a graph to start, its run id (a fresh one when None), and
+/// where to send the result.
 type Launch = (
     ValidatedGraph,
     RunMode,
+    Option<String>,
     tokio::sync::oneshot::Sender<Result<Pipeline, String>>,
 );
 
@@ -103,10 +105,14 @@ impl ActivePipelines {
         std::thread::Builder::new()
             .name("if-launcher".into())
             .spawn(move || {
-                for (graph, mode, reply) in requests {
+                for (graph, mode, run_id, reply) in requests {
                     // A panic while building operators fails this start, not the launcher.
                     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Pipeline::start_in(&graph, mode).map_err(|error| error.to_string())
+                        match &run_id {
+                            Some(run_id) => Pipeline::start_run(&graph, mode, run_id),
+                            None => Pipeline::start_in(&graph, mode),
+                        }
+                        .map_err(|error| error.to_string())
                     }))
                     .unwrap_or_else(|_| {
                         Err(format!("starting pipeline '{}' panicked", graph.name))
@@ -164,11 +170,23 @@ impl ActivePipelines {
         graph: ValidatedGraph,
         mode: RunMode,
     ) -> Result<Pipeline, String> {
+        self.launch_run(graph, mode, None).await
+    }
+
+    /// [`ActivePipelines::launch`] under run id `run_id` (a fresh one when None; see
+    /// [`Pipeline::start_run`]). Fleet runs are started this way and kept by the fleet, not in
+    /// this table.
+    pub(crate) async fn launch_run(
+        &self,
+        graph: ValidatedGraph,
+        mode: RunMode,
+        run_id: Option<String>,
+    ) -> Result<Pipeline, String> {
         let (reply, started) = tokio::sync::oneshot::channel();
         self.launcher
             .lock()
             .map_err(|_| "the pipeline launcher is gone".to_string())?
-            .send((graph, mode, reply))
+            .send((graph, mode, run_id, reply))
             .map_err(|_| "the pipeline launcher is gone".to_string())?;
         started
             .await
@@ -224,14 +242,16 @@ impl ActivePipelines {
         self.get(id).is_some_and(|a| a.is_running())
     }
 
-    /// Prometheus text of every started pipeline, one HELP/TYPE per family.
-    pub fn prometheus(&self) -> String {
-        let texts: Vec<String> = self
+    /// Prometheus text of every started pipeline and of `others` (the fleet's runs), one
+    /// HELP/TYPE per family.
+    pub fn prometheus(&self, others: Vec<String>) -> String {
+        let mut texts: Vec<String> = self
             .all()
             .iter()
             .filter_map(|a| a.report())
             .map(|report| report.to_prometheus())
             .collect();
+        texts.extend(others);
         crate::runtime::metrics::merge_prometheus(&texts)
     }
 

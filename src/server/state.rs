@@ -27,6 +27,8 @@ pub struct AppState {
     pub models: LoadedModels,
     /// Running pipelines.
     pub pipelines: ActivePipelines,
+    /// This engine's part of the fleet, once joined (`serve --fleet-nats`).
+    pub fleet: std::sync::OnceLock<std::sync::Arc<super::fleet::Fleet>>,
     /// WebRTC viewers of running pipelines.
     #[cfg(feature = "gstreamer")]
     pub webrtc: std::sync::Arc<super::broadcast::WebRtc>,

@@ -620,6 +620,279 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/fleet": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The fleet (serve --fleet-nats): live engines, and every desired pipeline with its state, the engine running it and its metrics. */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["FleetView"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Conflicts with the current state (in use, running, ended) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description A component is unavailable */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/fleet/pipelines/{pipeline_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One desired pipeline: its generation, state, engine and metrics. */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    pipeline_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["FleetPipelineView"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Conflicts with the current state (in use, running, ended) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description A component is unavailable */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        /** Put a pipeline (a graph) into the fleet's desired state; an engine with capacity claims and runs it. An unchanged graph keeps its generation; a changed one restarts it. */
+        put: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    pipeline_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/json": components["schemas"]["PutFleetPipeline"];
+                };
+            };
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["FleetPipelineView"];
+                    };
+                };
+                /** @description Malformed request */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Conflicts with the current state (in use, running, ended) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Body too large */
+                413: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Invalid request field */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description A component is unavailable */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        post?: never;
+        /** Take a pipeline out of the desired state; the engine running it stops it. */
+        delete: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    pipeline_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description No Content */
+                204: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content?: never;
+                };
+                /** @description Missing or wrong bearer token */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Not found */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Conflicts with the current state (in use, running, ended) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description A component is unavailable */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+            };
+        };
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/jobs": {
         parameters: {
             query?: never;
@@ -4359,12 +4632,61 @@ export interface components {
             name: string;
             type: string;
         };
+        /** @description One live engine. */
+        EngineView: {
+            /** @description Where its REST API listens. */
+            api: string;
+            /**
+             * Format: uint
+             * @description Pipelines it runs at once at most.
+             */
+            capacity: number;
+            /** @description Its id. */
+            engine: string;
+            /** @description The pipelines it runs now, by id. */
+            pipelines: string[];
+            /** @description When it joined. */
+            started_at: string;
+            /** @description When it last reported (every tick). */
+            updated_at: string;
+        };
         /** @description What every error answer carries. */
         ErrorBody: {
             /** @description What was wrong, naming the request field, node or record. */
             detail: string;
             /** @description Graph validation: every problem found, with node, field, line and column. */
             errors?: unknown[] | null;
+        };
+        /** @description One desired pipeline and where it stands. */
+        FleetPipelineView: {
+            /** @description The engine running it, or the one it ended on. */
+            engine?: string | null;
+            /** @description Why it failed. */
+            failure?: string | null;
+            /**
+             * Format: uint64
+             * @description Its generation (the desired state's revision; a changed graph is a new one).
+             */
+            generation: number;
+            /** @description Its metrics (running: as its engine last reported them; ended: final). */
+            metrics?: components["schemas"]["MetricsReport"] | null;
+            /** @description Its id. */
+            pipeline_id: string;
+            /** @description `pending`, `running`, `completed` or `failed`. */
+            state: components["schemas"]["FleetState"];
+            /** @description When its desired state was last put. */
+            updated_at: string;
+        };
+        /** @description Where a fleet pipeline stands. */
+        FleetState: "pending" | "running" | "completed" | "failed";
+        /** @description The answer of `GET /api/fleet`. */
+        FleetView: {
+            /** @description The engine that answered. */
+            engine: string;
+            /** @description The live engines. */
+            engines: components["schemas"]["EngineView"][];
+            /** @description Every desired pipeline, by id. */
+            pipelines: components["schemas"]["FleetPipelineView"][];
         };
         /** @description The answer of `/health`. */
         Health: {
@@ -4831,6 +5153,14 @@ export interface components {
             pagination: components["schemas"]["Pagination"];
             /** @description This page's items. */
             projects: components["schemas"]["Project"][];
+        };
+        /** @description The body of `PUT /api/fleet/pipelines/{id}`. */
+        PutFleetPipeline: {
+            /**
+             * @description The graph: YAML text or a JSON object, checked as a pipeline's graph is (its `name` is
+             *     replaced by the pipeline id).
+             */
+            graph: unknown;
         };
         /**
          * @description What a full queue does: `block` makes the producer wait (nothing is lost), `drop_oldest`

@@ -1,0 +1,328 @@
+//! Fleet mode: three `inspectflow serve --fleet-nats` processes and one real nats-server on
+//! 127.0.0.1 share twelve file-backed pipelines. Each runs exactly once; when one engine is
+//! killed with SIGKILL its pipelines move to the others within 15 s, and no result of the
+//! `block` file sources is lost in the hand-over (counted in the JetStream stream, where copies
+//! sent again are de-duplicated by message id).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::nats::{NatsServer, repeated_ids, stored_messages};
+use common::server::{Server, call, client};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const PIPELINES: usize = 12;
+/// Frames of the clip: 15 s at 10 FPS, played in real time.
+const FRAMES: u64 = 150;
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(15);
+
+/// An H.264 MP4 of FRAMES frames at 10 FPS, written by GStreamer.
+fn clip(path: &Path) {
+    let status = Command::new("gst-launch-1.0")
+        .arg("-q")
+        .args(
+            format!(
+                "videotestsrc num-buffers={FRAMES} pattern=ball ! video/x-raw,format=I420,width=160,height=120,framerate=10/1 \
+                 ! x264enc speed-preset=ultrafast ! mp4mux ! filesink location={}",
+                path.display()
+            )
+            .split_whitespace(),
+        )
+        .status()
+        .expect("gst-launch-1.0 runs");
+    assert!(status.success(), "gst-launch-1.0 wrote {}", path.display());
+}
+
+fn fleet(http: &reqwest::blocking::Client, engine: &Server) -> Value {
+    let (status, body) = call(http.get(engine.url("/api/fleet")));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+/// Which engine runs each running pipeline, by the fleet's answer.
+fn placement(view: &Value) -> BTreeMap<String, String> {
+    view["pipelines"]
+        .as_array()
+        .expect("pipelines")
+        .iter()
+        .filter(|p| p["state"] == "running")
+        .map(|p| {
+            (
+                p["pipeline_id"].as_str().expect("id").to_string(),
+                p["engine"].as_str().expect("engine").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn states(view: &Value) -> BTreeMap<String, String> {
+    view["pipelines"]
+        .as_array()
+        .expect("pipelines")
+        .iter()
+        .map(|p| {
+            (
+                p["pipeline_id"].as_str().expect("id").to_string(),
+                p["state"].as_str().expect("state").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_losing_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = NatsServer::start(dir.path());
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("media dir");
+    let video = media.join("line.mp4");
+    clip(&video);
+    let media_root = media.to_string_lossy().to_string();
+    let url = nats.url();
+    let mut engines: Vec<Option<Server>> = (0..3)
+        .map(|i| {
+            let data = dir.path().join(format!("engine-{i}"));
+            std::fs::create_dir_all(&data).expect("data dir");
+            Some(Server::start_with(
+                &data,
+                &[
+                    "--fleet-nats",
+                    &url,
+                    "--engine-id",
+                    &format!("engine-{i}"),
+                    "--fleet-capacity",
+                    "6",
+                    "--path-root",
+                    &media_root,
+                ],
+            ))
+        })
+        .collect();
+    let http = client();
+    let first = engines[0].as_ref().expect("engine 0");
+    let started = Instant::now();
+    while fleet(&http, first)["engines"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 3
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "engines join");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Bad input first: a wildcard-free id and a valid graph are required.
+    let (status, body) = call(
+        http.put(first.url("/api/fleet/pipelines/bad.id"))
+            .json(&json!({"graph": "name: x"})),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pipeline_id"),
+        "{body}"
+    );
+    let (status, body) = call(
+        http.put(first.url("/api/fleet/pipelines/broken"))
+            .json(&json!({"graph": "name: x\nnodes: [{id: a, op: source.nope}]\nedges: []"})),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("source.nope"),
+        "{body}"
+    );
+
+    for n in 0..PIPELINES {
+        let graph = format!(
+            "name: line\nnodes:\n  - {{id: camera, op: source.video_file, params: {{path: {}, realtime: true}}}}\n  \
+             - {{id: out, op: sink.nats, params: {{url: \"{url}\", subject: \"fleet.{{pipeline}}\", stream: FLEET, initial_backoff_ms: 50, max_backoff_ms: 500}}}}\n\
+             edges:\n  - {{from: camera, to: out, queue: {{policy: block}}}}\n",
+            video.display()
+        );
+        let engine = engines[n % 3].as_ref().expect("engine");
+        let (status, body) = call(
+            http.put(engine.url(&format!("/api/fleet/pipelines/line-{n:02}")))
+                .json(&json!({ "graph": graph })),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["pipeline_id"], format!("line-{n:02}"));
+        // Putting the same graph again keeps its generation.
+        let generation = body["generation"].clone();
+        let (status, again) = call(
+            http.put(engine.url(&format!("/api/fleet/pipelines/line-{n:02}")))
+                .json(&json!({ "graph": graph })),
+        );
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(again["generation"], generation);
+    }
+
+    // All twelve run, each on one engine, spread over the three.
+    let started = Instant::now();
+    let before = loop {
+        let view = fleet(&http, first);
+        let placed = placement(&view);
+        if placed.len() == PIPELINES {
+            break view;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "all pipelines run: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let placed = placement(&before);
+    let mut per_engine: BTreeMap<&str, usize> = BTreeMap::new();
+    for engine in placed.values() {
+        *per_engine.entry(engine).or_default() += 1;
+    }
+    assert_eq!(
+        per_engine.len(),
+        3,
+        "every engine runs some: {per_engine:?}"
+    );
+    for engine in before["engines"].as_array().expect("engines") {
+        let runs: BTreeSet<String> = engine["pipelines"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .map(|p| p.as_str().expect("id").to_string())
+            .collect();
+        let leased: BTreeSet<String> = placed
+            .iter()
+            .filter(|(_, e)| e.as_str() == engine["engine"])
+            .map(|(p, _)| p.clone())
+            .collect();
+        assert!(
+            runs.is_subset(&leased) || leased.is_subset(&runs),
+            "an engine runs what it leases: {engine}"
+        );
+    }
+
+    // Kill the busiest engine mid-run, like a machine losing power.
+    std::thread::sleep(Duration::from_secs(2));
+    let (victim_name, _) = per_engine
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(e, n)| (e.to_string(), *n))
+        .expect("an engine");
+    let victim_index: usize = victim_name
+        .trim_start_matches("engine-")
+        .parse()
+        .expect("engine index");
+    let orphans: BTreeSet<String> = placed
+        .iter()
+        .filter(|(_, e)| **e == victim_name)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let mut victim = engines[victim_index].take().expect("victim");
+    victim.child.kill().expect("SIGKILL");
+    let _ = victim.child.wait();
+    let killed_at = Instant::now();
+    let survivor = engines.iter().flatten().next().expect("a surviving engine");
+
+    // Its pipelines move to the others, each to exactly one.
+    let hand_over = loop {
+        let view = fleet(&http, survivor);
+        let placed = placement(&view);
+        let states = states(&view);
+        let moved = orphans
+            .iter()
+            .all(|p| placed.get(p).is_some_and(|e| *e != victim_name) || states[p] == "completed");
+        if moved {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < HAND_OVER_LIMIT,
+            "pipelines of {victim_name} not taken over within {HAND_OVER_LIMIT:?}: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "hand-over of {} pipelines after SIGKILL: {:.1} s",
+        orphans.len(),
+        hand_over.as_secs_f64()
+    );
+
+    // Everything completes; every result is in the stream once.
+    let started = Instant::now();
+    let finished = loop {
+        let view = fleet(&http, survivor);
+        let states = states(&view);
+        if states.values().all(|s| s == "completed" || s == "failed") {
+            break view;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "pipelines complete: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let mut duplicates_sent = 0;
+    for pipeline in finished["pipelines"].as_array().expect("pipelines") {
+        assert_eq!(pipeline["state"], "completed", "{pipeline}");
+        let sink = pipeline["metrics"]["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
+            .map(|n| n["sink"].clone())
+            .expect("sink metrics");
+        assert_eq!(sink["failed"], 0, "{pipeline}");
+        duplicates_sent += sink["skipped"].as_u64().unwrap_or(0);
+    }
+    let stored = stored_messages(&url, "FLEET");
+    assert!(
+        repeated_ids(&stored).is_empty(),
+        "{:?}",
+        repeated_ids(&stored)
+    );
+    let mut by_pipeline: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for message in &stored {
+        by_pipeline
+            .entry(
+                message.message["pipeline"]
+                    .as_str()
+                    .expect("pipeline")
+                    .to_string(),
+            )
+            .or_default()
+            .insert(message.message["sequence"].as_u64().expect("sequence"));
+    }
+    assert_eq!(by_pipeline.len(), PIPELINES);
+    for (pipeline, sequences) in &by_pipeline {
+        assert_eq!(
+            *sequences,
+            (0..FRAMES).collect::<BTreeSet<_>>(),
+            "{pipeline} has every result"
+        );
+    }
+    assert_eq!(stored.len(), PIPELINES * FRAMES as usize);
+    println!(
+        "results stored: {} ({} pipelines x {FRAMES}); copies sent again after the hand-over and \
+         dropped by JetStream: {duplicates_sent}",
+        stored.len(),
+        PIPELINES
+    );
+
+    // An engine started without --fleet-nats says so.
+    let plain_dir = dir.path().join("plain");
+    std::fs::create_dir_all(&plain_dir).expect("data dir");
+    let plain = Server::start(&plain_dir, None);
+    let (status, body) = call(http.get(plain.url("/api/fleet")));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--fleet-nats"),
+        "{body}"
+    );
+    drop(nats);
+}
