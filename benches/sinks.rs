@@ -1,13 +1,14 @@
 //! Sustained throughput of the network sinks against real receivers on 127.0.0.1: `sink.mqtt`
-//! (QoS 1) into a mosquitto broker, and `sink.webhook` into a warp HTTP server that answers 204.
+//! (QoS 1) into a mosquitto broker, `sink.nats` into a nats-server with JetStream (each message
+//! acknowledged, stored on disk), and `sink.webhook` into a warp HTTP server that answers 204.
 //! Each runs `source.synthetic` (640x480) into the sink over a `block` edge, so every message is
 //! delivered, once with prediction messages only and once with the frame attached as an inline
 //! JPEG (`output_formats: [predictions, image_original]`).
 //!
 //!     cargo bench --bench sinks [-- MESSAGES]
 //!
-//! Prints messages per second (whole graph, start to end, the MQTT sink waiting for every
-//! acknowledgement) and the average message size.
+//! Prints messages per second (whole graph, start to end, the MQTT and NATS sinks waiting for
+//! every acknowledgement) and the average message size.
 
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +57,35 @@ impl Broker {
 }
 
 impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A nats-server with JetStream storing under `dir`, on a free port; killed when dropped.
+struct Nats(Child, u16);
+
+impl Nats {
+    fn start(dir: &std::path::Path) -> Self {
+        let port = free_port();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.join("jetstream"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (scripts/setup.sh installs it)");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "nats-server");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self(child, port)
+    }
+}
+
+impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -116,6 +146,7 @@ fn main() {
     let with_images = (messages / 10).max(100);
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = Broker::start(dir.path());
+    let nats = Nats::start(dir.path());
     let (requests, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let port = start_receiver(Arc::clone(&requests), Arc::clone(&bytes));
     let registry = Registry::builtin();
@@ -134,6 +165,15 @@ fn main() {
         );
         let rate = run(&registry, count, &mqtt);
         println!("sink.mqtt QoS 1, {label}: {rate:.0} messages/s ({count} messages)");
+        // A stream per round, so that every round's messages are new (no duplicates).
+        let jetstream = format!(
+            "op: sink.nats, params: {{url: \"nats://127.0.0.1:{}\", subject: \"bench.{}.{{stream}}\", stream: BENCH_{}, {extra}}}",
+            nats.1,
+            count,
+            extra.len()
+        );
+        let rate = run(&registry, count, &jetstream);
+        println!("sink.nats JetStream, {label}: {rate:.0} messages/s ({count} messages)");
         let (before_requests, before_bytes) = (
             requests.load(Ordering::Relaxed),
             bytes.load(Ordering::Relaxed),
