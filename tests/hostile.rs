@@ -558,6 +558,7 @@ fn params_with(path: &[ParamStep], value: &str) -> Value {
 fn required_params(op: &str) -> Value {
     match op {
         "sink.mqtt" => json!({"host": "127.0.0.1", "topic": "t"}),
+        "sink.nats" => json!({"url": "nats://127.0.0.1:4222", "subject": "t"}),
         _ => json!({}),
     }
 }

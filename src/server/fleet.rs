@@ -15,62 +15,53 @@
 //! - `<fleet>-outcomes`: pipeline id → [`Outcome`] of a generation that ended by itself (a file
 //!   read to its end, a failure): it is not started again until its graph changes.
 //!
-//! Every tick (a sixth of the lease) an engine renews its leases, stops the runs whose desired
-//! state went away or changed, records the runs that ended, publishes its record, and claims
-//! pipelines nobody holds while it has capacity, and while no live engine runs fewer than it
-//! does (so a fleet started together shares the work evenly). A lease it cannot renew is given
-//! up before it can lapse: the run stops when its last renewal is older than the lease less one
-//! tick, so two engines never run one pipeline knowingly. A pipeline taken over starts again
-//! from its beginning under the same run id (the generation), so `sink.nats` sends its
-//! results under the same message ids and JetStream keeps one copy of each.
+//! Every tick (a sixth of the lease) an engine stops the runs whose desired state went away or
+//! changed, records the runs that ended, publishes its record, and claims pipelines nobody holds
+//! while it has capacity and no live engine runs fewer than it does (so a fleet started together
+//! shares the work evenly). Leases are renewed by a task of their own
+//! ([`super::fleet_leases`]), each call bounded by a tick; a run whose last renewal could lapse
+//! before the next one is aborted by a local watchdog, and a lease is handed back only once its
+//! run has ended, so one engine's run has ended before another can claim the pipeline (unless
+//! an engine is paused longer than a lease, which no lease protocol can tell from death).
+//! A failed generation is tried again, on any engine, after a backoff, up to [`MAX_ATTEMPTS`]
+//! times; a graph an engine cannot even start (invalid there) fails for good.
+//!
+//! A pipeline taken over starts again from its beginning. When its sources replay the same
+//! frames (files), it runs under the same run id on every engine (fleet name and generation),
+//! so `sink.nats` sends the results again under the same message ids and JetStream keeps one
+//! copy of each; live sources (cameras) get a run id per claim, as their frames are new.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 
 pub use super::fleet_buckets::{Buckets, FleetError, live_entry, valid_id};
+use super::fleet_leases::{FleetRun, Stopping};
 pub use super::fleet_records::{
     DesiredPipeline, EngineRecord, EngineRun, FleetSettings, FleetState, Lease, Outcome,
 };
 use super::http::now;
 use super::state::AppState;
+use crate::graph::ValidatedGraph;
 use crate::runtime::metrics::MetricsReport;
-use crate::runtime::pipeline::{Pipeline, RunMode};
-
-/// One pipeline this engine runs.
-struct FleetRun {
-    generation: u64,
-    lease_revision: u64,
-    renewed: Instant,
-    started_at: String,
-    pipeline: Arc<Mutex<Option<Pipeline>>>,
-}
-
-impl FleetRun {
-    fn report(&self) -> Option<MetricsReport> {
-        self.pipeline.lock().ok()?.as_ref().map(Pipeline::report)
-    }
-
-    fn is_finished(&self) -> bool {
-        self.pipeline
-            .lock()
-            .ok()
-            .is_none_or(|p| p.as_ref().is_none_or(Pipeline::is_finished))
-    }
-}
+use crate::runtime::pipeline::RunMode;
 
 /// This engine's part of the fleet.
 pub struct Fleet {
     pub engine: String,
     pub capacity: usize,
-    lease: Duration,
-    tick: Duration,
+    /// `--fleet-name`: part of run ids, so fleets sharing a results stream never collide.
+    name: String,
+    pub(super) lease: Duration,
+    pub(super) tick: Duration,
     api: String,
     started_at: String,
     pub buckets: Buckets,
-    runs: Mutex<HashMap<String, FleetRun>>,
+    pub(super) runs: Mutex<HashMap<String, FleetRun>>,
+    /// Pipelines this engine failed to start, and when it may try again.
+    backoff: Mutex<HashMap<String, Instant>>,
 }
 
 impl Fleet {
@@ -84,7 +75,11 @@ impl Fleet {
             Some(id) => id.clone(),
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|name| name.trim().replace('.', "-"))
-                .unwrap_or_else(|_| "engine".into()),
+                .map_err(|e| {
+                    FleetError(format!(
+                        "--engine-id: not given, and the host name cannot be read ({e})"
+                    ))
+                })?,
         };
         if !valid_id(&engine) {
             return Err(FleetError(format!(
@@ -134,12 +129,14 @@ impl Fleet {
         Ok(Self {
             engine,
             capacity: settings.capacity,
+            name: settings.name.clone(),
             lease,
             tick: (lease / 6).max(Duration::from_millis(200)),
             api,
             started_at: now(),
             buckets,
             runs: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
         })
     }
 
@@ -151,6 +148,7 @@ impl Fleet {
         mut stopping: tokio::sync::watch::Receiver<bool>,
     ) {
         tracing::info!(engine = %self.engine, capacity = self.capacity, "joined the fleet");
+        let renewals = tokio::spawn(Arc::clone(&self).renew_forever());
         loop {
             if let Err(error) = self.reconcile(&state).await {
                 tracing::warn!(engine = %self.engine, "fleet: {error}");
@@ -161,11 +159,11 @@ impl Fleet {
             }
         }
         self.leave().await;
+        renewals.abort();
     }
 
-    /// One tick: renew, stop, record, report, claim.
+    /// One tick (leases are renewed by a task of their own): stop, record, report, claim.
     async fn reconcile(&self, state: &Arc<AppState>) -> Result<(), FleetError> {
-        self.renew_leases().await;
         let desired = self.buckets.desired_pipelines().await;
         self.settle_runs(desired.as_ref().ok()).await;
         self.report().await?;
@@ -173,108 +171,89 @@ impl Fleet {
         self.claim(state, &desired).await
     }
 
-    /// Renews every lease this engine holds; a run whose lease was taken is aborted, and one
-    /// whose lease could not be renewed for almost a lease is stopped (another engine may take
-    /// it once it lapses).
-    async fn renew_leases(&self) {
-        let held: Vec<(String, u64, u64)> = self
-            .runs
-            .lock()
-            .map(|runs| {
-                runs.iter()
-                    .map(|(id, run)| (id.clone(), run.generation, run.lease_revision))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (id, generation, revision) in held {
-            let lease = self.lease_value(generation);
-            let renewed = self.buckets.leases.update(&id, lease, revision).await;
-            let Ok(mut runs) = self.runs.lock() else {
-                return;
-            };
-            let Some(run) = runs.get_mut(&id) else {
-                continue;
-            };
-            match renewed {
-                Ok(revision) => {
-                    run.lease_revision = revision;
-                    run.renewed = Instant::now();
-                }
-                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    tracing::error!(pipeline = %id, "fleet: lost the lease to another engine; stopping");
-                    if let Some(run) = runs.remove(&id) {
-                        stop_in_background(id, run, true);
-                    }
-                }
-                Err(error) if run.renewed.elapsed() + self.tick >= self.lease => {
-                    tracing::error!(
-                        pipeline = %id,
-                        "fleet: cannot renew the lease ({error}); stopping before it lapses"
-                    );
-                    if let Some(run) = runs.remove(&id) {
-                        stop_in_background(id, run, false);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(pipeline = %id, "fleet: lease renewal failed: {error}")
-                }
-            }
-        }
-    }
-
-    /// Records runs that ended by themselves and hands their leases back; stops runs whose
-    /// desired state is gone or changed (`desired` is None when it could not be read).
+    /// Asks runs whose desired state is gone or changed to stop (`desired` is None when it
+    /// could not be read), and settles runs that ended: their outcome is recorded (unless this
+    /// engine stopped them for another reason than leaving) before their lease is handed back;
+    /// when the outcome cannot be stored, the run and its lease stay until the next tick.
     async fn settle_runs(&self, desired: Option<&HashMap<String, (u64, DesiredPipeline)>>) {
         let mut ended = Vec::new();
-        let mut unwanted = Vec::new();
         if let Ok(mut runs) = self.runs.lock() {
-            let ids: Vec<String> = runs.keys().cloned().collect();
-            for id in ids {
-                let Some(run) = runs.get(&id) else { continue };
-                let still_wanted =
-                    desired.is_none_or(|d| d.get(&id).is_some_and(|(g, _)| *g == run.generation));
+            for (id, run) in runs.iter_mut() {
+                let wanted =
+                    desired.is_none_or(|d| d.get(id).is_some_and(|(g, _)| *g == run.generation));
                 if run.is_finished() {
-                    if let Some(run) = runs.remove(&id) {
-                        ended.push((id, run));
-                    }
-                } else if !still_wanted && let Some(run) = runs.remove(&id) {
-                    unwanted.push((id, run));
+                    ended.push(id.clone());
+                } else if !wanted && run.stopping.is_none() {
+                    tracing::info!(pipeline = %id, "fleet: desired state removed or changed; stopping");
+                    run.stop(Stopping::Unwanted, false);
                 }
             }
         }
-        for (id, run) in ended {
-            let pipeline = run.pipeline.lock().ok().and_then(|mut p| p.take());
-            let outcome = match pipeline {
-                Some(pipeline) => tokio::task::spawn_blocking(move || pipeline.wait())
-                    .await
-                    .ok(),
+        for id in ended {
+            let Some((generation, revision, stopping, pipeline)) =
+                self.runs.lock().ok().and_then(|runs| {
+                    runs.get(&id).map(|run| {
+                        (
+                            run.generation,
+                            run.lease_revision,
+                            run.stopping,
+                            Arc::clone(&run.pipeline),
+                        )
+                    })
+                })
+            else {
+                continue;
+            };
+            let taken = pipeline.lock().ok().and_then(|mut p| p.take());
+            let outcome = match taken {
+                Some(run) => tokio::task::spawn_blocking(move || run.wait()).await.ok(),
                 None => None,
             };
-            let (state, failure, metrics) = match outcome {
-                Some(outcome) => (
-                    if outcome.failure.is_some() {
-                        FleetState::Failed
-                    } else {
-                        FleetState::Completed
-                    },
-                    outcome.failure.map(|f| f.to_string()),
-                    Some(outcome.report),
-                ),
-                None => (FleetState::Failed, Some("the run was lost".into()), None),
+            let ended_by_itself = outcome
+                .as_ref()
+                .is_some_and(|o| o.failure.is_some() || o.report.state == "completed");
+            let record = match stopping {
+                None => true,
+                Some((Stopping::Leaving, _)) => ended_by_itself,
+                Some(_) => false,
             };
-            tracing::info!(pipeline = %id, generation = run.generation, ?state, "fleet: run ended");
-            self.record_outcome(&id, run.generation, state, failure, metrics)
-                .await;
-            self.release(&id, run.lease_revision).await;
-        }
-        for (id, run) in unwanted {
-            tracing::info!(pipeline = %id, "fleet: desired state removed or changed; stopping");
-            let revision = run.lease_revision;
-            stop_in_background(id.clone(), run, false);
-            self.release(&id, revision).await;
+            if record {
+                let (state, failure, metrics) = match outcome {
+                    Some(outcome) => (
+                        if outcome.failure.is_some() {
+                            FleetState::Failed
+                        } else {
+                            FleetState::Completed
+                        },
+                        outcome.failure.map(|f| f.to_string()),
+                        Some(outcome.report),
+                    ),
+                    None => (
+                        FleetState::Failed,
+                        Some("the run's threads could not be joined".into()),
+                        None,
+                    ),
+                };
+                tracing::info!(pipeline = %id, generation, ?state, "fleet: run ended");
+                if !self
+                    .record_outcome(&id, generation, state, failure, metrics, false)
+                    .await
+                {
+                    continue; // keep the run (finished) and its lease; try again next tick
+                }
+            }
+            if let Ok(mut runs) = self.runs.lock() {
+                runs.remove(&id);
+            }
+            if stopping.is_none_or(|(why, _)| why != Stopping::LeaseLost) {
+                self.release(&id, revision).await;
+            }
         }
     }
 
+    /// Stores how `generation` of pipeline `id` ended. A failure counts as an attempt: it is
+    /// tried again (on any engine) after a backoff, up to [`MAX_ATTEMPTS`]; `permanent` (a graph
+    /// that cannot run) uses them all. Returns whether the outcome was stored.
     async fn record_outcome(
         &self,
         id: &str,
@@ -282,7 +261,20 @@ impl Fleet {
         state: FleetState,
         failure: Option<String>,
         metrics: Option<MetricsReport>,
-    ) {
+        permanent: bool,
+    ) -> bool {
+        let earlier = live_entry(&self.buckets.outcomes, id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|entry| serde_json::from_slice::<Outcome>(&entry.value).ok())
+            .filter(|o| o.generation == generation)
+            .map_or(0, |o| o.attempts);
+        let attempts = match state {
+            FleetState::Failed if permanent => MAX_ATTEMPTS,
+            FleetState::Failed => earlier + 1,
+            _ => earlier,
+        };
         let outcome = Outcome {
             generation,
             state,
@@ -290,32 +282,22 @@ impl Fleet {
             finished_at: now(),
             failure,
             metrics,
+            attempts,
+            retry_after_unix_ms: (state == FleetState::Failed && attempts < MAX_ATTEMPTS)
+                .then(|| unix_ms() + RETRY_BACKOFF_MS * u64::from(attempts)),
         };
         let value = serde_json::to_vec(&outcome).unwrap_or_default();
-        if let Err(error) = self.buckets.outcomes.put(id, value.into()).await {
-            tracing::error!(pipeline = %id, "fleet: cannot record the outcome: {error}");
+        match self.buckets.outcomes.put(id, value.into()).await {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::error!(
+                    pipeline = %id,
+                    "fleet: cannot record the outcome in bucket {}: {error}",
+                    self.buckets.outcomes.name
+                );
+                false
+            }
         }
-    }
-
-    /// Hands a lease back (only if still ours).
-    async fn release(&self, id: &str, revision: u64) {
-        if let Err(error) = self
-            .buckets
-            .leases
-            .purge_expect_revision(id, Some(revision))
-            .await
-        {
-            tracing::debug!(pipeline = %id, "fleet: lease not handed back ({error}); it lapses");
-        }
-    }
-
-    fn lease_value(&self, generation: u64) -> bytes::Bytes {
-        let lease = Lease {
-            engine: self.engine.clone(),
-            generation,
-            claimed_at: now(),
-        };
-        serde_json::to_vec(&lease).unwrap_or_default().into()
     }
 
     /// This engine's record now.
@@ -389,30 +371,43 @@ impl Fleet {
             if self.runs.lock().is_ok_and(|runs| runs.contains_key(id)) {
                 continue;
             }
+            if self.backoff.lock().is_ok_and(|b| {
+                b.get(id.as_str())
+                    .is_some_and(|until| Instant::now() < *until)
+            }) {
+                continue;
+            }
             let (generation, pipeline) = &desired[id];
             if live_entry(&self.buckets.leases, id).await?.is_some() {
                 continue;
             }
             if let Some(entry) = live_entry(&self.buckets.outcomes, id).await?
-                && serde_json::from_slice::<Outcome>(&entry.value)
-                    .is_ok_and(|o| o.generation == *generation)
+                && let Ok(outcome) = serde_json::from_slice::<Outcome>(&entry.value)
+                && outcome.generation == *generation
+                && !outcome.may_retry(unix_ms())
             {
                 continue;
             }
-            let Ok(revision) = self
+            let revision = match self
                 .buckets
                 .leases
                 .create(id, self.lease_value(*generation))
                 .await
-            else {
-                continue; // another engine was faster
+            {
+                Ok(revision) => revision,
+                // The create may have landed with its acknowledgement lost.
+                Err(_) => match self.own_revision(id, *generation).await {
+                    Some(revision) => revision,
+                    None => continue, // another engine was faster
+                },
             };
             self.start(state, id, *generation, revision, pipeline).await;
         }
         Ok(())
     }
 
-    /// Starts a claimed pipeline; one that cannot start is recorded as failed.
+    /// Starts a claimed pipeline; one that cannot start is recorded as failed (for good when
+    /// its graph is invalid here) and this engine leaves it to others for a while.
     async fn start(
         &self,
         state: &Arc<AppState>,
@@ -421,16 +416,20 @@ impl Fleet {
         lease_revision: u64,
         desired: &DesiredPipeline,
     ) {
-        let started = match super::pipelines::graph_from_value(state, id, &desired.graph) {
-            Ok(mut graph) => {
-                graph.name = id.to_string();
-                state
-                    .pipelines
-                    .launch_run(graph, RunMode::Running, Some(format!("g{generation}")))
-                    .await
-            }
-            Err(errors) => Err(errors.to_string()),
-        };
+        let claimed = Instant::now();
+        let (started, permanent) =
+            match super::pipelines::graph_from_value(state, id, &desired.graph) {
+                Ok(mut graph) => {
+                    graph.name = id.to_string();
+                    let run_id = self.run_id(&graph, generation, lease_revision);
+                    let launched = state
+                        .pipelines
+                        .launch_run(graph, RunMode::Running, Some(run_id))
+                        .await;
+                    (launched, false)
+                }
+                Err(errors) => (Err(errors.to_string()), true),
+            };
         match started {
             Ok(pipeline) => {
                 tracing::info!(pipeline = %id, generation, engine = %self.engine, "fleet: started");
@@ -440,19 +439,50 @@ impl Fleet {
                         FleetRun {
                             generation,
                             lease_revision,
-                            renewed: Instant::now(),
+                            renewed: claimed,
                             started_at: now(),
                             pipeline: Arc::new(Mutex::new(Some(pipeline))),
+                            stopping: None,
                         },
                     );
                 }
             }
             Err(error) => {
                 tracing::error!(pipeline = %id, "fleet: cannot start: {error}");
-                self.record_outcome(id, generation, FleetState::Failed, Some(error), None)
-                    .await;
+                if let Ok(mut backoff) = self.backoff.lock() {
+                    backoff.insert(
+                        id.to_string(),
+                        Instant::now() + Duration::from_millis(RETRY_BACKOFF_MS),
+                    );
+                }
+                self.record_outcome(
+                    id,
+                    generation,
+                    FleetState::Failed,
+                    Some(error),
+                    None,
+                    permanent,
+                )
+                .await;
                 self.release(id, lease_revision).await;
             }
+        }
+    }
+
+    /// The run id sinks put in message ids. The same on every engine for a graph whose sources
+    /// replay the same frames when started again (files, synthetic frames), so copies resent
+    /// after a hand-over are recognised; unique per claim for live sources (cameras, watched
+    /// folders), whose frames after a hand-over are new ones.
+    fn run_id(&self, graph: &ValidatedGraph, generation: u64, claim: u64) -> String {
+        let replayable = graph
+            .nodes
+            .iter()
+            .filter(|node| node.descriptor.kind == inspectflow_operators::OperatorKind::Source)
+            .all(|node| REPLAYABLE_SOURCES.contains(&node.descriptor.name));
+        if replayable {
+            format!("{}-g{generation}", self.name)
+        } else {
+            format!("{}-g{generation}-c{claim}", self.name)
         }
     }
 
@@ -469,52 +499,47 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    /// Leaves the fleet: stops every run (draining), hands its leases back so that other
-    /// engines take the pipelines over at once, and removes this engine's record.
+    /// Leaves the fleet: asks every run to stop (draining, all at once, the leases renewed
+    /// meanwhile), records the outcomes of runs that ended by themselves, hands the leases
+    /// back so that other engines take the pipelines over at once, and removes this engine's
+    /// record. A run still draining after half a lease is aborted.
     async fn leave(&self) {
-        let runs: Vec<(String, FleetRun)> = self
-            .runs
-            .lock()
-            .map(|mut runs| runs.drain().collect())
-            .unwrap_or_default();
-        for (id, run) in runs {
-            let revision = run.lease_revision;
-            let pipeline = run.pipeline.lock().ok().and_then(|mut p| p.take());
-            if let Some(pipeline) = pipeline {
-                let _ = tokio::task::spawn_blocking(move || stop_and_wait(pipeline, false)).await;
+        if let Ok(mut runs) = self.runs.lock() {
+            for run in runs.values_mut() {
+                run.stop(Stopping::Leaving, false);
             }
-            self.release(&id, revision).await;
+        }
+        let deadline = Instant::now() + self.lease / 2;
+        loop {
+            self.settle_runs(None).await;
+            if self.runs.lock().map_or(true, |runs| runs.is_empty()) {
+                break;
+            }
+            if Instant::now() >= deadline
+                && let Ok(mut runs) = self.runs.lock()
+            {
+                for run in runs.values_mut() {
+                    run.stop(Stopping::Leaving, true);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = self.buckets.engines.purge(&self.engine).await;
         tracing::info!(engine = %self.engine, "left the fleet");
     }
 }
 
-/// Stops a run off the async threads: `abort` drops what is queued (a lease taken by another
-/// engine), otherwise it drains for up to 10 s.
-fn stop_in_background(id: String, run: FleetRun, abort: bool) {
-    let pipeline = run.pipeline.lock().ok().and_then(|mut p| p.take());
-    if let Some(pipeline) = pipeline {
-        std::thread::spawn(move || {
-            stop_and_wait(pipeline, abort);
-            tracing::info!(pipeline = %id, "fleet: stopped");
-        });
-    }
-}
+/// Sources that produce the same frames when started again.
+const REPLAYABLE_SOURCES: [&str; 3] = ["source.video_file", "source.files", "source.synthetic"];
 
-fn stop_and_wait(pipeline: Pipeline, abort: bool) {
-    let handle = pipeline.stop_handle();
-    if abort {
-        handle.abort();
-    } else {
-        handle.stop();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !pipeline.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !pipeline.is_finished() {
-            handle.abort();
-        }
-    }
-    pipeline.wait();
+/// Failed starts or runs of one generation before the fleet gives up on it.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// The wait before a failed generation is tried again, times its attempts so far.
+const RETRY_BACKOFF_MS: u64 = 10_000;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -114,6 +114,17 @@ async fn bucket(
     max_age: Duration,
 ) -> Result<kv::Store, FleetError> {
     if let Ok(store) = jetstream.get_key_value(name).await {
+        // Every engine must agree on how long a lease lasts: one computing its renewals from a
+        // longer lease than the bucket keeps would lose its leases while it still runs them.
+        let kept = store.stream.cached_info().config.max_age;
+        if kept != max_age {
+            return Err(FleetError(format!(
+                "bucket {name} keeps entries {} s, but this engine was started with {} s \
+                 (--fleet-lease-s must be the same on every engine of a fleet)",
+                kept.as_secs(),
+                max_age.as_secs()
+            )));
+        }
         return Ok(store);
     }
     // The bucket's stream made here, with the key-value conventions: async-nats's

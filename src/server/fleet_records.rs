@@ -94,6 +94,23 @@ pub struct Outcome {
     pub failure: Option<String>,
     /// Its final metrics.
     pub metrics: Option<MetricsReport>,
+    /// Failed starts or runs of this generation so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// A failed generation is tried again from this time on (milliseconds since the Unix
+    /// epoch); none when it is not tried again.
+    #[serde(default)]
+    pub retry_after_unix_ms: Option<u64>,
+}
+
+impl Outcome {
+    /// Whether the generation may be started again at `now_unix_ms`.
+    pub fn may_retry(&self, now_unix_ms: u64) -> bool {
+        self.state == FleetState::Failed
+            && self
+                .retry_after_unix_ms
+                .is_some_and(|after| now_unix_ms >= after)
+    }
 }
 
 /// Where a fleet pipeline stands.

@@ -35,6 +35,7 @@ pub mod endpoint_yaml;
 pub mod endpoints;
 pub mod fleet;
 pub mod fleet_buckets;
+mod fleet_leases;
 pub mod fleet_records;
 pub mod fleet_routes;
 pub mod http;

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -210,6 +211,9 @@ struct Progress {
     acknowledged: AtomicU64,
     /// Of those, the ones JetStream already had (a message id it had seen).
     duplicates: AtomicU64,
+    /// Messages the server can never take (larger than its payload limit), counted as failed
+    /// when refused.
+    refused: AtomicU64,
     /// The sink gives up on what is not acknowledged: the thread ends.
     closing: AtomicBool,
 }
@@ -217,7 +221,9 @@ struct Progress {
 impl Progress {
     fn outstanding(&self) -> u64 {
         let handed = self.handed.load(Ordering::SeqCst);
-        handed.saturating_sub(self.acknowledged.load(Ordering::SeqCst))
+        handed.saturating_sub(
+            self.acknowledged.load(Ordering::SeqCst) + self.refused.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -336,12 +342,24 @@ impl NatsSink {
             .replace("{stream}", &subject_safe(&packet.frame.stream_id))
     }
 
-    /// Stops the client thread, giving up on what it still holds.
+    /// Stops the client thread, giving up on what it still holds: counted as failed, and
+    /// logged.
     fn close(&mut self) {
         self.progress.closing.store(true, Ordering::SeqCst);
         if let Some((sender, thread)) = self.client.take() {
             drop(sender);
             let _ = thread.join();
+            let outstanding = self.progress.outstanding();
+            if outstanding > 0 {
+                tracing::error!(
+                    "sink.nats {}: {outstanding} messages to {} given up unacknowledged",
+                    self.node,
+                    self.params.url
+                );
+                for _ in 0..outstanding {
+                    self.health.count_failed();
+                }
+            }
         }
     }
 }
@@ -403,19 +421,31 @@ impl Sink for NatsSink {
             ),
             payload: Bytes::from(payload),
         };
+        let gone = || {
+            OpError::Failed(format!(
+                "the NATS client for {} is not running: {}",
+                self.params.url,
+                self.health
+                    .last_error()
+                    .unwrap_or_else(|| "its thread could not start".into())
+            ))
+        };
         let Some((sender, _)) = &self.client else {
-            return Err(OpError::Failed("the NATS client was not started".into()));
+            self.health.count_failed();
+            return Err(gone());
         };
         // Blocks while `max_in_flight` messages wait for acknowledgement (the server is away or
         // slow): the pipeline feels it.
         match sender.blocking_send(outgoing) {
             Ok(()) => {
                 self.progress.handed.fetch_add(1, Ordering::SeqCst);
+                Ok(())
             }
-            // The client thread ended (it could not start).
-            Err(_) => self.health.count_failed(),
+            Err(_) => {
+                self.health.count_failed();
+                Err(gone())
+            }
         }
-        Ok(())
     }
 
     fn finish(&mut self) -> Result<(), OpError> {
@@ -423,14 +453,10 @@ impl Sink for NatsSink {
         if let Some((sender, thread)) = self.client.take() {
             drop(sender);
             let deadline = Instant::now() + Duration::from_millis(self.params.drain_timeout_ms);
+            // When the pipeline is stopping, each message gets one more attempt (see `give_up`),
+            // so the thread ends soon.
             while !thread.is_finished() && Instant::now() < deadline {
-                if !self
-                    .stop
-                    .sleep_until(Instant::now() + Duration::from_millis(10))
-                    && !self.health.is_online()
-                {
-                    break; // stopping with the server away: do not wait for it
-                }
+                std::thread::sleep(Duration::from_millis(10));
             }
             self.progress.closing.store(true, Ordering::SeqCst);
             let _ = thread.join();
@@ -523,10 +549,10 @@ async fn drive(
             if health.set_offline(&reason) {
                 tracing::warn!("{reason}");
             }
-            if give_up(progress, stop, health) {
+            if give_up(progress, stop) {
                 return;
             }
-            tokio::time::sleep(backoff).await;
+            pause(backoff, progress).await;
             backoff = settings.retry.next(backoff);
         }
     }
@@ -571,12 +597,14 @@ async fn deliver(
             .payload(message.payload.clone())
             .message_id(&message.id);
         let attempt = async {
-            jetstream
+            let acknowledgement = jetstream
                 .send_publish(message.subject.clone(), publish)
                 .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    let permanent = e.kind() == PublishErrorKind::MaxPayloadExceeded;
+                    (e.to_string(), permanent)
+                })?;
+            acknowledgement.await.map_err(|e| (e.to_string(), false))
         };
         match attempt.await {
             Ok(ack) => {
@@ -587,25 +615,44 @@ async fn deliver(
                 health.set_online();
                 return;
             }
-            Err(error) => {
+            Err((error, true)) => {
+                // Sending it again cannot help: count it and go on.
+                tracing::error!(
+                    "{servers}: message {} to {} refused: {error}",
+                    message.id,
+                    message.subject
+                );
+                progress.refused.fetch_add(1, Ordering::SeqCst);
+                health.count_failed();
+                return;
+            }
+            Err((error, false)) => {
                 let reason = format!("{servers}: publishing to {}: {error}", message.subject);
                 if health.set_offline(&reason) {
                     tracing::warn!("{reason}");
                 }
             }
         }
-        if give_up(progress, stop, health) {
+        if give_up(progress, stop) {
             return;
         }
-        tokio::time::sleep(backoff).await;
+        pause(backoff, progress).await;
         backoff = settings.retry.next(backoff);
     }
 }
 
-/// Whether to stop trying: the sink gave up, or the pipeline is stopping while the server is
-/// away.
-fn give_up(progress: &Progress, stop: &StopSignal, health: &EndpointHealth) -> bool {
-    progress.closing.load(Ordering::SeqCst) || (stop.is_raised() && !health.is_online())
+/// Waits `backoff`, or less when the sink gives up meanwhile.
+async fn pause(backoff: Duration, progress: &Progress) {
+    let until = tokio::time::Instant::now() + backoff;
+    while tokio::time::Instant::now() < until && !progress.closing.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50).min(backoff)).await;
+    }
+}
+
+/// Whether to stop trying after a failed attempt: the sink gave up, or the pipeline is stopping
+/// (one attempt per message then, as the sink contract says).
+fn give_up(progress: &Progress, stop: &StopSignal) -> bool {
+    progress.closing.load(Ordering::SeqCst) || stop.is_raised()
 }
 
 /// `value` with the characters NATS reserves in subjects replaced by `_`.
