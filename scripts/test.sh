@@ -5,9 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# One feature set for lints and tests (one build of the dependency tree): with `torch`, the
+# gradient-trained families' libtorch side is built and tested too.
+FEATURES=(--features inspectflow/torch)
+cargo clippy --workspace --all-targets --locked "${FEATURES[@]}" -- -D warnings
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast "${FEATURES[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast "${FEATURES[@]}"
 fi

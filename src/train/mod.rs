@@ -18,6 +18,8 @@ pub mod evaluate;
 pub mod metrics;
 pub mod padim;
 pub mod patchcore;
+#[cfg(feature = "torch")]
+pub mod torch_mobilenet;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
