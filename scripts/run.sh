@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked
+# The workspace: inspectflow and inspectflow-torch (the libtorch helper that trains STFPM).
+cargo build --release --locked --workspace
 mkdir -p out
 ./target/release/inspectflow run graphs/demo.yaml \
   --metrics-json out/demo-metrics.json \

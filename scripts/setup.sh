@@ -73,7 +73,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
   echo "$WANTED" > "$STAMP"
 fi
 
-# libtorch for the `torch` feature (gradient-trained model families), from PyPI wheels without
+# libtorch for inspectflow-torch (torch/, the helper that trains the gradient-trained model
+# families; no other inspectflow program loads it), from PyPI wheels without
 # Python: torch==2.13.0's torch/lib, include and share, plus the CUDA runtime and CUPTI
 # libraries its libtorch links (about 1 GB unpacked). It is kept outside the clone, in
 # ~/.cache/inspectflow (INSPECTFLOW_LIBTORCH to choose another folder), so fresh clones reuse

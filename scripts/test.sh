@@ -5,12 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all --check
-# One feature set for lints and tests (one build of the dependency tree): with `torch`, the
-# gradient-trained families' libtorch side is built and tested too.
-FEATURES=(--features inspectflow/torch)
-cargo clippy --workspace --all-targets --locked "${FEATURES[@]}" -- -D warnings
+# The workspace includes torch/ (inspectflow-torch, the libtorch helper that trains STFPM), so
+# the gradient-trained families are linted and tested too.
+cargo clippy --workspace --all-targets --locked -- -D warnings
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast "${FEATURES[@]}"
+  cargo nextest run --workspace --locked --no-fail-fast
 else
-  cargo test --workspace --locked --no-fail-fast "${FEATURES[@]}"
+  cargo test --workspace --locked --no-fail-fast
 fi

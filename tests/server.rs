@@ -309,7 +309,8 @@ fn trainable_models_and_devices_describe_what_this_build_and_machine_offer() {
         .iter()
         .map(|m| m["name"].as_str().expect("name"))
         .collect();
-    assert_eq!(names, vec!["padim", "patchcore"]);
+    // The gradient-trained family is listed as its helper is built with the workspace.
+    assert_eq!(names, vec!["padim", "patchcore", "stfpm"]);
     assert_eq!(
         models.iter().filter(|m| m["recommended"] == true).count(),
         1,

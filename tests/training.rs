@@ -44,6 +44,7 @@ fn config(architecture: Architecture) -> TrainConfig {
         padim_channels: 100,
         memory_bank: Some(512),
         device: "CPU".into(),
+        ..TrainConfig::default()
     }
 }
 

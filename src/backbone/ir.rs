@@ -64,6 +64,8 @@ pub struct IrGraph {
     name: String,
     layers: Vec<Layer>,
     weights: Vec<u8>,
+    /// Put before the name of every layer added from now on (two networks in one graph).
+    prefix: String,
 }
 
 /// Padding of a 2-D convolution: `[top, left, bottom, right]`.
@@ -94,7 +96,14 @@ impl IrGraph {
             name: name.to_string(),
             layers: Vec::new(),
             weights: Vec::new(),
+            prefix: String::new(),
         }
+    }
+
+    /// Names every layer added from now on `{prefix}{name}` (a second network of the same
+    /// architecture in one graph, such as a student beside its teacher); empty to stop.
+    pub fn set_name_prefix(&mut self, prefix: &str) {
+        self.prefix = prefix.to_string();
     }
 
     /// The shape of an output.
@@ -125,7 +134,7 @@ impl IrGraph {
         shape: Vec<usize>,
     ) -> Output {
         self.layers.push(Layer {
-            name: name.to_string(),
+            name: format!("{}{name}", self.prefix),
             kind,
             version,
             data,
@@ -264,6 +273,11 @@ impl IrGraph {
     /// Element-wise product with NumPy broadcasting.
     pub fn multiply(&mut self, name: &str, a: Output, b: Output) -> Output {
         self.binary(name, "Multiply", a, b)
+    }
+
+    /// Element-wise quotient `a / b` with NumPy broadcasting.
+    pub fn divide(&mut self, name: &str, a: Output, b: Output) -> Output {
+        self.binary(name, "Divide", a, b)
     }
 
     /// Clamp to `[min, max]` (ReLU6 is `clamp(0, 6)`).

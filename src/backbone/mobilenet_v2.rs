@@ -29,31 +29,9 @@ pub fn build(
     mut graph: IrGraph,
     input: Output,
 ) -> Result<Network, WeightsError> {
-    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
-    let scale = [1.0 / std[0], 1.0 / std[1], 1.0 / std[2]];
-    let shift = [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]];
-    let mut x = normalise(&mut graph, input, scale, shift);
-
-    x = weights.conv_bn(
-        &mut graph,
-        x,
-        "features.0.0",
-        "features.0.1",
-        2,
-        same_symmetric(3),
-    )?;
-    x = graph.clamp("features.0/relu6", x, 0.0, 6.0);
-
-    let stages = run_stages(
-        &STAGES,
-        1,
-        32,
-        x,
-        [STRIDE_8_BLOCK, STRIDE_16_BLOCK],
-        |x, spec| inverted_residual(weights, &mut graph, x, spec),
-    )?;
+    let stages = stages(weights, &mut graph, input, &STAGES)?;
     let [stride_8, stride_16] = stages.taps;
-    x = stages.last;
+    let mut x = stages.last;
     x = weights.conv_bn(&mut graph, x, "features.18.0", "features.18.1", 1, [0; 4])?;
     x = graph.clamp("features.18/relu6", x, 0.0, 6.0);
     let pooled = graph.global_average_pool("pool", x);
@@ -71,6 +49,54 @@ pub fn build(
             message: "the network has fewer blocks than the feature taps need".into(),
         }),
     }
+}
+
+/// The feature layers only, `features.0` to `features.13` (all a student of this architecture
+/// has): the stride-8 and stride-16 maps of RGB in [0, 1].
+pub fn feature_taps(
+    weights: &Weights,
+    graph: &mut IrGraph,
+    input: Output,
+) -> Result<(Output, Output), WeightsError> {
+    // The stages up to the 96-channel one end with block 13.
+    let stages = stages(weights, graph, input, &STAGES[..5])?;
+    match stages.taps {
+        [Some(stride_8), Some(stride_16)] => Ok((stride_8, stride_16)),
+        _ => Err(WeightsError {
+            checkpoint: weights.checkpoint.to_string(),
+            message: "the network has fewer blocks than the feature taps need".into(),
+        }),
+    }
+}
+
+/// Normalisation, the stem and the inverted residual blocks of `table`.
+fn stages(
+    weights: &Weights,
+    graph: &mut IrGraph,
+    input: Output,
+    table: &[(usize, usize, usize, usize)],
+) -> Result<super::layers::StageOutputs, WeightsError> {
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let scale = [1.0 / std[0], 1.0 / std[1], 1.0 / std[2]];
+    let shift = [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]];
+    let mut x = normalise(graph, input, scale, shift);
+    x = weights.conv_bn(
+        graph,
+        x,
+        "features.0.0",
+        "features.0.1",
+        2,
+        same_symmetric(3),
+    )?;
+    x = graph.clamp("features.0/relu6", x, 0.0, 6.0);
+    run_stages(
+        table,
+        1,
+        32,
+        x,
+        [STRIDE_8_BLOCK, STRIDE_16_BLOCK],
+        |x, spec| inverted_residual(weights, graph, x, spec),
+    )
 }
 
 /// One inverted residual block `features.{index}`: optional 1x1 expansion, 3x3 depthwise,

@@ -150,7 +150,7 @@ impl TrainableModels {
     /// What this build trains.
     fn list() -> Self {
         Self {
-            trainable_models: Architecture::ALL
+            trainable_models: Architecture::trainable()
                 .into_iter()
                 .map(|family| TrainableModel {
                     name: family,

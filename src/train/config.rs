@@ -40,17 +40,41 @@ pub enum Architecture {
     /// to the images (up to 512) to keep small defects. The default.
     #[default]
     Patchcore,
+    /// STFPM: a student network trained (libtorch) to reproduce an ImageNet teacher's
+    /// features on normal images; where they disagree is anomalous. Trained by the
+    /// `inspectflow-torch` helper; serves like the others.
+    Stfpm,
 }
 
 impl Architecture {
     /// Every family, in the order `/api/trainable-models` lists them.
-    pub const ALL: [Architecture; 2] = [Architecture::Padim, Architecture::Patchcore];
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Padim,
+        Architecture::Patchcore,
+        Architecture::Stfpm,
+    ];
+
+    /// Whether training it needs the libtorch helper ([`super::gradient`]).
+    pub fn is_gradient_trained(self) -> bool {
+        self == Architecture::Stfpm
+    }
+
+    /// The families this installation can train: the gradient-trained ones only when the
+    /// libtorch helper is installed.
+    pub fn trainable() -> Vec<Architecture> {
+        let helper = super::gradient::helper().is_some();
+        Self::ALL
+            .into_iter()
+            .filter(|family| helper || !family.is_gradient_trained())
+            .collect()
+    }
 
     /// Lower-case name, as in manifests and requests.
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Padim => "padim",
             Architecture::Patchcore => "patchcore",
+            Architecture::Stfpm => "stfpm",
         }
     }
 
@@ -62,6 +86,9 @@ impl Architecture {
             }
             Architecture::Patchcore => {
                 "PatchCore: a coreset memory bank of patch features, nearest-neighbour distance; the most accurate on every dataset of BENCHMARKS.md, tolerates position changes, sizes its input to the images (up to 512) to keep small defects."
+            }
+            Architecture::Stfpm => {
+                "STFPM: a student network trained to reproduce an ImageNet teacher's features on normal images (gradient training with libtorch, per-epoch loss); where they disagree is anomalous. MobileNetV2 teacher, no tiling."
             }
         }
     }
@@ -121,6 +148,21 @@ pub struct TrainConfig {
     #[arg(long)]
     #[schemars(range(min = 1, max = 100_000), extend("x-families" = ["patchcore"]))]
     pub memory_bank: Option<usize>,
+    /// STFPM: passes over the training images.
+    #[serde(default = "default_epochs")]
+    #[arg(long, default_value_t = DEFAULT_EPOCHS)]
+    #[schemars(range(min = 1, max = 1000), extend("x-families" = ["stfpm"]))]
+    pub epochs: usize,
+    /// STFPM: images per optimisation step.
+    #[serde(default = "default_batch_size")]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    #[schemars(range(min = 1, max = 256), extend("x-families" = ["stfpm"]))]
+    pub batch_size: usize,
+    /// STFPM: Adam's learning rate.
+    #[serde(default = "default_learning_rate")]
+    #[arg(long, default_value_t = DEFAULT_LEARNING_RATE)]
+    #[schemars(range(min = 0.000001, max = 1.0), extend("x-families" = ["stfpm"]))]
+    pub learning_rate: f64,
     /// OpenVINO device that extracts the features and scores the validation images: `CPU`,
     /// `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see `GET /api/devices`.
     #[serde(default = "default_device")]
@@ -143,6 +185,18 @@ fn default_seed() -> u64 {
 fn default_padim_channels() -> usize {
     DEFAULT_PADIM_CHANNELS
 }
+const DEFAULT_EPOCHS: usize = 40;
+const DEFAULT_BATCH_SIZE: usize = 8;
+const DEFAULT_LEARNING_RATE: f64 = 0.001;
+fn default_epochs() -> usize {
+    DEFAULT_EPOCHS
+}
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
+}
+fn default_learning_rate() -> f64 {
+    DEFAULT_LEARNING_RATE
+}
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -154,6 +208,9 @@ impl Default for TrainConfig {
             seed: DEFAULT_SEED,
             padim_channels: DEFAULT_PADIM_CHANNELS,
             memory_bank: None,
+            epochs: DEFAULT_EPOCHS,
+            batch_size: DEFAULT_BATCH_SIZE,
+            learning_rate: DEFAULT_LEARNING_RATE,
             device: default_device(),
         }
     }
@@ -176,6 +233,7 @@ impl TrainConfig {
         let config: Self =
             serde_json::from_value(document.clone()).map_err(|error| error.to_string())?;
         config.check_tile()?;
+        config.check_family()?;
         Ok(config)
     }
 
@@ -183,7 +241,25 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), String> {
         let document = serde_json::to_value(self).map_err(|error| error.to_string())?;
         check_against_schema(&document)?;
-        self.check_tile()
+        self.check_tile()?;
+        self.check_family()
+    }
+
+    /// What a family cannot do: STFPM's teacher and student are MobileNetV2, untiled.
+    fn check_family(&self) -> Result<(), String> {
+        if self.architecture != Architecture::Stfpm {
+            return Ok(());
+        }
+        if self.backbone != Backbone::MobilenetV2 {
+            return Err(format!(
+                "backbone: STFPM's teacher is mobilenet_v2, not {}",
+                self.backbone.name()
+            ));
+        }
+        if self.tile.is_some() {
+            return Err("tile: STFPM does not tile its input".into());
+        }
+        Ok(())
     }
 
     fn check_tile(&self) -> Result<(), String> {
@@ -265,6 +341,7 @@ pub enum TrainEvent {
         /// Of the stage, 0 to 100.
         percent: u8,
     },
+
     /// The run succeeded.
     Finished {
         /// The dataset snapshot it trained on.

@@ -15,11 +15,10 @@ pub mod batch;
 pub mod config;
 pub mod dataset;
 pub mod evaluate;
+pub mod gradient;
 pub mod metrics;
 pub mod padim;
 pub mod patchcore;
-#[cfg(feature = "torch")]
-pub mod torch_mobilenet;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -155,6 +154,11 @@ fn network_with_embedding(
     let mut embedded = match config.architecture {
         Architecture::Padim => padim::embedding(&mut network, padim_indices),
         Architecture::Patchcore => patchcore::embedding(&mut network),
+        Architecture::Stfpm => {
+            return Err(TrainError::Invalid(
+                "STFPM has no embedding graph (it trains a student)".into(),
+            ));
+        }
     };
     if let Some(tiling) = tiling {
         embedded = tiling.stitch(&mut network.graph, embedded, 8, "tiling/stitched");
@@ -162,7 +166,7 @@ fn network_with_embedding(
     Ok((network.graph, embedded))
 }
 
-/// The input size of a run that names none. PaDiM: 256 (its Gaussians grow with the square of
+/// The input size of a run that names none. PaDiM and STFPM: 256 (its Gaussians grow with the square of
 /// the size). PatchCore: the training images' shorter side, rounded down to a multiple of 32,
 /// from 256 to 512, so that defects of a few pixels in big images survive the resize (on the
 /// DeepPCB cross-board split 512 lifts image AUROC from 0.80 to 0.94; BENCHMARKS.md) at a
@@ -173,7 +177,7 @@ pub fn default_input_size(
 ) -> Result<usize, TrainError> {
     const SMALLEST: usize = 256;
     const LARGEST: usize = 512;
-    if architecture == Architecture::Padim {
+    if architecture != Architecture::Patchcore {
         return Ok(SMALLEST);
     }
     let mut shorter_side = usize::MAX;
@@ -244,80 +248,15 @@ fn train_in(
         .map(|e| e.path.clone())
         .collect();
 
-    // Features of the training images, through the embedding graph. The deployable IR is the
-    // same graph with the head appended instead of the `embedding` output.
-    let [c8, c16] = config.backbone.feature_channels();
-    let padim_indices = padim::channel_subset(c8 + c16, config.padim_channels, config.seed);
-    let tiling = config
-        .tile
-        .map(|tile| Tiling::new(input_size, tile))
-        .transpose()
-        .map_err(TrainError::Invalid)?;
-    let (mut graph, embedded) =
-        network_with_embedding(config, input_size, tiling.as_ref(), &padim_indices)?;
-    let shape = graph.shape(embedded).to_vec();
-    let mut embedding_graph = graph.clone();
-    embedding_graph.result("embedding", embedded);
-    let embedding_xml = scratch.join("embedding.xml");
-    embedding_graph
-        .write(&embedding_xml)
-        .map_err(io_error(format!("writing {}", embedding_xml.display())))?;
-    let mut features_progress = |f| progress("features", f);
-    let head = match config.architecture {
-        Architecture::Padim => {
-            let outputs = batch::run_model(
-                &embedding_xml,
-                &config.device,
-                &training,
-                input_size,
-                &mut features_progress,
-            )?;
-            let features = FeatureMaps {
-                channels: shape[1],
-                height: shape[2],
-                width: shape[3],
-                maps: outputs
-                    .into_iter()
-                    .map(|mut o| o.remove("embedding").unwrap_or_default())
-                    .collect(),
-            };
-            Head::Padim(padim::fit(&features, &mut |f| progress("fitting", f))?)
+    // The deployable IR, and what the family adds to the package's metrics.
+    let (model_xml, family_metrics) = match config.architecture {
+        Architecture::Stfpm => {
+            gradient::train_student(config, input_size, &training, scratch, progress)?
         }
-        Architecture::Patchcore => {
-            let mut patches = patchcore::PatchSampler::new(
-                shape[1],
-                shape[2] * shape[3],
-                training.len(),
-                config.seed,
-            );
-            batch::run_model_each(
-                &embedding_xml,
-                &config.device,
-                &training,
-                input_size,
-                &mut features_progress,
-                &mut |mut outputs| patches.add(&outputs.remove("embedding").unwrap_or_default()),
-            )?;
-            Head::Patchcore(patchcore::fit(
-                patches,
-                config.memory_bank,
-                patchcore::SUPPORT_NEIGHBOURS,
-                config.seed,
-                &mut |f| progress("fitting", f),
-            )?)
+        Architecture::Padim | Architecture::Patchcore => {
+            statistical_model(config, input_size, &training, scratch, progress)?
         }
     };
-    drop(embedding_graph);
-
-    // The deployable IR.
-    match &head {
-        Head::Padim(stats) => padim::head(&mut graph, embedded, stats, input_size),
-        Head::Patchcore(bank) => patchcore::head(&mut graph, embedded, bank, input_size),
-    }
-    let model_xml = scratch.join(package::MODEL_FILE);
-    graph
-        .write(&model_xml)
-        .map_err(io_error(format!("writing {}", model_xml.display())))?;
 
     // Calibration on the validation split.
     let mut validation: Vec<dataset::Entry> = snapshot
@@ -353,15 +292,8 @@ fn train_in(
         "calibration": calibration,
         "training_seconds": started.elapsed().as_secs_f64(),
     });
-    if let Some(tiling) = &tiling {
-        metrics["tiling"] = serde_json::json!({"tile": tiling.tile, "tiles": tiling.count()});
-    }
-    if let Head::Patchcore(bank) = &head {
-        metrics["memory_bank"] = serde_json::json!({
-            "rows": bank.bank.len() / bank.dim,
-            "dim": bank.dim,
-            "neighbours": bank.neighbours,
-        });
+    if let Some(object) = metrics.as_object_mut() {
+        object.extend(family_metrics);
     }
     let manifest = Manifest {
         format_version: package::FORMAT_VERSION,
@@ -402,6 +334,115 @@ fn train_in(
         snapshot_id: snapshot.id.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// PaDiM or PatchCore: features of the training images through the embedding graph, the fitted
+/// head, and the deployable IR (the same graph with the head appended), in `scratch`.
+fn statistical_model(
+    config: &TrainConfig,
+    input_size: usize,
+    training: &[PathBuf],
+    scratch: &Path,
+    progress: Progress,
+) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>), TrainError> {
+    // Features of the training images, through the embedding graph. The deployable IR is the
+    // same graph with the head appended instead of the `embedding` output.
+    let [c8, c16] = config.backbone.feature_channels();
+    let padim_indices = padim::channel_subset(c8 + c16, config.padim_channels, config.seed);
+    let tiling = config
+        .tile
+        .map(|tile| Tiling::new(input_size, tile))
+        .transpose()
+        .map_err(TrainError::Invalid)?;
+    let (mut graph, embedded) =
+        network_with_embedding(config, input_size, tiling.as_ref(), &padim_indices)?;
+    let shape = graph.shape(embedded).to_vec();
+    let mut embedding_graph = graph.clone();
+    embedding_graph.result("embedding", embedded);
+    let embedding_xml = scratch.join("embedding.xml");
+    embedding_graph
+        .write(&embedding_xml)
+        .map_err(io_error(format!("writing {}", embedding_xml.display())))?;
+    let mut features_progress = |f| progress("features", f);
+    let head = match config.architecture {
+        Architecture::Padim => {
+            let outputs = batch::run_model(
+                &embedding_xml,
+                &config.device,
+                training,
+                input_size,
+                &mut features_progress,
+            )?;
+            let features = FeatureMaps {
+                channels: shape[1],
+                height: shape[2],
+                width: shape[3],
+                maps: outputs
+                    .into_iter()
+                    .map(|mut o| o.remove("embedding").unwrap_or_default())
+                    .collect(),
+            };
+            Head::Padim(padim::fit(&features, &mut |f| progress("fitting", f))?)
+        }
+        Architecture::Patchcore => {
+            let mut patches = patchcore::PatchSampler::new(
+                shape[1],
+                shape[2] * shape[3],
+                training.len(),
+                config.seed,
+            );
+            batch::run_model_each(
+                &embedding_xml,
+                &config.device,
+                training,
+                input_size,
+                &mut features_progress,
+                &mut |mut outputs| patches.add(&outputs.remove("embedding").unwrap_or_default()),
+            )?;
+            Head::Patchcore(patchcore::fit(
+                patches,
+                config.memory_bank,
+                patchcore::SUPPORT_NEIGHBOURS,
+                config.seed,
+                &mut |f| progress("fitting", f),
+            )?)
+        }
+        Architecture::Stfpm => {
+            return Err(TrainError::Invalid(
+                "STFPM is not fitted on features (it trains a student)".into(),
+            ));
+        }
+    };
+    drop(embedding_graph);
+
+    // The deployable IR.
+    match &head {
+        Head::Padim(stats) => padim::head(&mut graph, embedded, stats, input_size),
+        Head::Patchcore(bank) => patchcore::head(&mut graph, embedded, bank, input_size),
+    }
+    let model_xml = scratch.join(package::MODEL_FILE);
+    graph
+        .write(&model_xml)
+        .map_err(io_error(format!("writing {}", model_xml.display())))?;
+
+    let mut metrics = serde_json::Map::new();
+    if let Some(tiling) = &tiling {
+        metrics.insert(
+            "tiling".into(),
+            serde_json::json!({"tile": tiling.tile, "tiles": tiling.count()}),
+        );
+    }
+    if let Head::Patchcore(bank) = &head {
+        metrics.insert(
+            "memory_bank".into(),
+            serde_json::json!({
+                "rows": bank.bank.len() / bank.dim,
+                "dim": bank.dim,
+                "neighbours": bank.neighbours,
+            }),
+        );
+    }
+    Ok((model_xml, metrics))
 }
 
 #[cfg(test)]

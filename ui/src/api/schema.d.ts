@@ -4494,7 +4494,7 @@ export interface components {
             status: components["schemas"]["ActiveState"];
         };
         /** @description The model families. */
-        Architecture: "padim" | "patchcore";
+        Architecture: "padim" | "patchcore" | "stfpm";
         /** @description The backbones inspectflow can import. */
         Backbone: "mobilenet_v2" | "efficientnet_lite0";
         /** @description A camera device on this machine. */
@@ -5320,6 +5320,12 @@ export interface components {
              */
             backbone?: components["schemas"]["Backbone"];
             /**
+             * Format: uint
+             * @description STFPM: images per optimisation step.
+             * @default 8
+             */
+            batch_size?: number;
+            /**
              * @description The dataset snapshot to train on (`/api/snapshots/{id}`, of the same project); default:
              *     a snapshot of the project's media when the job starts (an unchanged dataset reuses its
              *     newest one).
@@ -5333,11 +5339,23 @@ export interface components {
             device?: string;
             /**
              * Format: uint
+             * @description STFPM: passes over the training images.
+             * @default 40
+             */
+            epochs?: number;
+            /**
+             * Format: uint
              * @description Square input size in pixels, a multiple of 32; absent: PaDiM 256, PatchCore the training
              *     images' shorter side from 256 to 512, which keeps small defects in big images.
              * @default null
              */
             input_size?: number | null;
+            /**
+             * Format: double
+             * @description STFPM: Adam's learning rate.
+             * @default 0.001
+             */
+            learning_rate?: number;
             /**
              * Format: uint
              * @description PatchCore: memory bank rows; absent: 10% of the training patches (the paper's coresets

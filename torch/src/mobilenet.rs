@@ -1,7 +1,7 @@
-//! MobileNetV2's feature layers in libtorch (tch, feature `torch`), with torchvision's parameter
+//! MobileNetV2's feature layers in libtorch (tch), with torchvision's parameter
 //! names: the teacher of the gradient-trained families, loaded from the ImageNet checkpoint the
 //! project already reads (no download), or a student of the same architecture trained from
-//! scratch. It computes what the OpenVINO backbone computes ([`crate::backbone::mobilenet_v2`]):
+//! scratch. It computes what the OpenVINO backbone computes (`inspectflow::backbone::mobilenet_v2`):
 //! ImageNet normalisation of RGB in [0, 1] inside, outputs after `features.6` (stride 8, 32
 //! channels) and `features.13` (stride 16, 96 channels). Because the names match torchvision's,
 //! a trained student's weights can be written as IR by the same code as the backbone's.
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::backbone::torch_legacy::CheckpointTensor;
+use inspectflow::backbone::torch_legacy::CheckpointTensor;
 
 /// `(expansion, output channels, repeats, first stride)` of the stages up to `features.13`.
 const STAGES: [(i64, i64, usize, i64); 5] = [
@@ -196,10 +196,10 @@ pub fn load_checkpoint(
 
 /// The ImageNet-trained MobileNetV2 features on `device`, frozen: the teacher.
 pub fn teacher(device: Device) -> Result<(nn::VarStore, MobileNetFeatures), String> {
-    let backbone = crate::backbone::Backbone::MobilenetV2;
+    let backbone = inspectflow::backbone::Backbone::MobilenetV2;
     let checkpoint = backbone.locate_weights().map_err(|e| e.to_string())?;
-    let tensors =
-        crate::backbone::torch_legacy::read_state_dict(&checkpoint).map_err(|e| e.to_string())?;
+    let tensors = inspectflow::backbone::torch_legacy::read_state_dict(&checkpoint)
+        .map_err(|e| e.to_string())?;
     let mut store = nn::VarStore::new(device);
     let network = MobileNetFeatures::new(&store.root());
     load_checkpoint(&mut store, &tensors, &checkpoint.display().to_string())?;
