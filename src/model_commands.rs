@@ -230,7 +230,15 @@ impl ProgressBar {
         }
     }
 
-    fn update(&mut self, stage: &str, fraction: f32) {
+    fn finish(&self) {
+        if self.terminal && !self.stage.is_empty() {
+            eprintln!();
+        }
+    }
+}
+
+impl train::TrainProgress for ProgressBar {
+    fn stage(&mut self, stage: &str, fraction: f32) {
         let percent = (fraction.clamp(0.0, 1.0) * 100.0) as i32;
         if self.json {
             if stage != self.stage || percent != self.drawn {
@@ -267,9 +275,22 @@ impl ProgressBar {
         }
     }
 
-    fn finish(&self) {
-        if self.terminal && !self.stage.is_empty() {
-            eprintln!();
+    fn epoch(&mut self, epoch: usize, epochs: usize, loss: f64) {
+        if self.json {
+            if let Ok(line) = serde_json::to_string(&TrainEvent::Epoch {
+                epoch,
+                epochs,
+                loss,
+            }) {
+                eprintln!("{line}");
+            }
+        } else {
+            // On a terminal the bar is redrawn on the next line.
+            if self.terminal {
+                eprintln!();
+                self.drawn = -1;
+            }
+            eprintln!("epoch {epoch}/{epochs}: loss {loss:.6}");
         }
     }
 }
@@ -314,13 +335,7 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         masks: args.masks.as_deref(),
     };
     let mut bar = ProgressBar::new(args.progress);
-    let result = train::train(
-        &config,
-        &sources,
-        &snapshot_cache,
-        out,
-        &mut |stage, fraction| bar.update(stage, fraction),
-    );
+    let result = train::train(&config, &sources, &snapshot_cache, out, &mut bar);
     bar.finish();
     let report = result.map_err(|e| e.to_string())?;
     let manifest = &report.package.manifest;
@@ -396,7 +411,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     };
     let mut bar = ProgressBar::new(ProgressFormat::Auto);
     let result = evaluate::evaluate_package(&args.model, &sources, args.threshold, &mut |f| {
-        bar.update("scoring", f)
+        train::TrainProgress::stage(&mut bar, "scoring", f)
     });
     bar.finish();
     let evaluation = result.map_err(|e| e.to_string())?;

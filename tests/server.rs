@@ -2537,3 +2537,68 @@ fn sources_and_sinks_travel_as_yaml_and_disconnected_ones_hold_a_pipeline_back()
         contract.call(http.delete(server.url(&format!("/api/active-pipelines/{pipeline_id}"))));
     assert_eq!(status, StatusCode::OK);
 }
+
+/// STFPM through the API: the job runs the libtorch helper (built with the workspace), its log
+/// shows each epoch's loss, and the model serves; a cancelled STFPM job stops the helper and
+/// leaves no model.
+#[test]
+fn an_stfpm_job_logs_each_epoch_and_a_cancelled_one_stops_its_helper_and_leaves_no_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, None);
+    let http = client();
+    let project = create_project(&http, &server, "stfpm");
+    upload_all(&http, &server, &project, &normal_images(dir.path(), 12, 64));
+    let (status, job) = call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "stfpm", "input_size": 64, "epochs": 3})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let job_id = job["id"].as_str().expect("id").to_string();
+    let done = poll(&http, &server.url(&format!("/api/jobs/{job_id}")), |job| {
+        job["status"] != "pending" && job["status"] != "running"
+    });
+    assert_eq!(done["status"], "completed", "{done}");
+    let logs = events(&server.url(&format!("/api/jobs/{job_id}/logs")));
+    for epoch in 1..=3 {
+        assert!(
+            logs.iter()
+                .any(|(_, line)| line.contains(&format!(" epoch {epoch}/3: loss "))),
+            "{logs:?}"
+        );
+    }
+    let (_, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
+    assert_eq!(models["models"][0]["architecture"], "stfpm", "{models}");
+
+    let (status, job) = call(
+        http.post(server.url(&format!("/api/projects/{project}/train")))
+            .json(&json!({"model_name": "stfpm", "input_size": 64, "epochs": 1000})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let job_id = job["id"].as_str().expect("id").to_string();
+    poll(&http, &server.url(&format!("/api/jobs/{job_id}")), |job| {
+        job["stage"] == "fitting"
+    });
+    let (status, canceled) = call(http.post(server.url(&format!("/api/jobs/{job_id}:cancel"))));
+    assert_eq!(status, StatusCode::OK, "{canceled}");
+    assert_eq!(canceled["status"], "canceled");
+    let helper_running = || {
+        Command::new("pgrep")
+            .args([
+                "-f",
+                &format!("inspectflow-torch --request {}", data.display()),
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let started = std::time::Instant::now();
+    while helper_running() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the helper stops with its job"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
+    assert_eq!(models["pagination"]["total"], 1, "{models}");
+}

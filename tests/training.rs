@@ -74,7 +74,7 @@ fn train_and_evaluate(
         &sources,
         cache,
         out,
-        &mut |stage, _| {
+        &mut |stage: &str, _: f32| {
             if stages.last().map(String::as_str) != Some(stage) {
                 stages.push(stage.to_string());
             }
@@ -555,7 +555,7 @@ fn patchcore_defaults_follow_the_training_images_and_record_their_calibration() 
         &sources,
         &dir.path().join("cache"),
         &out,
-        &mut |_, _| {},
+        &mut |_: &str, _: f32| {},
     )
     .expect("trains");
     let manifest = &report.package.manifest;
@@ -618,7 +618,7 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
         &sources,
         &dir.path().join("cache"),
         &out,
-        &mut |_, _| {},
+        &mut |_: &str, _: f32| {},
     )
     .expect("trains");
     let manifest = &report.package.manifest;
@@ -643,7 +643,7 @@ fn tiled_patchcore_trains_evaluates_and_predicts() {
         &sources,
         &dir.path().join("cache"),
         &dir.path().join("refused"),
-        &mut |_, _| {},
+        &mut |_: &str, _: f32| {},
     )
     .err()
     .expect("refused");

@@ -433,6 +433,9 @@ async fn train(
                             live.state.send_replace(job.clone());
                         }
                     }
+                    Some(TrainEvent::Epoch { epoch, epochs, loss }) => {
+                        log.line(live, &format!("epoch {epoch}/{epochs}: loss {loss:.6}")).await;
+                    }
                     // The CLI's own snapshot is of the job's folder; the model names the server's.
                     Some(TrainEvent::Finished { .. }) => {}
                     None => {

@@ -341,6 +341,15 @@ pub enum TrainEvent {
         /// Of the stage, 0 to 100.
         percent: u8,
     },
+    /// A gradient-trained family finished an epoch.
+    Epoch {
+        /// The epoch, from 1.
+        epoch: usize,
+        /// Epochs in all.
+        epochs: usize,
+        /// Mean training loss over the epoch.
+        loss: f64,
+    },
 
     /// The run succeeded.
     Finished {

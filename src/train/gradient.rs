@@ -139,7 +139,7 @@ pub fn train_student(
         }
         text
     });
-    progress("fitting", 0.0);
+    progress.stage("fitting", 0.0);
     let mut losses = Vec::with_capacity(config.epochs);
     let mut exported = None;
     if let Some(stdout) = child.stdout.take() {
@@ -150,9 +150,9 @@ pub fn train_student(
                     epochs,
                     loss,
                 }) => {
-                    tracing::info!("epoch {epoch}/{epochs}: loss {loss:.6}");
                     losses.push(loss);
-                    progress("fitting", epoch as f32 / epochs.max(1) as f32);
+                    progress.epoch(epoch, epochs, loss);
+                    progress.stage("fitting", epoch as f32 / epochs.max(1) as f32);
                 }
                 Ok(event @ HelperEvent::Exported { .. }) => exported = Some(event),
                 Err(_) => tracing::info!("{HELPER}: {line}"),

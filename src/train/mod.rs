@@ -120,8 +120,27 @@ pub fn preprocessor(manifest: &Manifest) -> Result<Preprocess, OpError> {
     Preprocess::new(params)
 }
 
-/// Progress reports: a stage name and the fraction of it done.
-pub type Progress<'a> = &'a mut dyn FnMut(&str, f32);
+/// Where a training run reports how far it is.
+pub trait TrainProgress {
+    /// A stage (`snapshot`, `features`, `fitting`, `calibration`, `export`) and the fraction of
+    /// it done.
+    fn stage(&mut self, stage: &str, fraction: f32);
+
+    /// A gradient-trained family finished epoch `epoch` of `epochs` with mean loss `loss`.
+    fn epoch(&mut self, epoch: usize, epochs: usize, loss: f64) {
+        let _ = (epoch, epochs, loss);
+    }
+}
+
+/// A closure of stage and fraction reports stages only.
+impl<F: FnMut(&str, f32)> TrainProgress for F {
+    fn stage(&mut self, stage: &str, fraction: f32) {
+        self(stage, fraction);
+    }
+}
+
+/// Progress reports of a run.
+pub type Progress<'a> = &'a mut dyn TrainProgress;
 
 /// What a training run produced.
 pub struct TrainReport {
@@ -210,9 +229,9 @@ pub fn train(
             out.display()
         )));
     }
-    progress("snapshot", 0.0);
+    progress.stage("snapshot", 0.0);
     let snapshot = dataset::snapshot(sources, config.seed, snapshot_cache)?;
-    progress("snapshot", 1.0);
+    progress.stage("snapshot", 1.0);
     let input_size = match config.input_size {
         Some(size) => size,
         None => default_input_size(config.architecture, &snapshot)?,
@@ -278,14 +297,14 @@ fn train_in(
         &config.device,
         &validation,
         input_size,
-        &mut |f| progress("calibration", f),
+        &mut |f| progress.stage("calibration", f),
     )?;
     let calibration = evaluate::calibrate(&scored, labelled)?;
     let normalization = calibration.normalization;
     let evaluation = evaluate::evaluate(&scored, normalization, 0.5)?;
 
     // Export.
-    progress("export", 0.0);
+    progress.stage("export", 0.0);
     let mut metrics = serde_json::json!({
         "validation": evaluation.summary,
         "validation_anomalies": if labelled { "labelled" } else { "generated" },
@@ -326,7 +345,7 @@ fn train_in(
         dataset::write_parquet(&dir.join("validation.parquet"), &mut table)
             .map_err(std::io::Error::other)
     })?;
-    progress("export", 1.0);
+    progress.stage("export", 1.0);
     Ok(TrainReport {
         package,
         validation: evaluation,
@@ -363,7 +382,7 @@ fn statistical_model(
     embedding_graph
         .write(&embedding_xml)
         .map_err(io_error(format!("writing {}", embedding_xml.display())))?;
-    let mut features_progress = |f| progress("features", f);
+    let mut features_progress = |f| progress.stage("features", f);
     let head = match config.architecture {
         Architecture::Padim => {
             let outputs = batch::run_model(
@@ -382,7 +401,9 @@ fn statistical_model(
                     .map(|mut o| o.remove("embedding").unwrap_or_default())
                     .collect(),
             };
-            Head::Padim(padim::fit(&features, &mut |f| progress("fitting", f))?)
+            Head::Padim(padim::fit(&features, &mut |f| {
+                progress.stage("fitting", f)
+            })?)
         }
         Architecture::Patchcore => {
             let mut patches = patchcore::PatchSampler::new(
@@ -404,7 +425,7 @@ fn statistical_model(
                 config.memory_bank,
                 patchcore::SUPPORT_NEIGHBOURS,
                 config.seed,
-                &mut |f| progress("fitting", f),
+                &mut |f| progress.stage("fitting", f),
             )?)
         }
         Architecture::Stfpm => {
