@@ -14,7 +14,7 @@
 #   boxes as masks (benches/prepare_deeppcb.py).
 # - brick, grass, gravel: random crops of the CC0 texture photos with generated defects and
 #   masks (`inspectflow synth --photo`); carpet: a generated texture (`inspectflow synth`).
-# For each dataset and family (padim, patchcore), `inspectflow train` with default settings
+# For each dataset and family (padim, patchcore, stfpm), `inspectflow train` with default settings
 # (seed 42; calibration on held-out normal images only) and `inspectflow eval --json` on the
 # test images; for PatchCore, benches/patchcore_reference.py on the package's own training
 # split, bank size and seed (the reference reads images with OpenCV, the product with its own
@@ -29,7 +29,8 @@ cd "$(dirname "$0")/.."
 data=$(realpath "${1:-../shared/data}")
 work=$(realpath -m "${REPORT_DIR:-out/detection-report}")
 scripts/setup.sh
-cargo build --release --locked --quiet
+# The workspace: inspectflow-torch trains STFPM.
+cargo build --release --locked --quiet --workspace
 bin=$PWD/target/release/inspectflow
 py=$PWD/.local/venv/bin/python
 # The reference reads images with OpenCV and package splits with pyarrow (bench only).
@@ -77,7 +78,7 @@ for set in deeppcb-boards deeppcb-boards-png deeppcb-pairs brick grass gravel ca
   dir=$work/data/$set
   masks=()
   [ -d "$dir/masks" ] && masks=(--masks "$dir/masks")
-  for model in padim patchcore; do
+  for model in padim patchcore stfpm; do
     package=$work/models/$set-$model
     result=$work/results/$set-$model
     start=$(date +%s%N)

@@ -61,7 +61,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     comparisons = []
     for dataset in datasets:
-        for model in ["padim", "patchcore"]:
+        for model in ["padim", "patchcore", "stfpm"]:
             run = Run(work, f"{dataset}-{model}")
             if not run.found:
                 continue
