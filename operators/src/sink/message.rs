@@ -344,6 +344,53 @@ pub fn rfc3339_utc(unix_ms: u64) -> String {
     )
 }
 
+/// The password a network sink signs in with: read from the environment variable
+/// `password_env` names, or `password` as given (checked when the sink is built).
+pub fn sign_in_password(
+    password: &Option<String>,
+    password_env: &Option<String>,
+) -> Result<Option<String>, OpError> {
+    match (password, password_env) {
+        (_, Some(variable)) => std::env::var(variable).map(Some).map_err(|_| {
+            OpError::param(
+                "password_env",
+                format!("environment variable {variable} is not set"),
+            )
+        }),
+        (password, None) => Ok(password.clone()),
+    }
+}
+
+/// The rules on a network sink's credentials: one way of giving the password, and a user name
+/// with it.
+pub fn check_credentials(
+    username: &Option<String>,
+    password: &Option<String>,
+    password_env: &Option<String>,
+) -> Result<(), ParamError> {
+    if password.is_some() && password_env.is_some() {
+        return Err(ParamError::new(
+            "password_env",
+            "give either password or password_env, not both",
+        ));
+    }
+    if (password.is_some() || password_env.is_some()) && username.is_none() {
+        return Err(ParamError::new("username", "a password needs a user name"));
+    }
+    Ok(())
+}
+
+/// Fails naming `tls.ca_file` when a TLS authority file is given but is not a readable file.
+pub fn check_ca_file(ca_file: Option<&std::path::PathBuf>) -> Result<(), OpError> {
+    match ca_file {
+        Some(file) if !file.is_file() => Err(OpError::param(
+            "tls.ca_file",
+            format!("{} is not a readable file", file.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,10 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde::Deserialize;
 
-use super::message::{Dispatch, DispatchParams, InlineImages, OutputFormat};
+use super::message::{
+    Dispatch, DispatchParams, InlineImages, OutputFormat, check_ca_file, check_credentials,
+    sign_in_password,
+};
 use crate::contract::{
     EndpointHealth, OpError, OperatorInstance, OperatorKind, PortType, Sink, SinkContext,
     StopSignal,
@@ -168,15 +171,7 @@ impl NatsParams {
             ));
         }
         self.retry.validate()?;
-        if self.password.is_some() && self.password_env.is_some() {
-            return Err(ParamError::new(
-                "password_env",
-                "give either password or password_env, not both",
-            ));
-        }
-        if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
-            return Err(ParamError::new("username", "a password needs a user name"));
-        }
+        check_credentials(&self.username, &self.password, &self.password_env)?;
         self.dispatch.validate()?;
         check_quality("image_quality", self.image_quality)
     }
@@ -268,23 +263,8 @@ impl NatsSink {
     /// connects before the pipeline runs).
     pub fn new(mut params: NatsParams) -> Result<Self, OpError> {
         params.validate()?;
-        let password = match (&params.password, &params.password_env) {
-            (_, Some(variable)) => Some(std::env::var(variable).map_err(|_| {
-                OpError::param(
-                    "password_env",
-                    format!("environment variable {variable} is not set"),
-                )
-            })?),
-            (password, None) => password.clone(),
-        };
-        if let Some(ca_file) = params.tls.as_ref().and_then(|tls| tls.ca_file.as_ref())
-            && !ca_file.is_file()
-        {
-            return Err(OpError::param(
-                "tls.ca_file",
-                format!("{} is not a readable file", ca_file.display()),
-            ));
-        }
+        let password = sign_in_password(&params.password, &params.password_env)?;
+        check_ca_file(params.tls.as_ref().and_then(|tls| tls.ca_file.as_ref()))?;
         let dispatch = Dispatch::new(
             std::mem::take(&mut params.dispatch),
             &[OutputFormat::Predictions],
