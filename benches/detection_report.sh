@@ -14,7 +14,7 @@
 #   boxes as masks (benches/prepare_deeppcb.py).
 # - brick, grass, gravel: random crops of the CC0 texture photos with generated defects and
 #   masks (`inspectflow synth --photo`); carpet: a generated texture (`inspectflow synth`).
-# For each dataset and family (padim, patchcore, stfpm), `inspectflow train` with default settings
+# For each dataset and family (padim, patchcore, stfpm, reverse_distillation, efficient_ad), `inspectflow train` with default settings
 # (seed 42; calibration on held-out normal images only) and `inspectflow eval --json` on the
 # test images; for PatchCore, benches/patchcore_reference.py on the package's own training
 # split, bank size and seed (the reference reads images with OpenCV, the product with its own
@@ -23,13 +23,14 @@
 # PatchCore on DeepPCB across boards at 256, 512 and 640 in 256-pixel tiles; fitting time of
 # PatchCore's default bank on 700 generated 256x256 images.
 # Results land in $REPORT_DIR (default out/detection-report); benches/detection_summary.py
-# prints the tables.
+# prints the tables. MODELS="stfpm efficient_ad" runs only those families; EXTRAS=0 leaves out
+# the input-size, tiling and fitting-time runs (a family's rows alone, on a busy machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=$(realpath "${1:-../shared/data}")
 work=$(realpath -m "${REPORT_DIR:-out/detection-report}")
 scripts/setup.sh
-# The workspace: inspectflow-torch trains STFPM.
+# The workspace: inspectflow-torch trains the gradient-trained families.
 cargo build --release --locked --quiet --workspace
 bin=$PWD/target/release/inspectflow
 py=$PWD/.local/venv/bin/python
@@ -78,7 +79,7 @@ for set in deeppcb-boards deeppcb-boards-png deeppcb-pairs brick grass gravel ca
   dir=$work/data/$set
   masks=()
   [ -d "$dir/masks" ] && masks=(--masks "$dir/masks")
-  for model in padim patchcore stfpm; do
+  for model in ${MODELS:-padim patchcore stfpm reverse_distillation efficient_ad}; do
     package=$work/models/$set-$model
     result=$work/results/$set-$model
     start=$(date +%s%N)
@@ -104,6 +105,11 @@ for size in 256 512; do
     || "$bin" backbones export mobilenet_v2 --size "$size" --out "$work/models/backbone-$size.xml" > /dev/null
   fps "$work/models/backbone-$size.xml" > "$work/results/backbone-$size.fps"
 done
+
+if [ "${EXTRAS:-1}" = 0 ]; then
+  "$py" benches/detection_summary.py "$work"
+  exit 0
+fi
 
 # ---- input size and tiling: PatchCore on DeepPCB across boards ----------------------------------
 for variant in 256 512 640-tile256; do

@@ -61,7 +61,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     comparisons = []
     for dataset in datasets:
-        for model in ["padim", "patchcore", "stfpm"]:
+        for model in ["padim", "patchcore", "stfpm", "reverse_distillation", "efficient_ad"]:
             run = Run(work, f"{dataset}-{model}")
             if not run.found:
                 continue
@@ -83,6 +83,20 @@ def main():
             if reference_path.exists():
                 reference = json.loads(reference_path.read_text())
                 comparisons.append((dataset, size, reference))
+    print()
+    print("| dataset | model | epochs run of | best epoch | seconds per epoch | device |")
+    print("|---|---|---|---|---|---|")
+    for dataset in datasets:
+        for model in ["stfpm", "reverse_distillation", "efficient_ad"]:
+            run = Run(work, f"{dataset}-{model}")
+            if not run.found:
+                continue
+            training = run.manifest["metrics"].get("training", {})
+            print(
+                f"| {dataset} | {model} | {training.get('epochs_run', '-')} of {training.get('epochs', '-')} "
+                f"| {training.get('best_epoch', '-')} | {number(training.get('seconds_per_epoch'), 2)} "
+                f"| {training.get('device', '-')} |"
+            )
     print()
     print("| dataset | input | bank rows | inspectflow AUROC | reference AUROC | difference | rank correlation of image scores |")
     print("|---|---|---|---|---|---|---|")

@@ -10,7 +10,7 @@ use inspectflow::operators::decode;
 use inspectflow::operators::transform::encode::{EncodeParams, EncodeSource, JpegEncoder};
 use inspectflow::predictor::Predictor;
 use inspectflow::synth::{SynthOptions, Texture};
-use inspectflow::train::{self, TrainConfig, TrainEvent, dataset, evaluate};
+use inspectflow::train::{self, EpochReport, TrainConfig, TrainEvent, dataset, evaluate};
 
 /// One image's verdict.
 #[derive(Debug, serde::Serialize)]
@@ -275,13 +275,9 @@ impl train::TrainProgress for ProgressBar {
         }
     }
 
-    fn epoch(&mut self, epoch: usize, epochs: usize, loss: f64) {
+    fn epoch(&mut self, report: &EpochReport) {
         if self.json {
-            if let Ok(line) = serde_json::to_string(&TrainEvent::Epoch {
-                epoch,
-                epochs,
-                loss,
-            }) {
+            if let Ok(line) = serde_json::to_string(&TrainEvent::Epoch(report.clone())) {
                 eprintln!("{line}");
             }
         } else {
@@ -290,7 +286,7 @@ impl train::TrainProgress for ProgressBar {
                 eprintln!();
                 self.drawn = -1;
             }
-            eprintln!("epoch {epoch}/{epochs}: loss {loss:.6}");
+            eprintln!("{report}");
         }
     }
 }

@@ -309,8 +309,27 @@ fn trainable_models_and_devices_describe_what_this_build_and_machine_offer() {
         .iter()
         .map(|m| m["name"].as_str().expect("name"))
         .collect();
-    // The gradient-trained family is listed as its helper is built with the workspace.
-    assert_eq!(names, vec!["padim", "patchcore", "stfpm"]);
+    // The gradient-trained families are listed as their helper is built with the workspace.
+    assert_eq!(
+        names,
+        vec![
+            "padim",
+            "patchcore",
+            "stfpm",
+            "reverse_distillation",
+            "efficient_ad"
+        ]
+    );
+    for gradient_trained in &models[2..] {
+        let parameters = &gradient_trained["parameters"];
+        for name in ["epochs", "batch_size", "learning_rate", "patience"] {
+            assert!(parameters.get(name).is_some(), "{name}: {gradient_trained}");
+        }
+        assert!(
+            parameters.get("memory_bank").is_none(),
+            "{gradient_trained}"
+        );
+    }
     assert_eq!(
         models.iter().filter(|m| m["recommended"] == true).count(),
         1,
@@ -2538,41 +2557,56 @@ fn sources_and_sinks_travel_as_yaml_and_disconnected_ones_hold_a_pipeline_back()
     assert_eq!(status, StatusCode::OK);
 }
 
-/// STFPM through the API: the job runs the libtorch helper (built with the workspace), its log
-/// shows each epoch's loss, and the model serves; a cancelled STFPM job stops the helper and
-/// leaves no model.
+/// The gradient-trained families through the API: each job runs the libtorch helper (built
+/// with the workspace), its log shows each epoch's loss, and the model serves; a cancelled job
+/// stops the helper and leaves no model.
 #[test]
-fn an_stfpm_job_logs_each_epoch_and_a_cancelled_one_stops_its_helper_and_leaves_no_model() {
+fn gradient_trained_jobs_log_each_epoch_and_a_cancelled_one_stops_its_helper_and_leaves_no_model() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let server = Server::start(&data, None);
     let http = client();
-    let project = create_project(&http, &server, "stfpm");
+    let project = create_project(&http, &server, "gradient");
     upload_all(&http, &server, &project, &normal_images(dir.path(), 12, 64));
-    let (status, job) = call(
-        http.post(server.url(&format!("/api/projects/{project}/train")))
-            .json(&json!({"model_name": "stfpm", "input_size": 64, "epochs": 3})),
-    );
-    assert_eq!(status, StatusCode::CREATED, "{job}");
-    let job_id = job["id"].as_str().expect("id").to_string();
-    let done = poll(&http, &server.url(&format!("/api/jobs/{job_id}")), |job| {
-        job["status"] != "pending" && job["status"] != "running"
-    });
-    assert_eq!(done["status"], "completed", "{done}");
-    let logs = events(&server.url(&format!("/api/jobs/{job_id}/logs")));
-    for epoch in 1..=3 {
-        assert!(
-            logs.iter()
-                .any(|(_, line)| line.contains(&format!(" epoch {epoch}/3: loss "))),
-            "{logs:?}"
+    let families = ["stfpm", "reverse_distillation", "efficient_ad"];
+    for family in families {
+        let (status, job) = call(
+            http.post(server.url(&format!("/api/projects/{project}/train")))
+                .json(&json!({"model_name": family, "input_size": 64, "epochs": 3, "patience": 0})),
         );
+        assert_eq!(status, StatusCode::CREATED, "{job}");
+        let job_id = job["id"].as_str().expect("id").to_string();
+        let done = poll(&http, &server.url(&format!("/api/jobs/{job_id}")), |job| {
+            job["status"] != "pending" && job["status"] != "running"
+        });
+        assert_eq!(done["status"], "completed", "{family}: {done}");
+        let logs = events(&server.url(&format!("/api/jobs/{job_id}/logs")));
+        for epoch in 1..=3 {
+            assert!(
+                logs.iter().any(|(_, line)| line
+                    .contains(&format!("training epoch {epoch}/3: loss "))
+                    && line.contains("validation loss")),
+                "{family}: {logs:?}"
+            );
+        }
     }
     let (_, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
-    assert_eq!(models["models"][0]["architecture"], "stfpm", "{models}");
+    let mut trained: Vec<&str> = models["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["architecture"].as_str())
+        .collect();
+    trained.sort();
+    assert_eq!(
+        trained,
+        vec!["efficient_ad", "reverse_distillation", "stfpm"],
+        "{models}"
+    );
 
     let (status, job) = call(
         http.post(server.url(&format!("/api/projects/{project}/train")))
-            .json(&json!({"model_name": "stfpm", "input_size": 64, "epochs": 1000})),
+            .json(&json!({"model_name": "efficient_ad", "input_size": 64, "epochs": 1000, "patience": 0})),
     );
     assert_eq!(status, StatusCode::CREATED, "{job}");
     let job_id = job["id"].as_str().expect("id").to_string();
@@ -2600,5 +2634,5 @@ fn an_stfpm_job_logs_each_epoch_and_a_cancelled_one_stops_its_helper_and_leaves_
         std::thread::sleep(Duration::from_millis(100));
     }
     let (_, models) = call(http.get(server.url(&format!("/api/projects/{project}/models"))));
-    assert_eq!(models["pagination"]["total"], 1, "{models}");
+    assert_eq!(models["pagination"]["total"], families.len(), "{models}");
 }

@@ -56,6 +56,8 @@ pub enum Reduction {
     Max,
     /// Minimum.
     Min,
+    /// Mean.
+    Mean,
 }
 
 /// A graph under construction.
@@ -469,6 +471,7 @@ impl IrGraph {
             Reduction::Sum => "ReduceSum",
             Reduction::Max => "ReduceMax",
             Reduction::Min => "ReduceMin",
+            Reduction::Mean => "ReduceMean",
         };
         self.push(
             name,
@@ -485,13 +488,27 @@ impl IrGraph {
     /// Averaging only the pixels inside the image instead made every border patch of an unseen
     /// board look anomalous and cut PatchCore's image AUROC on DeepPCB from 0.91 to 0.57.
     pub fn average_pool_same(&mut self, name: &str, input: Output, kernel: usize) -> Output {
+        self.average_pool(name, input, kernel, 1, kernel / 2)
+    }
+
+    /// Average pooling of an NCHW tensor over `kernel` x `kernel` windows `stride` apart, padded
+    /// by `pad` zeros on every side that count in the average (torch's
+    /// `AvgPool2d(kernel, stride, pad)`), sizes rounded down.
+    pub fn average_pool(
+        &mut self,
+        name: &str,
+        input: Output,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Output {
         let shape = self.shape(input).to_vec();
-        let pad = kernel / 2;
+        let out = |side: usize| (side + 2 * pad - kernel) / stride + 1;
         self.push(
             name,
             "AvgPool",
             vec![
-                ("strides", "1,1".into()),
+                ("strides", format!("{stride},{stride}")),
                 ("pads_begin", format!("{pad},{pad}")),
                 ("pads_end", format!("{pad},{pad}")),
                 ("kernel", format!("{kernel},{kernel}")),
@@ -500,8 +517,14 @@ impl IrGraph {
                 ("auto_pad", "explicit".into()),
             ],
             &[input],
-            shape,
+            vec![shape[0], shape[1], out(shape[2]), out(shape[3])],
         )
+    }
+
+    /// `max(x, 0)`, element-wise.
+    pub fn relu(&mut self, name: &str, input: Output) -> Output {
+        let shape = self.shape(input).to_vec();
+        self.push(name, "Relu", Vec::new(), &[input], shape)
     }
 
     /// The `k` largest (or smallest, without `largest`) values along `axis`, sorted, and their

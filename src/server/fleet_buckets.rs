@@ -94,15 +94,28 @@ pub async fn live_entry(store: &kv::Store, key: &str) -> Result<Option<kv::Entry
     Ok(entry.filter(|e| e.operation == kv::Operation::Put))
 }
 
-/// The keys of `store`.
+/// The keys of `store` that hold a message (a value, or the marker of a deletion).
+///
+/// Read from the stream's subject counts in one request: async-nats's `keys()` makes a consumer
+/// that waits for as many messages as were pending when it was made, so it never ends when one
+/// of them expires first (engine records and leases expire all the time), and a fleet view
+/// hung until the client gave up.
 async fn keys(store: &kv::Store) -> Result<Vec<String>, FleetError> {
     let listing = |e: &dyn std::fmt::Display| {
         FleetError(format!("listing the keys of bucket {}: {e}", store.name))
     };
-    let mut keys = store.keys().await.map_err(|e| listing(&e))?;
+    let prefix = format!("$KV.{}.", store.name);
+    let mut subjects = store
+        .stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| listing(&e))?;
     let mut found = Vec::new();
-    while let Some(key) = keys.next().await {
-        found.push(key.map_err(|e| listing(&e))?);
+    while let Some(subject) = subjects.next().await {
+        let (subject, _count) = subject.map_err(|e| listing(&e))?;
+        if let Some(key) = subject.strip_prefix(&prefix) {
+            found.push(key.to_string());
+        }
     }
     Ok(found)
 }

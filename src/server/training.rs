@@ -433,8 +433,8 @@ async fn train(
                             live.state.send_replace(job.clone());
                         }
                     }
-                    Some(TrainEvent::Epoch { epoch, epochs, loss }) => {
-                        log.line(live, &format!("epoch {epoch}/{epochs}: loss {loss:.6}")).await;
+                    Some(TrainEvent::Epoch(report)) => {
+                        log.line(live, &report.to_string()).await;
                     }
                     // The CLI's own snapshot is of the job's folder; the model names the server's.
                     Some(TrainEvent::Finished { .. }) => {}

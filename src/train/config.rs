@@ -44,19 +44,36 @@ pub enum Architecture {
     /// features on normal images; where they disagree is anomalous. Trained by the
     /// `inspectflow-torch` helper; serves like the others.
     Stfpm,
+    /// Reverse Distillation: a one-class bottleneck and a decoder trained (libtorch) to
+    /// reconstruct the teacher's features from their compressed form; cosine distance across
+    /// stages. Trained by the `inspectflow-torch` helper.
+    #[serde(rename = "reverse_distillation")]
+    #[value(name = "reverse_distillation")]
+    ReverseDistillation,
+    /// EfficientAD: a small patch network distilled from the backbone, a student and an
+    /// autoencoder (libtorch); the student-teacher and the student-autoencoder maps,
+    /// normalised on validation images and averaged. Trained by the `inspectflow-torch` helper.
+    #[serde(rename = "efficient_ad")]
+    #[value(name = "efficient_ad")]
+    EfficientAd,
 }
 
 impl Architecture {
     /// Every family, in the order `/api/trainable-models` lists them.
-    pub const ALL: [Architecture; 3] = [
+    pub const ALL: [Architecture; 5] = [
         Architecture::Padim,
         Architecture::Patchcore,
         Architecture::Stfpm,
+        Architecture::ReverseDistillation,
+        Architecture::EfficientAd,
     ];
 
     /// Whether training it needs the libtorch helper ([`super::gradient`]).
     pub fn is_gradient_trained(self) -> bool {
-        self == Architecture::Stfpm
+        matches!(
+            self,
+            Architecture::Stfpm | Architecture::ReverseDistillation | Architecture::EfficientAd
+        )
     }
 
     /// The families this installation can train: the gradient-trained ones only when the
@@ -75,6 +92,8 @@ impl Architecture {
             Architecture::Padim => "padim",
             Architecture::Patchcore => "patchcore",
             Architecture::Stfpm => "stfpm",
+            Architecture::ReverseDistillation => "reverse_distillation",
+            Architecture::EfficientAd => "efficient_ad",
         }
     }
 
@@ -89,6 +108,12 @@ impl Architecture {
             }
             Architecture::Stfpm => {
                 "STFPM: a student network trained to reproduce an ImageNet teacher's features on normal images (gradient training with libtorch, per-epoch loss); where they disagree is anomalous. MobileNetV2 teacher, no tiling."
+            }
+            Architecture::ReverseDistillation => {
+                "Reverse Distillation: a bottleneck and a decoder trained to reconstruct an ImageNet teacher's features from their compressed form (libtorch, per-epoch loss); cosine distance across stages is the map. MobileNetV2 teacher, no tiling."
+            }
+            Architecture::EfficientAd => {
+                "EfficientAD: a small patch network distilled from the backbone on the training images, a student with the hard-feature loss and an autoencoder (libtorch, per-epoch loss); two maps normalised on validation images. Cheap to serve at high resolution; no tiling."
             }
         }
     }
@@ -148,21 +173,29 @@ pub struct TrainConfig {
     #[arg(long)]
     #[schemars(range(min = 1, max = 100_000), extend("x-families" = ["patchcore"]))]
     pub memory_bank: Option<usize>,
-    /// STFPM: passes over the training images.
+    /// Gradient-trained families: passes over the training images at most (EfficientAD spends
+    /// as many again distilling its teacher).
     #[serde(default = "default_epochs")]
     #[arg(long, default_value_t = DEFAULT_EPOCHS)]
-    #[schemars(range(min = 1, max = 1000), extend("x-families" = ["stfpm"]))]
+    #[schemars(range(min = 1, max = 1000), extend("x-families" = ["stfpm", "reverse_distillation", "efficient_ad"]))]
     pub epochs: usize,
-    /// STFPM: images per optimisation step.
+    /// Gradient-trained families: images per optimisation step.
     #[serde(default = "default_batch_size")]
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
-    #[schemars(range(min = 1, max = 256), extend("x-families" = ["stfpm"]))]
+    #[schemars(range(min = 1, max = 256), extend("x-families" = ["stfpm", "reverse_distillation", "efficient_ad"]))]
     pub batch_size: usize,
-    /// STFPM: Adam's learning rate.
+    /// Gradient-trained families: Adam's learning rate.
     #[serde(default = "default_learning_rate")]
     #[arg(long, default_value_t = DEFAULT_LEARNING_RATE)]
-    #[schemars(range(min = 0.000001, max = 1.0), extend("x-families" = ["stfpm"]))]
+    #[schemars(range(min = 0.000001, max = 1.0), extend("x-families" = ["stfpm", "reverse_distillation", "efficient_ad"]))]
     pub learning_rate: f64,
+    /// Gradient-trained families: stop after this many epochs without a lower loss on the
+    /// validation split's normal images, keeping the best epoch's weights (0: never stop
+    /// early; no normal validation images: never stops early).
+    #[serde(default = "default_patience")]
+    #[arg(long, default_value_t = DEFAULT_PATIENCE)]
+    #[schemars(range(min = 0, max = 1000), extend("x-families" = ["stfpm", "reverse_distillation", "efficient_ad"]))]
+    pub patience: usize,
     /// OpenVINO device that extracts the features and scores the validation images: `CPU`,
     /// `GPU`, `NPU`, `AUTO` or an indexed name (`GPU.1`); see `GET /api/devices`.
     #[serde(default = "default_device")]
@@ -188,6 +221,10 @@ fn default_padim_channels() -> usize {
 const DEFAULT_EPOCHS: usize = 40;
 const DEFAULT_BATCH_SIZE: usize = 8;
 const DEFAULT_LEARNING_RATE: f64 = 0.001;
+const DEFAULT_PATIENCE: usize = 5;
+fn default_patience() -> usize {
+    DEFAULT_PATIENCE
+}
 fn default_epochs() -> usize {
     DEFAULT_EPOCHS
 }
@@ -211,6 +248,7 @@ impl Default for TrainConfig {
             epochs: DEFAULT_EPOCHS,
             batch_size: DEFAULT_BATCH_SIZE,
             learning_rate: DEFAULT_LEARNING_RATE,
+            patience: DEFAULT_PATIENCE,
             device: default_device(),
         }
     }
@@ -245,19 +283,21 @@ impl TrainConfig {
         self.check_family()
     }
 
-    /// What a family cannot do: STFPM's teacher and student are MobileNetV2, untiled.
+    /// What a family cannot do: the gradient-trained families learn from the MobileNetV2
+    /// teacher and take their input whole.
     fn check_family(&self) -> Result<(), String> {
-        if self.architecture != Architecture::Stfpm {
+        if !self.architecture.is_gradient_trained() {
             return Ok(());
         }
+        let family = self.architecture.name();
         if self.backbone != Backbone::MobilenetV2 {
             return Err(format!(
-                "backbone: STFPM's teacher is mobilenet_v2, not {}",
+                "backbone: {family}'s teacher is mobilenet_v2, not {}",
                 self.backbone.name()
             ));
         }
         if self.tile.is_some() {
-            return Err("tile: STFPM does not tile its input".into());
+            return Err(format!("tile: {family} does not tile its input"));
         }
         Ok(())
     }
@@ -342,20 +382,44 @@ pub enum TrainEvent {
         percent: u8,
     },
     /// A gradient-trained family finished an epoch.
-    Epoch {
-        /// The epoch, from 1.
-        epoch: usize,
-        /// Epochs in all.
-        epochs: usize,
-        /// Mean training loss over the epoch.
-        loss: f64,
-    },
+    Epoch(EpochReport),
 
     /// The run succeeded.
     Finished {
         /// The dataset snapshot it trained on.
         snapshot_id: String,
     },
+}
+
+/// One epoch of a gradient-trained family, as the helper reports it and `inspectflow train`
+/// passes it on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// What is being trained: `distillation` (EfficientAD's teacher) or `training`.
+    pub phase: String,
+    /// The epoch, from 1.
+    pub epoch: usize,
+    /// Epochs at most (training may stop early).
+    pub epochs: usize,
+    /// Mean training loss over the epoch.
+    pub loss: f64,
+    /// Mean loss on the validation images, when there are some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_loss: Option<f64>,
+}
+
+impl std::fmt::Display for EpochReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} epoch {}/{}: loss {:.6}",
+            self.phase, self.epoch, self.epochs, self.loss
+        )?;
+        if let Some(validation) = self.validation_loss {
+            write!(f, ", validation loss {validation:.6}")?;
+        }
+        Ok(())
+    }
 }
 
 impl TrainEvent {

@@ -1,4 +1,4 @@
-//! The gradient-trained families (STFPM) are trained by a helper program, `inspectflow-torch`
+//! The gradient-trained families (STFPM, Reverse Distillation, EfficientAD) are trained by a helper program, `inspectflow-torch`
 //! (the `torch/` crate, the only one that links libtorch), so that no other inspectflow program
 //! loads libtorch: about 1 GB of libraries, a third of a second at every start of a program
 //! linked to it. This module is both sides' protocol: the request the helper reads, the events
@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Architecture, Progress, TrainConfig, TrainError};
+use super::{Architecture, EpochReport, Progress, TrainConfig, TrainError};
 
 /// The helper program's name; it is looked for beside the running program.
 pub const HELPER: &str = "inspectflow-torch";
@@ -27,6 +27,9 @@ pub struct StudentRequest {
     pub family: Architecture,
     /// The training images.
     pub images: Vec<PathBuf>,
+    /// Normal images never trained on: their loss decides when training stops, and EfficientAD
+    /// normalises its maps on them (on the training images when there are none).
+    pub validation: Vec<PathBuf>,
     /// Square input size in pixels.
     pub input_size: usize,
     /// Passes over the images.
@@ -35,6 +38,8 @@ pub struct StudentRequest {
     pub batch_size: usize,
     /// Adam's learning rate.
     pub learning_rate: f64,
+    /// Epochs without a lower validation loss before training stops (0: never early).
+    pub patience: usize,
     /// Seed of the initial weights and the image order.
     pub seed: u64,
     /// The IR to write (`model.xml`, with `model.bin` beside it).
@@ -46,20 +51,18 @@ pub struct StudentRequest {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum HelperEvent {
     /// An epoch ended.
-    Epoch {
-        /// The epoch, from 1.
-        epoch: usize,
-        /// Epochs in all.
-        epochs: usize,
-        /// Mean training loss over the epoch.
-        loss: f64,
-    },
+    Epoch(EpochReport),
     /// The IR is written.
     Exported {
         /// Where it trained (`Cpu`, `Cuda(0)`).
         device: String,
         /// Seconds per epoch.
         seconds_per_epoch: f64,
+        /// Epochs trained (fewer than asked when training stopped early).
+        epochs_run: usize,
+        /// The epoch whose weights were kept (the lowest validation loss; the last without
+        /// validation images).
+        best_epoch: usize,
     },
 }
 
@@ -85,6 +88,7 @@ pub fn train_student(
     config: &TrainConfig,
     input_size: usize,
     training: &[PathBuf],
+    validation: &[PathBuf],
     scratch: &Path,
     progress: Progress,
 ) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>), TrainError> {
@@ -99,6 +103,8 @@ pub fn train_student(
     let request = StudentRequest {
         family: config.architecture,
         images: training.to_vec(),
+        validation: validation.to_vec(),
+        patience: config.patience,
         input_size,
         epochs: config.epochs,
         batch_size: config.batch_size,
@@ -141,18 +147,25 @@ pub fn train_student(
     });
     progress.stage("fitting", 0.0);
     let mut losses = Vec::with_capacity(config.epochs);
+    let mut validation_losses = Vec::with_capacity(config.epochs);
     let mut exported = None;
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             match serde_json::from_str::<HelperEvent>(&line) {
-                Ok(HelperEvent::Epoch {
-                    epoch,
-                    epochs,
-                    loss,
-                }) => {
-                    losses.push(loss);
-                    progress.epoch(epoch, epochs, loss);
-                    progress.stage("fitting", epoch as f32 / epochs.max(1) as f32);
+                Ok(HelperEvent::Epoch(report)) => {
+                    // EfficientAD distils its teacher first: the first half of the stage.
+                    let (offset, share) = match (config.architecture, report.phase.as_str()) {
+                        (Architecture::EfficientAd, "distillation") => (0.0, 0.5),
+                        (Architecture::EfficientAd, _) => (0.5, 0.5),
+                        _ => (0.0, 1.0),
+                    };
+                    if report.phase == "training" {
+                        losses.push(report.loss);
+                        validation_losses.extend(report.validation_loss);
+                    }
+                    progress.epoch(&report);
+                    let done = report.epoch as f32 / report.epochs.max(1) as f32;
+                    progress.stage("fitting", offset + share * done);
                 }
                 Ok(event @ HelperEvent::Exported { .. }) => exported = Some(event),
                 Err(_) => tracing::info!("{HELPER}: {line}"),
@@ -167,6 +180,8 @@ pub fn train_student(
     let Some(HelperEvent::Exported {
         device,
         seconds_per_epoch,
+        epochs_run,
+        best_epoch,
     }) = exported.filter(|_| status.success())
     else {
         let last = errors.lines().last().unwrap_or("no message");
@@ -179,7 +194,11 @@ pub fn train_student(
         "training".into(),
         serde_json::json!({
             "epochs": config.epochs,
+            "epochs_run": epochs_run,
+            "best_epoch": best_epoch,
             "loss_per_epoch": losses,
+            "validation_loss_per_epoch": validation_losses,
+            "validation_images": validation.len(),
             "seconds_per_epoch": seconds_per_epoch,
             "device": device,
         }),

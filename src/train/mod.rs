@@ -30,7 +30,7 @@ use inspectflow_operators::transform::preprocess::{Preprocess, PreprocessParams}
 use crate::backbone::BackboneError;
 use crate::backbone::ir::{Conv2d, IrGraph, Output};
 use crate::backbone::tiling::Tiling;
-pub use config::{Architecture, TrainConfig, TrainEvent};
+pub use config::{Architecture, EpochReport, TrainConfig, TrainEvent};
 
 /// Training or evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,9 +126,9 @@ pub trait TrainProgress {
     /// it done.
     fn stage(&mut self, stage: &str, fraction: f32);
 
-    /// A gradient-trained family finished epoch `epoch` of `epochs` with mean loss `loss`.
-    fn epoch(&mut self, epoch: usize, epochs: usize, loss: f64) {
-        let _ = (epoch, epochs, loss);
+    /// A gradient-trained family finished an epoch.
+    fn epoch(&mut self, report: &EpochReport) {
+        let _ = report;
     }
 }
 
@@ -173,10 +173,13 @@ fn network_with_embedding(
     let mut embedded = match config.architecture {
         Architecture::Padim => padim::embedding(&mut network, padim_indices),
         Architecture::Patchcore => patchcore::embedding(&mut network),
-        Architecture::Stfpm => {
-            return Err(TrainError::Invalid(
-                "STFPM has no embedding graph (it trains a student)".into(),
-            ));
+        family @ (Architecture::Stfpm
+        | Architecture::ReverseDistillation
+        | Architecture::EfficientAd) => {
+            return Err(TrainError::Invalid(format!(
+                "{} has no embedding graph (it is gradient-trained)",
+                family.name()
+            )));
         }
     };
     if let Some(tiling) = tiling {
@@ -269,8 +272,25 @@ fn train_in(
 
     // The deployable IR, and what the family adds to the package's metrics.
     let (model_xml, family_metrics) = match config.architecture {
-        Architecture::Stfpm => {
-            gradient::train_student(config, input_size, &training, scratch, progress)?
+        Architecture::Stfpm | Architecture::ReverseDistillation | Architecture::EfficientAd => {
+            // The validation split's normal images decide when training stops (and set
+            // EfficientAD's map normalisation); they are never trained on.
+            let validation: Vec<PathBuf> = snapshot
+                .entries
+                .iter()
+                .filter(|e| {
+                    e.split == dataset::Split::Validation && e.label == dataset::Label::Normal
+                })
+                .map(|e| e.path.clone())
+                .collect();
+            gradient::train_student(
+                config,
+                input_size,
+                &training,
+                &validation,
+                scratch,
+                progress,
+            )?
         }
         Architecture::Padim | Architecture::Patchcore => {
             statistical_model(config, input_size, &training, scratch, progress)?
@@ -428,10 +448,13 @@ fn statistical_model(
                 &mut |f| progress.stage("fitting", f),
             )?)
         }
-        Architecture::Stfpm => {
-            return Err(TrainError::Invalid(
-                "STFPM is not fitted on features (it trains a student)".into(),
-            ));
+        family @ (Architecture::Stfpm
+        | Architecture::ReverseDistillation
+        | Architecture::EfficientAd) => {
+            return Err(TrainError::Invalid(format!(
+                "{} is not fitted on features (it is gradient-trained)",
+                family.name()
+            )));
         }
     };
     drop(embedding_graph);

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use inspectflow::train::Architecture;
 use inspectflow::train::gradient::{HelperEvent, StudentRequest};
-use inspectflow_torch::stfpm;
+use inspectflow::train::{Architecture, EpochReport};
+use inspectflow_torch::{efficient_ad, mobilenet, reverse_distillation, stfpm, training};
 
 /// Trains a gradient-trained model family (run by `inspectflow train`).
 #[derive(Parser)]
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
 }
 
 /// Writes one event line on standard output.
-fn report(event: &HelperEvent) {
+fn emit(event: &HelperEvent) {
     if let Ok(line) = serde_json::to_string(event) {
         println!("{line}");
     }
@@ -44,7 +44,7 @@ fn run(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("reading {}: {e}", args.request.display()))?;
     let request: StudentRequest =
         serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", args.request.display()))?;
-    if request.family != Architecture::Stfpm {
+    if !request.family.is_gradient_trained() {
         return Err(format!(
             "{}: family {} is not gradient-trained",
             args.request.display(),
@@ -52,27 +52,55 @@ fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let device = tch::Device::cuda_if_available();
-    let teacher = stfpm::teacher(device)?;
-    let images = stfpm::load_images(&request.images, request.input_size)?.to_device(device);
-    let settings = stfpm::StfpmSettings {
+    let (_teacher_store, teacher) = mobilenet::teacher(device)?;
+    let images = training::load_images(&request.images, request.input_size)?.to_device(device);
+    let validation = if request.validation.is_empty() {
+        None
+    } else {
+        Some(training::load_images(&request.validation, request.input_size)?.to_device(device))
+    };
+    let settings = training::Settings {
         epochs: request.epochs,
         batch_size: request.batch_size,
         learning_rate: request.learning_rate,
+        patience: request.patience,
         seed: request.seed,
     };
     let started = Instant::now();
-    let student = stfpm::fit(&teacher, &images, &settings, &mut |epoch, loss| {
-        report(&HelperEvent::Epoch {
-            epoch,
-            epochs: settings.epochs,
-            loss,
-        });
-    })?;
-    let seconds_per_epoch = started.elapsed().as_secs_f64() / settings.epochs.max(1) as f64;
-    stfpm::export(&student, request.input_size, &request.out)?;
-    report(&HelperEvent::Exported {
+    let mut epochs_trained = 0;
+    let mut progress = |report: &EpochReport| {
+        epochs_trained += 1;
+        emit(&HelperEvent::Epoch(report.clone()));
+    };
+    let validation = validation.as_ref();
+    let size = request.input_size;
+    let outcome = match request.family {
+        Architecture::ReverseDistillation => {
+            let (decoder, outcome) =
+                reverse_distillation::fit(&teacher, &images, validation, &settings, &mut progress)?;
+            reverse_distillation::export(&decoder, size, &request.out)?;
+            outcome
+        }
+        Architecture::EfficientAd => {
+            let (model, outcome) =
+                efficient_ad::fit(&teacher, &images, validation, &settings, &mut progress)?;
+            model.export(size, &request.out)?;
+            outcome
+        }
+        // STFPM (the other families were refused above).
+        _ => {
+            let (student, outcome) =
+                stfpm::fit(&teacher, &images, validation, &settings, &mut progress)?;
+            stfpm::export(&student, size, &request.out)?;
+            outcome
+        }
+    };
+    let seconds_per_epoch = started.elapsed().as_secs_f64() / f64::from(epochs_trained.max(1));
+    emit(&HelperEvent::Exported {
         device: format!("{device:?}"),
         seconds_per_epoch,
+        epochs_run: outcome.epochs_run,
+        best_epoch: outcome.best_epoch,
     });
     Ok(())
 }

@@ -9,9 +9,11 @@
 use std::collections::BTreeMap;
 
 use tch::nn::{self, Module, ModuleT};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use inspectflow::backbone::torch_legacy::CheckpointTensor;
+
+use super::layers::imagenet_normalised;
 
 /// `(expansion, output channels, repeats, first stride)` of the stages up to `features.13`.
 const STAGES: [(i64, i64, usize, i64); 5] = [
@@ -141,18 +143,9 @@ impl MobileNetFeatures {
     /// The stride-8 and stride-16 features of `images` (`[n, 3, h, w]`, RGB in [0, 1]); `train`
     /// uses batch statistics in BatchNorm (and updates the running ones).
     pub fn forward_t(&self, images: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let options = (Kind::Float, images.device());
-        let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406])
-            .to_kind(options.0)
-            .to_device(options.1)
-            .view([1, 3, 1, 1]);
-        let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225])
-            .to_kind(options.0)
-            .to_device(options.1)
-            .view([1, 3, 1, 1]);
         let mut x = self
             .stem
-            .forward_t(&((images - mean) / std), train)
+            .forward_t(&imagenet_normalised(images), train)
             .clamp(0.0, 6.0);
         let mut stride_8 = None;
         for (offset, block) in self.blocks.iter().enumerate() {

@@ -12,9 +12,9 @@
 //! other package, without libtorch.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use inspectflow::backbone::ir::{IrGraph, Output, Reduction};
@@ -22,59 +22,17 @@ use inspectflow::backbone::layers::Weights;
 use inspectflow::backbone::torch_legacy::{self, CheckpointTensor};
 use inspectflow::backbone::{Backbone, mobilenet_v2};
 
-use super::mobilenet::{self, MobileNetFeatures};
+use inspectflow::train::EpochReport;
 
-/// Training or export failed: what and where, in one line.
-pub type TrainError = String;
-
-/// Added to a feature vector's norm before dividing by it (so an all-zero vector stays zero).
-const NORM_EPS: f32 = 1e-6;
-
-/// How a student is trained.
-#[derive(Debug, Clone)]
-pub struct StfpmSettings {
-    /// Passes over the training images.
-    pub epochs: usize,
-    /// Images per optimisation step.
-    pub batch_size: usize,
-    /// Adam's learning rate.
-    pub learning_rate: f64,
-    /// Seeds the student's initial weights and the order of the images.
-    pub seed: u64,
-}
+use super::TrainError;
+use super::layers::{normalise_channels, normalised};
+use super::mobilenet::MobileNetFeatures;
+use super::training::{self, Outcome, Settings};
 
 /// A trained student.
 pub struct Student {
     store: nn::VarStore,
     network: MobileNetFeatures,
-}
-
-/// The training images as one `[n, 3, size, size]` tensor, RGB in [0, 1] (resized bilinearly,
-/// as `preprocess` does for serving).
-pub fn load_images(files: &[PathBuf], size: usize) -> Result<Tensor, TrainError> {
-    let side = size as u32;
-    let mut planes = Vec::with_capacity(files.len() * 3 * size * size);
-    for file in files {
-        let image = image::open(file)
-            .map_err(|e| format!("{}: {e}", file.display()))?
-            .to_rgb8();
-        let image =
-            image::imageops::resize(&image, side, side, image::imageops::FilterType::Triangle);
-        for channel in 0..3 {
-            planes.extend(image.pixels().map(|p| f32::from(p[channel]) / 255.0));
-        }
-    }
-    Ok(Tensor::from_slice(&planes).view([files.len() as i64, 3, size as i64, size as i64]))
-}
-
-/// Each position's feature vector divided by its length.
-fn normalised(features: &Tensor) -> Tensor {
-    let norm = features
-        .pow_tensor_scalar(2)
-        .sum_dim_intlist(1, true, Kind::Float)
-        .sqrt()
-        + f64::from(NORM_EPS);
-    features / norm
 }
 
 /// Per stage, half the squared distance of the normalised features: `[n, 1, h, w]`.
@@ -91,51 +49,29 @@ fn distances(teacher: &(Tensor, Tensor), student: &(Tensor, Tensor)) -> [Tensor;
     ]
 }
 
-/// Trains a student on `images` against `teacher`; `progress` hears each epoch's number (from
-/// 1) and mean loss.
+/// Trains a student on `images` against `teacher`, stopping early on `validation`'s loss;
+/// `progress` hears each epoch.
 pub fn fit(
     teacher: &MobileNetFeatures,
     images: &Tensor,
-    settings: &StfpmSettings,
-    progress: &mut dyn FnMut(usize, f64),
-) -> Result<Student, TrainError> {
+    validation: Option<&Tensor>,
+    settings: &Settings,
+    progress: &mut dyn FnMut(&EpochReport),
+) -> Result<(Student, Outcome), TrainError> {
     tch::manual_seed(settings.seed as i64);
-    let device = images.device();
-    let count = images.size()[0];
-    if count == 0 {
-        return Err("STFPM needs training images".to_string());
-    }
-    let targets = tch::no_grad(|| teacher.forward_t(images, false));
-    let store = nn::VarStore::new(device);
+    let store = nn::VarStore::new(images.device());
     let network = MobileNetFeatures::new(&store.root());
-    let mut optimiser = nn::Adam::default()
-        .build(&store, settings.learning_rate)
-        .map_err(|e| format!("STFPM optimiser: {e}"))?;
-    let batch = settings.batch_size.max(1) as i64;
-    for epoch in 1..=settings.epochs {
-        let order = Tensor::randperm(count, (Kind::Int64, device));
-        let (mut total, mut steps) = (0.0, 0);
-        let mut start = 0;
-        while start < count {
-            let length = batch.min(count - start);
-            let indices = order.narrow(0, start, length);
-            let input = images.index_select(0, &indices);
-            let target = (
-                targets.0.index_select(0, &indices),
-                targets.1.index_select(0, &indices),
-            );
-            let output = network.forward_t(&input, true);
-            let [d8, d16] = distances(&target, &output);
-            // The paper's loss: per stage, the distance averaged over positions, summed.
-            let loss = d8.mean(Kind::Float) + d16.mean(Kind::Float);
-            optimiser.backward_step(&loss);
-            total += loss.double_value(&[]);
-            steps += 1;
-            start += length;
-        }
-        progress(epoch, total / f64::from(steps.max(1)));
-    }
-    Ok(Student { store, network })
+    // The paper's loss: per stage, the distance averaged over positions, summed.
+    let loss = |batch: &Tensor, train: bool| {
+        let target = tch::no_grad(|| teacher.forward_t(batch, false));
+        let output = network.forward_t(batch, train);
+        let [d8, d16] = distances(&target, &output);
+        d8.mean(Kind::Float) + d16.mean(Kind::Float)
+    };
+    let outcome = training::train(
+        &store, images, validation, settings, "training", &loss, progress,
+    )?;
+    Ok((Student { store, network }, outcome))
 }
 
 /// The anomaly maps of `images` (`[n, 1, size, size]`), computed in tch as the exported IR
@@ -209,22 +145,8 @@ fn distance_layers(
 ) -> Output {
     let shape = graph.shape(teacher).to_vec();
     let (height, width) = (shape[2], shape[3]);
-    let eps = graph.constant_f32(&format!("{stage}/eps"), &[1], &[NORM_EPS]);
-    let normalise = |graph: &mut IrGraph, name: &str, features: Output| {
-        let squares = graph.multiply(&format!("{stage}/{name}/squares"), features, features);
-        let sum = graph.reduce(
-            &format!("{stage}/{name}/sum"),
-            squares,
-            &[1],
-            Reduction::Sum,
-        );
-        let sum = graph.reshape(&format!("{stage}/{name}/keep"), sum, &[1, 1, height, width]);
-        let norm = graph.sqrt(&format!("{stage}/{name}/norm"), sum);
-        let norm = graph.add(&format!("{stage}/{name}/norm_eps"), norm, eps);
-        graph.divide(&format!("{stage}/{name}/normalised"), features, norm)
-    };
-    let t = normalise(graph, "teacher", teacher);
-    let s = normalise(graph, "student", student);
+    let t = normalise_channels(graph, &format!("{stage}/teacher"), teacher);
+    let s = normalise_channels(graph, &format!("{stage}/student"), student);
     let difference = graph.subtract(&format!("{stage}/difference"), t, s);
     let squares = graph.multiply(&format!("{stage}/squares"), difference, difference);
     let sum = graph.reduce(&format!("{stage}/sum"), squares, &[1], Reduction::Sum);
@@ -232,11 +154,4 @@ fn distance_layers(
     let half = graph.constant_f32(&format!("{stage}/half"), &[1], &[0.5]);
     let distance = graph.multiply(&format!("{stage}/distance"), sum, half);
     graph.resize_bilinear(&format!("{stage}/resize"), distance, input_size, input_size)
-}
-
-/// The teacher on `device`.
-pub fn teacher(device: Device) -> Result<MobileNetFeatures, TrainError> {
-    // The layers hold their tensors (reference-counted): the store may go.
-    let (_store, network) = mobilenet::teacher(device)?;
-    Ok(network)
 }

@@ -1,11 +1,14 @@
 //! The libtorch side of training: MobileNetV2's feature layers in tch, loaded from the same
 //! ImageNet checkpoint as the OpenVINO backbone, compute the same features as the backbone's IR
-//! does in OpenVINO (the oracle); STFPM's exported IR computes what tch computes; and
-//! `inspectflow train --model stfpm`, which runs this crate's helper, separates a generated
-//! set's anomalies.
+//! does in OpenVINO (the oracle); each gradient-trained family's exported IR computes what tch
+//! computes; training stops early on the validation loss; and `inspectflow train --model
+//! stfpm|reverse_distillation|efficient_ad`, which runs this crate's helper, separates a
+//! generated set's anomalies.
 
 use inspectflow::backbone::Backbone;
+use inspectflow::train::{Architecture, EpochReport};
 use inspectflow_torch::mobilenet as torch_mobilenet;
+use inspectflow_torch::{efficient_ad, reverse_distillation, stfpm, training};
 
 /// A 64x64 RGB test picture: gradients and a bright square.
 fn picture(path: &std::path::Path) -> Vec<f32> {
@@ -115,42 +118,72 @@ fn carpet(dir: &std::path::Path, size: usize) -> std::path::PathBuf {
     data
 }
 
-/// The IR that STFPM exports, run by OpenVINO, computes the anomaly maps and scores tch
-/// computes (a briefly trained student is enough to compare them).
-#[test]
-fn the_stfpm_ir_computes_what_tch_computes() {
-    use inspectflow_torch::stfpm;
-    const SIZE: usize = 128;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = carpet(dir.path(), SIZE);
-    let teacher = stfpm::teacher(tch::Device::Cpu).expect("teacher");
-    let training = stfpm::load_images(&files(&data.join("train/normal")), SIZE).expect("images");
-    let mut losses = Vec::new();
-    let settings = stfpm::StfpmSettings {
+/// The maps of `images`, as tch computes them, and the IR a briefly trained model of `family`
+/// exported at `xml`.
+fn train_briefly(
+    family: Architecture,
+    training: &tch::Tensor,
+    images: &tch::Tensor,
+    size: usize,
+    xml: &std::path::Path,
+) -> (tch::Tensor, Vec<f64>) {
+    let (_store, teacher) = torch_mobilenet::teacher(tch::Device::Cpu).expect("teacher");
+    let settings = training::Settings {
         epochs: 3,
         batch_size: 8,
         learning_rate: 1e-3,
+        patience: 0,
         seed: 3,
     };
-    let student = stfpm::fit(&teacher, &training, &settings, &mut |_, loss| {
-        losses.push(loss)
-    })
-    .expect("training");
-    assert_eq!(losses.len(), 3);
-    assert!(
-        losses.iter().all(|l| l.is_finite() && *l > 0.0),
-        "{losses:?}"
-    );
+    let mut losses = Vec::new();
+    let mut progress = |report: &EpochReport| losses.push(report.loss);
+    let maps = match family {
+        Architecture::Stfpm => {
+            let (student, _) =
+                stfpm::fit(&teacher, training, None, &settings, &mut progress).expect("training");
+            stfpm::export(&student, size, xml).expect("export");
+            stfpm::anomaly_maps(&teacher, &student, images)
+        }
+        Architecture::ReverseDistillation => {
+            let (decoder, _) =
+                reverse_distillation::fit(&teacher, training, None, &settings, &mut progress)
+                    .expect("training");
+            reverse_distillation::export(&decoder, size, xml).expect("export");
+            reverse_distillation::anomaly_maps(&teacher, &decoder, images)
+        }
+        Architecture::EfficientAd => {
+            let (model, _) = efficient_ad::fit(&teacher, training, None, &settings, &mut progress)
+                .expect("training");
+            model.export(size, xml).expect("export");
+            model.anomaly_maps(images)
+        }
+        other => panic!("{other:?} is not gradient-trained"),
+    };
+    (maps, losses)
+}
 
+/// The IR `family` exports, run by OpenVINO, computes the anomaly maps and scores tch computes
+/// (a briefly trained model is enough to compare them).
+fn the_ir_computes_what_tch_computes(family: Architecture) {
+    const SIZE: usize = 128;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = carpet(dir.path(), SIZE);
+    let training = training::load_images(&files(&data.join("train/normal")), SIZE).expect("images");
     let test: Vec<_> = files(&data.join("test/normal"))
         .into_iter()
         .take(2)
         .chain(files(&data.join("test/anomalous")).into_iter().take(2))
         .collect();
-    let images = stfpm::load_images(&test, SIZE).expect("test images");
-    let maps = stfpm::anomaly_maps(&teacher, &student, &images);
-    let xml = dir.path().join("stfpm.xml");
-    stfpm::export(&student, SIZE, &xml).expect("export");
+    let images = training::load_images(&test, SIZE).expect("test images");
+    let xml = dir.path().join("model.xml");
+    let (maps, losses) = train_briefly(family, &training, &images, SIZE, &xml);
+    // EfficientAD reports its teacher's distillation epochs too.
+    assert!(losses.len() >= 3, "{losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+
     let outputs = inspectflow::train::batch::run_model(&xml, "CPU", &test, SIZE, &mut |_| {})
         .expect("OpenVINO runs the IR");
     for (index, output) in outputs.iter().enumerate() {
@@ -168,21 +201,85 @@ fn the_stfpm_ir_computes_what_tch_computes() {
             .fold(0f32, f32::max);
         assert!(
             difference <= 1e-3,
-            "image {index}: largest normalised difference {difference}"
+            "{family:?} image {index}: largest normalised difference {difference}"
         );
         let score = output["pred_score"][0];
         assert!(
-            (score - high).abs() <= 1e-3 * span.max(high),
-            "image {index}: IR score {score}, tch {high}"
+            (score - high).abs() <= 1e-3 * span.max(high.abs()),
+            "{family:?} image {index}: IR score {score}, tch {high}"
         );
     }
 }
 
-/// `inspectflow train --model stfpm` on a generated set: per-epoch progress, a falling loss in
-/// the package's metrics, and `inspectflow eval` measures the package (served by OpenVINO).
 #[test]
-fn inspectflow_train_stfpm_separates_a_generated_sets_anomalies() {
-    const EPOCHS: usize = 25;
+fn the_stfpm_ir_computes_what_tch_computes() {
+    the_ir_computes_what_tch_computes(Architecture::Stfpm);
+}
+
+#[test]
+fn the_reverse_distillation_ir_computes_what_tch_computes() {
+    the_ir_computes_what_tch_computes(Architecture::ReverseDistillation);
+}
+
+#[test]
+fn the_efficient_ad_ir_computes_what_tch_computes() {
+    the_ir_computes_what_tch_computes(Architecture::EfficientAd);
+}
+
+/// Training stops `patience` epochs after the lowest validation loss and keeps that epoch's
+/// weights: here every step moves the weight away from what the validation images want.
+#[test]
+fn training_stops_early_and_keeps_the_best_epochs_weights() {
+    let store = tch::nn::VarStore::new(tch::Device::Cpu);
+    let weight = store.root().zeros("weight", &[1]);
+    let images = tch::Tensor::zeros([4, 3, 8, 8], (tch::Kind::Float, tch::Device::Cpu));
+    let loss = |_: &tch::Tensor, train: bool| {
+        let target = if train { 10.0 } else { -1.0 };
+        (&weight - target)
+            .pow_tensor_scalar(2)
+            .sum(tch::Kind::Float)
+    };
+    let settings = training::Settings {
+        epochs: 50,
+        batch_size: 4,
+        learning_rate: 0.1,
+        patience: 2,
+        seed: 1,
+    };
+    let mut reports = Vec::new();
+    let mut weights = Vec::new();
+    let outcome = training::train(
+        &store,
+        &images,
+        Some(&images),
+        &settings,
+        "training",
+        &loss,
+        &mut |report| {
+            reports.push(report.clone());
+            weights.push(weight.double_value(&[0]));
+        },
+    )
+    .expect("trains");
+    assert_eq!(outcome.best_epoch, 1);
+    assert_eq!(outcome.epochs_run, 3, "{reports:?}");
+    assert_eq!(reports.len(), 3);
+    assert!(reports.iter().all(|r| r.validation_loss.is_some()));
+    assert!(
+        weights[2] > weights[0],
+        "training moved the weight: {weights:?}"
+    );
+    assert_eq!(
+        weight.double_value(&[0]),
+        weights[0],
+        "the best epoch's weight is back"
+    );
+}
+
+/// `inspectflow train --model FAMILY` on a generated set: per-epoch progress, a falling loss in
+/// the package's metrics, and `inspectflow eval` measures the package (served by OpenVINO): the
+/// image AUROC.
+fn inspectflow_train_separates_a_generated_sets_anomalies(family: &str, epochs: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = carpet(dir.path(), 128);
     let model = dir.path().join("model");
@@ -190,13 +287,13 @@ fn inspectflow_train_stfpm_separates_a_generated_sets_anomalies() {
         .args([
             "train",
             "--model",
-            "stfpm",
+            family,
             "--input-size",
             "128",
             "--progress",
             "json",
         ])
-        .args(["--epochs", &EPOCHS.to_string()])
+        .args(["--epochs", &epochs.to_string()])
         .arg("--normal")
         .arg(data.join("train/normal"))
         .arg("--snapshots")
@@ -207,31 +304,51 @@ fn inspectflow_train_stfpm_separates_a_generated_sets_anomalies() {
         .expect("inspectflow runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    let fitting: Vec<u64> = stderr
+    let events: Vec<serde_json::Value> = stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect();
+    let fitting: Vec<u64> = events
+        .iter()
         .filter(|e| e["stage"] == "fitting")
         .filter_map(|e| e["percent"].as_u64())
         .collect();
     assert!(
-        fitting.len() >= 10 && fitting.last() == Some(&100),
+        fitting.len() >= 5 && fitting.last() == Some(&100),
         "{fitting:?}"
+    );
+    let epoch_events: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["event"] == "epoch").collect();
+    assert!(
+        epoch_events
+            .iter()
+            .all(|e| e["loss"].as_f64().is_some() && e["validation_loss"].as_f64().is_some()),
+        "every epoch reports its loss and the validation loss: {epoch_events:?}"
     );
 
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(model.join("manifest.json")).expect("manifest"),
     )
     .expect("manifest JSON");
-    assert_eq!(manifest["architecture"], "stfpm");
-    let losses: Vec<f64> = manifest["metrics"]["training"]["loss_per_epoch"]
+    assert_eq!(manifest["architecture"], family);
+    let training = &manifest["metrics"]["training"];
+    let losses: Vec<f64> = training["loss_per_epoch"]
         .as_array()
         .expect("losses")
         .iter()
         .filter_map(serde_json::Value::as_f64)
         .collect();
-    assert_eq!(losses.len(), EPOCHS);
+    let epochs_run = training["epochs_run"].as_u64().expect("epochs run") as usize;
+    assert!((1..=epochs).contains(&epochs_run), "{training}");
+    assert_eq!(losses.len(), epochs_run, "{training}");
     assert!(
-        losses[EPOCHS - 1] < losses[0] * 0.5,
+        training["best_epoch"]
+            .as_u64()
+            .is_some_and(|b| (1..=epochs_run as u64).contains(&b)),
+        "{training}"
+    );
+    assert!(
+        losses[losses.len() - 1] < losses[0],
         "the loss falls: {losses:?}"
     );
 
@@ -257,11 +374,26 @@ fn inspectflow_train_stfpm_separates_a_generated_sets_anomalies() {
         .as_f64()
         .expect("auroc");
     println!(
-        "STFPM on the generated carpet set (128 px, {EPOCHS} epochs): image AUROC {auroc:.3}, \
-         pixel AUROC {}",
+        "{family} on the generated carpet set (128 px, {epochs_run} of {epochs} epochs): image \
+         AUROC {auroc:.3}, pixel AUROC {}",
         evaluation["summary"]["pixel_auroc"]
     );
-    assert!(auroc >= 0.95, "image AUROC {auroc}");
+    assert!(auroc >= 0.95, "{family}: image AUROC {auroc}");
+}
+
+#[test]
+fn inspectflow_train_stfpm_separates_a_generated_sets_anomalies() {
+    inspectflow_train_separates_a_generated_sets_anomalies("stfpm", 25);
+}
+
+#[test]
+fn inspectflow_train_reverse_distillation_separates_a_generated_sets_anomalies() {
+    inspectflow_train_separates_a_generated_sets_anomalies("reverse_distillation", 25);
+}
+
+#[test]
+fn inspectflow_train_efficient_ad_separates_a_generated_sets_anomalies() {
+    inspectflow_train_separates_a_generated_sets_anomalies("efficient_ad", 25);
 }
 
 /// The `inspectflow` program of this build (beside this crate's helper in the target folder).
