@@ -4494,7 +4494,7 @@ export interface components {
             status: components["schemas"]["ActiveState"];
         };
         /** @description The model families. */
-        Architecture: "padim" | "patchcore" | "stfpm";
+        Architecture: "padim" | "patchcore" | "stfpm" | "reverse_distillation" | "efficient_ad";
         /** @description The backbones inspectflow can import. */
         Backbone: "mobilenet_v2" | "efficientnet_lite0";
         /** @description A camera device on this machine. */
@@ -5321,7 +5321,7 @@ export interface components {
             backbone?: components["schemas"]["Backbone"];
             /**
              * Format: uint
-             * @description STFPM: images per optimisation step.
+             * @description Gradient-trained families: images per optimisation step.
              * @default 8
              */
             batch_size?: number;
@@ -5339,7 +5339,8 @@ export interface components {
             device?: string;
             /**
              * Format: uint
-             * @description STFPM: passes over the training images.
+             * @description Gradient-trained families: passes over the training images at most (EfficientAD spends
+             *     as many again distilling its teacher).
              * @default 40
              */
             epochs?: number;
@@ -5352,7 +5353,7 @@ export interface components {
             input_size?: number | null;
             /**
              * Format: double
-             * @description STFPM: Adam's learning rate.
+             * @description Gradient-trained families: Adam's learning rate.
              * @default 0.001
              */
             learning_rate?: number;
@@ -5377,6 +5378,14 @@ export interface components {
              * @default 100
              */
             padim_channels?: number;
+            /**
+             * Format: uint
+             * @description Gradient-trained families: stop after this many epochs without a lower loss on the
+             *     validation split's normal images, keeping the best epoch's weights (0: never stop
+             *     early; no normal validation images: never stops early).
+             * @default 5
+             */
+            patience?: number;
             /**
              * Format: uint64
              * @description Seed of every random choice (splits, channel subset, coreset start, generated
