@@ -167,10 +167,9 @@ impl Autoencoder {
 }
 
 /// A trained EfficientAD: the networks, the teacher's channel statistics and the maps'
-/// quantiles.
+/// quantiles (the layers hold their tensors, reference-counted, so the variable stores they
+/// were made in need not be kept).
 pub struct EfficientAd {
-    _teacher_store: nn::VarStore,
-    _store: nn::VarStore,
     teacher: Pdn,
     student: Pdn,
     autoencoder: Autoencoder,
@@ -313,8 +312,6 @@ pub fn fit(
 
     // 3. The maps' quantiles on images never trained on, when there are some.
     let mut model = EfficientAd {
-        _teacher_store: teacher_store,
-        _store: store,
         teacher,
         student,
         autoencoder,

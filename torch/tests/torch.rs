@@ -407,3 +407,35 @@ fn inspectflow_program() -> std::path::PathBuf {
     );
     program
 }
+
+/// The same seed on the same images trains the same model on the CPU.
+#[test]
+fn training_with_the_same_seed_gives_the_same_model() {
+    const SIZE: usize = 64;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = carpet(dir.path(), SIZE);
+    let training = training::load_images(&files(&data.join("train/normal")), SIZE).expect("images");
+    let maps = |name: &str| {
+        let xml = dir.path().join(name);
+        let (maps, losses) = train_briefly(
+            Architecture::ReverseDistillation,
+            &training,
+            &training.narrow(0, 0, 2),
+            SIZE,
+            &xml,
+        );
+        (
+            Vec::<f32>::try_from(maps.flatten(0, -1)).expect("maps"),
+            losses,
+        )
+    };
+    let (first, first_losses) = maps("first.xml");
+    let (second, second_losses) = maps("second.xml");
+    assert_eq!(first_losses, second_losses);
+    assert_eq!(first, second);
+    assert_eq!(
+        std::fs::read(dir.path().join("first.bin")).expect("weights"),
+        std::fs::read(dir.path().join("second.bin")).expect("weights"),
+        "the exported weights are the same"
+    );
+}
