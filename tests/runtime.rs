@@ -258,6 +258,31 @@ edges:
     assert_eq!(outcome.report.node("out").expect("metrics").packets_in, 10);
 }
 
+/// A source that fails and is rebuilt counts from 0 again; its frames go on after the last one
+/// sent, so no two results of a run share a sequence (sinks key messages and files on it).
+#[test]
+fn a_restarted_source_continues_the_sequence_instead_of_repeating_it() {
+    let (registry, recordings) = registry_with_probe();
+    let yaml = r#"
+nodes:
+  - id: camera
+    op: test.flaky_source
+    params: {failing_instances: 2, error_after: 4, frames: 4}
+    restart: {policy: on_failure, max_restarts: 2, backoff_ms: 1}
+  - {id: sink, op: test.probe}
+edges:
+  - {from: camera, to: sink, queue: {capacity: 64, policy: block}}
+"#;
+    let outcome = run_to_end(&graph_from_yaml(&registry, yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    assert_eq!(outcome.report.node("camera").expect("metrics").restarts, 2);
+    let sequences: Vec<u64> = seen_by(&recordings, "sink")
+        .iter()
+        .map(|seen| seen.sequence)
+        .collect();
+    assert_eq!(sequences, (0..12).collect::<Vec<u64>>());
+}
+
 #[test]
 fn restarts_are_bounded_by_max_restarts() {
     let (registry, _) = registry_with_probe();

@@ -721,9 +721,16 @@ impl NodeRuntime {
             node_id: Arc::clone(&self.id),
             health: Arc::clone(&self.metrics.endpoint_health),
         };
+        // A rebuilt source counts its frames from 0 again. Its frames continue after the last
+        // one sent instead, so that every frame of a run keeps a sequence of its own: sinks key
+        // on it (JetStream message ids would drop the new frames as duplicates, file names
+        // would be overwritten).
+        let (mut offset, mut next_sequence) = (0u64, 0u64);
         while !ctx.stop.is_raised() {
             match source.next(&ctx) {
-                Ok(SourcePoll::Packet(packet)) => {
+                Ok(SourcePoll::Packet(mut packet)) => {
+                    packet.frame.sequence += offset;
+                    next_sequence = next_sequence.max(packet.frame.sequence + 1);
                     self.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
                     if let Some(latest) = &self.latest {
                         latest.set(&packet.frame);
@@ -737,7 +744,10 @@ impl NodeRuntime {
                 Ok(SourcePoll::Pending) => {}
                 Ok(SourcePoll::EndOfStream) => break,
                 Err(error) => match self.recover(error) {
-                    Some(OperatorInstance::Source(rebuilt)) => source = rebuilt,
+                    Some(OperatorInstance::Source(rebuilt)) => {
+                        source = rebuilt;
+                        offset = next_sequence;
+                    }
                     _ => break,
                 },
             }

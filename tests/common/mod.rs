@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use inspectflow::graph::{self, ValidatedGraph};
 use inspectflow::operators::packet::Prediction;
 use inspectflow::operators::{
-    BufferPool, CaptureTime, Emitter, Frame, OpError, OperatorDescriptor, OperatorInstance,
-    OperatorKind, OutputType, Packet, PortType, Registry, Sink, Transform,
+    BufferPool, BuildContext, CaptureTime, Emitter, Frame, OpError, OperatorDescriptor,
+    OperatorInstance, OperatorKind, OutputType, Packet, PortType, Registry, Sink, Source,
+    SourceContext, SourcePoll, Transform,
 };
 use inspectflow::runtime::{Pipeline, RunOutcome};
 
@@ -149,7 +150,63 @@ pub fn registry_with_probe() -> (Registry, Recordings) {
             })))
         }),
     );
+    let synthetic = Arc::clone(registry.get("source.synthetic").expect("built in"));
+    let built = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    registry.register(
+        OperatorDescriptor::builder::<FlakySourceParams>(
+            "test.flaky_source",
+            OperatorKind::Source,
+            "source.synthetic's 32x32 frames; its first `failing_instances` instances fail after `error_after` frames.",
+        )
+        .output("out", OutputType::Fixed(PortType::Image))
+        .build_with(move |params, context: &BuildContext| {
+            let inner = synthetic.build(
+                serde_json::json!({"width": 32, "height": 32, "frames": params.frames}),
+                context,
+            )?;
+            let OperatorInstance::Source(inner) = inner else {
+                return Err(OpError::Failed("source.synthetic is a source".into()));
+            };
+            let instance = built.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(OperatorInstance::Source(Box::new(FlakySource {
+                inner,
+                left: (instance < params.failing_instances).then_some(params.error_after),
+            })))
+        }),
+    );
     (registry, recordings)
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct FlakySourceParams {
+    /// How many instances (the first built, then those rebuilt after a failure) fail.
+    failing_instances: u64,
+    /// Frames before the injected failure of a failing instance.
+    error_after: u64,
+    /// Frames of each instance before its stream ends.
+    frames: u64,
+}
+
+/// `test.flaky_source`: a source that fails after some frames (a camera that drops out), and
+/// counts from 0 again when it is rebuilt.
+struct FlakySource {
+    inner: Box<dyn Source>,
+    /// Frames left before the failure; none for an instance that does not fail.
+    left: Option<u64>,
+}
+
+impl Source for FlakySource {
+    fn next(&mut self, ctx: &SourceContext) -> Result<SourcePoll, OpError> {
+        if self.left == Some(0) {
+            return Err(OpError::Failed("injected source failure".into()));
+        }
+        let polled = self.inner.next(ctx)?;
+        if let (SourcePoll::Packet(_), Some(left)) = (&polled, &mut self.left) {
+            *left -= 1;
+        }
+        Ok(polled)
+    }
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
