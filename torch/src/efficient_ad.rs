@@ -30,7 +30,7 @@ use inspectflow::backbone::ir::{IrGraph, Output, Reduction};
 use inspectflow::train::EpochReport;
 
 use super::TrainError;
-use super::layers::{Conv, ConvSpec, imagenet_normalise, imagenet_normalised};
+use super::layers::{Conv, ConvSpec, imagenet_normalise, imagenet_normalised, write_scored};
 use super::mobilenet::MobileNetFeatures;
 use super::training::{self, Outcome, Settings};
 
@@ -417,12 +417,7 @@ impl EfficientAd {
         let sum = graph.add("anomaly_map_sum", st, ae);
         let half = graph.constant_f32("anomaly_map_half", &[1], &[0.5]);
         let map = graph.multiply("anomaly_map_mean", sum, half);
-        let score = graph.reduce("pred_score_max", map, &[1, 2, 3], Reduction::Max);
-        graph.result("anomaly_map", map);
-        graph.result("pred_score", score);
-        graph
-            .write(xml)
-            .map_err(|e| format!("writing {}: {e}", xml.display()))
+        write_scored(&mut graph, map, xml)
     }
 }
 

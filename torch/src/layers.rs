@@ -3,6 +3,8 @@
 //! optional BatchNorm and an optional ReLU, trained in tch and written into an OpenVINO IR by
 //! the project's IR writer with the BatchNorm folded into the convolution's weights and bias.
 
+use std::path::Path;
+
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Tensor};
 
@@ -222,4 +224,15 @@ pub fn imagenet_normalise(graph: &mut IrGraph, name: &str, input: Output) -> Out
     let std = graph.constant_f32(&format!("{name}/std"), &[1, 3, 1, 1], &IMAGENET_STD);
     let centred = graph.subtract(&format!("{name}/centred"), input, mean);
     graph.divide(&format!("{name}/scaled"), centred, std)
+}
+
+/// Finishes a family's IR: `map` (`[1, 1, size, size]`) becomes the output `anomaly_map`, its
+/// maximum the output `pred_score` (`[1]`), and the IR is written at `xml`.
+pub fn write_scored(graph: &mut IrGraph, map: Output, xml: &Path) -> Result<(), TrainError> {
+    let score = graph.reduce("pred_score_max", map, &[1, 2, 3], Reduction::Max);
+    graph.result("anomaly_map", map);
+    graph.result("pred_score", score);
+    graph
+        .write(xml)
+        .map_err(|e| format!("writing {}: {e}", xml.display()))
 }

@@ -23,7 +23,7 @@ use inspectflow::backbone::{Backbone, mobilenet_v2, torch_legacy};
 use inspectflow::train::EpochReport;
 
 use super::TrainError;
-use super::layers::{Conv, ConvSpec, normalise_channels, normalised};
+use super::layers::{Conv, ConvSpec, normalise_channels, normalised, write_scored};
 use super::mobilenet::MobileNetFeatures;
 use super::training::{self, Outcome, Settings};
 
@@ -201,12 +201,7 @@ pub fn export(decoder: &Decoder, input_size: usize, xml: &Path) -> Result<(), Tr
     let d8 = cosine_distance_layers(&mut graph, "stride8", f8, out_8, input_size);
     let d16 = cosine_distance_layers(&mut graph, "stride16", f16, out_16, input_size);
     let map = graph.add("anomaly_map_sum", d8, d16);
-    let score = graph.reduce("pred_score_max", map, &[1, 2, 3], Reduction::Max);
-    graph.result("anomaly_map", map);
-    graph.result("pred_score", score);
-    graph
-        .write(xml)
-        .map_err(|e| format!("writing {}: {e}", xml.display()))
+    write_scored(&mut graph, map, xml)
 }
 
 /// One stage's map in the IR: one minus the cosine similarity, resized to the input.

@@ -25,7 +25,7 @@ use inspectflow::backbone::{Backbone, mobilenet_v2};
 use inspectflow::train::EpochReport;
 
 use super::TrainError;
-use super::layers::{normalise_channels, normalised};
+use super::layers::{normalise_channels, normalised, write_scored};
 use super::mobilenet::MobileNetFeatures;
 use super::training::{self, Outcome, Settings};
 
@@ -126,12 +126,7 @@ pub fn export(student: &Student, input_size: usize, xml: &Path) -> Result<(), Tr
     let d8 = distance_layers(&mut graph, "stride8", teacher.0, taught.0, input_size);
     let d16 = distance_layers(&mut graph, "stride16", teacher.1, taught.1, input_size);
     let map = graph.multiply("anomaly_map_product", d8, d16);
-    let score = graph.reduce("pred_score_max", map, &[1, 2, 3], Reduction::Max);
-    graph.result("anomaly_map", map);
-    graph.result("pred_score", score);
-    graph
-        .write(xml)
-        .map_err(|e| format!("writing {}: {e}", xml.display()))
+    write_scored(&mut graph, map, xml)
 }
 
 /// One stage's map in the IR: half the squared distance of the normalised features, resized
