@@ -391,12 +391,32 @@ pub enum TrainEvent {
     },
 }
 
+/// What a gradient-trained family's epochs train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingPhase {
+    /// EfficientAD's teacher learning the backbone's features (before `training`).
+    Distillation,
+    /// The networks that score: STFPM's student, Reverse Distillation's bottleneck and
+    /// decoder, EfficientAD's student and autoencoder.
+    Training,
+}
+
+impl std::fmt::Display for TrainingPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainingPhase::Distillation => "distillation",
+            TrainingPhase::Training => "training",
+        })
+    }
+}
+
 /// One epoch of a gradient-trained family, as the helper reports it and `inspectflow train`
 /// passes it on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochReport {
-    /// What is being trained: `distillation` (EfficientAD's teacher) or `training`.
-    pub phase: String,
+    /// What is being trained.
+    pub phase: TrainingPhase,
     /// The epoch, from 1.
     pub epoch: usize,
     /// Epochs at most (training may stop early).
@@ -461,7 +481,49 @@ mod tests {
     }
 
     #[test]
+    fn hostile_gradient_settings_are_refused_naming_the_field() {
+        let refused = |document: Value, field: &str| {
+            let error = TrainConfig::from_json(&document).unwrap_err();
+            assert!(error.starts_with(&format!("{field}:")), "{error}");
+        };
+        refused(
+            serde_json::json!({"model_name": "efficient_ad", "patience": 5000}),
+            "patience",
+        );
+        refused(
+            serde_json::json!({"model_name": "stfpm", "patience": -1}),
+            "patience",
+        );
+        refused(
+            serde_json::json!({"model_name": "stfpm", "epochs": 0}),
+            "epochs",
+        );
+        refused(
+            serde_json::json!({"model_name": "reverse_distillation", "learning_rate": 1e9}),
+            "learning_rate",
+        );
+        refused(
+            serde_json::json!({"model_name": "reverse_distillation", "backbone": "efficientnet_lite0"}),
+            "backbone",
+        );
+        refused(
+            serde_json::json!({"model_name": "efficient_ad", "tile": 128, "input_size": 256}),
+            "tile",
+        );
+    }
+
+    #[test]
     fn events_round_trip() {
+        let epoch = TrainEvent::Epoch(EpochReport {
+            phase: TrainingPhase::Distillation,
+            epoch: 2,
+            epochs: 40,
+            loss: 0.5,
+            validation_loss: Some(0.25),
+        });
+        let line = serde_json::to_string(&epoch).expect("serializes");
+        assert!(line.contains(r#""phase":"distillation""#), "{line}");
+        assert_eq!(TrainEvent::parse(&line), Some(epoch));
         let event = TrainEvent::Progress {
             stage: "features".into(),
             percent: 40,

@@ -1,6 +1,6 @@
-//! The gradient-trained families (STFPM, Reverse Distillation, EfficientAD) are trained by a helper program, `inspectflow-torch`
-//! (the `torch/` crate, the only one that links libtorch), so that no other inspectflow program
-//! loads libtorch: about 1 GB of libraries, a third of a second at every start of a program
+//! The gradient-trained families (STFPM, Reverse Distillation, EfficientAD) are trained by a
+//! helper program, `inspectflow-torch` (the `torch/` crate, the only one that links libtorch),
+//! so that no other inspectflow program loads libtorch: about 1 GB of libraries, a third of a second at every start of a program
 //! linked to it. This module is both sides' protocol: the request the helper reads, the events
 //! it writes (a JSON object per line on standard output), finding the helper beside the running
 //! program, and running it for `inspectflow train`.
@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Architecture, EpochReport, Progress, TrainConfig, TrainError};
+use super::{Architecture, EpochReport, Progress, TrainConfig, TrainError, TrainingPhase};
 
 /// The helper program's name; it is looked for beside the running program.
 pub const HELPER: &str = "inspectflow-torch";
@@ -154,12 +154,12 @@ pub fn train_student(
             match serde_json::from_str::<HelperEvent>(&line) {
                 Ok(HelperEvent::Epoch(report)) => {
                     // EfficientAD distils its teacher first: the first half of the stage.
-                    let (offset, share) = match (config.architecture, report.phase.as_str()) {
-                        (Architecture::EfficientAd, "distillation") => (0.0, 0.5),
-                        (Architecture::EfficientAd, _) => (0.5, 0.5),
+                    let (offset, share) = match (config.architecture, report.phase) {
+                        (Architecture::EfficientAd, TrainingPhase::Distillation) => (0.0, 0.5),
+                        (Architecture::EfficientAd, TrainingPhase::Training) => (0.5, 0.5),
                         _ => (0.0, 1.0),
                     };
-                    if report.phase == "training" {
+                    if report.phase == TrainingPhase::Training {
                         losses.push(report.loss);
                         validation_losses.extend(report.validation_loss);
                     }

@@ -30,7 +30,7 @@ use inspectflow_operators::transform::preprocess::{Preprocess, PreprocessParams}
 use crate::backbone::BackboneError;
 use crate::backbone::ir::{Conv2d, IrGraph, Output};
 use crate::backbone::tiling::Tiling;
-pub use config::{Architecture, EpochReport, TrainConfig, TrainEvent};
+pub use config::{Architecture, EpochReport, TrainConfig, TrainEvent, TrainingPhase};
 
 /// Training or evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,9 +173,7 @@ fn network_with_embedding(
     let mut embedded = match config.architecture {
         Architecture::Padim => padim::embedding(&mut network, padim_indices),
         Architecture::Patchcore => patchcore::embedding(&mut network),
-        family @ (Architecture::Stfpm
-        | Architecture::ReverseDistillation
-        | Architecture::EfficientAd) => {
+        family => {
             return Err(TrainError::Invalid(format!(
                 "{} has no embedding graph (it is gradient-trained)",
                 family.name()
@@ -448,9 +446,7 @@ fn statistical_model(
                 &mut |f| progress.stage("fitting", f),
             )?)
         }
-        family @ (Architecture::Stfpm
-        | Architecture::ReverseDistillation
-        | Architecture::EfficientAd) => {
+        family => {
             return Err(TrainError::Invalid(format!(
                 "{} is not fitted on features (it is gradient-trained)",
                 family.name()

@@ -27,12 +27,12 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use inspectflow::backbone::ir::{IrGraph, Output, Reduction};
-use inspectflow::train::EpochReport;
+use inspectflow::train::{EpochReport, TrainingPhase};
 
 use super::TrainError;
 use super::layers::{Conv, ConvSpec, imagenet_normalise, imagenet_normalised, write_scored};
 use super::mobilenet::MobileNetFeatures;
-use super::training::{self, Outcome, Settings};
+use super::training::{self, Outcome, Settings, batches};
 
 /// Channels the teacher describes each patch with (MobileNetV2's 32 + 96).
 const FEATURE_CHANNELS: i64 = 128;
@@ -44,6 +44,8 @@ const AE_CHANNELS: i64 = 64;
 const HARD_SHARE: f64 = 0.001;
 /// Quantiles of the maps on validation images mapped to 0 and [`NORMALISED_HIGH`].
 const QUANTILES: (f64, f64) = (0.9, 0.995);
+/// Images per forward pass when measuring statistics and maps (no gradients).
+const EVALUATION_BATCH: i64 = 8;
 /// What the higher quantile maps to.
 const NORMALISED_HIGH: f64 = 0.1;
 
@@ -185,9 +187,8 @@ pub struct EfficientAd {
 fn channel_statistics(images: &Tensor, outputs: &dyn Fn(&Tensor) -> Tensor) -> (Tensor, Tensor) {
     tch::no_grad(|| {
         let (mut sum, mut squares, mut count) = (None::<Tensor>, None::<Tensor>, 0i64);
-        for start in (0..images.size()[0]).step_by(8) {
-            let length = 8.min(images.size()[0] - start);
-            let output = outputs(&images.narrow(0, start, length));
+        for batch in batches(images, EVALUATION_BATCH) {
+            let output = outputs(&batch);
             let positions = output.size()[0] * output.size()[2] * output.size()[3];
             let s = output.sum_dim_intlist([0, 2, 3].as_slice(), true, Kind::Double);
             let q = output.pow_tensor_scalar(2).sum_dim_intlist(
@@ -278,7 +279,7 @@ pub fn fit(
         images,
         validation,
         settings,
-        "distillation",
+        TrainingPhase::Distillation,
         &distillation_loss,
         progress,
     )?;
@@ -307,7 +308,13 @@ pub fn fit(
         hard + ae + st_ae
     };
     let outcome = training::train(
-        &store, images, validation, settings, "training", &loss, progress,
+        &store,
+        images,
+        validation,
+        settings,
+        TrainingPhase::Training,
+        &loss,
+        progress,
     )?;
 
     // 3. The maps' quantiles on images never trained on, when there are some.
@@ -339,8 +346,7 @@ impl EfficientAd {
         tch::no_grad(|| {
             let size = images.size()[2];
             let (mut st, mut ae) = (Vec::new(), Vec::new());
-            for start in (0..images.size()[0]).step_by(8) {
-                let batch = images.narrow(0, start, 8.min(images.size()[0] - start));
+            for batch in batches(images, EVALUATION_BATCH) {
                 let target =
                     (self.teacher.forward(&batch) - &self.teacher_mean) / &self.teacher_std;
                 let predicted = self.student.forward(&batch);

@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 use inspectflow::backbone::ir::{IrGraph, Output, Reduction};
 use inspectflow::backbone::layers::Weights;
 use inspectflow::backbone::{Backbone, mobilenet_v2, torch_legacy};
-use inspectflow::train::EpochReport;
+use inspectflow::train::{EpochReport, TrainingPhase};
 
 use super::TrainError;
 use super::layers::{Conv, ConvSpec, normalise_channels, normalised, write_scored};
@@ -139,7 +139,7 @@ pub fn fit(
         images,
         validation,
         settings,
-        "training",
+        TrainingPhase::Training,
         &loss,
         progress,
     )?;

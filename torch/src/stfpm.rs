@@ -22,7 +22,7 @@ use inspectflow::backbone::layers::Weights;
 use inspectflow::backbone::torch_legacy::{self, CheckpointTensor};
 use inspectflow::backbone::{Backbone, mobilenet_v2};
 
-use inspectflow::train::EpochReport;
+use inspectflow::train::{EpochReport, TrainingPhase};
 
 use super::TrainError;
 use super::layers::{normalise_channels, normalised, write_scored};
@@ -69,7 +69,13 @@ pub fn fit(
         d8.mean(Kind::Float) + d16.mean(Kind::Float)
     };
     let outcome = training::train(
-        &store, images, validation, settings, "training", &loss, progress,
+        &store,
+        images,
+        validation,
+        settings,
+        TrainingPhase::Training,
+        &loss,
+        progress,
     )?;
     Ok((Student { store, network }, outcome))
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
-use inspectflow::train::EpochReport;
+use inspectflow::train::{EpochReport, TrainingPhase};
 
 use super::TrainError;
 
@@ -45,7 +45,7 @@ pub fn train(
     images: &Tensor,
     validation: Option<&Tensor>,
     settings: &Settings,
-    phase: &str,
+    phase: TrainingPhase,
     loss: &dyn Fn(&Tensor, bool) -> Tensor,
     progress: &mut dyn FnMut(&EpochReport),
 ) -> Result<Outcome, TrainError> {
@@ -62,15 +62,11 @@ pub fn train(
     for epoch in 1..=settings.epochs {
         let order = Tensor::randperm(count, (Kind::Int64, images.device()));
         let (mut total, mut steps) = (0.0, 0);
-        let mut start = 0;
-        while start < count {
-            let length = batch.min(count - start);
-            let input = images.index_select(0, &order.narrow(0, start, length));
-            let value = loss(&input, true);
+        for indices in batches(&order, batch) {
+            let value = loss(&images.index_select(0, &indices), true);
             optimiser.backward_step(&value);
             total += value.double_value(&[]);
             steps += 1;
-            start += length;
         }
         let training_loss = total / f64::from(steps.max(1));
         if !training_loss.is_finite() {
@@ -82,7 +78,7 @@ pub fn train(
         epochs_run = epoch;
         let validation_loss = validation.map(|images| mean_loss(images, batch, loss));
         progress(&EpochReport {
-            phase: phase.to_string(),
+            phase,
             epoch,
             epochs: settings.epochs,
             loss: training_loss,
@@ -117,16 +113,20 @@ pub fn train(
 /// The mean of `loss` over `images` in evaluation mode, in batches of `batch`.
 fn mean_loss(images: &Tensor, batch: i64, loss: &dyn Fn(&Tensor, bool) -> Tensor) -> f64 {
     tch::no_grad(|| {
-        let count = images.size()[0];
-        let (mut total, mut start) = (0.0, 0);
-        while start < count {
-            let length = batch.min(count - start);
-            total +=
-                loss(&images.narrow(0, start, length), false).double_value(&[]) * length as f64;
-            start += length;
-        }
-        total / count.max(1) as f64
+        let total: f64 = batches(images, batch)
+            .map(|part| loss(&part, false).double_value(&[]) * part.size()[0] as f64)
+            .sum();
+        total / images.size()[0].max(1) as f64
     })
+}
+
+/// `tensor` along its first axis in consecutive parts of at most `size` (views, no copies).
+pub fn batches(tensor: &Tensor, size: i64) -> impl Iterator<Item = Tensor> + '_ {
+    let count = tensor.size()[0];
+    let size = size.max(1);
+    (0..count)
+        .step_by(size as usize)
+        .map(move |start| tensor.narrow(0, start, size.min(count - start)))
 }
 
 /// Copies of every variable of `store` (parameters and BatchNorm statistics).

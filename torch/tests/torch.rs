@@ -6,7 +6,7 @@
 //! generated set's anomalies.
 
 use inspectflow::backbone::Backbone;
-use inspectflow::train::{Architecture, EpochReport};
+use inspectflow::train::{Architecture, EpochReport, TrainingPhase};
 use inspectflow_torch::mobilenet as torch_mobilenet;
 use inspectflow_torch::{efficient_ad, reverse_distillation, stfpm, training};
 
@@ -253,7 +253,7 @@ fn training_stops_early_and_keeps_the_best_epochs_weights() {
         &images,
         Some(&images),
         &settings,
-        "training",
+        TrainingPhase::Training,
         &loss,
         &mut |report| {
             reports.push(report.clone());
