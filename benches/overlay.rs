@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use inspectflow::operators::packet::Prediction;
 use inspectflow::operators::transform::encode::{EncodeParams, JpegEncoder};
-use inspectflow::operators::transform::heatmap::{HeatmapParams, render};
+use inspectflow::operators::transform::heatmap::{HeatmapParams, OverlayRenderer};
 use inspectflow::operators::{BufferPool, CaptureTime, Frame, ImageLayout, PixelFormat, yuv};
 
 fn i420_1080p() -> Frame {
@@ -24,9 +24,10 @@ fn i420_1080p() -> Frame {
 
 fn prediction() -> Prediction {
     let pool = BufferPool::new(1);
-    let mut map = pool.get(1920 * 1080);
+    // The default PatchCore's map: 32x32 at the model's resolution, a ramp from left to right.
+    let mut map = pool.get(32 * 32);
     for (i, value) in map.iter_mut().enumerate() {
-        *value = (i % 1920) as f32 / 1919.0;
+        *value = (i % 32) as f32 / 31.0;
     }
     Prediction {
         raw_score: 1.0,
@@ -35,8 +36,8 @@ fn prediction() -> Prediction {
         anomalous: false,
         model: "bench".into(),
         map,
-        map_width: 1920,
-        map_height: 1080,
+        map_width: 32,
+        map_height: 32,
     }
 }
 
@@ -44,6 +45,7 @@ fn overlay(c: &mut Criterion) {
     let frame = i420_1080p();
     let prediction = prediction();
     let pool = BufferPool::new(8);
+    let mut renderer = OverlayRenderer::new(8);
     let params: HeatmapParams =
         serde_json::from_value(serde_json::json!({"alpha": 0.4})).expect("valid parameters");
     let mut encoder = JpegEncoder::new(
@@ -51,16 +53,24 @@ fn overlay(c: &mut Criterion) {
             .expect("valid parameters"),
     )
     .expect("starts");
-    let overlay_i420 = render(&frame, &prediction, &params, &pool).expect("renders");
+    let overlay_i420 = renderer
+        .render(&frame, &prediction, &params)
+        .expect("renders");
     let overlay_rgb = yuv::to_rgb_frame(&overlay_i420, &pool);
     let mut group = c.benchmark_group("overlay_1080p");
     group.bench_function("heatmap_in_i420_planes", |b| {
-        b.iter(|| black_box(render(black_box(&frame), &prediction, &params, &pool)))
+        b.iter(|| black_box(renderer.render(black_box(&frame), &prediction, &params)))
+    });
+    let plain: HeatmapParams =
+        serde_json::from_value(serde_json::json!({"alpha": 0.4, "outline": false, "label": false}))
+            .expect("valid parameters");
+    group.bench_function("heatmap_in_i420_planes_blend_only", |b| {
+        b.iter(|| black_box(renderer.render(black_box(&frame), &prediction, &plain)))
     });
     group.bench_function("heatmap_after_rgb_conversion", |b| {
         b.iter(|| {
             let rgb = yuv::to_rgb_frame(black_box(&frame), &pool);
-            black_box(render(&rgb, &prediction, &params, &pool))
+            black_box(renderer.render(&rgb, &prediction, &params))
         })
     });
     group.bench_function("jpeg_q95_from_i420_planes", |b| {

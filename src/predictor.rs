@@ -11,7 +11,7 @@ use crate::operators::infer::model::{CompileOptions, LoadedModel};
 use crate::operators::package::ModelPackage;
 use crate::operators::packet::{ModelOutput, Prediction};
 use crate::operators::transform::anomaly::AnomalyPostprocess;
-use crate::operators::transform::heatmap::{self, HeatmapParams};
+use crate::operators::transform::heatmap::{HeatmapParams, OverlayRenderer};
 use crate::operators::transform::preprocess::Preprocess;
 
 /// A compiled model package with its pre- and post-processing.
@@ -20,7 +20,7 @@ pub struct Predictor {
     preprocess: Preprocess,
     postprocess: AnomalyPostprocess,
     outputs: BufferPool<f32>,
-    overlays: BufferPool<u8>,
+    overlays: OverlayRenderer,
     frames: BufferPool<u8>,
 }
 
@@ -43,7 +43,7 @@ impl Predictor {
             preprocess,
             postprocess,
             outputs: BufferPool::new(8),
-            overlays: BufferPool::new(4),
+            overlays: OverlayRenderer::new(4),
             frames: BufferPool::new(4),
         })
     }
@@ -75,17 +75,19 @@ impl Predictor {
             })
             .collect();
         self.postprocess
-            .predict(&outputs, frame.layout.width, frame.layout.height)
+            .predict(&outputs)
             .map_err(|e| e.to_string())
     }
 
     /// `frame` with the heatmap, outline and label drawn over it.
-    pub fn overlay(&self, frame: &Frame, prediction: &Prediction) -> Result<Frame, String> {
+    pub fn overlay(&mut self, frame: &Frame, prediction: &Prediction) -> Result<Frame, String> {
         let params = HeatmapParams {
             alpha: 0.4,
             outline: true,
             label: true,
         };
-        heatmap::render(frame, prediction, &params, &self.overlays).map_err(|e| e.to_string())
+        self.overlays
+            .render(frame, prediction, &params)
+            .map_err(|e| e.to_string())
     }
 }

@@ -22,6 +22,7 @@ pub mod contract;
 pub mod decode;
 pub mod files;
 pub mod infer;
+pub mod map_upsample;
 pub mod package;
 pub mod packet;
 pub mod params;

@@ -250,11 +250,12 @@ pub struct Prediction {
     pub anomalous: bool,
     /// Which model decided: the model package's id (its directory name).
     pub model: Arc<str>,
-    /// Normalised anomaly map in [0, 1] at the frame's resolution, row-major.
+    /// Normalised anomaly map in [0, 1] (0.5 at the pixel threshold) at the
+    /// model's output resolution, row-major; [`crate::map_upsample`] gives it at a frame's size.
     pub map: PooledBuffer<f32>,
-    /// Map width (the frame's).
+    /// Map width (the model's).
     pub map_width: u32,
-    /// Map height (the frame's).
+    /// Map height (the model's).
     pub map_height: u32,
 }
 

@@ -417,11 +417,17 @@ async fn predict(
             .overlay(&frame, &prediction)
             .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         let internal = |e: String| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e);
-        let map: Vec<u8> = prediction
-            .map
-            .iter()
-            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-            .collect();
+        let (width, height) = (frame.layout.width, frame.layout.height);
+        let map: Vec<u8> = crate::operators::map_upsample::upsample(
+            &prediction.map,
+            prediction.map_width as usize,
+            prediction.map_height as usize,
+            width as usize,
+            height as usize,
+        )
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
         let base64 = base64::engine::general_purpose::STANDARD;
         Ok(PredictAnswer {
             model_id,
@@ -429,10 +435,7 @@ async fn predict(
             raw_score: prediction.raw_score,
             threshold: prediction.threshold,
             label: prediction.label().as_str(),
-            anomaly_map: base64.encode(
-                encode_png_gray(&map, prediction.map_width, prediction.map_height)
-                    .map_err(internal)?,
-            ),
+            anomaly_map: base64.encode(encode_png_gray(&map, width, height).map_err(internal)?),
             image_with_predictions: base64.encode(encode_jpeg(&overlay).map_err(internal)?),
             width: frame.layout.width,
             height: frame.layout.height,

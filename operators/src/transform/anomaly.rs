@@ -1,12 +1,11 @@
 //! `anomaly`: from a model's raw outputs to a verdict. Takes the image score (`pred_score`) and
 //! the anomaly map (`anomaly_map`), normalises both with the model package's statistics so that
-//! the threshold sits at 0.5, labels the frame, and resizes the map to the frame's resolution.
+//! the threshold sits at 0.5 and labels the frame. The map stays at the model's resolution: the
+//! heatmap resizes it to the frame row by row as it draws.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use serde::Deserialize;
 
 use crate::contract::{
@@ -52,8 +51,6 @@ pub struct AnomalyPostprocess {
     model: Arc<str>,
     normalization: Normalization,
     threshold: f32,
-    resizer: Resizer,
-    normalised: Vec<f32>,
     pool: BufferPool<f32>,
     smoothing: Option<GaussianBlur>,
 }
@@ -127,20 +124,14 @@ impl AnomalyPostprocess {
             model: Arc::from(model),
             normalization,
             threshold,
-            resizer: Resizer::new(),
-            normalised: Vec::new(),
             pool: BufferPool::new(32),
             smoothing: (smoothing_sigma > 0.0).then(|| GaussianBlur::new(smoothing_sigma)),
         }
     }
 
-    /// The verdict for raw outputs, with the map resized to `width` x `height`.
-    pub fn predict(
-        &mut self,
-        outputs: &[ModelOutput],
-        width: u32,
-        height: u32,
-    ) -> Result<Prediction, OpError> {
+    /// The verdict for raw outputs. The normalised map stays at the model's resolution (see
+    /// [`crate::map_upsample`] for it at a frame's size).
+    pub fn predict(&mut self, outputs: &[ModelOutput]) -> Result<Prediction, OpError> {
         let find = |name: &str| outputs.iter().find(|o| o.name == name);
         let map = find("anomaly_map").ok_or_else(|| {
             OpError::UnsupportedInput(
@@ -152,49 +143,24 @@ impl AnomalyPostprocess {
             None => map.values.iter().copied().fold(f32::MIN, f32::max),
         };
         let (map_height, map_width) = match map.shape.as_slice() {
-            [.., h, w] => (*h as u32, *w as u32),
+            [.., h, w] if *h > 0 && *w > 0 && h * w <= map.values.len() => (*h, *w),
             _ => {
                 return Err(OpError::UnsupportedInput(format!(
-                    "anomaly_map has shape {:?}",
-                    map.shape
+                    "anomaly_map has shape {:?} and {} values",
+                    map.shape,
+                    map.values.len()
                 )));
             }
         };
-        self.normalised.clear();
-        self.normalised.extend_from_slice(&map.values);
+        let mut normalised = self.pool.get(map_width * map_height);
+        normalised.copy_from_slice(&map.values[..map_width * map_height]);
         if let Some(blur) = &mut self.smoothing {
-            blur.apply(
-                &mut self.normalised,
-                map_width as usize,
-                map_height as usize,
-            );
+            blur.apply(&mut normalised, map_width, map_height);
         }
         let normalization = self.normalization;
-        self.normalised
+        normalised
             .iter_mut()
             .for_each(|v| *v = normalization.apply_map(*v));
-        let mut resized = self.pool.get(width as usize * height as usize);
-        if (map_width, map_height) == (width, height) {
-            resized.copy_from_slice(&self.normalised);
-        } else {
-            let source = ImageRef::new(
-                map_width,
-                map_height,
-                bytes_of(&self.normalised),
-                PixelType::F32,
-            )
-            .map_err(|e| OpError::Failed(format!("anomaly map: {e}")))?;
-            let mut target =
-                Image::from_slice_u8(width, height, bytes_of_mut(&mut resized), PixelType::F32)
-                    .map_err(|e| OpError::Failed(format!("anomaly map: {e}")))?;
-            self.resizer
-                .resize(
-                    &source,
-                    &mut target,
-                    &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
-                )
-                .map_err(|e| OpError::Failed(format!("resizing the anomaly map: {e}")))?;
-        }
         let score = self.normalization.apply(raw_score);
         Ok(Prediction {
             raw_score,
@@ -202,27 +168,10 @@ impl AnomalyPostprocess {
             threshold: self.threshold,
             anomalous: score >= self.threshold,
             model: Arc::clone(&self.model),
-            map: resized,
-            map_width: width,
-            map_height: height,
+            map: normalised,
+            map_width: map_width as u32,
+            map_height: map_height as u32,
         })
-    }
-}
-
-fn bytes_of(values: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact.
-    unsafe {
-        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
-    }
-}
-
-fn bytes_of_mut(values: &mut [f32]) -> &mut [u8] {
-    // SAFETY: as above; any byte pattern written is a valid f32.
-    unsafe {
-        std::slice::from_raw_parts_mut(
-            values.as_mut_ptr().cast::<u8>(),
-            std::mem::size_of_val(values),
-        )
     }
 }
 
@@ -255,12 +204,7 @@ impl Transform for Anomaly {
                 "packet has no model outputs: put `infer.openvino` before `anomaly`".into(),
             )
         })?;
-        let layout = packet.frame.layout;
-        packet.prediction = Some(Arc::new(self.postprocess.predict(
-            &outputs,
-            layout.width,
-            layout.height,
-        )?));
+        packet.prediction = Some(Arc::new(self.postprocess.predict(&outputs)?));
         out.emit(0, packet);
         Ok(())
     }
@@ -304,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn labels_by_the_normalised_score_and_resizes_the_map_to_the_frame() {
+    fn labels_by_the_normalised_score_and_keeps_the_map_at_the_models_size() {
         let normalization = Normalization {
             threshold: 10.0,
             min: 0.0,
@@ -314,14 +258,16 @@ mod tests {
         let mut postprocess = AnomalyPostprocess::new("test-model", normalization, 0.5, 0.0);
         let map = output("anomaly_map", vec![1, 1, 2, 2], &[0.0, 10.0, 10.0, 20.0]);
         let score = output("pred_score", vec![1], &[16.0]);
-        let prediction = postprocess.predict(&[map, score], 4, 4).expect("predicts");
+        let prediction = postprocess.predict(&[map, score]).expect("predicts");
         assert!((prediction.score - 0.8).abs() < 1e-6);
         assert!(prediction.anomalous);
-        assert_eq!(prediction.map.len(), 16);
-        assert!(
-            prediction.map[0] < prediction.map[15],
-            "the hot corner stays hot after resizing"
-        );
+        assert_eq!((prediction.map_width, prediction.map_height), (2, 2));
+        assert_eq!(&prediction.map[..], &[0.0, 0.5, 0.5, 1.0]);
+        let short = output("anomaly_map", vec![1, 1, 4, 4], &[0.0; 8]);
+        let Err(error) = postprocess.predict(&[short]) else {
+            panic!("a map shorter than its shape was accepted");
+        };
+        assert!(error.to_string().contains("[1, 1, 4, 4]"), "{error}");
     }
 
     #[test]

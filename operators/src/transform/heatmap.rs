@@ -15,8 +15,9 @@ use serde::Deserialize;
 use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
+use crate::map_upsample::MapRows;
 use crate::packet::{Frame, ImageLayout, Packet, PixelFormat, Prediction};
-use crate::pool::BufferPool;
+use crate::pool::{BufferPool, PooledBuffer};
 use crate::registry::{OperatorDescriptor, ParamError};
 use crate::yuv;
 
@@ -69,7 +70,7 @@ pub fn descriptor() -> OperatorDescriptor {
     .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(Heatmap {
             params,
-            pool: BufferPool::new(32),
+            renderer: OverlayRenderer::new(16),
         })))
     })
 }
@@ -77,7 +78,7 @@ pub fn descriptor() -> OperatorDescriptor {
 /// The running operator.
 pub struct Heatmap {
     params: HeatmapParams,
-    pool: BufferPool<u8>,
+    renderer: OverlayRenderer,
 }
 
 impl Transform for Heatmap {
@@ -87,12 +88,10 @@ impl Transform for Heatmap {
                 "packet has no prediction: put `anomaly` before `heatmap`".into(),
             )
         })?;
-        packet.overlay = Some(render(
-            &packet.frame,
-            &prediction,
-            &self.params,
-            &self.pool,
-        )?);
+        packet.overlay = Some(
+            self.renderer
+                .render(&packet.frame, &prediction, &self.params)?,
+        );
         out.emit(0, packet);
         Ok(())
     }
@@ -107,8 +106,17 @@ pub fn jet(value: f32) -> [u8; 3] {
 
 /// The map value as a colour table index (0-255).
 #[inline(always)]
-fn level_index(value: f32) -> usize {
-    (value.clamp(0.0, 1.0) * 255.0) as usize
+fn level_index(value: f32) -> u8 {
+    // Through i32: the conversion vectorises, and NaN gives 0.
+    (value.clamp(0.0, 1.0) * 255.0) as i32 as u8
+}
+
+/// Colour table indices of a row of map values; returns the highest.
+fn levels_of(values: &[f32], levels: &mut [u8]) -> u8 {
+    for (level, value) in levels.iter_mut().zip(values) {
+        *level = level_index(*value);
+    }
+    levels.iter().copied().max().unwrap_or(0)
 }
 
 /// The blend weight of the colour map, in 1/256.
@@ -134,103 +142,196 @@ fn label_of(prediction: &Prediction) -> (String, [u8; 3]) {
     )
 }
 
-/// Calls `mark(x, y)` for every pixel on the edge of the region whose map value reaches the
-/// threshold.
-fn outline(
-    prediction: &Prediction,
-    width: usize,
-    height: usize,
-    mut mark: impl FnMut(usize, usize),
-) {
-    let above = |x: usize, y: usize| prediction.map[y * width + x] >= prediction.threshold;
-    for y in 1..height.saturating_sub(1) {
-        for x in 1..width.saturating_sub(1) {
-            if above(x, y)
-                && (!above(x - 1, y) || !above(x + 1, y) || !above(x, y - 1) || !above(x, y + 1))
-            {
-                mark(x, y);
-            }
-        }
-    }
+/// Whether `x` of row `current` is on the edge of the region whose map value reaches
+/// `threshold` (it does, and a 4-neighbour does not). Border pixels are never on it.
+#[inline(always)]
+fn on_outline(rows: &MapWindow, x: usize, threshold: f32) -> bool {
+    let MapWindow {
+        previous,
+        current,
+        next,
+        ..
+    } = rows;
+    x > 0
+        && x + 1 < current.len()
+        && current[x] >= threshold
+        && (current[x - 1] < threshold
+            || current[x + 1] < threshold
+            || previous[x] < threshold
+            || next[x] < threshold)
 }
 
-/// Draws the overlay for `frame` as a new frame from `pool`: I420 for I420 frames, RGB for the
-/// others.
-pub fn render(
-    frame: &Frame,
-    prediction: &Prediction,
-    params: &HeatmapParams,
-    pool: &BufferPool<u8>,
-) -> Result<Frame, OpError> {
-    let source = frame.layout;
-    if (prediction.map_width, prediction.map_height) != (source.width, source.height) {
-        return Err(OpError::UnsupportedInput(format!(
-            "anomaly map is {}x{} but the frame is {}x{}",
-            prediction.map_width, prediction.map_height, source.width, source.height
-        )));
-    }
-    if let Some(planes) = yuv::Planes::of(frame) {
-        return Ok(render_i420(frame, &planes, prediction, params, pool));
-    }
-    let layout = ImageLayout::packed(source.width, source.height, PixelFormat::Rgb);
-    let mut pixels = pool.get(layout.byte_len());
-    let (width, height) = (source.width as usize, source.height as usize);
-    // Integer blend through a 256-entry table of pre-weighted colours: no float work per pixel.
-    let weight = map_weight(params.alpha);
-    let keep = 256 - weight;
-    let mut colours = [[0u32; 3]; 256];
-    for (level, colour) in colours.iter_mut().enumerate() {
-        let rgb = jet(level as f32 / 255.0);
-        *colour = [
-            u32::from(rgb[0]) * weight,
-            u32::from(rgb[1]) * weight,
-            u32::from(rgb[2]) * weight,
-        ];
-    }
-    let blend = |rgb: [u8; 3], level: f32, target: &mut [u8]| {
-        let colour = &colours[level_index(level)];
-        for c in 0..3 {
-            target[c] = ((u32::from(rgb[c]) * keep + colour[c]) >> 8) as u8;
+/// Rows `y - 1`, `y` and `y + 1` of the anomaly map at the frame's size (the outline looks at
+/// a pixel's neighbours). At the first and last row the missing neighbour is the row itself.
+struct MapWindow<'a> {
+    previous: &'a [f32],
+    current: &'a [f32],
+    next: &'a [f32],
+    /// The current row as colour table indices.
+    levels: &'a [u8],
+    /// The columns of the current row whose level reaches the threshold's, first to last
+    /// (empty when none does): only they can be on the outline.
+    at_or_above: std::ops::Range<usize>,
+}
+
+/// Draws overlays. Keeps its output pool and its scratch rows from frame to frame, so drawing
+/// allocates nothing in steady state.
+pub struct OverlayRenderer {
+    pool: BufferPool<u8>,
+    map_rows: MapRows,
+    /// Three rows of the map at the frame's width, rotated as the rows advance.
+    window: [Vec<f32>; 3],
+    /// The current row's colour table indices.
+    levels: Vec<u8>,
+}
+
+impl OverlayRenderer {
+    /// A renderer whose overlays come from a pool keeping at most `pooled` idle buffers.
+    pub fn new(pooled: usize) -> Self {
+        Self {
+            pool: BufferPool::new(pooled),
+            map_rows: MapRows::default(),
+            window: Default::default(),
+            levels: Vec::new(),
         }
-    };
-    let channels = source.format.channels();
-    for y in 0..height {
-        let map_row = &prediction.map[y * width..(y + 1) * width];
-        let out_row = &mut pixels[y * width * 3..(y + 1) * width * 3];
-        let row = &frame.pixels()[y * source.stride..y * source.stride + width * channels];
-        for ((p, level), target) in row
-            .chunks_exact(channels)
-            .zip(map_row)
-            .zip(out_row.chunks_exact_mut(3))
-        {
-            let rgb = match source.format {
-                PixelFormat::Rgb => [p[0], p[1], p[2]],
-                PixelFormat::Bgr => [p[2], p[1], p[0]],
-                PixelFormat::Gray | PixelFormat::I420 => [p[0], p[0], p[0]],
+    }
+
+    /// Draws the overlay for `frame` as a new frame from the pool: I420 for I420 frames, RGB
+    /// for the others. The map is resized to the frame row by row as the blend needs it.
+    pub fn render(
+        &mut self,
+        frame: &Frame,
+        prediction: &Prediction,
+        params: &HeatmapParams,
+    ) -> Result<Frame, OpError> {
+        let (map_width, map_height) = (
+            prediction.map_width as usize,
+            prediction.map_height as usize,
+        );
+        if map_width == 0 || map_height == 0 || prediction.map.len() < map_width * map_height {
+            return Err(OpError::UnsupportedInput(format!(
+                "anomaly map of {map_width}x{map_height} holds {} values",
+                prediction.map.len()
+            )));
+        }
+        let (width, height) = (frame.layout.width as usize, frame.layout.height as usize);
+        self.map_rows.prepare(map_width, map_height, width, height);
+        for row in &mut self.window {
+            row.resize(width, 0.0);
+        }
+        self.levels.resize(width, 0);
+        let pixels = match yuv::Planes::of(frame) {
+            Some(planes) => self.blend_i420(&planes, width, height, prediction, params),
+            None => self.blend_packed(frame, prediction, params),
+        };
+        let format = match frame.layout.format {
+            PixelFormat::I420 => PixelFormat::I420,
+            _ => PixelFormat::Rgb,
+        };
+        Ok(Frame::new(
+            pixels,
+            ImageLayout::packed(frame.layout.width, frame.layout.height, format),
+            Arc::clone(&frame.stream_id),
+            frame.sequence,
+            frame.capture,
+        ))
+    }
+
+    /// Calls `visit(y, rows)` for each row of the map at the frame's size, in order.
+    fn for_each_row(
+        &mut self,
+        map: &[f32],
+        height: usize,
+        threshold: f32,
+        mut visit: impl FnMut(usize, &MapWindow),
+    ) {
+        let [previous, current, next] = &mut self.window;
+        let threshold_level = level_index(threshold);
+        self.map_rows.row(map, 0, current);
+        for y in 0..height {
+            if y + 1 < height {
+                self.map_rows.row(map, y + 1, next);
+            }
+            let highest = levels_of(current, &mut self.levels);
+            let at_or_above = if highest >= threshold_level {
+                let reaches = |level: &u8| *level >= threshold_level;
+                let first = self.levels.iter().position(reaches).unwrap_or(0);
+                let last = self.levels.iter().rposition(reaches).unwrap_or(0);
+                first..last + 1
+            } else {
+                0..0
             };
-            blend(rgb, *level, target);
+            let rows = MapWindow {
+                previous: if y == 0 { current } else { previous },
+                current,
+                next: if y + 1 < height { next } else { current },
+                levels: &self.levels,
+                at_or_above,
+            };
+            visit(y, &rows);
+            // The current row becomes the previous one and the next the current one; the old
+            // previous row's memory takes the next row.
+            std::mem::swap(previous, current);
+            std::mem::swap(current, next);
         }
     }
-    let pixel = |x: usize, y: usize| (y * width + x) * 3..(y * width + x) * 3 + 3;
-    if params.outline {
-        outline(prediction, width, height, |x, y| {
-            pixels[pixel(x, y)].copy_from_slice(&[255, 255, 255]);
+
+    /// The RGB overlay of an RGB, BGR or grey frame.
+    fn blend_packed(
+        &mut self,
+        frame: &Frame,
+        prediction: &Prediction,
+        params: &HeatmapParams,
+    ) -> PooledBuffer<u8> {
+        let source = frame.layout;
+        let (width, height) = (source.width as usize, source.height as usize);
+        let mut pixels = self.pool.get(width * height * 3);
+        // Integer blend through a 256-entry table of pre-weighted colours: no float work per
+        // pixel beyond the map value's table index.
+        let weight = map_weight(params.alpha);
+        let keep = 256 - weight;
+        let mut colours = [[0u32; 3]; 256];
+        for (level, colour) in colours.iter_mut().enumerate() {
+            *colour = jet(level as f32 / 255.0).map(|c| u32::from(c) * weight);
+        }
+        let channels = source.format.channels();
+        let threshold = prediction.threshold;
+        self.for_each_row(&prediction.map, height, threshold, |y, rows| {
+            let out_row = &mut pixels[y * width * 3..(y + 1) * width * 3];
+            let row = &frame.pixels()[y * source.stride..y * source.stride + width * channels];
+            for ((p, level), target) in row
+                .chunks_exact(channels)
+                .zip(rows.levels)
+                .zip(out_row.chunks_exact_mut(3))
+            {
+                let rgb = match source.format {
+                    PixelFormat::Rgb => [p[0], p[1], p[2]],
+                    PixelFormat::Bgr => [p[2], p[1], p[0]],
+                    PixelFormat::Gray | PixelFormat::I420 => [p[0], p[0], p[0]],
+                };
+                let colour = &colours[usize::from(*level)];
+                for c in 0..3 {
+                    target[c] = ((u32::from(rgb[c]) * keep + colour[c]) >> 8) as u8;
+                }
+            }
+            if params.outline {
+                for x in rows.at_or_above.clone() {
+                    if on_outline(rows, x, threshold) {
+                        out_row[x * 3..x * 3 + 3].copy_from_slice(&[255, 255, 255]);
+                    }
+                }
+            }
         });
+        if params.label {
+            let pixel = |x: usize, y: usize| (y * width + x) * 3..(y * width + x) * 3 + 3;
+            let (text, colour) = label_of(prediction);
+            draw_text(width, height, &text, |x, y, paint| match paint {
+                Paint::Shade => pixels[pixel(x, y)].iter_mut().for_each(|v| *v /= 4),
+                Paint::Ink => pixels[pixel(x, y)].copy_from_slice(&colour),
+            });
+        }
+        pixels
     }
-    if params.label {
-        let (text, colour) = label_of(prediction);
-        draw_text(width, height, &text, |x, y, paint| match paint {
-            Paint::Shade => pixels[pixel(x, y)].iter_mut().for_each(|v| *v /= 4),
-            Paint::Ink => pixels[pixel(x, y)].copy_from_slice(&colour),
-        });
-    }
-    Ok(Frame::new(
-        pixels,
-        layout,
-        Arc::clone(&frame.stream_id),
-        frame.sequence,
-        frame.capture,
-    ))
 }
 
 /// 5x7 glyphs (one byte per row, low 5 bits, leftmost pixel in bit 4) for the characters labels use.
@@ -303,98 +404,99 @@ fn draw_text(width: usize, height: usize, text: &str, mut paint: impl FnMut(usiz
     }
 }
 
-/// The overlay of an I420 frame, blended plane by plane into a new I420 frame: luma per pixel,
-/// chroma per 2x2 block (with the map value of the block's top-left pixel).
-fn render_i420(
-    frame: &Frame,
-    planes: &yuv::Planes,
-    prediction: &Prediction,
-    params: &HeatmapParams,
-    pool: &BufferPool<u8>,
-) -> Frame {
-    let source = frame.layout;
-    let (width, height) = (source.width as usize, source.height as usize);
-    let layout = ImageLayout::packed(source.width, source.height, PixelFormat::I420);
-    let (chroma_width, chroma_height) = layout.chroma_size();
-    let matrix = yuv::matrix_for_height(source.height);
-    let weight = map_weight(params.alpha);
-    let keep = 256 - weight;
-    // The colour map in YUV, pre-weighted, one table per plane.
-    let mut tables = [[0u32; 256]; 3];
-    for level in 0..256 {
-        let colour = matrix.to_yuv(jet(level as f32 / 255.0));
-        for (table, value) in tables.iter_mut().zip(colour) {
-            table[level] = u32::from(value) * weight;
+impl OverlayRenderer {
+    /// The overlay of an I420 frame, blended plane by plane into new I420 planes: luma per
+    /// pixel, chroma per 2x2 block (with the map value of the block's top-left pixel).
+    fn blend_i420(
+        &mut self,
+        planes: &yuv::Planes,
+        width: usize,
+        height: usize,
+        prediction: &Prediction,
+        params: &HeatmapParams,
+    ) -> PooledBuffer<u8> {
+        let layout = ImageLayout::packed(width as u32, height as u32, PixelFormat::I420);
+        let (chroma_width, chroma_height) = layout.chroma_size();
+        let matrix = yuv::matrix_for_height(height as u32);
+        let weight = map_weight(params.alpha);
+        let keep = 256 - weight;
+        // The colour map in YUV, pre-weighted, one table per plane.
+        let mut tables = [[0u32; 256]; 3];
+        for level in 0..256 {
+            let colour = matrix.to_yuv(jet(level as f32 / 255.0));
+            for (table, value) in tables.iter_mut().zip(colour) {
+                table[level] = u32::from(value) * weight;
+            }
         }
-    }
-    let mut pixels = pool.get(layout.byte_len());
-    let (luma, chroma) = pixels.split_at_mut(width * height);
-    let (u_out, v_out) = chroma.split_at_mut(chroma_width * chroma_height);
-    let mix = |value: u8, weighted: u32| ((u32::from(value) * keep + weighted) >> 8) as u8;
-    for y in 0..height {
-        let map_row = &prediction.map[y * width..(y + 1) * width];
-        let in_row = &planes.y[y * planes.y_stride..y * planes.y_stride + width];
-        let out_row = &mut luma[y * width..(y + 1) * width];
-        for ((target, value), level) in out_row.iter_mut().zip(in_row).zip(map_row) {
-            *target = mix(*value, tables[0][level_index(*level)]);
-        }
-    }
-    for cy in 0..chroma_height {
-        let map_row = &prediction.map[(2 * cy) * width..(2 * cy + 1) * width];
-        let row = cy * chroma_width..(cy + 1) * chroma_width;
-        for (cx, ((u_target, v_target), (u, v))) in u_out[row.clone()]
-            .iter_mut()
-            .zip(&mut v_out[row.clone()])
-            .zip(planes.u[row.clone()].iter().zip(&planes.v[row]))
-            .enumerate()
-        {
-            let level = level_index(map_row[2 * cx]);
-            *u_target = mix(*u, tables[1][level]);
-            *v_target = mix(*v, tables[2][level]);
-        }
-    }
-    let chroma_at = |x: usize, y: usize| (y / 2) * chroma_width + x / 2;
-    if params.outline {
         let [white_y, white_u, white_v] = matrix.to_yuv([255, 255, 255]);
-        outline(prediction, width, height, |x, y| {
-            luma[y * width + x] = white_y;
-            u_out[chroma_at(x, y)] = white_u;
-            v_out[chroma_at(x, y)] = white_v;
-        });
-    }
-    if params.label {
-        let (text, colour) = label_of(prediction);
-        let [ink_y, ink_u, ink_v] = matrix.to_yuv(colour);
-        draw_text(width, height, &text, |x, y, paint| {
-            let chroma = chroma_at(x, y);
-            // Chroma is shared by a 2x2 block: shade it once, from the block's top-left pixel.
-            let block_origin = x % 2 == 0 && y % 2 == 0;
-            match paint {
-                Paint::Shade => {
-                    let shaded = &mut luma[y * width + x];
-                    *shaded = 16 + shaded.saturating_sub(16) / 4;
-                    if block_origin {
-                        for plane in [&mut *u_out, &mut *v_out] {
-                            let c = i32::from(plane[chroma]);
-                            plane[chroma] = (128 + (c - 128) / 4) as u8;
-                        }
-                    }
+        let mut pixels = self.pool.get(layout.byte_len());
+        let (luma, chroma) = pixels.split_at_mut(width * height);
+        let (u_out, v_out) = chroma.split_at_mut(chroma_width * chroma_height);
+        let mix = |value: u8, weighted: u32| ((u32::from(value) * keep + weighted) >> 8) as u8;
+        let threshold = prediction.threshold;
+        self.for_each_row(&prediction.map, height, threshold, |y, rows| {
+            let in_row = &planes.y[y * planes.y_stride..y * planes.y_stride + width];
+            let out_row = &mut luma[y * width..(y + 1) * width];
+            for ((target, value), level) in out_row.iter_mut().zip(in_row).zip(rows.levels) {
+                *target = mix(*value, tables[0][usize::from(*level)]);
+            }
+            let chroma_row = (y / 2) * chroma_width..(y / 2 + 1) * chroma_width;
+            if y % 2 == 0 {
+                let levels = rows.levels.iter().step_by(2);
+                for (((u_target, v_target), (u, v)), level) in u_out[chroma_row.clone()]
+                    .iter_mut()
+                    .zip(&mut v_out[chroma_row.clone()])
+                    .zip(
+                        planes.u[chroma_row.clone()]
+                            .iter()
+                            .zip(&planes.v[chroma_row.clone()]),
+                    )
+                    .zip(levels)
+                {
+                    let level = usize::from(*level);
+                    *u_target = mix(*u, tables[1][level]);
+                    *v_target = mix(*v, tables[2][level]);
                 }
-                Paint::Ink => {
-                    luma[y * width + x] = ink_y;
-                    u_out[chroma] = ink_u;
-                    v_out[chroma] = ink_v;
+            }
+            if params.outline {
+                for x in rows.at_or_above.clone() {
+                    if on_outline(rows, x, threshold) {
+                        out_row[x] = white_y;
+                        u_out[chroma_row.start + x / 2] = white_u;
+                        v_out[chroma_row.start + x / 2] = white_v;
+                    }
                 }
             }
         });
+        if params.label {
+            let chroma_at = |x: usize, y: usize| (y / 2) * chroma_width + x / 2;
+            let (text, colour) = label_of(prediction);
+            let [ink_y, ink_u, ink_v] = matrix.to_yuv(colour);
+            draw_text(width, height, &text, |x, y, paint| {
+                let chroma = chroma_at(x, y);
+                // Chroma is shared by a 2x2 block: shade it once, from the block's top-left pixel.
+                let block_origin = x % 2 == 0 && y % 2 == 0;
+                match paint {
+                    Paint::Shade => {
+                        let shaded = &mut luma[y * width + x];
+                        *shaded = 16 + shaded.saturating_sub(16) / 4;
+                        if block_origin {
+                            for plane in [&mut *u_out, &mut *v_out] {
+                                let c = i32::from(plane[chroma]);
+                                plane[chroma] = (128 + (c - 128) / 4) as u8;
+                            }
+                        }
+                    }
+                    Paint::Ink => {
+                        luma[y * width + x] = ink_y;
+                        u_out[chroma] = ink_u;
+                        v_out[chroma] = ink_v;
+                    }
+                }
+            });
+        }
+        pixels
     }
-    Frame::new(
-        pixels,
-        layout,
-        Arc::clone(&frame.stream_id),
-        frame.sequence,
-        frame.capture,
-    )
 }
 
 #[cfg(test)]
@@ -434,6 +536,7 @@ mod tests {
     #[test]
     fn i420_frames_get_an_i420_overlay_that_looks_like_the_rgb_one() {
         let pool = BufferPool::new(4);
+        let mut renderer = OverlayRenderer::new(4);
         for height in [48u32, 720] {
             let width = 64;
             let frame = crate::yuv::tests::uniform_i420(width, height, [120, 100, 170]);
@@ -443,11 +546,15 @@ mod tests {
                 outline: false,
                 label: false,
             };
-            let overlay = render(&frame, &prediction, &params, &pool).expect("renders");
+            let overlay = renderer
+                .render(&frame, &prediction, &params)
+                .expect("renders");
             assert_eq!(overlay.layout.format, PixelFormat::I420);
             let from_planes = crate::yuv::to_rgb_frame(&overlay, &pool);
             let rgb_frame = crate::yuv::to_rgb_frame(&frame, &pool);
-            let from_rgb = render(&rgb_frame, &prediction, &params, &pool).expect("renders");
+            let from_rgb = renderer
+                .render(&rgb_frame, &prediction, &params)
+                .expect("renders");
             assert_eq!(from_rgb.layout.format, PixelFormat::Rgb);
             // Chroma is blended per 2x2 block, so compare even columns (the block's own map value).
             for y in 0..height as usize {
@@ -464,28 +571,28 @@ mod tests {
         // The outline and label are drawn too.
         let frame = crate::yuv::tests::uniform_i420(64, 480, [120, 128, 128]);
         let prediction = ramp_prediction(64, 480);
-        let plain = render(
-            &frame,
-            &prediction,
-            &HeatmapParams {
-                alpha: 0.4,
-                outline: false,
-                label: false,
-            },
-            &pool,
-        )
-        .expect("renders");
-        let decorated = render(
-            &frame,
-            &prediction,
-            &HeatmapParams {
-                alpha: 0.4,
-                outline: true,
-                label: true,
-            },
-            &pool,
-        )
-        .expect("renders");
+        let plain = renderer
+            .render(
+                &frame,
+                &prediction,
+                &HeatmapParams {
+                    alpha: 0.4,
+                    outline: false,
+                    label: false,
+                },
+            )
+            .expect("renders");
+        let decorated = renderer
+            .render(
+                &frame,
+                &prediction,
+                &HeatmapParams {
+                    alpha: 0.4,
+                    outline: true,
+                    label: true,
+                },
+            )
+            .expect("renders");
         let differing = plain
             .pixels()
             .iter()
@@ -493,5 +600,76 @@ mod tests {
             .filter(|(a, b)| a != b)
             .count();
         assert!(differing > 100, "{differing} bytes differ");
+    }
+
+    /// A `width` x `height` map with one hot square in the middle of a cold field.
+    fn hot_square(width: u32, height: u32) -> Prediction {
+        let pool = BufferPool::new(1);
+        let mut map = pool.get((width * height) as usize);
+        for (index, value) in map.iter_mut().enumerate() {
+            let (x, y) = (index as u32 % width, index as u32 / width);
+            let inside = (width / 4..3 * width / 4).contains(&x)
+                && (height / 4..3 * height / 4).contains(&y);
+            *value = if inside { 0.9 } else { 0.1 };
+        }
+        Prediction {
+            map,
+            map_width: width,
+            map_height: height,
+            ..ramp_prediction(2, 1)
+        }
+    }
+
+    #[test]
+    fn a_model_sized_map_draws_the_same_as_the_map_resized_to_the_frame_first() {
+        let mut renderer = OverlayRenderer::new(4);
+        let params = HeatmapParams {
+            alpha: 0.5,
+            outline: true,
+            label: false,
+        };
+        let small = hot_square(8, 8);
+        let full = crate::map_upsample::upsample(&small.map, 8, 8, 96, 64);
+        let pool = BufferPool::new(1);
+        let mut map = pool.get(full.len());
+        map.copy_from_slice(&full);
+        let resized = Prediction {
+            map,
+            map_width: 96,
+            map_height: 64,
+            ..hot_square(8, 8)
+        };
+        for frame in [
+            crate::yuv::tests::uniform_i420(96, 64, [120, 100, 170]),
+            crate::yuv::to_rgb_frame(
+                &crate::yuv::tests::uniform_i420(96, 64, [120, 100, 170]),
+                &BufferPool::new(1),
+            ),
+        ] {
+            let from_small = renderer.render(&frame, &small, &params).expect("renders");
+            let from_full = renderer.render(&frame, &resized, &params).expect("renders");
+            assert_eq!(from_small.layout, from_full.layout);
+            assert!(from_small.pixels() == from_full.pixels());
+            // The outline is there: white luma (or white RGB) where the square's edge is.
+            let white = from_small.pixels().iter().filter(|v| **v >= 235).count();
+            assert!(white > 100, "{white} white bytes");
+        }
+    }
+
+    #[test]
+    fn a_map_without_values_is_refused_not_drawn() {
+        let mut renderer = OverlayRenderer::new(1);
+        let frame = crate::yuv::tests::uniform_i420(16, 16, [120, 128, 128]);
+        let mut empty = hot_square(4, 4);
+        empty.map_width = 5;
+        let params = HeatmapParams {
+            alpha: 0.4,
+            outline: true,
+            label: true,
+        };
+        let Err(error) = renderer.render(&frame, &empty, &params) else {
+            panic!("a map shorter than its size was drawn");
+        };
+        assert!(error.to_string().contains("5x4"), "{error}");
     }
 }
