@@ -43,7 +43,9 @@ pub use contract::{
     OutputType, PortType, Sink, SinkContext, Source, SourceContext, SourcePoll, StopSignal,
     Transform,
 };
-pub use packet::{CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout};
+pub use packet::{
+    CaptureTime, Frame, ImageLayout, Packet, PixelFormat, Tensor, TensorLayout, YuvEncoding,
+};
 pub use pool::{BufferPool, PoolStats, PooledBuffer};
 pub use registry::{BuildContext, OperatorDescriptor, ParamError, Registry, simplify_enum_schemas};
 pub use retry::RetrySettings;

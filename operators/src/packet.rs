@@ -34,9 +34,22 @@ pub enum PixelFormat {
     /// Planar YUV 4:2:0 as video decoders produce it: a full-size Y plane (`stride` bytes a row),
     /// then U and V planes of half width and height (rounded up), rows packed. Video sources keep
     /// frames in this form so that full-size colour conversion never happens on the hot path;
-    /// operators convert at the size they need (see [`crate::yuv`]). Colour matrix: BT.709 for
-    /// frames 720 rows high or more, BT.601 below, limited range (GStreamer's own default).
+    /// operators convert at the size they need (see [`crate::yuv`]). Video frames are limited
+    /// range, BT.709 from 720 rows and BT.601 below (GStreamer's own default); the overlays
+    /// `heatmap` draws hold JPEG's full-range BT.601 ([`YuvEncoding`]).
     I420,
+}
+
+/// How the Y, U and V values of an I420 image stand for colours (other formats ignore it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum YuvEncoding {
+    /// Limited range (luma 16-235) with the BT.709 matrix for images 720 rows high or more and
+    /// BT.601 below: what video decoders give for streams that do not say (GStreamer's default).
+    #[default]
+    Video,
+    /// Full range (0-255) with the BT.601 matrix: the YCbCr inside JPEG files (JFIF). Heatmap
+    /// overlays are drawn in it, so JPEG encoders compress their planes as they are.
+    Jpeg,
 }
 
 impl PixelFormat {
@@ -99,17 +112,25 @@ pub struct ImageLayout {
     pub stride: usize,
     /// Channel layout.
     pub format: PixelFormat,
+    /// What I420 values stand for.
+    pub yuv: YuvEncoding,
 }
 
 impl ImageLayout {
-    /// A tightly packed image (stride = width * channels).
+    /// A tightly packed image (stride = width * channels), I420 as video gives it.
     pub const fn packed(width: u32, height: u32, format: PixelFormat) -> Self {
         Self {
             width,
             height,
             stride: width as usize * format.channels(),
             format,
+            yuv: YuvEncoding::Video,
         }
+    }
+
+    /// The same layout with I420 values standing for colours as `yuv` says.
+    pub const fn with_yuv(self, yuv: YuvEncoding) -> Self {
+        Self { yuv, ..self }
     }
 
     /// Bytes the pixels occupy (all planes).

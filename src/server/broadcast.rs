@@ -25,8 +25,9 @@ use gstreamer_webrtc as gst_webrtc;
 use super::WebRtcSettings;
 use super::sdp::H264Format;
 use super::webrtc::{IceServer, OfferAnswer, WebRtcConfig};
-use inspectflow_operators::packet::{Frame, PixelFormat};
+use inspectflow_operators::packet::{Frame, ImageLayout, PixelFormat};
 use inspectflow_operators::preview::{View, Viewer};
+use inspectflow_operators::video::video_info;
 
 /// How long an answer waits for the server's ICE candidates.
 const GATHERING_WAIT: Duration = Duration::from_secs(3);
@@ -259,30 +260,24 @@ impl AsRef<[u8]> for FrameBytes {
 
 /// Pushes the preview's frames into the encoder until the preview closes.
 async fn feed(mut viewer: Viewer, source: gst_app::AppSrc) {
-    let mut caps_of: Option<(u32, u32, PixelFormat)> = None;
+    let mut caps_of: Option<(ImageLayout, gst_video::VideoFormat)> = None;
     while let Some(frame) = viewer.next().await {
         let frame = frame.frame.clone();
         let layout = frame.layout;
-        let format = match layout.format {
-            PixelFormat::I420 => gst_video::VideoFormat::I420,
-            PixelFormat::Rgb => gst_video::VideoFormat::Rgb,
-            PixelFormat::Bgr => gst_video::VideoFormat::Bgr,
-            PixelFormat::Gray => gst_video::VideoFormat::Gray8,
+        let format = match caps_of {
+            Some((announced, format)) if announced == layout => format,
+            _ => {
+                let Ok(info) = video_info(&layout, gst::Fraction::new(0, 1)) else {
+                    continue;
+                };
+                let Ok(caps) = info.to_caps() else {
+                    continue;
+                };
+                source.set_caps(Some(&caps));
+                caps_of = Some((layout, info.format()));
+                info.format()
+            }
         };
-        let shape = (layout.width, layout.height, layout.format);
-        if caps_of != Some(shape) {
-            let Ok(info) = gst_video::VideoInfo::builder(format, layout.width, layout.height)
-                .fps(gst::Fraction::new(0, 1))
-                .build()
-            else {
-                continue;
-            };
-            let Ok(caps) = info.to_caps() else {
-                continue;
-            };
-            source.set_caps(Some(&caps));
-            caps_of = Some(shape);
-        }
         let (offsets, strides, planes) =
             plane_layout(layout.width, layout.height, layout.stride, layout.format);
         let mut buffer = gst::Buffer::from_slice(FrameBytes(frame));

@@ -10,7 +10,7 @@ use turbojpeg::{Compressor, Image, Subsamp};
 use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
-use crate::packet::{EncodedImage, Frame, ImageLayout, Packet, PixelFormat};
+use crate::packet::{EncodedImage, Frame, ImageLayout, Packet, PixelFormat, YuvEncoding};
 use crate::pool::BufferPool;
 use crate::registry::{OperatorDescriptor, ParamError};
 use crate::yuv;
@@ -101,29 +101,31 @@ impl PlanesCompressor {
         Ok(Self { handle, quality })
     }
 
-    /// Compresses full-range 4:2:0 YCbCr planes (tightly packed, `width` x `height` luma) into
-    /// `output`, which must hold `tjBufSize` bytes; returns the JPEG's length.
+    /// Compresses JPEG's own YCbCr (4:2:0 planes, full-range BT.601) of a `width` x `height`
+    /// image into `output`, which must hold `tjBufSize` bytes; returns the JPEG's length.
     fn compress(
         &mut self,
-        planes: &[u8],
+        planes: &yuv::Planes,
         width: usize,
         height: usize,
         output: &mut [u8],
     ) -> Result<usize, OpError> {
-        let (chroma_width, chroma_height) = (width.div_ceil(2), height.div_ceil(2));
-        let luma_len = width * height;
-        let chroma_len = chroma_width * chroma_height;
-        if planes.len() < luma_len + 2 * chroma_len {
+        let chroma_len = planes.chroma_width * planes.chroma_height;
+        if planes.matrix != yuv::JFIF
+            || planes.y.len() < planes.y_stride * height
+            || planes.u.len() < chroma_len
+            || planes.v.len() < chroma_len
+        {
             return Err(OpError::Failed(
-                "YCbCr planes shorter than the image".into(),
+                "YCbCr planes shorter than the image, or not JPEG's".into(),
             ));
         }
-        let mut sources = [
-            planes.as_ptr(),
-            planes[luma_len..].as_ptr(),
-            planes[luma_len + chroma_len..].as_ptr(),
+        let mut sources = [planes.y.as_ptr(), planes.u.as_ptr(), planes.v.as_ptr()];
+        let strides = [
+            planes.y_stride as i32,
+            planes.chroma_width as i32,
+            planes.chroma_width as i32,
         ];
-        let strides = [width as i32, chroma_width as i32, chroma_width as i32];
         let mut destination = output.as_mut_ptr();
         let mut length = output.len() as std::ffi::c_ulong;
         // SAFETY: the planes cover the image (checked above); `output` is a live buffer of
@@ -191,25 +193,28 @@ impl JpegEncoder {
         })
     }
 
-    /// Encodes one frame. I420 frames go to the JPEG's YCbCr planes in one pass (range and
-    /// matrix converted) and are compressed from there, never through RGB.
+    /// Encodes one frame. I420 frames are compressed from their planes: as they are when they
+    /// already hold JPEG's YCbCr (heatmap overlays), after one pass of range and matrix
+    /// conversion when they hold video's; never through RGB.
     pub fn encode(&mut self, frame: &Frame) -> Result<EncodedImage, OpError> {
         let layout = frame.layout;
         if let Some(planes) = yuv::Planes::of(frame) {
             let (width, height) = (layout.width as usize, layout.height as usize);
-            let packed = ImageLayout::packed(layout.width, layout.height, PixelFormat::I420);
-            let mut ycbcr = self.ycbcr_pool.get(packed.byte_len());
-            yuv::to_jfif_planes(
-                &planes,
-                &yuv::matrix_for_height(layout.height),
-                width,
-                height,
-                &mut ycbcr,
-            );
             let mut buffer = self.pool.get(self.worst_case_len(width, height)?);
-            let len = self
-                .planes_compressor
-                .compress(&ycbcr, width, height, &mut buffer)?;
+            let len = if planes.matrix == yuv::JFIF {
+                self.planes_compressor
+                    .compress(&planes, width, height, &mut buffer)?
+            } else {
+                let jfif = ImageLayout::packed(layout.width, layout.height, PixelFormat::I420)
+                    .with_yuv(YuvEncoding::Jpeg);
+                let mut ycbcr = self.ycbcr_pool.get(jfif.byte_len());
+                yuv::to_jfif_planes(&planes, width, height, &mut ycbcr);
+                let converted = yuv::Planes::split(jfif, &ycbcr).ok_or_else(|| {
+                    OpError::Failed("YCbCr buffer shorter than its layout".into())
+                })?;
+                self.planes_compressor
+                    .compress(&converted, width, height, &mut buffer)?
+            };
             return Ok(EncodedImage {
                 format: "jpeg",
                 buffer,
@@ -300,8 +305,13 @@ mod tests {
     #[test]
     fn i420_frames_are_encoded_from_their_planes_with_the_right_colours() {
         let pool = BufferPool::new(1);
-        // 480 rows are BT.601, 720 rows BT.709: both must decode to the colour the frame shows.
-        for height in [480u32, 720] {
+        // 480 rows are BT.601, 720 rows BT.709, and overlays JPEG's own full-range BT.601: each
+        // must decode to the colour the frame shows.
+        for (height, encoding) in [
+            (480u32, YuvEncoding::Video),
+            (720, YuvEncoding::Video),
+            (720, YuvEncoding::Jpeg),
+        ] {
             for yuv in [
                 [16, 128, 128],
                 [235, 128, 128],
@@ -309,8 +319,8 @@ mod tests {
                 [145, 54, 34],
                 [110, 160, 60],
             ] {
-                let frame = crate::yuv::tests::uniform_i420(64, height, yuv);
-                let expected = crate::yuv::matrix_for_height(height).to_rgb(yuv[0], yuv[1], yuv[2]);
+                let frame = crate::yuv::tests::uniform_i420_in(64, height, yuv, encoding);
+                let expected = crate::yuv::matrix_of(&frame.layout).to_rgb(yuv[0], yuv[1], yuv[2]);
                 let mut encoder = JpegEncoder::new(EncodeParams {
                     quality: 95,
                     source: EncodeSource::Auto,
@@ -324,7 +334,7 @@ mod tests {
                 for (got, want) in centre.iter().zip(expected) {
                     assert!(
                         got.abs_diff(want) <= 3,
-                        "{height} rows, YUV {yuv:?}: decoded {centre:?}, expected {expected:?}"
+                        "{height} rows, {encoding:?} YUV {yuv:?}: decoded {centre:?}, expected {expected:?}"
                     );
                 }
             }

@@ -3,10 +3,14 @@
 //! the label and score ("ANOMALOUS 87%") in the top-left corner. The result goes into the packet's
 //! `overlay` frame (a new pooled image); the original frame is left untouched.
 //!
-//! Video frames (I420) are blended in their own planes, and the overlay stays I420: the blend is
-//! linear, so mixing the colour map's YUV into the frame's YUV gives the same picture as mixing in
-//! RGB, at half the bytes and without a colour conversion per pixel (JPEG and H.264 encoders take
-//! I420 as it is). Other frames give an RGB overlay.
+//! Video frames (I420) are blended plane by plane, and the overlay stays I420: the blend is
+//! linear, so mixing the colour map's YCbCr into the frame's gives the same picture as mixing in
+//! RGB, at half the bytes and without RGB per pixel. The overlay's planes hold JPEG's YCbCr
+//! (full-range BT.601, [`YuvEncoding::Jpeg`]): the frame's values are converted as they are read,
+//! so `encode.jpeg` compresses the planes as they are. Other frames give an RGB overlay.
+//!
+//! The anomaly map arrives at the model's resolution and is resized to the frame one row at a
+//! time ([`MapRows`]) while the blend walks the rows.
 
 use std::sync::Arc;
 
@@ -16,7 +20,7 @@ use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
 use crate::map_upsample::MapRows;
-use crate::packet::{Frame, ImageLayout, Packet, PixelFormat, Prediction};
+use crate::packet::{Frame, ImageLayout, Packet, PixelFormat, Prediction, YuvEncoding};
 use crate::pool::{BufferPool, PooledBuffer};
 use crate::registry::{OperatorDescriptor, ParamError};
 use crate::yuv;
@@ -111,14 +115,6 @@ fn level_index(value: f32) -> u8 {
     (value.clamp(0.0, 1.0) * 255.0) as i32 as u8
 }
 
-/// Colour table indices of a row of map values; returns the highest.
-fn levels_of(values: &[f32], levels: &mut [u8]) -> u8 {
-    for (level, value) in levels.iter_mut().zip(values) {
-        *level = level_index(*value);
-    }
-    levels.iter().copied().max().unwrap_or(0)
-}
-
 /// The blend weight of the colour map, in 1/256.
 fn map_weight(alpha: f32) -> u32 {
     (alpha * 256.0).round() as u32
@@ -183,6 +179,8 @@ pub struct OverlayRenderer {
     window: [Vec<f32>; 3],
     /// The current row's colour table indices.
     levels: Vec<u8>,
+    /// Per pixel of a row, what its chroma adds to its luma (I420 overlays).
+    chroma_terms: Vec<i32>,
 }
 
 impl OverlayRenderer {
@@ -193,6 +191,7 @@ impl OverlayRenderer {
             map_rows: MapRows::default(),
             window: Default::default(),
             levels: Vec::new(),
+            chroma_terms: Vec::new(),
         }
     }
 
@@ -224,13 +223,16 @@ impl OverlayRenderer {
             Some(planes) => self.blend_i420(&planes, width, height, prediction, params),
             None => self.blend_packed(frame, prediction, params),
         };
-        let format = match frame.layout.format {
-            PixelFormat::I420 => PixelFormat::I420,
-            _ => PixelFormat::Rgb,
+        let (width, height) = (frame.layout.width, frame.layout.height);
+        let layout = match frame.layout.format {
+            PixelFormat::I420 => {
+                ImageLayout::packed(width, height, PixelFormat::I420).with_yuv(YuvEncoding::Jpeg)
+            }
+            _ => ImageLayout::packed(width, height, PixelFormat::Rgb),
         };
         Ok(Frame::new(
             pixels,
-            ImageLayout::packed(frame.layout.width, frame.layout.height, format),
+            layout,
             Arc::clone(&frame.stream_id),
             frame.sequence,
             frame.capture,
@@ -334,6 +336,131 @@ impl OverlayRenderer {
     }
 }
 
+/// Defines `$name`, which runs `$portable` (an `#[inline(always)]` function of the same
+/// arguments) compiled for AVX2 when the CPU has it and as it is otherwise: the row loops below
+/// are plain loops over slices that the compiler vectorises, twice as wide with AVX2 as in the
+/// portable (SSE2) build.
+macro_rules! with_avx2 {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $type:ty),*) $(-> $out:ty)? = $portable:path) => {
+        $(#[$doc])*
+        fn $name($($arg: $type),*) $(-> $out)? {
+            /// Safety: only on CPUs with AVX2.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn compiled_for_avx2($($arg: $type),*) $(-> $out)? {
+                $portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { compiled_for_avx2($($arg),*) };
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+
+with_avx2! {
+    /// Colour table indices of a row of map values; returns the highest.
+    fn levels_of(values: &[f32], levels: &mut [u8]) -> u8 = levels_kernel
+}
+
+#[inline(always)]
+fn levels_kernel(values: &[f32], levels: &mut [u8]) -> u8 {
+    for (level, value) in levels.iter_mut().zip(values) {
+        // max and min first: NaN becomes 0 and the product lies in 0-255, so the conversion
+        // needs no saturation (and vectorises).
+        #[expect(
+            clippy::manual_clamp,
+            reason = "clamp keeps NaN, which the conversion must not see"
+        )]
+        let scaled = value.max(0.0).min(1.0) * 255.0;
+        // SAFETY: `scaled` is finite and within 0-255.
+        *level = unsafe { scaled.to_int_unchecked::<i32>() } as u8;
+    }
+    levels.iter().copied().max().unwrap_or(0)
+}
+
+/// The blend of one overlay row into JPEG's YCbCr.
+struct PlaneBlend<'a> {
+    convert: &'a yuv::ToJfif,
+    /// The colour map per plane, pre-weighted.
+    tables: &'a [[u32; 256]; 3],
+    /// The frame's weight, in 1/256.
+    keep: u32,
+}
+
+with_avx2! {
+    /// What each pixel's chroma (`u`, `v`: a row of blocks) adds to its luma.
+    fn chroma_in_luma(blend: &PlaneBlend, u: &[u8], v: &[u8], terms: &mut [i32]) =
+        chroma_in_luma_kernel
+}
+
+#[inline(always)]
+fn chroma_in_luma_kernel(blend: &PlaneBlend, u: &[u8], v: &[u8], terms: &mut [i32]) {
+    let n = terms.len().min(2 * u.len().min(v.len()));
+    for x in 0..n {
+        terms[x] = blend.convert.chroma_in_luma(u[x / 2], v[x / 2]);
+    }
+}
+
+with_avx2! {
+    /// Luma: `values` converted (with `chroma_in_luma` per pixel) and blended with the colour
+    /// of `levels`, into `out`.
+    fn blend_luma(
+        blend: &PlaneBlend,
+        values: &[u8],
+        chroma_in_luma: &[i32],
+        levels: &[u8],
+        out: &mut [u8]
+    ) = blend_luma_kernel
+}
+
+#[inline(always)]
+fn blend_luma_kernel(
+    blend: &PlaneBlend,
+    values: &[u8],
+    chroma_in_luma: &[i32],
+    levels: &[u8],
+    out: &mut [u8],
+) {
+    let n = out.len();
+    let (values, chroma_in_luma, levels) = (&values[..n], &chroma_in_luma[..n], &levels[..n]);
+    let table = &blend.tables[0];
+    for x in 0..n {
+        let luma = u32::from(blend.convert.luma(values[x], chroma_in_luma[x]));
+        out[x] = ((luma * blend.keep + table[usize::from(levels[x])]) >> 8) as u8;
+    }
+}
+
+/// A row of chroma blocks' planes, in and out.
+struct ChromaRow<'a> {
+    u: &'a [u8],
+    v: &'a [u8],
+    u_out: &'a mut [u8],
+    v_out: &'a mut [u8],
+}
+
+with_avx2! {
+    /// Chroma: `row`'s blocks converted and blended with the colour of every second of
+    /// `levels` (each block's top-left pixel).
+    fn blend_chroma(blend: &PlaneBlend, levels: &[u8], row: ChromaRow) = blend_chroma_kernel
+}
+
+#[inline(always)]
+fn blend_chroma_kernel(blend: &PlaneBlend, levels: &[u8], row: ChromaRow) {
+    let ChromaRow { u, v, u_out, v_out } = row;
+    let n = u_out.len().min(v_out.len()).min(levels.len().div_ceil(2));
+    let (u, v, u_out, v_out) = (&u[..n], &v[..n], &mut u_out[..n], &mut v_out[..n]);
+    let [_, u_table, v_table] = blend.tables;
+    for cx in 0..n {
+        let level = usize::from(levels[2 * cx]);
+        let [u_value, v_value] = blend.convert.chroma(u[cx], v[cx]);
+        u_out[cx] = ((u32::from(u_value) * blend.keep + u_table[level]) >> 8) as u8;
+        v_out[cx] = ((u32::from(v_value) * blend.keep + v_table[level]) >> 8) as u8;
+    }
+}
+
 /// 5x7 glyphs (one byte per row, low 5 bits, leftmost pixel in bit 4) for the characters labels use.
 fn glyph(c: char) -> [u8; 7] {
     match c {
@@ -405,8 +532,10 @@ fn draw_text(width: usize, height: usize, text: &str, mut paint: impl FnMut(usiz
 }
 
 impl OverlayRenderer {
-    /// The overlay of an I420 frame, blended plane by plane into new I420 planes: luma per
-    /// pixel, chroma per 2x2 block (with the map value of the block's top-left pixel).
+    /// The overlay of an I420 frame, blended plane by plane into new I420 planes in JPEG's
+    /// YCbCr (the frame's values converted as they are read, so encoders need no pass of their
+    /// own): luma per pixel, chroma per 2x2 block (with the map value of the block's top-left
+    /// pixel).
     fn blend_i420(
         &mut self,
         planes: &yuv::Planes,
@@ -417,10 +546,11 @@ impl OverlayRenderer {
     ) -> PooledBuffer<u8> {
         let layout = ImageLayout::packed(width as u32, height as u32, PixelFormat::I420);
         let (chroma_width, chroma_height) = layout.chroma_size();
-        let matrix = yuv::matrix_for_height(height as u32);
+        let convert = yuv::ToJfif::new(&planes.matrix);
+        let matrix = yuv::JFIF;
         let weight = map_weight(params.alpha);
         let keep = 256 - weight;
-        // The colour map in YUV, pre-weighted, one table per plane.
+        // The colour map in YCbCr, pre-weighted, one table per plane.
         let mut tables = [[0u32; 256]; 3];
         for level in 0..256 {
             let colour = matrix.to_yuv(jet(level as f32 / 255.0));
@@ -432,31 +562,34 @@ impl OverlayRenderer {
         let mut pixels = self.pool.get(layout.byte_len());
         let (luma, chroma) = pixels.split_at_mut(width * height);
         let (u_out, v_out) = chroma.split_at_mut(chroma_width * chroma_height);
-        let mix = |value: u8, weighted: u32| ((u32::from(value) * keep + weighted) >> 8) as u8;
+        let blend = PlaneBlend {
+            convert: &convert,
+            tables: &tables,
+            keep,
+        };
+        // What each pixel's chroma adds to its luma, for the current pair of rows (zero when
+        // the frame is BT.601).
+        let mut chroma_terms = std::mem::take(&mut self.chroma_terms);
+        chroma_terms.clear();
+        chroma_terms.resize(width, 0);
         let threshold = prediction.threshold;
         self.for_each_row(&prediction.map, height, threshold, |y, rows| {
             let in_row = &planes.y[y * planes.y_stride..y * planes.y_stride + width];
             let out_row = &mut luma[y * width..(y + 1) * width];
-            for ((target, value), level) in out_row.iter_mut().zip(in_row).zip(rows.levels) {
-                *target = mix(*value, tables[0][usize::from(*level)]);
-            }
             let chroma_row = (y / 2) * chroma_width..(y / 2 + 1) * chroma_width;
+            let (u_row, v_row) = (&planes.u[chroma_row.clone()], &planes.v[chroma_row.clone()]);
+            if y % 2 == 0 && convert.mixes_chroma() {
+                chroma_in_luma(&blend, u_row, v_row, &mut chroma_terms);
+            }
+            blend_luma(&blend, in_row, &chroma_terms, rows.levels, out_row);
             if y % 2 == 0 {
-                let levels = rows.levels.iter().step_by(2);
-                for (((u_target, v_target), (u, v)), level) in u_out[chroma_row.clone()]
-                    .iter_mut()
-                    .zip(&mut v_out[chroma_row.clone()])
-                    .zip(
-                        planes.u[chroma_row.clone()]
-                            .iter()
-                            .zip(&planes.v[chroma_row.clone()]),
-                    )
-                    .zip(levels)
-                {
-                    let level = usize::from(*level);
-                    *u_target = mix(*u, tables[1][level]);
-                    *v_target = mix(*v, tables[2][level]);
-                }
+                let row = ChromaRow {
+                    u: u_row,
+                    v: v_row,
+                    u_out: &mut u_out[chroma_row.clone()],
+                    v_out: &mut v_out[chroma_row.clone()],
+                };
+                blend_chroma(&blend, rows.levels, row);
             }
             if params.outline {
                 for x in rows.at_or_above.clone() {
@@ -468,6 +601,7 @@ impl OverlayRenderer {
                 }
             }
         });
+        self.chroma_terms = chroma_terms;
         if params.label {
             let chroma_at = |x: usize, y: usize| (y / 2) * chroma_width + x / 2;
             let (text, colour) = label_of(prediction);
@@ -479,7 +613,7 @@ impl OverlayRenderer {
                 match paint {
                     Paint::Shade => {
                         let shaded = &mut luma[y * width + x];
-                        *shaded = 16 + shaded.saturating_sub(16) / 4;
+                        *shaded = matrix.black() + shaded.saturating_sub(matrix.black()) / 4;
                         if block_origin {
                             for plane in [&mut *u_out, &mut *v_out] {
                                 let c = i32::from(plane[chroma]);

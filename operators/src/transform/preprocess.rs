@@ -249,13 +249,7 @@ impl Preprocess {
         }
         self.resized.resize(target_len * 3, 0);
         let [y, u, v] = &self.resized_planes;
-        yuv::full_planes_to_rgb(
-            &yuv::matrix_for_height(luma_height),
-            y,
-            u,
-            v,
-            &mut self.resized,
-        );
+        yuv::full_planes_to_rgb(&planes.matrix, y, u, v, &mut self.resized);
         Ok(())
     }
 

@@ -246,16 +246,11 @@ impl Encoder {
         settings: &H264Settings,
         file: Option<&Path>,
     ) -> Result<Self, OpError> {
-        let format = match layout.format {
-            PixelFormat::I420 => gst_video::VideoFormat::I420,
-            PixelFormat::Rgb => gst_video::VideoFormat::Rgb,
-            PixelFormat::Bgr => gst_video::VideoFormat::Bgr,
-            PixelFormat::Gray => gst_video::VideoFormat::Gray8,
-        };
-        let caps = gst_video::VideoInfo::builder(format, layout.width, layout.height)
-            .fps(gst::Fraction::new(settings.fps as i32, 1))
-            .build()
-            .and_then(|info| info.to_caps())
+        let info = super::video_info(&layout, gst::Fraction::new(settings.fps as i32, 1))
+            .map_err(|e| OpError::Failed(format!("video caps: {e}")))?;
+        let format = info.format();
+        let caps = info
+            .to_caps()
             .map_err(|e| OpError::Failed(format!("video caps: {e}")))?;
         let appsrc = gst_app::AppSrc::builder()
             .caps(&caps)

@@ -27,7 +27,7 @@ use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 
 use crate::contract::OpError;
-use crate::packet::{ImageLayout, PixelFormat};
+use crate::packet::{ImageLayout, PixelFormat, YuvEncoding};
 use crate::pool::{BufferPool, PooledBuffer};
 
 /// Initialises GStreamer once per process; the error says what is missing.
@@ -36,6 +36,32 @@ pub fn init() -> Result<(), OpError> {
     INIT.get_or_init(|| gst::init().map_err(|e| e.to_string()))
         .clone()
         .map_err(|e| OpError::Failed(format!("cannot initialise GStreamer: {e}")))
+}
+
+/// GStreamer's description of raw frames laid out as `layout` at `fps` (0/1: variable), with
+/// the colorimetry their values stand for ([`crate::packet::YuvEncoding`]): what encoders fed
+/// from inspectflow frames announce.
+pub fn video_info(
+    layout: &ImageLayout,
+    fps: gst::Fraction,
+) -> Result<gst_video::VideoInfo, gst::glib::BoolError> {
+    let format = match layout.format {
+        PixelFormat::I420 => gst_video::VideoFormat::I420,
+        PixelFormat::Rgb => gst_video::VideoFormat::Rgb,
+        PixelFormat::Bgr => gst_video::VideoFormat::Bgr,
+        PixelFormat::Gray => gst_video::VideoFormat::Gray8,
+    };
+    let builder = gst_video::VideoInfo::builder(format, layout.width, layout.height).fps(fps);
+    let jpeg_ycbcr = gst_video::VideoColorimetry::new(
+        gst_video::VideoColorRange::Range0_255,
+        gst_video::VideoColorMatrix::Bt601,
+        gst_video::VideoTransferFunction::Bt709,
+        gst_video::VideoColorPrimaries::Bt709,
+    );
+    let full_range_ycbcr = layout.format == PixelFormat::I420 && layout.yuv == YuvEncoding::Jpeg;
+    builder
+        .colorimetry_if(&jpeg_ycbcr, full_range_ycbcr)
+        .build()
 }
 
 /// Makes a GStreamer element, naming the Debian package to install when it is missing.
