@@ -181,6 +181,7 @@ impl<'a> Planes<'a> {
 /// Per-sample conversion from the YUV of one matrix and range to JPEG's YCbCr (full-range
 /// BT.601), in 16-bit fixed point, without RGB in between. Chroma depends only on chroma (grey
 /// stays grey in both), luma on luma and, across matrices, its block's chroma.
+#[derive(Debug, Clone, Copy)]
 pub struct ToJfif {
     /// (RGB to JFIF YCbCr) x (this matrix's YUV to RGB).
     m: [[i32; 3]; 3],

@@ -28,7 +28,7 @@ use crate::yuv;
 mod rows;
 mod text;
 
-use rows::{ChromaRow, PlaneBlend, blend_chroma, blend_luma, chroma_in_luma, levels_of};
+use rows::{PlaneBlend, blend_chroma, blend_luma, chroma_in_luma, levels_of};
 use text::{Paint, draw_text};
 
 /// Parameters of `heatmap`.
@@ -394,13 +394,14 @@ impl OverlayRenderer {
             }
             blend_luma(&blend, in_row, &chroma_terms, rows.levels, out_row);
             if y % 2 == 0 {
-                let row = ChromaRow {
-                    u: u_row,
-                    v: v_row,
-                    u_out: &mut u_out[chroma_row.clone()],
-                    v_out: &mut v_out[chroma_row.clone()],
-                };
-                blend_chroma(&blend, rows.levels, row);
+                blend_chroma(
+                    &blend,
+                    rows.levels,
+                    u_row,
+                    v_row,
+                    &mut u_out[chroma_row.clone()],
+                    &mut v_out[chroma_row.clone()],
+                );
             }
             if params.outline {
                 for x in rows.at_or_above.clone() {
@@ -482,8 +483,8 @@ mod tests {
     fn i420_frames_get_an_i420_overlay_that_looks_like_the_rgb_one() {
         let pool = BufferPool::new(4);
         let mut renderer = OverlayRenderer::new(4);
-        for height in [48u32, 720] {
-            let width = 64;
+        // Odd sizes too: the last column and row have a chroma block of their own.
+        for (width, height) in [(64u32, 48u32), (64, 720), (63, 47)] {
             let frame = crate::yuv::tests::uniform_i420(width, height, [120, 100, 170]);
             let prediction = ramp_prediction(width, height);
             let params = HeatmapParams {

@@ -65,9 +65,19 @@ with_avx2! {
 
 #[inline(always)]
 fn chroma_in_luma_kernel(blend: &PlaneBlend, u: &[u8], v: &[u8], terms: &mut [i32]) {
-    let n = terms.len().min(2 * u.len().min(v.len()));
-    for x in 0..n {
-        terms[x] = blend.convert.chroma_in_luma(u[x / 2], v[x / 2]);
+    // The conversion copied into a local: the compiler then knows the stores below cannot change
+    // it, and keeps its coefficients in registers.
+    let convert = *blend.convert;
+    // Two pixels share each block; an odd width leaves one pixel for the last block.
+    let blocks = terms.len() / 2;
+    let mut pairs = terms.chunks_exact_mut(2);
+    for ((pair, u), v) in (&mut pairs).zip(u).zip(v) {
+        let term = convert.chroma_in_luma(*u, *v);
+        pair[0] = term;
+        pair[1] = term;
+    }
+    if let ([last], Some(u), Some(v)) = (pairs.into_remainder(), u.get(blocks), v.get(blocks)) {
+        *last = convert.chroma_in_luma(*u, *v);
     }
 }
 
@@ -93,37 +103,44 @@ fn blend_luma_kernel(
 ) {
     let n = out.len();
     let (values, chroma_in_luma, levels) = (&values[..n], &chroma_in_luma[..n], &levels[..n]);
-    let table = &blend.tables[0];
+    let (convert, keep, table) = (*blend.convert, blend.keep, &blend.tables[0]);
     for x in 0..n {
-        let luma = u32::from(blend.convert.luma(values[x], chroma_in_luma[x]));
-        out[x] = ((luma * blend.keep + table[usize::from(levels[x])]) >> 8) as u8;
+        let luma = u32::from(convert.luma(values[x], chroma_in_luma[x]));
+        out[x] = ((luma * keep + table[usize::from(levels[x])]) >> 8) as u8;
     }
 }
 
-/// A row of chroma blocks' planes, in and out.
-pub(super) struct ChromaRow<'a> {
-    pub(super) u: &'a [u8],
-    pub(super) v: &'a [u8],
-    pub(super) u_out: &'a mut [u8],
-    pub(super) v_out: &'a mut [u8],
-}
-
 with_avx2! {
-    /// Chroma: `row`'s blocks converted and blended with the colour of every second of
-    /// `levels` (each block's top-left pixel).
-    fn blend_chroma(blend: &PlaneBlend, levels: &[u8], row: ChromaRow) = blend_chroma_kernel
+    /// Chroma: blocks `u` and `v` converted and blended with the colour of every second of
+    /// `levels` (each block's top-left pixel), into `u_out` and `v_out`.
+    fn blend_chroma(
+        blend: &PlaneBlend,
+        levels: &[u8],
+        u: &[u8],
+        v: &[u8],
+        u_out: &mut [u8],
+        v_out: &mut [u8]
+    ) = blend_chroma_kernel
 }
 
 #[inline(always)]
-fn blend_chroma_kernel(blend: &PlaneBlend, levels: &[u8], row: ChromaRow) {
-    let ChromaRow { u, v, u_out, v_out } = row;
+fn blend_chroma_kernel(
+    blend: &PlaneBlend,
+    levels: &[u8],
+    u: &[u8],
+    v: &[u8],
+    u_out: &mut [u8],
+    v_out: &mut [u8],
+) {
     let n = u_out.len().min(v_out.len()).min(levels.len().div_ceil(2));
     let (u, v, u_out, v_out) = (&u[..n], &v[..n], &mut u_out[..n], &mut v_out[..n]);
+    let convert = *blend.convert;
+    let keep = blend.keep;
     let [_, u_table, v_table] = blend.tables;
     for cx in 0..n {
         let level = usize::from(levels[2 * cx]);
-        let [u_value, v_value] = blend.convert.chroma(u[cx], v[cx]);
-        u_out[cx] = ((u32::from(u_value) * blend.keep + u_table[level]) >> 8) as u8;
-        v_out[cx] = ((u32::from(v_value) * blend.keep + v_table[level]) >> 8) as u8;
+        let [u_value, v_value] = convert.chroma(u[cx], v[cx]);
+        u_out[cx] = ((u32::from(u_value) * keep + u_table[level]) >> 8) as u8;
+        v_out[cx] = ((u32::from(v_value) * keep + v_table[level]) >> 8) as u8;
     }
 }
