@@ -28,7 +28,7 @@ use crate::yuv;
 mod rows;
 mod text;
 
-use rows::{PlaneBlend, blend_chroma, blend_luma, chroma_in_luma, levels_of};
+use rows::{PlaneBlend, blend_chroma, blend_luma, chroma_in_luma, level_index, levels_of};
 use text::{Paint, draw_text};
 
 /// Parameters of `heatmap`.
@@ -112,13 +112,6 @@ pub fn jet(value: f32) -> [u8; 3] {
     let v = value.clamp(0.0, 1.0) * 4.0;
     let channel = |centre: f32| ((1.5 - (v - centre).abs()).clamp(0.0, 1.0) * 255.0) as u8;
     [channel(3.0), channel(2.0), channel(1.0)]
-}
-
-/// The map value as a colour table index (0-255).
-#[inline(always)]
-fn level_index(value: f32) -> u8 {
-    // Through i32: the conversion vectorises, and NaN gives 0.
-    (value.clamp(0.0, 1.0) * 255.0) as i32 as u8
 }
 
 /// The blend weight of the colour map, in 1/256.

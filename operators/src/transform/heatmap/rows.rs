@@ -27,6 +27,20 @@ macro_rules! with_avx2 {
     };
 }
 
+/// The map value as a colour table index (0-255).
+#[inline(always)]
+pub(super) fn level_index(value: f32) -> u8 {
+    // max and min first: NaN becomes 0 and the product lies in 0-255, so the conversion needs
+    // no saturation (and vectorises).
+    #[expect(
+        clippy::manual_clamp,
+        reason = "clamp keeps NaN, which the conversion must not see"
+    )]
+    let scaled = value.max(0.0).min(1.0) * 255.0;
+    // SAFETY: `scaled` is finite and within 0-255.
+    unsafe { scaled.to_int_unchecked::<i32>() as u8 }
+}
+
 with_avx2! {
     /// Colour table indices of a row of map values; returns the highest.
     fn levels_of(values: &[f32], levels: &mut [u8]) -> u8 = levels_kernel
@@ -35,15 +49,7 @@ with_avx2! {
 #[inline(always)]
 fn levels_kernel(values: &[f32], levels: &mut [u8]) -> u8 {
     for (level, value) in levels.iter_mut().zip(values) {
-        // max and min first: NaN becomes 0 and the product lies in 0-255, so the conversion
-        // needs no saturation (and vectorises).
-        #[expect(
-            clippy::manual_clamp,
-            reason = "clamp keeps NaN, which the conversion must not see"
-        )]
-        let scaled = value.max(0.0).min(1.0) * 255.0;
-        // SAFETY: `scaled` is finite and within 0-255.
-        *level = unsafe { scaled.to_int_unchecked::<i32>() } as u8;
+        *level = level_index(*value);
     }
     levels.iter().copied().max().unwrap_or(0)
 }
