@@ -560,6 +560,10 @@ fn list_operators(registry: &Registry) {
             descriptor.kind.name()
         );
         println!("    {}", descriptor.summary);
+        let settings = descriptor.node_settings();
+        if !settings.is_empty() {
+            println!("    node settings: {}", settings.join(", "));
+        }
     }
 }
 

@@ -180,9 +180,15 @@ fn the_readme_operator_reference_matches_the_registry() {
     for descriptor in Registry::builtin().iter() {
         assert!(
             text.contains(&format!(
-                "| `{}` | {} | {} |",
+                "| `{}` | {} | {} | {} |",
                 descriptor.name,
                 descriptor.kind.name(),
+                descriptor
+                    .node_settings()
+                    .iter()
+                    .map(|setting| format!("`{setting}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 descriptor.summary
             )),
             "{} is in the table",

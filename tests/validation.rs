@@ -263,6 +263,37 @@ edges:
 }
 
 #[test]
+fn replicas_are_refused_where_an_operator_keeps_state_or_takes_batches() {
+    let yaml = "nodes:
+  - {id: cam, op: source.synthetic, replicas: 2}
+  - {id: video, op: encode.h264, replicas: 2}
+  - {id: both, op: identity, replicas: 2, batch: {max_size: 4}}
+  - {id: many, op: identity, replicas: 65}
+  - {id: out, op: sink.null, replicas: 2}
+edges:
+  - {from: cam, to: video}
+  - {from: video, to: both}
+  - {from: both, to: many}
+  - {from: many, to: out}
+";
+    let errors = errors_of(yaml);
+    for node in ["cam", "video", "out"] {
+        assert!(
+            error_for(&errors, Some(node), "replicas")
+                .message
+                .contains("runs as one instance"),
+            "{node}: {errors:#?}"
+        );
+    }
+    assert!(
+        error_for(&errors, Some("both"), "replicas")
+            .message
+            .contains("do not go together")
+    );
+    error_for(&errors, Some("many"), "replicas");
+}
+
+#[test]
 fn structural_mistakes_are_located() {
     let yaml = "nodes:
   - {id: cam, op: source.synthetic, restart: {policy: sometimes}}

@@ -122,6 +122,9 @@ pub struct OperatorDescriptor {
     pub outputs: Vec<OutputPort>,
     /// Whether the node may be given a `batch` setting.
     pub supports_batching: bool,
+    /// Whether the node may run as several instances (`replicas`): the operator keeps no state
+    /// from one packet to the next and hands each result on before `process` returns.
+    pub replicable: bool,
     schema: Value,
     /// The parameter schema compiled, once, on first use.
     validator: OnceLock<Result<jsonschema::Validator, String>>,
@@ -149,10 +152,23 @@ impl OperatorDescriptor {
             inputs: Vec::new(),
             outputs: Vec::new(),
             supports_batching: false,
+            replicable: false,
             live: None,
             validate: None,
             health: None,
         }
+    }
+
+    /// The optional node settings of a graph file this operator accepts besides `params` and
+    /// `restart`: `batch` (it takes batches) and `replicas` (it is replicable).
+    pub fn node_settings(&self) -> Vec<&'static str> {
+        [
+            (self.supports_batching, "batch"),
+            (self.replicable, "replicas"),
+        ]
+        .into_iter()
+        .filter_map(|(accepted, setting)| accepted.then_some(setting))
+        .collect()
     }
 
     /// JSON Schema (2020-12) of the parameters.
@@ -228,6 +244,7 @@ pub struct DescriptorBuilder<P> {
     inputs: Vec<InputPort>,
     outputs: Vec<OutputPort>,
     supports_batching: bool,
+    replicable: bool,
     live: Option<Box<TypedLiveFn<P>>>,
     validate: Option<Box<TypedRuleFn<P>>>,
     health: Option<Box<TypedRuleFn<P>>>,
@@ -252,6 +269,14 @@ where
     /// Declares that the operator handles batches (`Transform::process_batch`).
     pub fn batching(mut self) -> Self {
         self.supports_batching = true;
+        self
+    }
+
+    /// Declares that the operator keeps no state from one packet to the next and emits each
+    /// packet's results before `process` returns (it never holds work in flight), so that a node
+    /// may run several instances of it side by side (`replicas`), the runtime restoring order.
+    pub fn replicable(mut self) -> Self {
+        self.replicable = true;
         self
     }
 
@@ -316,6 +341,7 @@ where
             inputs: self.inputs,
             outputs: self.outputs,
             supports_batching: self.supports_batching,
+            replicable: self.replicable,
             schema,
             validator: OnceLock::new(),
             file_parameters,

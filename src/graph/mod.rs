@@ -101,6 +101,8 @@ pub struct ValidatedNode {
     pub restart: RestartSpec,
     /// Batching, for operators that support it.
     pub batch: Option<BatchSpec>,
+    /// Instances of the operator side by side (1 unless the graph asks for more).
+    pub replicas: usize,
 }
 
 /// An edge that passed validation, with its queue settings resolved.

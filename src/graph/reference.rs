@@ -1,5 +1,6 @@
 //! The README's operator reference, generated from the registry: one table row per operator with
-//! its name, kind and summary, between the markers [`BEGIN`] and [`END`].
+//! its name, kind, the node settings it accepts (`batch`, `replicas`) and summary, between the
+//! markers [`BEGIN`] and [`END`].
 //! `inspectflow operators --readme README.md` rewrites that region; a test fails when the
 //! checked-in README differs from what the code generates.
 
@@ -14,17 +15,23 @@ pub const END: &str = "<!-- operators:end -->";
 
 /// The operator table in Markdown: sources, then transforms, then sinks, each sorted by name.
 pub fn operators_markdown(registry: &Registry) -> String {
-    let mut text = String::from("| op | kind | what |\n|---|---|---|\n");
+    let mut text = String::from("| op | kind | node settings | what |\n|---|---|---|---|\n");
     for kind in [
         OperatorKind::Source,
         OperatorKind::Transform,
         OperatorKind::Sink,
     ] {
         for descriptor in registry.iter().filter(|d| d.kind == kind) {
+            let settings: Vec<String> = descriptor
+                .node_settings()
+                .iter()
+                .map(|setting| format!("`{setting}`"))
+                .collect();
             text.push_str(&format!(
-                "| `{}` | {} | {} |\n",
+                "| `{}` | {} | {} | {} |\n",
                 descriptor.name,
                 kind.name(),
+                settings.join(", "),
                 descriptor.summary.replace('|', "\\|")
             ));
         }
@@ -80,10 +87,14 @@ mod tests {
         let registry = Registry::builtin();
         let document = format!("# Title\n\n{BEGIN}\nold table\n{END}\n\nAfter.\n");
         let updated = with_operators(&document, &registry).expect("markers found");
-        assert!(updated.starts_with(&format!("# Title\n\n{BEGIN}\n| op | kind | what |")));
+        assert!(updated.starts_with(&format!(
+            "# Title\n\n{BEGIN}\n| op | kind | node settings | what |"
+        )));
         assert!(updated.ends_with(&format!("|\n{END}\n\nAfter.\n")));
         assert!(!updated.contains("old table"));
-        assert!(updated.contains("| `sink.webhook` | sink | "));
+        assert!(updated.contains("| `sink.webhook` | sink |  | "));
+        assert!(updated.contains("| `heatmap` | transform | `replicas` | "));
+        assert!(updated.contains("| `infer.openvino` | transform | `batch` | "));
         assert_eq!(
             with_operators(&updated, &registry).as_deref(),
             Ok(updated.as_str()),

@@ -41,6 +41,14 @@ pub struct NodeSpec {
     /// Hand the operator batches (operators that support it only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchSpec>,
+    /// Instances of the operator running side by side, each on its own thread, taking packets
+    /// from the node's one input queue; results leave in arrival order. For a per-frame stage
+    /// that one core cannot keep up with (a JPEG encoder at 1080p) on a machine with cores to
+    /// spare. Only operators without state between packets (`inspectflow operators` says which)
+    /// and not with `batch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub replicas: Option<usize>,
 }
 
 fn empty_object() -> serde_json::Value {

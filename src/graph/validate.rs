@@ -299,6 +299,27 @@ pub fn validate(
                 format!("operator '{}' does not take batches", node.op),
             );
         }
+        let replicas = node.replicas.unwrap_or(1);
+        if replicas > 1 && !descriptor.replicable {
+            report.add(
+                &format!("{pointer}/replicas"),
+                Some(&node.id),
+                Some("replicas".into()),
+                format!(
+                    "operator '{}' keeps state between packets (or work in flight), so it runs \
+                     as one instance; remove `replicas`",
+                    node.op
+                ),
+            );
+        } else if replicas > 1 && node.batch.is_some() {
+            report.add(
+                &format!("{pointer}/replicas"),
+                Some(&node.id),
+                Some("replicas".into()),
+                "`replicas` and `batch` do not go together: a batch is one call of one instance"
+                    .to_string(),
+            );
+        }
         validated.push((
             *index,
             ValidatedNode {
@@ -307,6 +328,7 @@ pub fn validate(
                 params: node.params.clone(),
                 restart: node.restart.clone(),
                 batch: node.batch.clone(),
+                replicas,
             },
         ));
     }

@@ -25,6 +25,7 @@ use super::metrics::{
     EdgeReport, MetricsReport, NodeMetrics, NodeReport, QueueReport, SinkReport, SourceReport,
 };
 use super::queue::{EdgeSender, EdgeStats, InputQueue, PopOutcome};
+use super::replicas::{NodeOutputs, Replicas};
 use crate::graph::{RestartPolicy, ValidatedGraph, ValidatedNode};
 
 /// How long a node whose operator holds work in flight waits for that work before it looks at
@@ -205,13 +206,18 @@ struct NodeRuntime {
     input: Option<Arc<InputQueue>>,
     /// Whether a live source feeds the node (its operator is rebuilt with the same context).
     live_input: bool,
-    outputs: Vec<Vec<EdgeSender>>,
-    /// Per output port and edge: whether the edge carries inspection work, which
-    /// [`RunMode::Active`] holds back (a source's edges to anything but a `sink.preview`).
-    inspection: Vec<Vec<bool>>,
+    delivery: Delivery,
     metrics: Arc<NodeMetrics>,
     latest: Option<Arc<LatestFrame>>,
     control: Arc<Control>,
+}
+
+/// Where a node's thread sends what its operator emits.
+enum Delivery {
+    /// The node's one instance sends straight on.
+    Direct(NodeOutputs),
+    /// One of several replicas: results go out in the order their packets arrived.
+    Replica(Arc<Replicas>),
 }
 
 /// The most recent frame a source produced, kept for captures (saving what a camera sees now).
@@ -261,17 +267,22 @@ impl Pipeline {
         for edge in &graph.edges {
             live_input[edge.to] |= edge.live;
         }
-        let mut instances = Vec::with_capacity(graph.nodes.len());
+        // Every instance of every node (one per replica).
+        let mut instances: Vec<Vec<OperatorInstance>> = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
         for (index, node) in graph.nodes.iter().enumerate() {
             let context = BuildContext::new(&node.id).with_live_input(live_input[index]);
-            match node.descriptor.build(node.params.clone(), &context) {
-                Ok(instance) => instances.push(Some(instance)),
-                Err(error) => {
-                    failures.push(failure_of(node, &error));
-                    instances.push(None);
+            let mut built = Vec::with_capacity(node.replicas.max(1));
+            for _ in 0..node.replicas.max(1) {
+                match node.descriptor.build(node.params.clone(), &context) {
+                    Ok(instance) => built.push(instance),
+                    Err(error) => {
+                        failures.push(failure_of(node, &error));
+                        break;
+                    }
                 }
             }
+            instances.push(built);
         }
         if !failures.is_empty() {
             return Err(StartError {
@@ -298,7 +309,9 @@ impl Pipeline {
             aborted: AtomicBool::new(false),
             failure: Mutex::new(None),
             queues: queues.iter().flatten().cloned().collect(),
-            running_threads: std::sync::atomic::AtomicUsize::new(graph.nodes.len()),
+            running_threads: std::sync::atomic::AtomicUsize::new(
+                graph.nodes.iter().map(|node| node.replicas.max(1)).sum(),
+            ),
             ended: tokio::sync::watch::Sender::new(false),
             previewing_only: AtomicBool::new(mode == RunMode::Active),
         });
@@ -364,52 +377,70 @@ impl Pipeline {
             .collect();
 
         let mut threads = Vec::with_capacity(graph.nodes.len());
-        for (index, (node, instance)) in graph.nodes.iter().zip(instances).enumerate() {
-            let Some(instance) = instance else { continue };
-            let runtime = NodeRuntime {
-                pipeline: Arc::from(graph.name.as_str()),
-                run_id: Arc::clone(&run_id),
-                id: Arc::clone(&node.id),
-                descriptor: Arc::clone(&node.descriptor),
-                params: node.params.clone(),
-                restart: node.restart.clone(),
-                restarts_done: 0,
-                batch: node.batch.as_ref().map(|b| {
-                    (
-                        b.max_size,
-                        Duration::from_secs_f64(b.max_wait_ms.max(0.0) / 1000.0),
-                    )
-                }),
-                input: queues[index].clone(),
-                live_input: live_input[index],
-                outputs: std::mem::take(&mut outputs[index]),
+        for (index, (node, node_instances)) in graph.nodes.iter().zip(instances).enumerate() {
+            let outputs = NodeOutputs {
+                ports: std::mem::take(&mut outputs[index]),
                 inspection: std::mem::take(&mut inspection[index]),
-                metrics: Arc::clone(&metrics[index]),
-                latest: latest[index].clone(),
-                control: Arc::clone(&control),
             };
-            let end = ThreadEnd(Arc::clone(&control));
-            let spawned = std::thread::Builder::new()
-                .name(format!("if-{}", node.id))
-                .spawn(move || {
+            let mut deliveries = if node_instances.len() > 1 {
+                let shared = Arc::new(Replicas::new(node_instances.len(), outputs));
+                (0..node_instances.len())
+                    .map(|_| Delivery::Replica(Arc::clone(&shared)))
+                    .collect()
+            } else {
+                vec![Delivery::Direct(outputs)]
+            };
+            for (replica, (instance, delivery)) in node_instances
+                .into_iter()
+                .zip(deliveries.drain(..))
+                .enumerate()
+            {
+                let runtime = NodeRuntime {
+                    pipeline: Arc::from(graph.name.as_str()),
+                    run_id: Arc::clone(&run_id),
+                    id: Arc::clone(&node.id),
+                    descriptor: Arc::clone(&node.descriptor),
+                    params: node.params.clone(),
+                    restart: node.restart.clone(),
+                    restarts_done: 0,
+                    batch: node.batch.as_ref().map(|b| {
+                        (
+                            b.max_size,
+                            Duration::from_secs_f64(b.max_wait_ms.max(0.0) / 1000.0),
+                        )
+                    }),
+                    input: queues[index].clone(),
+                    live_input: live_input[index],
+                    delivery,
+                    metrics: Arc::clone(&metrics[index]),
+                    latest: latest[index].clone(),
+                    control: Arc::clone(&control),
+                };
+                let end = ThreadEnd(Arc::clone(&control));
+                let name = match replica {
+                    0 => format!("if-{}", node.id),
+                    n => format!("if-{}.{n}", node.id),
+                };
+                let spawned = std::thread::Builder::new().name(name).spawn(move || {
                     let _end = end;
                     runtime.run(instance)
                 });
-            match spawned {
-                Ok(handle) => threads.push(handle),
-                Err(error) => {
-                    control.abort();
-                    for handle in threads {
-                        let _ = handle.join();
+                match spawned {
+                    Ok(handle) => threads.push(handle),
+                    Err(error) => {
+                        control.abort();
+                        for handle in threads {
+                            let _ = handle.join();
+                        }
+                        return Err(StartError {
+                            pipeline: graph.name.clone(),
+                            failures: vec![NodeFailure {
+                                node: node.id.to_string(),
+                                op: node.descriptor.name.to_string(),
+                                message: format!("cannot start a thread: {error}"),
+                            }],
+                        });
                     }
-                    return Err(StartError {
-                        pipeline: graph.name.clone(),
-                        failures: vec![NodeFailure {
-                            node: node.id.to_string(),
-                            op: node.descriptor.name.to_string(),
-                            message: format!("cannot start a thread: {error}"),
-                        }],
-                    });
                 }
             }
         }
@@ -625,13 +656,16 @@ impl NodeRuntime {
                 message: format!("operator panicked: {}", panic_message(payload.as_ref())),
             });
         }
-        // End of stream downstream, and upstream learns that nobody listens any more.
-        for port in &mut self.outputs {
-            for sender in port.iter_mut() {
-                sender.close();
+        // End of stream downstream, and upstream learns that nobody listens any more (once the
+        // last replica of the node ends).
+        let last = match &mut self.delivery {
+            Delivery::Direct(outputs) => {
+                outputs.close();
+                true
             }
-        }
-        if let Some(input) = &self.input {
+            Delivery::Replica(replicas) => replicas.finish_one(),
+        };
+        if last && let Some(input) = &self.input {
             input.consumer_done();
         }
     }
@@ -684,35 +718,36 @@ impl NodeRuntime {
         }
     }
 
-    /// Sends one emitted packet to every edge of its port. False when nobody downstream listens.
-    fn forward(&mut self, port: usize, packet: Packet) -> bool {
-        let Some(senders) = self.outputs.get_mut(port) else {
-            return true;
-        };
+    /// Sends a source's packet to every edge of `port`. False when nobody downstream listens.
+    fn forward_from_source(&mut self, port: usize, packet: Packet) -> bool {
         let previewing_only = self.control.previewing_only.load(Ordering::Relaxed);
-        let inspection = self.inspection.get(port);
-        let carries = |edge: usize| {
-            !(previewing_only && inspection.and_then(|i| i.get(edge)).copied() == Some(true))
-        };
-        let last_open = (0..senders.len()).rev().find(|&edge| carries(edge));
-        if let Some(last) = last_open {
-            for (edge, sender) in senders.iter_mut().enumerate().take(last) {
-                if carries(edge) {
-                    sender.send(packet.clone());
-                }
-            }
-            senders[last].send(packet);
+        match &mut self.delivery {
+            Delivery::Direct(outputs) => outputs.forward(previewing_only, port, packet),
+            // Validation refuses replicas of sources (no source is replicable).
+            Delivery::Replica(_) => false,
         }
-        self.outputs.iter().flatten().any(|sender| sender.is_open())
     }
 
-    fn forward_emitted(&mut self, emitter: &mut Emitter) -> bool {
-        let mut listening = true;
-        for (port, packet) in emitter.drain() {
-            self.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
-            listening = self.forward(port, packet);
+    /// Sends on what the operator emitted for the packet with `ticket` (its place in the input's
+    /// order; only replicas use it). False when nobody downstream listens.
+    fn forward_emitted(&mut self, emitter: &mut Emitter, ticket: u64) -> bool {
+        let previewing_only = self.control.previewing_only.load(Ordering::Relaxed);
+        let metrics = &self.metrics;
+        let emitted = emitter.drain().inspect(|_| {
+            metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+        });
+        match &mut self.delivery {
+            Delivery::Direct(outputs) => {
+                let mut listening = true;
+                for (port, packet) in emitted {
+                    listening = outputs.forward(previewing_only, port, packet);
+                }
+                listening
+            }
+            Delivery::Replica(replicas) => {
+                replicas.deliver(ticket, emitted.collect(), previewing_only)
+            }
         }
-        listening
     }
 
     fn run_source(&mut self, mut source: Box<dyn Source>) {
@@ -737,7 +772,7 @@ impl NodeRuntime {
                     }
                     self.metrics
                         .mark_activity(self.control.started, Instant::now(), 1);
-                    if !self.forward(0, packet) {
+                    if !self.forward_from_source(0, packet) {
                         break;
                     }
                 }
@@ -764,26 +799,36 @@ impl NodeRuntime {
         };
         let mut batch = Vec::with_capacity(max);
         let mut emitter = Emitter::new();
+        let replicas = match &self.delivery {
+            Delivery::Replica(replicas) => Some(Arc::clone(replicas)),
+            Delivery::Direct(_) => None,
+        };
         // Whether the operator holds work in flight: then the node never waits for input
-        // without polling it, so results leave as soon as they are ready.
+        // without polling it, so results leave as soon as they are ready. (Replicable operators
+        // never hold work.)
         let mut held = Held::Nothing;
         loop {
             batch.clear();
             let idle_wait = (held == Held::InFlight).then_some(Duration::ZERO);
-            match input.pop(max, fill_wait, idle_wait, &mut batch) {
+            let (outcome, ticket) = match &replicas {
+                Some(replicas) => replicas.take(&input, &mut batch),
+                None => (input.pop(max, fill_wait, idle_wait, &mut batch), 0),
+            };
+            match outcome {
                 PopOutcome::Aborted => return,
                 PopOutcome::Idle => {
                     let polled = transform.poll(HELD_WORK_POLL, &mut emitter);
-                    match self.after_call(polled, &mut emitter, &mut transform) {
+                    match self.after_call(polled, &mut emitter, &mut transform, ticket) {
                         Some(now_held) => held = now_held,
                         None => return,
                     }
                     continue;
                 }
                 PopOutcome::EndOfStream => {
+                    let ticket = replicas.as_ref().map_or(0, |r| r.closing_ticket());
                     match transform.finish(&mut emitter) {
                         Ok(()) => {
-                            self.forward_emitted(&mut emitter);
+                            self.forward_emitted(&mut emitter, ticket);
                         }
                         Err(error) => self.control.fail(self.failure(&error)),
                     }
@@ -809,26 +854,38 @@ impl NodeRuntime {
                 .mark_activity(self.control.started, finished, count);
             // Collect whatever finished meanwhile, without waiting.
             let polled = result.and_then(|()| transform.poll(Duration::ZERO, &mut emitter));
-            match self.after_call(polled, &mut emitter, &mut transform) {
+            match self.after_call(polled, &mut emitter, &mut transform, ticket) {
+                Some(Held::InFlight) if replicas.is_some() => {
+                    // Its later results would have no place in the order.
+                    self.control.fail(
+                        self.failure(&OpError::Failed(
+                            "the operator is declared replicable but holds work in flight; run it \
+                         without `replicas`"
+                                .into(),
+                        )),
+                    );
+                    return;
+                }
                 Some(now_held) => held = now_held,
                 None => return,
             }
         }
     }
 
-    /// Forwards what a transform emitted and handles its failure (restart or stop). Returns
-    /// whether it holds work, or `None` when the node must stop.
+    /// Forwards what a transform emitted for the packet with `ticket` and handles its failure
+    /// (restart or stop). Returns whether it holds work, or `None` when the node must stop.
     fn after_call(
         &mut self,
         result: Result<Held, OpError>,
         emitter: &mut Emitter,
         transform: &mut Box<dyn Transform>,
+        ticket: u64,
     ) -> Option<Held> {
         match result {
-            Ok(held) => self.forward_emitted(emitter).then_some(held),
+            Ok(held) => self.forward_emitted(emitter, ticket).then_some(held),
             Err(error) => {
                 // Whatever the operator emitted before failing still goes on.
-                self.forward_emitted(emitter);
+                self.forward_emitted(emitter, ticket);
                 match self.recover(error) {
                     Some(OperatorInstance::Transform(rebuilt)) => {
                         *transform = rebuilt;

@@ -39,10 +39,11 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<AnomalyParams>(
         "anomaly",
         OperatorKind::Transform,
-        "Optionally smooths the raw anomaly map (`smoothing_sigma`; inspectflow's PaDiM packages smooth inside the model), normalises the map and the score with the package's statistics (threshold at 0.5), labels the frame and resizes the map to it.",
+        "Optionally smooths the raw anomaly map (`smoothing_sigma`; inspectflow's PaDiM packages smooth inside the model), normalises the map and the score with the package's statistics (threshold at 0.5), labels the frame; the map stays at the model's resolution (consumers resize it).",
     )
     .input("in", PortType::Inference)
     .output("out", OutputType::Fixed(PortType::Prediction))
+    .replicable()
     .build_with(|params, _context| Ok(OperatorInstance::Transform(Box::new(Anomaly::new(params)?))))
 }
 

@@ -73,6 +73,7 @@ pub fn descriptor() -> OperatorDescriptor {
     )
     .input("in", PortType::Image)
     .output("out", OutputType::SameAsInput)
+    .replicable()
     .validate(EncodeParams::validate)
     .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(JpegEncoder::new(

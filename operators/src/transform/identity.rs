@@ -20,7 +20,8 @@ pub struct IdentityParams {
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 60000.0))]
     pub sleep_ms: f64,
-    /// Fail with an error on this packet number (1 = the first packet); absent: never fail.
+    /// Fail with an error on this packet number (1 = the first packet; counted by each replica
+    /// of the node on its own); absent: never fail.
     #[serde(default)]
     #[schemars(range(min = 1))]
     pub error_after: Option<u64>,
@@ -36,6 +37,7 @@ pub fn descriptor() -> OperatorDescriptor {
     .input("in", PortType::Any)
     .output("out", OutputType::SameAsInput)
     .batching()
+    .replicable()
     .validate(IdentityParams::validate)
     .build_with(|params, _context| Ok(OperatorInstance::Transform(Box::new(Identity::new(params)?))))
 }

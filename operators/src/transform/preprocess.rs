@@ -103,6 +103,7 @@ pub fn descriptor() -> OperatorDescriptor {
     )
     .input("in", PortType::Image)
     .output("out", OutputType::Fixed(PortType::Tensor))
+    .replicable()
     .validate(PreprocessParams::validate)
     .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(Preprocess::new(

@@ -76,6 +76,7 @@ pub fn descriptor() -> OperatorDescriptor {
     )
     .input("in", PortType::Prediction)
     .output("out", OutputType::Fixed(PortType::Prediction))
+    .replicable()
     .validate(HeatmapParams::validate)
     .build_with(|params, _context| {
         Ok(OperatorInstance::Transform(Box::new(Heatmap {
