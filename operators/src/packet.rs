@@ -154,6 +154,19 @@ impl ImageLayout {
     }
 }
 
+/// Memory holding a frame's pixels: a pooled buffer, or memory another library owns (a video
+/// decoder's picture), kept alive as long as the frame and never written to while shared.
+pub trait PixelMemory: Send + Sync + 'static {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+}
+
+impl PixelMemory for PooledBuffer<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 /// One image with its provenance. Cheap to clone: the pixels are shared.
 #[derive(Clone)]
 pub struct Frame {
@@ -165,7 +178,7 @@ pub struct Frame {
     pub sequence: u64,
     /// When the source captured it.
     pub capture: CaptureTime,
-    pixels: Arc<PooledBuffer<u8>>,
+    pixels: Arc<dyn PixelMemory>,
 }
 
 impl std::fmt::Debug for Frame {
@@ -179,16 +192,17 @@ impl std::fmt::Debug for Frame {
 }
 
 impl Frame {
-    /// Wraps a filled pooled buffer holding at least `layout.byte_len()` bytes.
+    /// Wraps filled memory (a pooled buffer, a decoder's picture) holding at least
+    /// `layout.byte_len()` bytes laid out as `layout` says.
     pub fn new(
-        pixels: PooledBuffer<u8>,
+        pixels: impl PixelMemory,
         layout: ImageLayout,
         stream_id: Arc<str>,
         sequence: u64,
         capture: CaptureTime,
     ) -> Self {
         debug_assert!(layout.stride >= layout.width as usize * layout.format.channels());
-        debug_assert!(pixels.len() >= layout.byte_len());
+        debug_assert!(pixels.bytes().len() >= layout.byte_len());
         Self {
             layout,
             stream_id,
@@ -200,12 +214,12 @@ impl Frame {
 
     /// The pixel bytes, row by row with `layout.stride` bytes per row.
     pub fn pixels(&self) -> &[u8] {
-        &self.pixels
+        self.pixels.bytes()
     }
 
     /// Address of the pixel buffer, for tests and diagnostics that follow a buffer through a graph.
     pub fn pixels_addr(&self) -> usize {
-        self.pixels.as_ptr() as usize
+        self.pixels.bytes().as_ptr() as usize
     }
 }
 

@@ -17,7 +17,8 @@ pub mod devices;
 pub mod file;
 pub mod h264;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use gstreamer as gst;
@@ -27,7 +28,7 @@ use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 
 use crate::contract::OpError;
-use crate::packet::{ImageLayout, PixelFormat, YuvEncoding};
+use crate::packet::{ImageLayout, PixelFormat, PixelMemory, YuvEncoding};
 use crate::pool::{BufferPool, PooledBuffer};
 
 /// Initialises GStreamer once per process; the error says what is missing.
@@ -127,10 +128,48 @@ pub(crate) enum Pace {
     Realtime,
 }
 
+/// Most decoder pictures one reader lets the graph hold at once; beyond that, pictures are
+/// copied, so that however many frames the graph keeps (deep queues, a sink that stores them),
+/// the decoder never waits for its own buffers to come back.
+const MOST_DECODER_PICTURES_HELD: usize = 8;
+
+/// Counts a decoder picture held by the graph until it is dropped.
+pub(crate) struct HeldPicture(Arc<AtomicUsize>);
+
+impl Drop for HeldPicture {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A decoded picture as a frame's memory.
+pub(crate) enum Picture {
+    /// The decoder's own buffer, mapped for reading and held until the last packet using it is
+    /// gone: its planes already lie as a packed frame's do, so nothing is copied.
+    Decoded {
+        /// The buffer, mapped.
+        mapped: gst::MappedBuffer<gst::buffer::Readable>,
+        /// Counts it as held until it is dropped.
+        _held: HeldPicture,
+    },
+    /// A copy, plane by plane without row padding (the decoder's rows are padded, or its planes
+    /// are apart).
+    Copied(PooledBuffer<u8>),
+}
+
+impl PixelMemory for Picture {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Picture::Decoded { mapped, .. } => mapped.as_slice(),
+            Picture::Copied(buffer) => buffer,
+        }
+    }
+}
+
 /// What one pull from the appsink produced.
 pub(crate) enum Pulled {
-    /// A decoded picture, copied into a pooled buffer.
-    Frame(PooledBuffer<u8>, ImageLayout),
+    /// A decoded picture.
+    Frame(Picture, ImageLayout),
     /// Nothing within the timeout.
     Waiting,
     /// The stream ended.
@@ -147,6 +186,8 @@ pub(crate) struct AppSinkReader {
     /// Caps of the last sample and the video info parsed from them (parsed again only when the
     /// caps change).
     info: Option<(gst::Caps, gst_video::VideoInfo)>,
+    /// Decoder pictures the graph holds now.
+    pictures_held: Arc<AtomicUsize>,
 }
 
 impl AppSinkReader {
@@ -197,6 +238,7 @@ impl AppSinkReader {
             format,
             pool: BufferPool::new(8),
             info: None,
+            pictures_held: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -237,8 +279,8 @@ impl AppSinkReader {
                 Pulled::Waiting
             });
         };
-        let (buffer, layout) = self.copy_sample(&sample)?;
-        Ok(Pulled::Frame(buffer, layout))
+        let (picture, layout) = self.picture_of(&sample)?;
+        Ok(Pulled::Frame(picture, layout))
     }
 
     /// Seeks back to the start (looping files).
@@ -251,12 +293,10 @@ impl AppSinkReader {
             .map_err(|e| format!("cannot seek back to the start: {e}"))
     }
 
-    /// Copies one sample, plane by plane and without row padding, into a pooled buffer: the one
-    /// copy between GStreamer's memory and the runtime's.
-    fn copy_sample(
-        &mut self,
-        sample: &gst::Sample,
-    ) -> Result<(PooledBuffer<u8>, ImageLayout), String> {
+    /// One sample as a frame's memory: the decoder's buffer itself when its planes lie as a
+    /// packed frame's do (the usual case: I420 at widths that are a multiple of 8), a pooled
+    /// copy otherwise.
+    fn picture_of(&mut self, sample: &gst::Sample) -> Result<(Picture, ImageLayout), String> {
         let caps = sample.caps().ok_or("decoded sample without caps")?;
         let stale = self
             .info
@@ -271,9 +311,18 @@ impl AppSinkReader {
             return Err("no video info".into());
         };
         let buffer = sample.buffer().ok_or("decoded sample without a buffer")?;
+        let layout = ImageLayout::packed(info.width(), info.height(), self.format.pixel_format());
+        if self.pictures_held.load(Ordering::Acquire) < MOST_DECODER_PICTURES_HELD
+            && lies_packed(buffer, info, &layout)
+            && let Some(owned) = sample.buffer_owned()
+            && let Ok(mapped) = owned.into_mapped_buffer_readable()
+        {
+            self.pictures_held.fetch_add(1, Ordering::AcqRel);
+            let _held = HeldPicture(Arc::clone(&self.pictures_held));
+            return Ok((Picture::Decoded { mapped, _held }, layout));
+        }
         let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info)
             .map_err(|e| format!("cannot map a decoded picture: {e}"))?;
-        let layout = ImageLayout::packed(info.width(), info.height(), self.format.pixel_format());
         let mut pixels = self.pool.get(layout.byte_len());
         let mut offset = 0;
         for plane in 0..frame.n_planes() {
@@ -291,8 +340,30 @@ impl AppSinkReader {
                 offset += row_bytes;
             }
         }
-        Ok((pixels, layout))
+        Ok((Picture::Copied(pixels), layout))
     }
+}
+
+/// Whether `buffer`'s planes (as its video meta says, or the caps when it has none) start and
+/// step exactly as those of a packed frame of `layout`, in one block of memory that holds them
+/// all: then the buffer can be a frame's memory as it is.
+fn lies_packed(buffer: &gst::BufferRef, info: &gst_video::VideoInfo, layout: &ImageLayout) -> bool {
+    let (offsets, strides) = match buffer.meta::<gst_video::VideoMeta>() {
+        Some(meta) => (meta.offset().to_vec(), meta.stride().to_vec()),
+        None => (info.offset().to_vec(), info.stride().to_vec()),
+    };
+    let mut expected_offset = 0;
+    for plane in 0..info.n_planes() as usize {
+        let (row_bytes, rows) = plane_size(layout, plane as u32);
+        let stride = strides.get(plane).copied().unwrap_or(-1);
+        if offsets.get(plane) != Some(&expected_offset) || stride != row_bytes as i32 {
+            return false;
+        }
+        expected_offset += row_bytes * rows;
+    }
+    expected_offset == layout.byte_len()
+        && buffer.n_memory() == 1
+        && buffer.size() >= expected_offset
 }
 
 /// Bytes per row and rows of `plane` of a packed image.
@@ -368,4 +439,84 @@ pub(crate) fn link_decoded_video(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader of `frames` test pictures in I420 at `width` x `height`.
+    fn test_pictures(width: i32, height: i32, frames: i32) -> AppSinkReader {
+        let source = make("videotestsrc").expect("videotestsrc");
+        source.set_property("num-buffers", frames);
+        let filter = make("capsfilter").expect("capsfilter");
+        let caps = gst::Caps::builder("video/x-raw")
+            .field("format", "I420")
+            .field("width", width)
+            .field("height", height)
+            .build();
+        filter.set_property("caps", &caps);
+        let reader = AppSinkReader::new(
+            &[source, filter],
+            |last, convert| {
+                last.link(convert)
+                    .map_err(|e| OpError::Failed(format!("link: {e}")))
+            },
+            VideoFormat::I420,
+            Pace::AsFastAsConsumed,
+        )
+        .expect("reader");
+        reader.start().expect("plays");
+        reader
+    }
+
+    fn next_picture(reader: &mut AppSinkReader) -> (Picture, ImageLayout) {
+        match reader.pull(Duration::from_secs(10)).expect("pulled") {
+            Pulled::Frame(picture, layout) => (picture, layout),
+            Pulled::Waiting => panic!("no picture within 10 s"),
+            Pulled::EndOfStream => panic!("the stream ended early"),
+        }
+    }
+
+    #[test]
+    fn packed_pictures_are_the_decoders_own_memory_and_padded_ones_are_copied_unpadded() {
+        let mut reader = test_pictures(640, 360, 1);
+        let (picture, layout) = next_picture(&mut reader);
+        assert!(
+            matches!(picture, Picture::Decoded { .. }),
+            "640x360 I420 lies packed"
+        );
+        assert_eq!(picture.bytes().len(), layout.byte_len());
+
+        // 66 wide: GStreamer pads the 33-byte chroma rows to 36, so the planes are copied.
+        let mut reader = test_pictures(66, 50, 1);
+        let (picture, layout) = next_picture(&mut reader);
+        assert!(matches!(picture, Picture::Copied(_)));
+        assert_eq!((layout.stride, layout.chroma_size()), (66, (33, 25)));
+        assert!(picture.bytes().len() >= layout.byte_len());
+    }
+
+    #[test]
+    fn a_graph_holding_many_pictures_gets_copies_beyond_the_limit() {
+        let total = MOST_DECODER_PICTURES_HELD + 3;
+        let mut reader = test_pictures(64, 48, total as i32 + 1);
+        let held: Vec<(Picture, ImageLayout)> =
+            (0..total).map(|_| next_picture(&mut reader)).collect();
+        let decoded = held
+            .iter()
+            .filter(|(picture, _)| matches!(picture, Picture::Decoded { .. }))
+            .count();
+        assert_eq!(decoded, MOST_DECODER_PICTURES_HELD);
+        assert!(
+            held[MOST_DECODER_PICTURES_HELD..]
+                .iter()
+                .all(|(picture, _)| matches!(picture, Picture::Copied(_)))
+        );
+        drop(held);
+        let (picture, _) = next_picture(&mut reader);
+        assert!(
+            matches!(picture, Picture::Decoded { .. }),
+            "released pictures count out"
+        );
+    }
 }
