@@ -744,9 +744,7 @@ impl NodeRuntime {
                 }
                 listening
             }
-            Delivery::Replica(replicas) => {
-                replicas.deliver(ticket, emitted.collect(), previewing_only)
-            }
+            Delivery::Replica(replicas) => replicas.deliver(ticket, emitted, previewing_only),
         }
     }
 

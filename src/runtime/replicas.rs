@@ -122,15 +122,23 @@ impl Replicas {
     }
 
     /// Hands over everything emitted for `ticket` (possibly nothing: the turn still passes) and
-    /// sends on whatever is now in turn. False when nobody downstream listens.
+    /// sends on whatever is now in turn. Results in turn go straight out; only those that
+    /// finished early are set aside. False when nobody downstream listens.
     pub fn deliver(
         &self,
         ticket: u64,
-        emitted: Vec<(usize, Packet)>,
+        emitted: impl Iterator<Item = (usize, Packet)>,
         previewing_only: bool,
     ) -> bool {
         let mut state = lock(&self.in_order);
-        state.early.insert(ticket, emitted);
+        if ticket != state.next {
+            state.early.insert(ticket, emitted.collect());
+            return state.listening;
+        }
+        for (port, packet) in emitted {
+            state.listening = state.outputs.forward(previewing_only, port, packet);
+        }
+        state.next += 1;
         loop {
             let next = state.next;
             let Some(results) = state.early.remove(&next) else {

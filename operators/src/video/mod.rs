@@ -348,9 +348,10 @@ impl AppSinkReader {
 /// step exactly as those of a packed frame of `layout`, in one block of memory that holds them
 /// all: then the buffer can be a frame's memory as it is.
 fn lies_packed(buffer: &gst::BufferRef, info: &gst_video::VideoInfo, layout: &ImageLayout) -> bool {
-    let (offsets, strides) = match buffer.meta::<gst_video::VideoMeta>() {
-        Some(meta) => (meta.offset().to_vec(), meta.stride().to_vec()),
-        None => (info.offset().to_vec(), info.stride().to_vec()),
+    let meta = buffer.meta::<gst_video::VideoMeta>();
+    let (offsets, strides) = match &meta {
+        Some(meta) => (meta.offset(), meta.stride()),
+        None => (info.offset(), info.stride()),
     };
     let mut expected_offset = 0;
     for plane in 0..info.n_planes() as usize {
