@@ -24,7 +24,7 @@
 #   and the model compiled before it starts); live latency is the sink's end_to_end_ms
 #   (capture to file in place; histogram buckets round up by at most 6%).
 # - python: benches/e2e_vs_python/peer.py (cv2.VideoCapture, cv2.resize, AsyncInferQueue with
-#   the THROUGHPUT hint and OPTIMAL_NUMBER_OF_INFER_REQUESTS jobs, two post-processing threads:
+#   the THROUGHPUT hint and as many jobs as inspectflow's requests, two post-processing threads:
 #   applyColorMap, resize, addWeighted, imencode, one file per frame); seconds from the first
 #   frame read (model compiled) to the last file written; --realtime for the live mode.
 # - benchmark_app: THROUGHPUT hint on the same IR (inference alone, pre-filled inputs, no
@@ -38,7 +38,8 @@
 #
 # Settings (environment): E2E_CACHE (inputs, model and results; default out/bench-e2e),
 # E2E_FRAMES_1080 (300), E2E_FRAMES_360 (0: the whole shared clip), E2E_BA_SECONDS (15),
-# E2E_PRECISION (f32), E2E_REQUESTS (default: the compiled model's optimal number), E2E_HINT
+# E2E_PRECISION (f32), E2E_REQUESTS (default: inspectflow's own default, twice the compiled model's
+# OPTIMAL_NUMBER_OF_INFER_REQUESTS, given to the peer too), E2E_HINT
 # (throughput; `latency` puts inspectflow and the peer on the latency hint), E2E_RUN_TIMEOUT
 # (900 s a run), INSPECTFLOW_BIN (use this binary instead of building target/release/inspectflow).
 # Everything is local: no network at run time (set-up may install the pinned OpenCV wheel).
@@ -173,7 +174,7 @@ import openvino as ov
 model, hint, precision = sys.argv[1:]
 compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": hint.upper(),
                                                   "INFERENCE_PRECISION_HINT": precision})
-print(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+print(min(max(2 * int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")), 2), 32))
 PY
 )}
 

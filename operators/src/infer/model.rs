@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use openvino::{CompiledModel, DeviceType, InferRequest, RwPropertyKey, Tensor};
+use openvino::{CompiledModel, DeviceType, InferRequest, PropertyKey, RwPropertyKey, Tensor};
 
 use super::runtime::{self, RuntimeError};
 
@@ -194,6 +194,9 @@ pub struct LoadedModel {
     pub outputs: Vec<PortInfo>,
     /// The file it came from.
     pub path: PathBuf,
+    /// Infer requests OpenVINO finds best for the device and hint (its
+    /// `OPTIMAL_NUMBER_OF_INFER_REQUESTS`; 1 when the device does not say).
+    pub optimal_requests: usize,
 }
 
 impl LoadedModel {
@@ -313,11 +316,18 @@ impl LoadedModel {
         let outputs = (0..count)
             .map(|i| describe(call("reading an output", compiled.get_output_by_index(i))?))
             .collect::<Result<Vec<_>, _>>()?;
+        let optimal_requests = compiled
+            .get_property(&PropertyKey::OptimalNumberOfInferRequests)
+            .ok()
+            .and_then(|value| value.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(1);
         Ok(Self {
             compiled: Mutex::new(compiled),
             input,
             outputs,
             path: path.to_path_buf(),
+            optimal_requests,
         })
     }
 

@@ -39,10 +39,12 @@ pub struct InferParams {
     /// otherwise (files and folders: frames per second).
     #[serde(default)]
     pub hint: Option<PerformanceHint>,
-    /// Infer requests in flight.
-    #[serde(default = "default_requests")]
+    /// Infer requests in flight. When absent: twice the number OpenVINO finds best for the
+    /// device and hint (one set runs while the runtime hands the other's results on and fills
+    /// it), at least 2 and at most 32.
+    #[serde(default)]
     #[schemars(range(min = 1, max = 32))]
-    pub requests: usize,
+    pub requests: Option<usize>,
     /// CPU threads for inference; OpenVINO's choice when absent.
     #[serde(default)]
     #[schemars(range(min = 1, max = 1024))]
@@ -74,8 +76,13 @@ fn default_hint(live_input: bool) -> PerformanceHint {
     }
 }
 
-fn default_requests() -> usize {
-    2
+/// Requests in flight when a graph sets none: twice OpenVINO's optimal number (see
+/// [`InferParams::requests`]). With only the optimal number in flight, a stream waits while
+/// its finished request is emptied and refilled. On 2 cores under the throughput hint, 4
+/// requests gave 2-5% more frames a second than 2 on the 1080p job of `benches/e2e_vs_python.sh`
+/// and the same at 360p (BENCHMARKS.md, issue 08).
+fn default_requests(optimal: usize) -> usize {
+    (2 * optimal).clamp(2, 32)
 }
 fn default_precision() -> Precision {
     Precision::F32
@@ -157,7 +164,10 @@ impl Infer {
             },
         )
         .map_err(model_error)?;
-        let mut idle = (0..params.requests)
+        let requests = params
+            .requests
+            .unwrap_or_else(|| default_requests(model.optimal_requests));
+        let mut idle = (0..requests)
             .map(|_| model.request())
             .collect::<Result<Vec<_>, _>>()
             .map_err(model_error)?;
