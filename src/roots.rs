@@ -6,18 +6,43 @@
 //! Operators declare their file parameters in their schemas (`format: path`, see
 //! `inspectflow_operators::params`), and [`PathRoots::confine`] checks every one of every node.
 //! Paths are compared after links are resolved, the way the operating system will follow them.
+//!
+//! The server's data directory is a root of its own kind: graphs may read the model packages in
+//! its `models/` folder and nothing else of it, and a sink may never write into it (its database,
+//! other projects' media and models), not even under a `--path-root` that holds it.
 
 use std::path::{Component, Path, PathBuf};
 
-use inspectflow_operators::OperatorDescriptor;
+use inspectflow_operators::{OperatorDescriptor, OperatorKind};
 use serde_json::Value;
 
 use crate::graph::{GraphError, GraphErrors, ValidatedGraph};
+
+/// What an operator does with a file parameter: sinks write theirs, every other operator reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The file or folder is read (a video, a model, a certificate).
+    Read,
+    /// Files are written there (a result folder, a recording).
+    Write,
+}
+
+impl Access {
+    /// How operators of `kind` use their file parameters.
+    pub fn of(kind: OperatorKind) -> Self {
+        match kind {
+            OperatorKind::Sink => Self::Write,
+            OperatorKind::Source | OperatorKind::Transform => Self::Read,
+        }
+    }
+}
 
 /// The allowed folders, absolute.
 #[derive(Debug, Clone)]
 pub struct PathRoots {
     roots: Vec<PathBuf>,
+    /// The server's data directory, when serving (see the module's documentation).
+    store: Option<PathBuf>,
 }
 
 impl PathRoots {
@@ -28,13 +53,24 @@ impl PathRoots {
                 .iter()
                 .map(|root| lexically_clean(&absolute(root)))
                 .collect(),
+            store: None,
         }
     }
 
-    /// Whether `path` lies under a root once every link in it is followed: the longest prefix
-    /// that exists is resolved by the operating system (so `link/..` goes where the link goes),
-    /// and only the part that does not exist yet is cleaned up lexically.
-    pub fn check(&self, path: &Path) -> Result<(), String> {
+    /// The server's roots: `roots`, and the model packages of the data directory `data_dir`
+    /// to read.
+    pub fn for_server(data_dir: &Path, roots: &[PathBuf]) -> Self {
+        Self {
+            store: Some(lexically_clean(&absolute(data_dir))),
+            ..Self::new(roots)
+        }
+    }
+
+    /// Whether `path`, used for `access`, lies under a root once every link in it is followed:
+    /// the longest prefix that exists is resolved by the operating system (so `link/..` goes
+    /// where the link goes), and only the part that does not exist yet is cleaned up
+    /// lexically.
+    pub fn check(&self, path: &Path, access: Access) -> Result<(), String> {
         let outside = || {
             format!(
                 "{} is outside the path roots ({}); start the server with --path-root to allow it",
@@ -48,6 +84,20 @@ impl PathRoots {
         };
         let resolved =
             resolve(&absolute(path)).map_err(|reason| format!("{}: {reason}", path.display()))?;
+        if let Some(store) = self.store.as_deref().and_then(|s| resolve(s).ok())
+            && resolved.starts_with(&store)
+        {
+            return if access == Access::Read && resolved.starts_with(store.join("models")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} lies in the server's data directory {}, where graphs may only read \
+                     model packages (models/)",
+                    path.display(),
+                    store.display()
+                ))
+            };
+        }
         let inside = self
             .roots
             .iter()
@@ -62,10 +112,15 @@ impl PathRoots {
         descriptor: &OperatorDescriptor,
         params: &Value,
     ) -> Vec<(String, String)> {
+        let access = Access::of(descriptor.kind);
         descriptor
             .file_parameters(params)
             .into_iter()
-            .filter_map(|(field, path)| self.check(Path::new(path)).err().map(|why| (field, why)))
+            .filter_map(|(field, path)| {
+                self.check(Path::new(path), access)
+                    .err()
+                    .map(|why| (field, why))
+            })
             .collect()
     }
 
@@ -154,7 +209,7 @@ fn resolve(path: &Path) -> Result<PathBuf, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::PathRoots;
+    use super::{Access, PathRoots};
     use std::path::Path;
 
     #[test]
@@ -163,15 +218,19 @@ mod tests {
         let roots = PathRoots::new(&[dir.path().join("media")]);
         assert!(
             roots
-                .check(&dir.path().join("media/line1/clip.mp4"))
+                .check(&dir.path().join("media/line1/clip.mp4"), Access::Read)
                 .is_ok()
         );
-        assert!(roots.check(&dir.path().join("media/../secrets")).is_err());
-        assert!(roots.check(Path::new("/etc/passwd")).is_err());
+        assert!(
+            roots
+                .check(&dir.path().join("media/../secrets"), Access::Read)
+                .is_err()
+        );
+        assert!(roots.check(Path::new("/etc/passwd"), Access::Read).is_err());
         std::fs::create_dir_all(dir.path().join("media")).expect("mkdir");
         std::os::unix::fs::symlink("/etc", dir.path().join("media/etc")).expect("link");
         let error = roots
-            .check(&dir.path().join("media/etc/passwd"))
+            .check(&dir.path().join("media/etc/passwd"), Access::Read)
             .unwrap_err();
         assert!(error.contains("--path-root"), "{error}");
     }
@@ -192,20 +251,73 @@ mod tests {
             std::fs::metadata(&escape).is_ok(),
             "the escape path opens a file"
         );
-        assert!(roots.check(&escape).is_err());
+        assert!(roots.check(&escape, Access::Read).is_err());
         // The same through a path that does not exist yet (a sink's output file).
         assert!(
             roots
-                .check(&root.join("a/b/lnk/../../new/out.mp4"))
+                .check(&root.join("a/b/lnk/../../new/out.mp4"), Access::Read)
                 .is_err()
         );
         // Links that stay inside are fine.
         std::os::unix::fs::symlink(root.join("a"), root.join("inside")).expect("link");
-        assert!(roots.check(&root.join("inside/b/file.png")).is_ok());
+        assert!(
+            roots
+                .check(&root.join("inside/b/file.png"), Access::Read)
+                .is_ok()
+        );
         // A dangling link is refused: its target could be created anywhere.
         std::os::unix::fs::symlink(dir.path().join("nowhere"), root.join("dangling"))
             .expect("link");
-        assert!(roots.check(&root.join("dangling")).is_err());
-        assert!(roots.check(&root.join("dangling/out")).is_err());
+        assert!(roots.check(&root.join("dangling"), Access::Read).is_err());
+        assert!(
+            roots
+                .check(&root.join("dangling/out"), Access::Read)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_data_directory_gives_graphs_its_model_packages_to_read_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("models/m1")).expect("mkdir");
+        std::fs::create_dir_all(data.join("projects/p/media")).expect("mkdir");
+        std::fs::write(data.join("inspectflow.redb"), b"db").expect("write");
+        // A --path-root that holds the data directory does not open it.
+        let roots = PathRoots::for_server(&data, std::slice::from_ref(&dir.path().to_path_buf()));
+        let model = data.join("models/m1/model.xml");
+        assert!(roots.check(&model, Access::Read).is_ok());
+        let error = roots.check(&model, Access::Write).unwrap_err();
+        assert!(error.contains("only read model packages"), "{error}");
+        for path in [
+            data.clone(),
+            data.join("inspectflow.redb"),
+            data.join("projects/p/media"),
+            data.join("models/../projects/p/media/x.png"),
+        ] {
+            assert!(
+                roots.check(&path, Access::Read).is_err(),
+                "{}",
+                path.display()
+            );
+            assert!(
+                roots.check(&path, Access::Write).is_err(),
+                "{}",
+                path.display()
+            );
+        }
+        // A link from a root into the data directory is followed, and refused.
+        std::os::unix::fs::symlink(&data, dir.path().join("door")).expect("link");
+        assert!(
+            roots
+                .check(&dir.path().join("door/projects"), Access::Write)
+                .is_err()
+        );
+        // Elsewhere under the roots, sinks write.
+        assert!(
+            roots
+                .check(&dir.path().join("results"), Access::Write)
+                .is_ok()
+        );
     }
 }

@@ -996,6 +996,74 @@ fn schema_mutations(schema: &Value) -> Vec<Value> {
     bodies
 }
 
+/// A PNG of a few bytes whose header claims `width` x `height` RGB pixels (and holds none).
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    let mut writer = encoder.write_header().expect("a PNG header");
+    // An image data chunk with an empty zlib stream: the decoder reads up to it.
+    writer
+        .write_chunk(
+            png::chunk::IDAT,
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        )
+        .expect("a chunk");
+    drop(writer);
+    bytes
+}
+
+/// An upload whose header claims more pixels than the decoding limit (256 MiB) is refused
+/// before they are allocated, image or mask; small valid uploads still pass meanwhile.
+#[test]
+fn an_upload_claiming_a_huge_image_is_refused_before_its_pixels_are_allocated() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&dir.path().join("data"), None);
+    let http = client();
+    let (_, project) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "target"})),
+    );
+    let project = project["id"].as_str().expect("id").to_string();
+    let media_url = server.url(&format!("/api/projects/{project}/media"));
+    // 11000 x 11000 RGB is 363 MB: under the image crate's own default limit, over ours.
+    let huge = png_claiming(11_000, 11_000);
+    assert!(huge.len() < 200, "{} bytes", huge.len());
+    let (status, body) = call(http.post(&media_url).multipart(upload_form(
+        huge.clone(),
+        None,
+        None,
+    )));
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    let detail = body["detail"]
+        .as_str()
+        .expect("detail")
+        .to_ascii_lowercase();
+    assert!(
+        detail.starts_with("file:") && detail.contains("limit"),
+        "{body}"
+    );
+    let (status, body) = call(http.post(&media_url).multipart(upload_form(
+        png(32, 32, 5),
+        None,
+        Some(huge),
+    )));
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .starts_with("mask:"),
+        "{body}"
+    );
+    let (status, body) = call(http.post(&media_url).multipart(upload_form(
+        png(32, 32, 5),
+        None,
+        None,
+    )));
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 #[test]
 fn malformed_requests_to_every_documented_route_never_get_a_5xx() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -957,6 +957,20 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     assert_eq!((map.width(), map.height()), (128, 128));
     let (status, body) = predict(b"not an image".to_vec());
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // Wider than a JPEG can be (the answer's overlay is one): refused, naming the size.
+    let mut wide = Vec::new();
+    image::GrayImage::new(70_000, 8)
+        .write_to(
+            &mut std::io::Cursor::new(&mut wide),
+            image::ImageFormat::Png,
+        )
+        .expect("a PNG");
+    let (status, body) = predict(wide);
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["detail"].as_str().expect("detail").contains("70000x8"),
+        "{body}"
+    );
     let (status, body) = contract.call(
         http.patch(server.url(&format!("/api/projects/{project}/models/{model_id}")))
             .json(&json!({"threshold": 0.0})),
@@ -1217,6 +1231,49 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     );
 }
 
+/// While a stop drains a pipeline (up to 10 s), the pipeline still writes and uses what it
+/// names: its record and its project cannot be deleted until it has been joined.
+#[test]
+fn a_pipeline_that_is_draining_after_a_stop_still_holds_its_record_and_project() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&dir.path().join("data"), None);
+    let http = client();
+    let project = create_project(&http, &server, "draining");
+    let pipelines_url = server.url(&format!("/api/projects/{project}/pipelines"));
+    let (status, pipeline) = call(http.post(&pipelines_url).json(&json!({
+        "name": "slow",
+        "graph": {"name": "slow", "nodes": [
+            {"id": "camera", "op": "source.synthetic",
+             "params": {"width": 32, "height": 32, "fps": 100, "realtime": true}},
+            {"id": "slow", "op": "identity", "params": {"sleep_ms": 150}},
+            {"id": "out", "op": "sink.null"}
+        ], "edges": [
+            {"from": "camera", "to": "slow", "queue": {"capacity": 16, "policy": "block"}},
+            {"from": "slow", "to": "out"}
+        ]}
+    })));
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let pipeline_id = pipeline["id"].as_str().expect("id").to_string();
+    let (status, started) = call(
+        http.post(server.url("/api/active-pipelines"))
+            .json(&json!({"pipeline_id": pipeline_id})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    // The queue fills (16 packets: 2.4 s of draining at 150 ms each).
+    std::thread::sleep(Duration::from_millis(500));
+    let stop_url = server.url(&format!("/api/active-pipelines/{pipeline_id}"));
+    let stopper = std::thread::spawn(move || call(client().delete(stop_url)));
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = call(http.delete(format!("{pipelines_url}/{pipeline_id}")));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = call(http.delete(server.url(&format!("/api/projects/{project}"))));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, stopped) = stopper.join().expect("the stop returns");
+    assert_eq!(status, StatusCode::OK, "{stopped}");
+    let (status, body) = call(http.delete(format!("{pipelines_url}/{pipeline_id}")));
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+}
+
 #[test]
 fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_node_and_field() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1262,6 +1319,49 @@ fn two_pipelines_run_at_once_each_with_its_own_metrics_and_graph_errors_name_nod
             .contains("node 'out': field 'params.path'"),
         "{body}"
     );
+
+    // The server's own data directory is not a place to write: not its database (an index
+    // appended to it would corrupt it), not a project's media, not a model package.
+    let store_database = std::fs::read(data.join("inspectflow.redb")).expect("the database");
+    for (path, index_file) in [
+        (data.clone(), "inspectflow.redb"),
+        (data.join("projects").join(&project), "results.jsonl"),
+        (data.join("models"), "results.jsonl"),
+    ] {
+        let (status, body) = call(http.post(&pipelines_url).json(&json!({
+            "name": "into the store",
+            "graph": {"name": "store", "nodes": [
+                {"id": "camera", "op": "source.synthetic", "params": {"width": 32, "height": 32}},
+                {"id": "out", "op": "sink.folder", "params": {"path": path, "index_file": index_file}}
+            ], "edges": [{"from": "camera", "to": "out"}]}
+        })));
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let detail = body["detail"].as_str().expect("detail");
+        assert!(
+            detail.contains("node 'out': field 'params.path'")
+                && detail.contains("only read model packages"),
+            "{body}"
+        );
+        let (status, body) = call(http.post(server.url("/api/sinks")).json(&json!({
+            "name": "into the store", "type": "folder", "config": {"path": path}
+        })));
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    }
+    assert_eq!(
+        std::fs::read(data.join("inspectflow.redb"))
+            .expect("the database")
+            .len(),
+        store_database.len()
+    );
+    // A setting that trips a document limit is refused, not stored unchecked.
+    let mut deep = json!(1);
+    for _ in 0..80 {
+        deep = json!([deep]);
+    }
+    let (status, body) = call(http.post(server.url("/api/sinks")).json(&json!({
+        "name": "deep", "type": "webhook", "config": {"url": "gopher://x", "junk": deep}
+    })));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 
     // Two endless synthetic cameras at different sizes, one as YAML and one as JSON.
     let yaml = "name: first\nnodes:\n  - id: camera\n    op: source.synthetic\n    params: {width: 64, height: 48, fps: 200, realtime: true}\n  - id: out\n    op: sink.null\nedges:\n  - {from: camera, to: out}\n";
@@ -1997,8 +2097,9 @@ fn a_running_pipeline_is_watched_live_in_chromium_by_webrtc_or_mjpeg() {
     // certificate) is in the baseline. Memory is then measured after each ten viewers: the
     // server hands freed memory back when a viewer leaves (malloc_trim), so what stays resident
     // is what is still allocated; a leak grows with every viewer, so the second ten must add
-    // little. A leaked webrtcbin (its ICE, DTLS and SRTP state and threads) costs more than a
-    // megabyte; the thread count catches the leak this test was written for exactly.
+    // little (heap fragmentation alone has left 4.5 MB after ten on a busy host). A leaked
+    // webrtcbin (its ICE, DTLS and SRTP state and threads) costs more than a megabyte; the
+    // thread count catches the leak this test was written for exactly.
     let warm_up = browser(&server, &pipeline_id, &["--cycles", "5"]);
     assert_eq!(warm_up["cycles"], 5, "{warm_up}");
     let before = settled_usage(&server, None);
@@ -2019,8 +2120,8 @@ fn a_running_pipeline_is_watched_live_in_chromium_by_webrtc_or_mjpeg() {
         "viewers leave no threads behind: {usage:?}"
     );
     assert!(
-        after.rss_kib <= middle.rss_kib + 4 * 1024,
-        "the last ten viewers leave at most 0.4 MB each behind: {usage:?}"
+        after.rss_kib <= middle.rss_kib + 8 * 1024,
+        "the last ten viewers leave at most 0.8 MB each behind: {usage:?}"
     );
     assert!(
         after.rss_kib <= before.rss_kib + 10 * 1024,
@@ -2418,7 +2519,12 @@ fn training_and_pipelines_run_on_the_chosen_openvino_device() {
 #[test]
 fn sources_and_sinks_travel_as_yaml_and_disconnected_ones_hold_a_pipeline_back() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path(), None);
+    // The path root holds the data directory, which stays closed to sinks all the same.
+    let files = dir.path().to_path_buf();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--path-root", files.to_str().expect("utf-8")],
+    );
     let http = client();
     let contract = Contract::of(&server, &http);
     let project = create_project(&http, &server, "line");
@@ -2454,7 +2560,7 @@ fn sources_and_sinks_travel_as_yaml_and_disconnected_ones_hold_a_pipeline_back()
     })));
 
     // A sink as YAML, out and back in; a secret never leaves.
-    let results = dir.path().join("results");
+    let results = files.join("results");
     let (status, sink) = contract.call(http.post(server.url("/api/sinks")).json(&json!({
         "name": "results", "type": "folder", "config": {"path": results, "create": true}
     })));

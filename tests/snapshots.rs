@@ -529,11 +529,13 @@ fn a_version_1_store_with_data_in_every_table_migrates_and_a_failed_migration_ch
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let http = client();
+    let files = dir.path().join("files");
+    let root = ["--path-root", files.to_str().expect("utf-8")];
     {
-        let server = Server::start(&data, None);
+        let server = Server::start_with(&data, &root);
         let project = project_with_media(&http, &server, dir.path());
         let job = train(&http, &server, &project, None);
-        let folder = data.join("line");
+        let folder = files.join("line");
         std::fs::create_dir_all(&folder).expect("folder");
         let mut ids = Vec::new();
         for (path, body) in [
@@ -647,7 +649,7 @@ fn a_version_1_store_with_data_in_every_table_migrates_and_a_failed_migration_ch
     assert!(keys(&after).is_superset(&keys(&before)));
     let (ok, out) = inspectflow(&["migrate"], &data);
     assert!(ok && out.contains("schema version 2"), "idempotent: {out}");
-    let server = Server::start(&data, None);
+    let server = Server::start_with(&data, &root);
     for (table, id, _) in &before {
         let path = match table.as_str() {
             "projects" => format!("/api/projects/{id}"),

@@ -6,6 +6,7 @@
 //! shows `completed`. Stopping drains queued frames (aborting after 10 s) and answers the final
 //! metrics. Pipelines that were running when the server went down start again with it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -336,6 +337,7 @@ async fn launch(
         started_at: now(),
         uses,
         pipeline: Mutex::new(Some(pipeline)),
+        draining: AtomicBool::new(false),
     });
     let replaced = state
         .pipelines
@@ -392,7 +394,15 @@ async fn stop(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
         .pipelines
         .get(&id)
         .ok_or_else(|| ApiError::not_found("active pipeline", &id))?;
-    let Some(pipeline) = active.pipeline.lock().ok().and_then(|mut p| p.take()) else {
+    // Draining counts as running until the pipeline is joined (see `Active::is_running`).
+    let taken = active.pipeline.lock().ok().and_then(|mut pipeline| {
+        let taken = pipeline.take();
+        if taken.is_some() {
+            active.draining.store(true, Ordering::SeqCst);
+        }
+        taken
+    });
+    let Some(pipeline) = taken else {
         return Err(ApiError::not_found("active pipeline", &id));
     };
     let was_running = !pipeline.is_finished();
@@ -411,8 +421,10 @@ async fn stop(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
         let _ = done.send(());
         outcome
     })
-    .await
-    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .await;
+    active.draining.store(false, Ordering::SeqCst);
+    let outcome =
+        outcome.map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if let Ok(mut all) = state.pipelines.active.lock()
         && all
             .get(&id)

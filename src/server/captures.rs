@@ -180,7 +180,7 @@ async fn capture(body: CaptureBody, state: Arc<AppState>) -> Result<Response, Re
         created_at: now(),
         capture: Some(origin),
     };
-    let media = super::media::save(&state, media, png, &decoded, None).await?;
+    let media = super::media::save(&state, media, png, decoded, None).await?;
     tracing::info!(media = %media.id, pipeline = ?media.capture.as_ref().map(|c| &c.pipeline_id), "captured a frame");
     Ok(warp::reply::with_status(warp::reply::json(&media), StatusCode::CREATED).into_response())
 }

@@ -460,7 +460,7 @@ fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
         ], "edges": [{"from": "endpoint", "to": "partner"}]})
     } else {
         json!({"name": "check", "nodes": [
-            {"id": "partner", "op": "source.synthetic", "params": {"width": 8, "height": 8}},
+            {"id": "partner", "op": "source.synthetic", "params": {"width": 64, "height": 64}},
             {"id": "endpoint", "op": operator, "params": params}
         ], "edges": [{"from": "partner", "to": "endpoint"}]})
     };
@@ -469,10 +469,12 @@ fn validate_params(operator: &str, params: &Value) -> Result<(), String> {
     match crate::graph::load_str("config", &text, true, super::state::registry(), &limits) {
         Ok(_) => Ok(()),
         Err(errors) => {
+            // The endpoint's own error, else one about the whole document (a limit it trips).
             let Some(error) = errors
                 .0
                 .iter()
                 .find(|e| e.node.as_deref() == Some("endpoint"))
+                .or_else(|| errors.0.iter().find(|e| e.node.is_none()))
             else {
                 return Ok(());
             };

@@ -321,29 +321,43 @@ async fn upload(
             ));
         }
     };
-    let decoded = image::load_from_memory(&bytes).map_err(|e| {
-        ApiError::reject(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("file: {filename} does not decode: {e}"),
-        )
-    })?;
-    if let Some(mask) = &form.mask {
-        let mask = image::load_from_memory(mask).map_err(|e| {
+    // Decoding takes a core and up to MAX_DECODED_BYTES: off the async threads, a few at once.
+    let permit = state
+        .image_decodes
+        .acquire()
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mask = form.mask;
+    let name = filename.clone();
+    let (bytes, mask, decoded) = tokio::task::spawn_blocking(move || {
+        let decoded = decode_upload(&bytes).map_err(|e| {
             ApiError::reject(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("mask: does not decode: {e}"),
+                format!("file: {name} does not decode: {e}"),
             )
         })?;
-        if (mask.width(), mask.height()) != (decoded.width(), decoded.height()) {
-            return Err(unprocessable(&format!(
-                "mask: {}x{} does not match the image's {}x{}",
-                mask.width(),
-                mask.height(),
-                decoded.width(),
-                decoded.height()
-            )));
+        if let Some(mask) = &mask {
+            let (width, height) = decode_upload(mask)
+                .map(|mask| (mask.width(), mask.height()))
+                .map_err(|e| {
+                    ApiError::reject(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        format!("mask: does not decode: {e}"),
+                    )
+                })?;
+            if (width, height) != (decoded.width(), decoded.height()) {
+                return Err(unprocessable(&format!(
+                    "mask: {width}x{height} does not match the image's {}x{}",
+                    decoded.width(),
+                    decoded.height()
+                )));
+            }
         }
-    }
+        Ok((bytes, mask, decoded))
+    })
+    .await
+    .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    drop(permit);
     let media = Media {
         id: uuid::Uuid::new_v4().to_string(),
         project_id,
@@ -357,13 +371,26 @@ async fn upload(
         height: decoded.height(),
         format: format.to_string(),
         size_bytes: bytes.len() as u64,
-        has_mask: form.mask.is_some(),
+        has_mask: mask.is_some(),
         sha256: None,
         created_at: now(),
         capture: None,
     };
-    let media = save(&state, media, bytes, &decoded, form.mask).await?;
+    let media = save(&state, media, bytes, decoded, mask).await?;
     Ok(warp::reply::with_status(warp::reply::json(&media), StatusCode::CREATED).into_response())
+}
+
+/// The most memory one uploaded image (or its mask) may decode to: 256 MiB, 89 megapixels of
+/// RGB. A small file can claim a huge image; this refuses it before the pixels are allocated.
+pub(crate) const MAX_DECODED_BYTES: u64 = 256 << 20;
+
+/// Decodes an uploaded PNG or JPEG within [`MAX_DECODED_BYTES`].
+fn decode_upload(bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    reader.decode()
 }
 
 /// Saves a new item: its image, thumbnail (made from `decoded`) and mask are written under
@@ -374,23 +401,24 @@ pub(crate) async fn save(
     state: &Arc<AppState>,
     mut media: Media,
     bytes: Vec<u8>,
-    decoded: &image::DynamicImage,
+    decoded: image::DynamicImage,
     mask: Option<Vec<u8>>,
 ) -> Result<Media, Rejection> {
     media.sha256 = Some(super::blobs::sha256_hex(&bytes));
-    let mut thumbnail = Vec::new();
-    decoded
-        .thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-        .to_rgb8()
-        .write_to(
-            &mut std::io::Cursor::new(&mut thumbnail),
-            image::ImageFormat::Jpeg,
-        )
-        .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let record = media.clone();
     let data_dir = state.data_dir.clone();
     let saved = blocking(state, move |store| {
         let io = |e: std::io::Error| super::store::StoreError::Database(e.to_string());
+        let mut thumbnail = Vec::new();
+        decoded
+            .thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+            .to_rgb8()
+            .write_to(
+                &mut std::io::Cursor::new(&mut thumbnail),
+                image::ImageFormat::Jpeg,
+            )
+            .map_err(|e| super::store::StoreError::Database(format!("thumbnail: {e}")))?;
+        drop(decoded);
         let mut files = vec![
             (record.image_path(&data_dir), bytes),
             (record.thumbnail_path(&data_dir), thumbnail),

@@ -109,7 +109,7 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
         data_dir,
         token,
         max_jobs,
-        mut path_roots,
+        path_roots,
         graph_limits,
         webrtc,
         fleet,
@@ -129,15 +129,17 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
     }
     let store = store::Store::open(data_dir)
         .map_err(|e| format!("cannot open the store in {}: {e}", data_dir.display()))?;
-    path_roots.insert(0, data_dir.to_path_buf());
     let state = Arc::new(state::AppState {
         store,
         token,
         data_dir: data_dir.to_path_buf(),
-        roots: crate::roots::PathRoots::new(&path_roots),
+        roots: crate::roots::PathRoots::for_server(data_dir, &path_roots),
         graph_limits,
         jobs: training::JobRunner::new(max_jobs),
         models: models::LoadedModels::default(),
+        image_decodes: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ),
         // Created here, on the main thread: pipelines start on its launcher thread at normal
         // priority, whereas the runtime's threads below run at a lower one.
         pipelines: running::ActivePipelines::new()?,

@@ -410,6 +410,16 @@ async fn predict(
                 .map_err(|e| {
                     ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, format!("file: {e}"))
                 })?;
+        let (width, height) = (frame.layout.width, frame.layout.height);
+        if width.max(height) > JPEG_MAX_SIDE {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "file: the image is {width}x{height}; the answer's overlay is a JPEG, which \
+                     holds at most {JPEG_MAX_SIDE} pixels a side"
+                ),
+            ));
+        }
         let prediction = predictor.score(&frame).map_err(|e| {
             ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, format!("file: {e}"))
         })?;
@@ -417,7 +427,6 @@ async fn predict(
             .overlay(&frame, &prediction)
             .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         let internal = |e: String| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e);
-        let (width, height) = (frame.layout.width, frame.layout.height);
         let map: Vec<u8> = crate::operators::map_upsample::upsample(
             &prediction.map,
             prediction.map_width as usize,
@@ -445,6 +454,9 @@ async fn predict(
     .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(warp::reply::json(&answer).into_response())
 }
+
+/// The largest width or height a JPEG (libjpeg-turbo) encodes.
+const JPEG_MAX_SIDE: u32 = 65_500;
 
 fn encode_png_gray(pixels: &[u8], width: u32, height: u32) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();

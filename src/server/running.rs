@@ -4,6 +4,7 @@
 //! run at shutdown. [`super::active`] is the HTTP resource over it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,15 +31,22 @@ pub(crate) struct Active {
     pub(crate) uses: Uses,
     /// Taken when the pipeline is stopped and joined.
     pub(crate) pipeline: Mutex<Option<Pipeline>>,
+    /// Set while a stop drains and joins the pipeline (up to 10 s), after it was taken from
+    /// `pipeline`: it still writes its files and uses its model, sources and sinks then.
+    pub(crate) draining: AtomicBool,
 }
 
 impl Active {
+    /// Whether the pipeline runs or still drains after a stop: what it uses must stay.
     pub(crate) fn is_running(&self) -> bool {
+        // Read under the lock that a stop takes the pipeline under, so no moment shows it as
+        // neither running nor draining.
         self.pipeline
             .lock()
-            .ok()
-            .and_then(|p| p.as_ref().map(|p| !p.is_finished()))
-            .unwrap_or(false)
+            .is_ok_and(|pipeline| match pipeline.as_ref() {
+                Some(pipeline) => !pipeline.is_finished(),
+                None => self.draining.load(Ordering::SeqCst),
+            })
     }
 
     pub(crate) fn report(&self) -> Option<MetricsReport> {

@@ -12,9 +12,12 @@ pub(crate) struct H264Format {
 }
 
 /// The offer's H.264 format (packetization mode 1) that our constrained-baseline stream fits
-/// best: a constrained-baseline one (`42e0..`) when offered, else the first.
+/// best: a constrained-baseline one (`42e0..`) when offered, else the first. Only what RFC 6184
+/// allows counts: video over RTP, a dynamic payload type (96-127), the 90 kHz clock.
 pub(crate) fn h264_format(sdp: &gst_sdp::SDPMessage) -> Option<H264Format> {
-    let media = sdp.medias().find(|m| m.media() == Some("video"))?;
+    let media = sdp
+        .medias()
+        .find(|m| m.media() == Some("video") && m.proto().is_some_and(|p| p.contains("RTP/")))?;
     let mut candidates: Vec<H264Format> = Vec::new();
     for attribute in media.attributes() {
         if attribute.key() != "rtpmap" {
@@ -22,10 +25,12 @@ pub(crate) fn h264_format(sdp: &gst_sdp::SDPMessage) -> Option<H264Format> {
         }
         let value = attribute.value()?;
         let (pt, codec) = value.split_once(' ')?;
-        if !codec.to_ascii_uppercase().starts_with("H264/") {
+        if !codec.eq_ignore_ascii_case("H264/90000") {
             continue;
         }
-        let payload_type: u32 = pt.parse().ok()?;
+        let Some(payload_type) = pt.parse::<u32>().ok().filter(|pt| (96..=127).contains(pt)) else {
+            continue;
+        };
         let fmtp = media
             .attributes()
             .filter(|a| a.key() == "fmtp")
@@ -112,5 +117,24 @@ mod tests {
             None,
             "mode 0 (one NAL unit per packet) does not fit"
         );
+        assert_eq!(
+            h264_format(&offer(&[(1, "H264", "packetization-mode=1")])),
+            None,
+            "a static payload type is not H.264's"
+        );
+        let odd_clock = gst_sdp::SDPMessage::parse_buffer(
+            b"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 H264/1\r\na=fmtp:96 packetization-mode=1\r\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            h264_format(&odd_clock),
+            None,
+            "H.264 runs on a 90 kHz clock"
+        );
+        let not_rtp = gst_sdp::SDPMessage::parse_buffer(
+            b"v=0\r\nm=video 9 X 96\r\na=rtpmap:96 H264/90000\r\na=fmtp:96 packetization-mode=1\r\n",
+        )
+        .expect("parses");
+        assert_eq!(h264_format(&not_rtp), None, "not RTP");
     }
 }

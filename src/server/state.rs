@@ -25,6 +25,9 @@ pub struct AppState {
     pub jobs: JobRunner,
     /// Compiled models for `:predict`.
     pub models: LoadedModels,
+    /// Uploaded images decoded at once, at most: one per core (each may take up to
+    /// [`super::media::MAX_DECODED_BYTES`] twice, image and mask).
+    pub image_decodes: tokio::sync::Semaphore,
     /// Running pipelines.
     pub pipelines: ActivePipelines,
     /// This engine's part of the fleet, once joined (`serve --fleet-nats`).
