@@ -1056,12 +1056,130 @@ fn an_upload_claiming_a_huge_image_is_refused_before_its_pixels_are_allocated() 
             .starts_with("mask:"),
         "{body}"
     );
+    // A mask is stored as PNG: a JPEG one is refused, not stored under a .png name.
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+        .encode(&[0u8; 32 * 32], 32, 32, image::ExtendedColorType::L8)
+        .expect("jpeg");
+    let (status, body) = call(http.post(&media_url).multipart(upload_form(
+        png(32, 32, 5),
+        None,
+        Some(jpeg),
+    )));
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .starts_with("mask: not a PNG"),
+        "{body}"
+    );
     let (status, body) = call(http.post(&media_url).multipart(upload_form(
         png(32, 32, 5),
         None,
         None,
     )));
     assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// Sends `head` (request line and headers, as given) over a new connection to the server at
+/// `base` and returns what
+/// the server answers within `wait`, up to 4 KB.
+fn raw_exchange(base: &str, head: &str, wait: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let address = base.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(address)?;
+    socket.set_read_timeout(Some(wait))?;
+    socket.write_all(head.as_bytes())?;
+    let mut answer = vec![0u8; 4096];
+    let read = socket.read(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer[..read]).into_owned())
+}
+
+#[test]
+fn broken_headers_oversized_bodies_and_half_sent_requests_are_answered_or_closed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&dir.path().join("data"), None);
+    let http = client();
+    let (_, project) = call(
+        http.post(server.url("/api/projects"))
+            .json(&json!({"name": "target"})),
+    );
+    let project = project["id"].as_str().expect("id").to_string();
+
+    // A multipart upload without its boundary: 400 naming the header, not 405.
+    let (status, body) = call(
+        http.post(server.url(&format!("/api/projects/{project}/media")))
+            .header("content-type", "multipart/form-data")
+            .body("--x\r\n"),
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("content-type"),
+        "{body}"
+    );
+
+    // Each body limit is named by the route that has it (answered from the declared length).
+    let host = server.base.trim_start_matches("http://").to_string();
+    for (path, length, limit) in [
+        (
+            format!("/api/projects/{project}/snapshots:import"),
+            600u64 << 20,
+            "536870912",
+        ),
+        ("/api/sources:import".to_string(), 1 << 20, "65536"),
+        ("/api/projects".to_string(), 2 << 20, "1048576"),
+    ] {
+        let answer = raw_exchange(
+            &server.base,
+            &format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"),
+            Duration::from_secs(10),
+        )
+        .expect("an answer");
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(answer.contains(limit), "{path}: {answer}");
+    }
+
+    // A client that sends half a request, or nothing, loses its connection after the header
+    // deadline (10 s) instead of holding it for ever; the server answers others meanwhile.
+    let waits: Vec<_> = ["GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", ""]
+        .into_iter()
+        .map(|head| {
+            let server_base = server.base.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let answer = raw_exchange(&server_base, head, Duration::from_secs(30));
+                (head, started.elapsed(), answer)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, _) = call(http.get(server.url("/health")));
+    assert_eq!(status, StatusCode::OK);
+    for wait in waits {
+        let (head, took, answer) = wait.join().expect("joined");
+        assert!(
+            took < Duration::from_secs(25),
+            "{head:?}: still open after {took:?}"
+        );
+        // Closed (nothing read, or a reset), or a 408 before closing: never a normal answer.
+        match answer {
+            Ok(text) => assert!(
+                text.is_empty() || text.starts_with("HTTP/1.1 408"),
+                "{head:?}: {text}"
+            ),
+            Err(error) => assert!(
+                !matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{head:?}: {error}"
+            ),
+        }
+    }
 }
 
 #[test]

@@ -396,7 +396,7 @@ nodes:
   - id: mjpeg
     op: source.ip_camera
     params: {{url: "http://127.0.0.1:{port}/mjpeg", reconnect: {{initial_backoff_ms: 100}}}}
-  - {{id: usb, op: source.usb_camera, params: {{device: /dev/video-missing}}}}
+  - {{id: usb, op: source.usb_camera, params: {{device: /dev/video99}}}}
   - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
 edges:
   - {{from: camera, to: probe}}
@@ -422,7 +422,7 @@ edges:
     assert!(
         usb.last_error
             .as_deref()
-            .is_some_and(|e| e.contains("/dev/video-missing")),
+            .is_some_and(|e| e.contains("/dev/video99")),
         "{usb:?}"
     );
     assert!(
@@ -497,15 +497,20 @@ fn corrupt_and_missing_video_files_give_errors_naming_the_file() {
     );
 }
 
-/// A PNG of one flat colour.
+/// A 32x24 PNG of one flat colour.
 fn flat_png(level: u8) -> Vec<u8> {
+    flat_png_sized(level, 32, 24)
+}
+
+/// A PNG of one flat colour and the given size.
+fn flat_png_sized(level: u8, width: u32, height: u32) -> Vec<u8> {
     let mut encoded = Vec::new();
-    let mut encoder = png::Encoder::new(&mut encoded, 32, 24);
+    let mut encoder = png::Encoder::new(&mut encoded, width, height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().expect("header");
     writer
-        .write_image_data(&vec![level; 32 * 24 * 3])
+        .write_image_data(&vec![level; (width * height * 3) as usize])
         .expect("pixels");
     writer.finish().expect("finish");
     encoded
@@ -717,5 +722,41 @@ edges:
     assert!(
         error.contains("record") && error.contains("overwrite"),
         "{error}"
+    );
+}
+
+#[test]
+fn images_of_odd_size_are_recorded_with_their_last_column_and_row_cropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let paths: Vec<String> = (0..3u8)
+        .map(|i| {
+            let path = dir.path().join(format!("{i}.png"));
+            std::fs::write(&path, flat_png_sized(40 + 60 * i, 65, 49)).expect("write png");
+            format!("\"{}\"", path.display())
+        })
+        .collect();
+    let recording = dir.path().join("odd.mp4");
+    let (registry, recordings) = registry_with_probe();
+    let record = format!(
+        "nodes:\n  - {{id: images, op: source.files, params: {{paths: [{}]}}}}\n  - {{id: record, op: sink.video_file, params: {{path: \"{}\"}}}}\nedges:\n  - {{from: images, to: record}}\n",
+        paths.join(", "),
+        recording.display()
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &record), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let read_back = format!(
+        "nodes:\n  - {{id: video, op: source.video_file, params: {{path: \"{}\"}}}}\n  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}\nedges:\n  - {{from: video, to: probe}}\n",
+        recording.display()
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &read_back), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let sizes: Vec<(u32, u32)> = seen_by(&recordings, "probe")
+        .iter()
+        .map(|s| (s.kept_frame().layout.width, s.kept_frame().layout.height))
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![(64, 48); 3],
+        "every frame, one column and row less"
     );
 }

@@ -41,7 +41,7 @@ pub fn routes(state: Arc<AppState>, kind: EndpointKind) -> BoxedFilter<(Response
         .and(warp::path(import_segment))
         .and(warp::path::end())
         .and(warp::post())
-        .and(warp::body::content_length_limit(MAX_YAML_BYTES))
+        .and(super::http::body_limit(MAX_YAML_BYTES, "a YAML document"))
         .and(warp::body::bytes())
         .and(with_kind)
         .and(with_state)

@@ -189,7 +189,26 @@ pub(crate) fn now() -> String {
 /// A JSON body of type `T`, at most [`MAX_JSON_BYTES`].
 pub(crate) fn json_body<T: serde::de::DeserializeOwned + Send>()
 -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
-    warp::body::content_length_limit(MAX_JSON_BYTES).and(warp::body::json::<T>())
+    body_limit(MAX_JSON_BYTES, "a JSON body").and(warp::body::json::<T>())
+}
+
+/// Passes requests whose Content-Length is at most `limit` bytes; refuses larger ones with 413
+/// naming this route's limit and what the body is (`what`), and bodies without a length with 411.
+pub(crate) fn body_limit(
+    limit: u64,
+    what: &'static str,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::body::content_length_limit(limit).or_else(move |rejection: Rejection| async move {
+        let too_large = rejection.find::<warp::reject::PayloadTooLarge>().is_some();
+        Err::<(), _>(if too_large {
+            ApiError::reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body too large: {what} may be at most {limit} bytes"),
+            )
+        } else {
+            rejection
+        })
+    })
 }
 
 /// A path segment `<id>:<name>` (the colon-suffixed actions, as in `/api/jobs/{id}:cancel`),

@@ -328,6 +328,16 @@ async fn upload(
         .await
         .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let mask = form.mask;
+    // The mask is stored as `<id>.mask.png` and read back as PNG: another format is refused
+    // rather than stored under the wrong name (JPEG would also blur its edges).
+    if let Some(mask) = &mask
+        && image::guess_format(mask).ok() != Some(image::ImageFormat::Png)
+    {
+        return Err(ApiError::reject(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "mask: not a PNG image (a mask is a PNG of the image's size)",
+        ));
+    }
     let name = filename.clone();
     let (bytes, mask, decoded) = tokio::task::spawn_blocking(move || {
         let decoded = decode_upload(&bytes).map_err(|e| {

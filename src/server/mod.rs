@@ -16,7 +16,8 @@
 //!    snapshots, kept with their images by [`snapshot_store`], downloaded and imported as
 //!    [`snapshot_file`]) and
 //!    [`captures`] (a running pipeline's current frame saved as a project image);
-//! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors.
+//! 3. the [`router`]: every resource behind authentication, and rejections as JSON errors;
+//!    [`listener`] accepts the connections for it (header deadline, connection bound).
 //!
 //! [`check`] is `check-db`, the store's consistency with its files. [`fleet`] is fleet mode
 //! (`--fleet-nats`: engines sharing pipelines through NATS JetStream), with its buckets in
@@ -40,6 +41,7 @@ pub mod fleet_records;
 pub mod fleet_routes;
 pub mod http;
 pub mod jobs;
+pub mod listener;
 pub mod media;
 pub mod migrations;
 pub mod models;
@@ -193,13 +195,10 @@ pub fn serve(options: ServeOptions) -> Result<(), String> {
             data_dir.display()
         );
         tracing::info!(%address, "serving");
-        let server = warp::serve(router::routes(state))
-            .incoming(listener)
-            .graceful(async move {
-                let _ = stopped.await;
-                let _ = signalled.send(true);
-            })
-            .run();
+        let server = listener::serve(listener, router::routes(state), async move {
+            let _ = stopped.await;
+            let _ = signalled.send(true);
+        });
         // A graceful stop waits for open connections (event streams, slow clients); it gets a
         // few seconds, then the server stops regardless.
         let mut on_signal = on_signal;

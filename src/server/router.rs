@@ -146,7 +146,19 @@ async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
             StatusCode::LENGTH_REQUIRED,
             "the request needs a Content-Length".to_string(),
         )
+    } else if let Some(header) = rejection.find::<warp::reject::InvalidHeader>() {
+        (
+            StatusCode::BAD_REQUEST,
+            invalid_header_detail(header.name()),
+        )
+    } else if let Some(header) = rejection.find::<warp::reject::MissingHeader>() {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("header {}: missing", header.name()),
+        )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        // Last of the known ones: a route that refused only the method matched less of the
+        // request than one that refused a header or the body.
         (
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed on this route".to_string(),
@@ -164,4 +176,15 @@ async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
             errors: None,
         },
     ))
+}
+
+/// What is wrong with a header a route could not read.
+fn invalid_header_detail(name: &str) -> String {
+    if name.eq_ignore_ascii_case("content-type") {
+        "header content-type: invalid (an upload is `multipart/form-data; boundary=...`, a JSON \
+         body `application/json`)"
+            .to_string()
+    } else {
+        format!("header {name}: invalid")
+    }
 }

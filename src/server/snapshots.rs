@@ -36,7 +36,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(create);
     let import = warp::path!("api" / "projects" / String / "snapshots:import")
         .and(warp::post())
-        .and(warp::body::content_length_limit(MAX_IMPORT_BYTES))
+        .and(super::http::body_limit(MAX_IMPORT_BYTES, "a snapshot file"))
         .and(warp::body::bytes())
         .and(with_state.clone())
         .and_then(import);

@@ -127,8 +127,14 @@ fn default_latency_ms() -> u32 {
 pub enum UsbDevice {
     /// `/dev/video<index>`.
     Index(u32),
-    /// A device path under `/dev`, e.g. `/dev/v4l/by-id/usb-...` (no segment starts with a dot).
-    Path(#[schemars(regex(pattern = r"^/dev(/[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]*)+$"))] PathBuf),
+    /// A V4L2 device path: `/dev/video<N>` or a stable link to one under `/dev/v4l/by-id/` or
+    /// `/dev/v4l/by-path/`.
+    Path(
+        #[schemars(regex(
+            pattern = r"^/dev/(video[0-9]+|v4l/by-(id|path)/[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]*)$"
+        ))]
+        PathBuf,
+    ),
 }
 
 impl UsbDevice {
@@ -136,6 +142,31 @@ impl UsbDevice {
         match self {
             UsbDevice::Index(index) => PathBuf::from(format!("/dev/video{index}")),
             UsbDevice::Path(path) => path.clone(),
+        }
+    }
+
+    /// The device file this names, links resolved, when it is a V4L2 character device
+    /// (`/dev/video<N>`): a link under `/dev/v4l/` that leads anywhere else is refused.
+    fn open_path(&self) -> Result<PathBuf, String> {
+        use std::os::unix::fs::FileTypeExt;
+        let path = self.path();
+        let resolved =
+            std::fs::canonicalize(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let is_video_node = resolved
+            .to_str()
+            .and_then(|name| name.strip_prefix("/dev/video"))
+            .is_some_and(|number| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()));
+        let is_char_device = std::fs::metadata(&resolved)
+            .map(|meta| meta.file_type().is_char_device())
+            .unwrap_or(false);
+        if is_video_node && is_char_device {
+            Ok(resolved)
+        } else {
+            Err(format!(
+                "{} is not a V4L2 device (it leads to {})",
+                path.display(),
+                resolved.display()
+            ))
         }
     }
 }
@@ -386,10 +417,7 @@ impl Connect for IpCamera {
 
 impl Connect for UsbCameraParams {
     fn connect(&self) -> Result<AppSinkReader, String> {
-        let path = self.device.path();
-        if !path.exists() {
-            return Err(format!("{} does not exist", path.display()));
-        }
+        let path = self.device.open_path()?;
         let v4l2src = make("v4l2src").map_err(|e| e.to_string())?;
         v4l2src.set_property("device", path.to_string_lossy().as_ref());
         // Raw or MJPEG, whichever the camera offers at the requested size and rate.

@@ -5,7 +5,8 @@
 //! `gst::Buffer` (it returns to its pool when the encoder is done with it), with a video meta
 //! describing the packed planes. Encoding is x264 with `tune=zerolatency`: one access unit out
 //! per frame in, no frame held back. The overlay is encoded when a heatmap operator drew one
-//! (`source: auto`), the frame itself otherwise.
+//! (`source: auto`), the frame itself otherwise. x264 encodes 4:2:0 at even sizes only, so a
+//! frame with an odd width or height loses its last column or row.
 //!
 //! `sink.video_file` writes fragmented MP4 (a fragment a second) under a temporary name and renames
 //! it when the stream ends: the finished name only ever holds a complete file, and even the
@@ -275,13 +276,16 @@ impl Encoder {
         x264.set_property("key-int-max", settings.keyframe_interval);
         let parse = make("h264parse")?;
         let pipeline = gst::Pipeline::new();
-        let mut chain: Vec<gst::Element> = vec![
-            appsrc.clone().upcast(),
-            convert,
-            to_i420,
-            x264,
-            parse.clone(),
-        ];
+        let mut chain: Vec<gst::Element> = vec![appsrc.clone().upcast()];
+        // x264 encodes 4:2:0 only at even sizes: an odd last column or row is cropped off.
+        let (odd_columns, odd_rows) = (layout.width % 2, layout.height % 2);
+        if odd_columns + odd_rows > 0 {
+            let crop = make("videocrop")?;
+            crop.set_property("right", odd_columns as i32);
+            crop.set_property("bottom", odd_rows as i32);
+            chain.push(crop);
+        }
+        chain.extend([convert, to_i420, x264, parse.clone()]);
         let output = match file {
             Some(path) => {
                 let mux = make("mp4mux")?;
@@ -535,7 +539,14 @@ impl Sink for VideoFileSink {
         let Some(encoder) = self.encoder.take() else {
             return Ok(()); // no frame, no file
         };
-        encoder.finish()?;
+        if let Err(error) = encoder.finish() {
+            // A recording that failed before its first fragment holds nothing to play: it goes
+            // rather than stay behind as an empty hidden file (one with fragments is kept).
+            if std::fs::metadata(&self.partial).is_ok_and(|meta| meta.len() == 0) {
+                let _ = std::fs::remove_file(&self.partial);
+            }
+            return Err(error);
+        }
         std::fs::rename(&self.partial, &self.path).map_err(|e| {
             OpError::io(
                 format!(
