@@ -321,16 +321,9 @@ async fn upload(
             ));
         }
     };
-    // Decoding takes a core and up to MAX_DECODED_BYTES: off the async threads, a few at once.
-    let permit = state
-        .image_decodes
-        .acquire()
-        .await
-        .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let mask = form.mask;
     // The mask is stored as `<id>.mask.png` and read back as PNG: another format is refused
     // rather than stored under the wrong name (JPEG would also blur its edges).
-    if let Some(mask) = &mask
+    if let Some(mask) = &form.mask
         && image::guess_format(mask).ok() != Some(image::ImageFormat::Png)
     {
         return Err(ApiError::reject(
@@ -338,6 +331,13 @@ async fn upload(
             "mask: not a PNG image (a mask is a PNG of the image's size)",
         ));
     }
+    // Decoding takes a core and up to MAX_DECODED_BYTES: off the async threads, a few at once.
+    let permit = state
+        .image_decodes
+        .acquire()
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mask = form.mask;
     let name = filename.clone();
     let (bytes, mask, decoded) = tokio::task::spawn_blocking(move || {
         let decoded = decode_upload(&bytes).map_err(|e| {

@@ -507,16 +507,40 @@ struct VideoFileSink {
     encoder: Option<Encoder>,
 }
 
+impl VideoFileSink {
+    /// Removes the temporary file when it holds nothing (the recording failed before its first
+    /// fragment); one with fragments stays, playable up to its last one.
+    fn remove_empty_partial(&self) {
+        if std::fs::metadata(&self.partial).is_ok_and(|meta| meta.len() == 0) {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+impl Drop for VideoFileSink {
+    /// A sink dropped without finishing (it failed, or its pipeline was aborted) stops its
+    /// encoder first, so that what it wrote is flushed or, when empty, removed.
+    fn drop(&mut self) {
+        if let Some(encoder) = self.encoder.take() {
+            drop(encoder);
+            self.remove_empty_partial();
+        }
+    }
+}
+
 impl Sink for VideoFileSink {
     fn consume(&mut self, packet: Packet) -> Result<(), OpError> {
         let frame = image_of(&packet, self.source);
         match &self.encoder {
             None => {
-                self.encoder = Some(Encoder::new(
-                    frame.layout,
-                    &self.settings,
-                    Some(&self.partial),
-                )?);
+                let encoder = Encoder::new(frame.layout, &self.settings, Some(&self.partial));
+                match encoder {
+                    Ok(encoder) => self.encoder = Some(encoder),
+                    Err(error) => {
+                        self.remove_empty_partial();
+                        return Err(error);
+                    }
+                }
             }
             Some(encoder) if encoder.layout != frame.layout => {
                 return Err(OpError::UnsupportedInput(format!(
@@ -540,11 +564,7 @@ impl Sink for VideoFileSink {
             return Ok(()); // no frame, no file
         };
         if let Err(error) = encoder.finish() {
-            // A recording that failed before its first fragment holds nothing to play: it goes
-            // rather than stay behind as an empty hidden file (one with fragments is kept).
-            if std::fs::metadata(&self.partial).is_ok_and(|meta| meta.len() == 0) {
-                let _ = std::fs::remove_file(&self.partial);
-            }
+            self.remove_empty_partial();
             return Err(error);
         }
         std::fs::rename(&self.partial, &self.path).map_err(|e| {
