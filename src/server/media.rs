@@ -100,7 +100,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let upload = warp::path!("api" / "projects" / String / "media")
         .and(warp::post())
         .and(multipart_content_type())
-        .and(warp::multipart::form().max_length(MAX_UPLOAD_BYTES))
+        .and(upload_form())
         .and(with_state.clone())
         .and_then(upload);
     let list = warp::path!("api" / "projects" / String / "media")
@@ -206,6 +206,14 @@ pub(crate) fn multipart_content_type() -> impl Filter<Extract = (), Error = Reje
             }
         })
         .untuple_one()
+}
+
+/// A multipart upload of at most [`MAX_UPLOAD_BYTES`] (a larger declared length gets 413
+/// naming that limit).
+pub(crate) fn upload_form()
+-> impl Filter<Extract = (warp::multipart::FormData,), Error = Rejection> + Clone {
+    super::http::body_limit(MAX_UPLOAD_BYTES, "an upload")
+        .and(warp::multipart::form().max_length(MAX_UPLOAD_BYTES))
 }
 
 pub(crate) async fn project_exists(

@@ -173,7 +173,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(super::media::multipart_content_type())
-        .and(warp::multipart::form().max_length(super::media::MAX_UPLOAD_BYTES))
+        .and(super::media::upload_form())
         .and(with_state.clone())
         .and_then(predict);
     let export = models_prefix()

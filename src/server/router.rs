@@ -10,7 +10,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use super::endpoints::EndpointKind;
-use super::http::{ApiError, ErrorBody, MAX_JSON_BYTES, json_reply};
+use super::http::{ApiError, ErrorBody, json_reply};
 use super::state::AppState;
 
 /// Every route, with authentication and error handling.
@@ -126,12 +126,10 @@ async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
     } else if let Some(error) = rejection.find::<warp::reject::InvalidQuery>() {
         (StatusCode::UNPROCESSABLE_ENTITY, format!("query: {error}"))
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        // Routes name their own limit (`http::body_limit`); this is only a fallback.
         (
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body too large (JSON: {MAX_JSON_BYTES} bytes, uploads: {} bytes)",
-                super::media::MAX_UPLOAD_BYTES
-            ),
+            "request body too large".to_string(),
         )
     } else if rejection
         .find::<warp::reject::UnsupportedMediaType>()
