@@ -14,8 +14,9 @@
 # RSS ratio. Queues block (the default), so a frame the pipeline cannot keep up with shows as
 # a late frame, not a lost one; `dropped` counts what the realtime camera itself skipped.
 #
-# Settings (environment): MULTI_PRECISION (f32), MULTI_HINT (unset: infer.openvino's default
-# for a live source, the latency hint), INSPECTFLOW_BIN, E2E_CACHE (see e2e_vs_python.sh).
+# Settings (environment): MULTI_PRECISION (f32), MULTI_HINT (unset: infer.openvino's default,
+# the latency hint for one camera and the throughput hint for several), INSPECTFLOW_BIN,
+# E2E_CACHE (see e2e_vs_python.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD

@@ -476,3 +476,77 @@ edges:
         "{sequences:?}"
     );
 }
+
+#[test]
+fn operators_are_built_knowing_whether_a_camera_feeds_them_and_how_many_the_pipeline_has() {
+    use inspectflow::operators::{
+        OperatorDescriptor, OperatorInstance, OperatorKind, OutputType, PortType,
+    };
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    struct PassOn;
+    impl inspectflow::operators::Transform for PassOn {
+        fn process(
+            &mut self,
+            packet: inspectflow::operators::Packet,
+            out: &mut inspectflow::operators::Emitter,
+        ) -> Result<(), inspectflow::operators::OpError> {
+            out.emit(0, packet);
+            Ok(())
+        }
+    }
+    let (mut registry, _recordings) = registry_with_probe();
+    // Node id -> (live_input, live_sources) as its build context said.
+    let contexts: std::sync::Arc<std::sync::Mutex<Vec<(String, bool, usize)>>> =
+        std::sync::Arc::default();
+    let recorded = std::sync::Arc::clone(&contexts);
+    registry.register(
+        OperatorDescriptor::builder::<NoParams>(
+            "test.context",
+            OperatorKind::Transform,
+            "Records the context it was built in and passes packets on.",
+        )
+        .input("in", PortType::Any)
+        .output("out", OutputType::SameAsInput)
+        .build_with(move |_, context| {
+            recorded.lock().expect("contexts").push((
+                context.node_id.to_string(),
+                context.live_input,
+                context.live_sources,
+            ));
+            Ok(OperatorInstance::Transform(Box::new(PassOn)))
+        }),
+    );
+    let yaml = r#"
+nodes:
+  - {id: camera1, op: source.synthetic, params: {width: 32, height: 32, frames: 3, fps: 30, realtime: true}}
+  - {id: camera2, op: source.synthetic, params: {width: 32, height: 32, frames: 3, fps: 30, realtime: true}}
+  - {id: file, op: source.synthetic, params: {width: 32, height: 32, frames: 3}}
+  - {id: after1, op: test.context}
+  - {id: after2, op: test.context}
+  - {id: after_file, op: test.context}
+  - {id: out1, op: test.probe}
+  - {id: out2, op: test.probe}
+  - {id: out_file, op: test.probe}
+edges:
+  - {from: camera1, to: after1}
+  - {from: camera2, to: after2}
+  - {from: file, to: after_file}
+  - {from: after1, to: out1}
+  - {from: after2, to: out2}
+  - {from: after_file, to: out_file}
+"#;
+    let outcome = run_to_end(&graph_from_yaml(&registry, yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let mut contexts = contexts.lock().expect("contexts").clone();
+    contexts.sort();
+    assert_eq!(
+        contexts,
+        vec![
+            ("after1".to_string(), true, 2),
+            ("after2".to_string(), true, 2),
+            ("after_file".to_string(), false, 2),
+        ]
+    );
+}

@@ -91,6 +91,9 @@ pub struct BuildContext<'a> {
     /// Whether a live source (a camera, a realtime file) feeds the node: an operator that can
     /// trade latency for throughput picks latency then.
     pub live_input: bool,
+    /// How many live sources the pipeline has. Several cameras are parallel work on the same
+    /// cores: an operator that would pick latency for one camera picks throughput for several.
+    pub live_sources: usize,
 }
 
 impl<'a> BuildContext<'a> {
@@ -99,12 +102,21 @@ impl<'a> BuildContext<'a> {
         Self {
             node_id,
             live_input: false,
+            live_sources: 0,
         }
     }
 
     /// The same context, saying whether a live source feeds the node.
     pub fn with_live_input(self, live_input: bool) -> Self {
         Self { live_input, ..self }
+    }
+
+    /// The same context, saying how many live sources the pipeline has.
+    pub fn with_live_sources(self, live_sources: usize) -> Self {
+        Self {
+            live_sources,
+            ..self
+        }
     }
 }
 

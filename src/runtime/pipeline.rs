@@ -206,6 +206,8 @@ struct NodeRuntime {
     input: Option<Arc<InputQueue>>,
     /// Whether a live source feeds the node (its operator is rebuilt with the same context).
     live_input: bool,
+    /// How many live sources the pipeline has (part of the same context).
+    live_sources: usize,
     delivery: Delivery,
     metrics: Arc<NodeMetrics>,
     latest: Option<Arc<LatestFrame>>,
@@ -267,11 +269,22 @@ impl Pipeline {
         for edge in &graph.edges {
             live_input[edge.to] |= edge.live;
         }
+        // Several cameras share the cores (an operator may pick throughput for them).
+        let live_sources = graph
+            .nodes
+            .iter()
+            .filter(|node| {
+                node.descriptor.kind == OperatorKind::Source
+                    && node.descriptor.is_live(&node.params)
+            })
+            .count();
         // Every instance of every node (one per replica).
         let mut instances: Vec<Vec<OperatorInstance>> = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
         for (index, node) in graph.nodes.iter().enumerate() {
-            let context = BuildContext::new(&node.id).with_live_input(live_input[index]);
+            let context = BuildContext::new(&node.id)
+                .with_live_input(live_input[index])
+                .with_live_sources(live_sources);
             let mut built = Vec::with_capacity(node.replicas.max(1));
             for _ in 0..node.replicas.max(1) {
                 match node.descriptor.build(node.params.clone(), &context) {
@@ -411,6 +424,7 @@ impl Pipeline {
                     }),
                     input: queues[index].clone(),
                     live_input: live_input[index],
+                    live_sources,
                     delivery,
                     metrics: Arc::clone(&metrics[index]),
                     latest: latest[index].clone(),
@@ -702,7 +716,9 @@ impl NodeRuntime {
         }
         match self.descriptor.build(
             self.params.clone(),
-            &BuildContext::new(&self.id).with_live_input(self.live_input),
+            &BuildContext::new(&self.id)
+                .with_live_input(self.live_input)
+                .with_live_sources(self.live_sources),
         ) {
             Ok(instance) => {
                 self.restarts_done += 1;

@@ -34,12 +34,15 @@ pub struct InferParams {
     /// `inspectflow devices`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// OpenVINO performance hint. When absent: `latency` if a live source feeds the node (a
-    /// camera: each frame's result as soon as it can be, one stream's memory), `throughput`
-    /// otherwise (files and folders: frames per second).
+    /// OpenVINO performance hint. When absent: `latency` if a live source feeds the node and it
+    /// is the pipeline's only one (a camera: each frame's result as soon as it can be, one
+    /// stream's memory); `throughput` otherwise: files and folders (frames per second), and
+    /// several cameras, whose frames are parallel work that one stream spread over every core
+    /// would run one at a time.
     #[serde(default)]
     pub hint: Option<PerformanceHint>,
-    /// Infer requests in flight. When absent: twice the number OpenVINO finds best for the
+    /// Infer requests in flight. When absent: 2 for a live source (a camera's next frame is
+    /// filled while the last one runs); otherwise twice the number OpenVINO finds best for the
     /// device and hint (one set runs while the runtime hands the other's results on and fills
     /// it), at least 2 and at most 32.
     #[serde(default)]
@@ -66,23 +69,32 @@ pub struct InferParams {
 fn default_device() -> String {
     super::model::DEFAULT_DEVICE.into()
 }
-/// The hint when a graph sets none: latency for a node that a live source feeds, throughput
-/// otherwise.
-fn default_hint(live_input: bool) -> PerformanceHint {
-    if live_input {
+/// The hint when a graph sets none (see [`InferParams::hint`]): latency for a node that the
+/// pipeline's only live source feeds, throughput otherwise. With four 360p cameras on one model
+/// on 2 cores, the latency hint's one stream of two threads kept 17.2-20.4 frames a second per
+/// camera, the throughput hint's two single-thread streams 22.1-24.4 (f32; bf16: 27.2 against
+/// 29.6): under the latency hint OpenVINO's two threads meet after every layer and spin while
+/// the cameras' decoders and post-processing hold the cores (BENCHMARKS.md, issue 08).
+fn default_hint(live_input: bool, live_sources: usize) -> PerformanceHint {
+    if live_input && live_sources <= 1 {
         PerformanceHint::Latency
     } else {
         PerformanceHint::Throughput
     }
 }
 
-/// Requests in flight when a graph sets none: twice OpenVINO's optimal number (see
-/// [`InferParams::requests`]). With only the optimal number in flight, a stream waits while
-/// its finished request is emptied and refilled. On 2 cores under the throughput hint, 4
-/// requests gave 2-5% more frames a second than 2 on the 1080p job of `benches/e2e_vs_python.sh`
-/// and the same at 360p (BENCHMARKS.md, issue 08).
-fn default_requests(optimal: usize) -> usize {
-    (2 * optimal).clamp(2, 32)
+/// Requests in flight when a graph sets none (see [`InferParams::requests`]). A camera paces
+/// its frames, so 2 keep it busy; files and folders get twice OpenVINO's optimal number: with
+/// only the optimal number in flight, a stream waits while its finished request is emptied and
+/// refilled. On 2 cores under the throughput hint, 4 requests gave 2-5% more frames a second
+/// than 2 on the 1080p job of `benches/e2e_vs_python.sh` and the same at 360p (BENCHMARKS.md,
+/// issue 08).
+fn default_requests(optimal: usize, live_input: bool) -> usize {
+    if live_input {
+        2
+    } else {
+        (2 * optimal).clamp(2, 32)
+    }
 }
 fn default_precision() -> Precision {
     Precision::F32
@@ -102,8 +114,13 @@ pub fn descriptor() -> OperatorDescriptor {
     .output("out", OutputType::Fixed(PortType::Inference))
     .batching()
     .build_with(|params, context| {
-        let hint = params.hint.unwrap_or(default_hint(context.live_input));
-        Ok(OperatorInstance::Transform(Box::new(Infer::new(params, hint)?)))
+        let hint = params
+            .hint
+            .unwrap_or(default_hint(context.live_input, context.live_sources));
+        let live_input = context.live_input;
+        Ok(OperatorInstance::Transform(Box::new(Infer::new(
+            params, hint, live_input,
+        )?)))
     })
 }
 
@@ -151,7 +168,11 @@ fn warm_up(model: &LoadedModel, requests: &mut [InferRequest]) -> Result<(), Mod
 impl Infer {
     /// Takes the model compiled with `hint` (compiling it unless another node already holds it)
     /// and creates this node's requests.
-    pub fn new(params: InferParams, hint: PerformanceHint) -> Result<Self, OpError> {
+    pub fn new(
+        params: InferParams,
+        hint: PerformanceHint,
+        live_input: bool,
+    ) -> Result<Self, OpError> {
         let model = shared::load(
             &params.model,
             &CompileOptions {
@@ -166,7 +187,7 @@ impl Infer {
         .map_err(model_error)?;
         let requests = params
             .requests
-            .unwrap_or_else(|| default_requests(model.optimal_requests));
+            .unwrap_or_else(|| default_requests(model.optimal_requests, live_input));
         let mut idle = (0..requests)
             .map(|_| model.request())
             .collect::<Result<Vec<_>, _>>()
@@ -324,8 +345,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cameras_get_the_latency_hint_and_files_the_throughput_hint() {
-        assert_eq!(default_hint(true), PerformanceHint::Latency);
-        assert_eq!(default_hint(false), PerformanceHint::Throughput);
+    fn one_camera_gets_the_latency_hint_several_cameras_and_files_the_throughput_hint() {
+        assert_eq!(default_hint(true, 1), PerformanceHint::Latency);
+        assert_eq!(default_hint(true, 4), PerformanceHint::Throughput);
+        assert_eq!(default_hint(false, 0), PerformanceHint::Throughput);
+        assert_eq!(default_hint(false, 2), PerformanceHint::Throughput);
+    }
+
+    #[test]
+    fn cameras_keep_two_requests_and_files_twice_the_optimal_number() {
+        assert_eq!(default_requests(1, true), 2);
+        assert_eq!(default_requests(2, true), 2);
+        assert_eq!(default_requests(1, false), 2);
+        assert_eq!(default_requests(2, false), 4);
+        assert_eq!(default_requests(40, false), 32);
     }
 }
