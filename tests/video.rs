@@ -186,6 +186,73 @@ edges:
     );
 }
 
+/// A file played in real time starts its clock when the graph runs, not when the source is
+/// built: a node that takes half a second to build (a model compiling) used to leave the first
+/// frames to come all at once, late, and wait in the queues.
+#[test]
+fn a_file_played_in_real_time_paces_its_first_frames_after_a_slow_build() {
+    use inspectflow::operators::{
+        OperatorDescriptor, OperatorInstance, OperatorKind, OutputType, PortType,
+    };
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    struct PassOn;
+    impl inspectflow::operators::Transform for PassOn {
+        fn process(
+            &mut self,
+            packet: inspectflow::operators::Packet,
+            out: &mut inspectflow::operators::Emitter,
+        ) -> Result<(), inspectflow::operators::OpError> {
+            out.emit(0, packet);
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let video = dir.path().join("numbered.mp4");
+    write_numbered_mp4(&video, 30);
+    let (mut registry, recordings) = registry_with_probe();
+    registry.register(
+        OperatorDescriptor::builder::<NoParams>(
+            "test.slow_to_build",
+            OperatorKind::Transform,
+            "Takes half a second to build, then passes packets on.",
+        )
+        .input("in", PortType::Any)
+        .output("out", OutputType::SameAsInput)
+        .build_with(|_, _| {
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(OperatorInstance::Transform(Box::new(PassOn)))
+        }),
+    );
+    let yaml = format!(
+        r#"
+nodes:
+  - {{id: video, op: source.video_file, params: {{path: "{}", realtime: true}}}}
+  - {{id: model, op: test.slow_to_build}}
+  - {{id: probe, op: test.probe, params: {{keep_frames: true}}}}
+edges:
+  - {{from: video, to: model, queue: {{capacity: 32, policy: block}}}}
+  - {{from: model, to: probe, queue: {{capacity: 32, policy: block}}}}
+"#,
+        video.display()
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let seen = seen_by(&recordings, "probe");
+    assert_eq!(seen.len(), 30, "every frame arrives");
+    let captured: Vec<Instant> = seen
+        .iter()
+        .map(|s| s.kept_frame().capture.instant)
+        .collect();
+    // Ten frames at 30 FPS span 300 ms; a burst spans a few.
+    let first_ten = captured[9].duration_since(captured[0]);
+    assert!(
+        first_ten >= Duration::from_millis(200),
+        "the first ten frames were captured within {first_ten:?}: a burst, not 30 FPS"
+    );
+}
+
 #[test]
 fn a_looping_file_in_rgb_goes_round_and_keeps_numbering_frames() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -89,7 +89,8 @@ const STALL_LIMIT: Duration = Duration::from_secs(10);
 const REALTIME_STALL_LIMIT: Duration = Duration::from_secs(60);
 
 impl VideoFileSource {
-    /// Opens the file and starts decoding; a missing or unreadable file fails here.
+    /// Opens the file and decodes up to its first picture (playing starts with the first
+    /// frame asked for); a missing or unreadable file fails here.
     pub fn open(params: VideoFileParams, node_id: &str) -> Result<Self, OpError> {
         let path = params.path;
         if !path.is_file() {
