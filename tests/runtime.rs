@@ -479,44 +479,22 @@ edges:
 
 #[test]
 fn operators_are_built_knowing_whether_a_camera_feeds_them_and_how_many_the_pipeline_has() {
-    use inspectflow::operators::{
-        OperatorDescriptor, OperatorInstance, OperatorKind, OutputType, PortType,
-    };
-    #[derive(serde::Deserialize, schemars::JsonSchema)]
-    #[serde(deny_unknown_fields)]
-    struct NoParams {}
-    struct PassOn;
-    impl inspectflow::operators::Transform for PassOn {
-        fn process(
-            &mut self,
-            packet: inspectflow::operators::Packet,
-            out: &mut inspectflow::operators::Emitter,
-        ) -> Result<(), inspectflow::operators::OpError> {
-            out.emit(0, packet);
-            Ok(())
-        }
-    }
     let (mut registry, _recordings) = registry_with_probe();
-    // Node id -> (live_input, live_sources) as its build context said.
+    // Node id, live_input and live_sources as each build context said.
     let contexts: std::sync::Arc<std::sync::Mutex<Vec<(String, bool, usize)>>> =
         std::sync::Arc::default();
     let recorded = std::sync::Arc::clone(&contexts);
-    registry.register(
-        OperatorDescriptor::builder::<NoParams>(
-            "test.context",
-            OperatorKind::Transform,
-            "Records the context it was built in and passes packets on.",
-        )
-        .input("in", PortType::Any)
-        .output("out", OutputType::SameAsInput)
-        .build_with(move |_, context| {
+    common::register_pass_on(
+        &mut registry,
+        "test.context",
+        "Records the context it was built in and passes packets on.",
+        move |context| {
             recorded.lock().expect("contexts").push((
                 context.node_id.to_string(),
                 context.live_input,
                 context.live_sources,
             ));
-            Ok(OperatorInstance::Transform(Box::new(PassOn)))
-        }),
+        },
     );
     let yaml = r#"
 nodes:

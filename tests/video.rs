@@ -191,39 +191,15 @@ edges:
 /// frames to come all at once, late, and wait in the queues.
 #[test]
 fn a_file_played_in_real_time_paces_its_first_frames_after_a_slow_build() {
-    use inspectflow::operators::{
-        OperatorDescriptor, OperatorInstance, OperatorKind, OutputType, PortType,
-    };
-    #[derive(serde::Deserialize, schemars::JsonSchema)]
-    #[serde(deny_unknown_fields)]
-    struct NoParams {}
-    struct PassOn;
-    impl inspectflow::operators::Transform for PassOn {
-        fn process(
-            &mut self,
-            packet: inspectflow::operators::Packet,
-            out: &mut inspectflow::operators::Emitter,
-        ) -> Result<(), inspectflow::operators::OpError> {
-            out.emit(0, packet);
-            Ok(())
-        }
-    }
     let dir = tempfile::tempdir().expect("temp dir");
     let video = dir.path().join("numbered.mp4");
     write_numbered_mp4(&video, 30);
     let (mut registry, recordings) = registry_with_probe();
-    registry.register(
-        OperatorDescriptor::builder::<NoParams>(
-            "test.slow_to_build",
-            OperatorKind::Transform,
-            "Takes half a second to build, then passes packets on.",
-        )
-        .input("in", PortType::Any)
-        .output("out", OutputType::SameAsInput)
-        .build_with(|_, _| {
-            std::thread::sleep(Duration::from_millis(500));
-            Ok(OperatorInstance::Transform(Box::new(PassOn)))
-        }),
+    common::register_pass_on(
+        &mut registry,
+        "test.slow_to_build",
+        "Takes half a second to build, then passes packets on.",
+        |_| std::thread::sleep(Duration::from_millis(500)),
     );
     let yaml = format!(
         r#"

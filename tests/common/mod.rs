@@ -257,6 +257,40 @@ impl Transform for Verdict {
     }
 }
 
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// Hands every packet on unchanged.
+struct PassOn;
+
+impl Transform for PassOn {
+    fn process(&mut self, packet: Packet, out: &mut Emitter) -> Result<(), OpError> {
+        out.emit(0, packet);
+        Ok(())
+    }
+}
+
+/// Registers `name`: a transform without parameters that hands packets on unchanged, and calls
+/// `on_build` with its build context each time it is built (to record the context, or to take
+/// time as a model compiling does).
+pub fn register_pass_on(
+    registry: &mut Registry,
+    name: &'static str,
+    summary: &'static str,
+    on_build: impl Fn(&BuildContext) + Send + Sync + 'static,
+) {
+    registry.register(
+        OperatorDescriptor::builder::<NoParams>(name, OperatorKind::Transform, summary)
+            .input("in", PortType::Any)
+            .output("out", OutputType::SameAsInput)
+            .build_with(move |_, context| {
+                on_build(context);
+                Ok(OperatorInstance::Transform(Box::new(PassOn)))
+            }),
+    );
+}
+
 /// Validates YAML graph text, panicking with the errors when invalid.
 pub fn graph_from_yaml(registry: &Registry, yaml: &str) -> ValidatedGraph {
     graph::load_str(
