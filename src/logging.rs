@@ -4,6 +4,7 @@
 //! (sinks: webhook, MQTT, folder). The training worker writes `training.log` itself, with the
 //! job's child process output.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -46,7 +47,9 @@ where
 
 /// Installs the subscriber; with `log_dir`, also the log files.
 pub fn init(log_dir: Option<&Path>) -> Result<(), String> {
+    // Colours only on a terminal: a log redirected to a file or a collector stays plain text.
     let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()));
     let Some(dir) = log_dir else {

@@ -74,6 +74,22 @@ fn states(view: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The lines of the engines' logs (`<data dir>/logs/app.log`, under `engine-<i>` of `dir`) that
+/// mention pipeline `id`, each with its engine: what a failed assertion about it shows.
+fn engine_log_lines(dir: &Path, id: &str) -> String {
+    let mut lines = Vec::new();
+    for engine in 0..3 {
+        let log = dir.join(format!("engine-{engine}/logs/app.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        lines.extend(
+            text.lines()
+                .filter(|line| line.contains(id))
+                .map(|line| format!("engine-{engine}: {line}")),
+        );
+    }
+    lines.join("\n")
+}
+
 #[test]
 fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_losing_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -279,7 +295,12 @@ fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_los
         let id = pipeline["pipeline_id"].as_str().expect("id");
         // A pipeline that never moved ran once: JetStream had none of its results before.
         if !orphans.contains(id) {
-            assert_eq!(skipped, 0, "{id} ran once: {pipeline}");
+            assert_eq!(
+                skipped,
+                0,
+                "{id} ran once: {pipeline}\nwhat the engines logged about it:\n{}",
+                engine_log_lines(dir.path(), id)
+            );
         }
         duplicates_sent += skipped;
     }
