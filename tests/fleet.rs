@@ -478,3 +478,95 @@ fn a_stopping_engine_hands_its_pipeline_over_at_once_and_changes_and_deletes_rea
     assert!(results > 0, "the pipeline published results");
     drop(nats);
 }
+
+#[test]
+fn a_nats_restart_shorter_than_a_lease_leaves_fleet_runs_where_they_are() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut nats = NatsServer::start(dir.path());
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("media dir");
+    let video = media.join("line.mp4");
+    clip(&video);
+    let media_root = media.to_string_lossy().to_string();
+    let url = nats.url();
+    let http = client();
+    // A 12 s lease: renewals every 2 s, and a run is aborted once its lease went 8 s without
+    // one, which leaves room for a loaded machine around the 3 s outage below.
+    let data = dir.path().join("only");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let only = Server::start_with(
+        &data,
+        &[
+            "--fleet-nats",
+            &url,
+            "--engine-id",
+            "only",
+            "--path-root",
+            &media_root,
+            "--fleet-lease-s",
+            "12",
+        ],
+    );
+    let graph = format!(
+        "name: steady\nnodes:\n  - {{id: camera, op: source.video_file, params: {{path: {}, realtime: true, loop: true}}}}\n  \
+         - {{id: out, op: sink.nats, params: {{url: \"{url}\", subject: \"steady\", stream: STEADY, initial_backoff_ms: 50, max_backoff_ms: 500}}}}\n\
+         edges:\n  - {{from: camera, to: out, queue: {{policy: block}}}}\n",
+        video.display()
+    );
+    let (status, body) = call(
+        http.put(only.url("/api/fleet/pipelines/steady"))
+            .json(&json!({ "graph": graph })),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let sent = |view: &Value| -> u64 {
+        view["metrics"]["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
+            .and_then(|n| n["packets_in"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_until("the engine runs it", Duration::from_secs(20), || {
+        let view = pipeline(&http, &only, "steady");
+        view["state"] == "running" && sent(&view) > 0
+    });
+
+    // NATS goes away and comes back (a crash and a restart on the same store): an outage well
+    // within the lease costs the run nothing but a few retried publishes. (With async-nats's
+    // default reconnect backoff, which grows to 4 s, the engine came back too late and aborted
+    // the run.)
+    nats.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    nats.resume();
+    let before = Instant::now();
+    wait_until("the fleet answers again", Duration::from_secs(15), || {
+        call(http.get(only.url("/api/fleet"))).0 == StatusCode::OK
+    });
+    // Longer than the lease: a run aborted for its lease would have been started again.
+    std::thread::sleep(Duration::from_secs(13).saturating_sub(before.elapsed()));
+    let view = pipeline(&http, &only, "steady");
+    assert_eq!(view["state"], "running", "{view}");
+    assert_eq!(view["engine"], "only", "{view}");
+    let log = std::fs::read_to_string(dir.path().join("only/logs/app.log")).unwrap_or_default();
+    let starts = log
+        .lines()
+        .filter(|line| line.contains("fleet: started") && line.contains("pipeline=steady"))
+        .count();
+    assert_eq!(starts, 1, "the run was never restarted:\n{log}");
+    assert!(
+        !log.contains("aborting"),
+        "no run was aborted for its lease:\n{log}"
+    );
+    let sink = view["metrics"]["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
+        .map(|n| n["sink"].clone())
+        .expect("sink metrics");
+    assert_eq!(sink["failed"], 0, "{view}");
+    // It went on publishing after the blip.
+    let after = sent(&view);
+    wait_until(
+        "more results after the blip",
+        Duration::from_secs(10),
+        || sent(&pipeline(&http, &only, "steady")) > after,
+    );
+}

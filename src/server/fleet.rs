@@ -102,11 +102,14 @@ impl Fleet {
             )));
         }
         let addresses: Vec<String> = servers.split(',').map(|s| s.trim().to_string()).collect();
+        let lease = Duration::from_secs(settings.lease_s);
+        let tick = (lease / 6).max(Duration::from_millis(200));
         let client = tokio::time::timeout(
             Duration::from_secs(10),
             async_nats::ConnectOptions::new()
                 .name(format!("inspectflow-engine-{engine}"))
                 .max_reconnects(None)
+                .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, tick))
                 .connect(addresses.as_slice()),
         )
         .await
@@ -117,7 +120,6 @@ impl Fleet {
         })?
         .map_err(|e| FleetError(format!("--fleet-nats: cannot connect to {servers}: {e}")))?;
         let jetstream = jetstream::new(client);
-        let lease = Duration::from_secs(settings.lease_s);
         let buckets = Buckets::open(&jetstream, &settings.name, lease).await?;
         if let Ok(Some(_)) = buckets.engines.get(&engine).await {
             return Err(FleetError(format!(
@@ -131,7 +133,7 @@ impl Fleet {
             capacity: settings.capacity,
             name: settings.name.clone(),
             lease,
-            tick: (lease / 6).max(Duration::from_millis(200)),
+            tick,
             api,
             started_at: now(),
             buckets,
@@ -397,8 +399,10 @@ impl Fleet {
                 Ok(revision) => revision,
                 // The create may have landed with its acknowledgement lost.
                 Err(_) => match self.own_revision(id, *generation).await {
-                    Some(revision) => revision,
-                    None => continue, // another engine was faster
+                    Ok(Some(revision)) => revision,
+                    // Another engine was faster, or the lease cannot be read now: if this
+                    // engine's create landed after all, the unused lease lapses by itself.
+                    Ok(None) | Err(_) => continue,
                 },
             };
             self.start(state, id, *generation, revision, pipeline).await;
@@ -542,4 +546,35 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long the engine's NATS client waits before reconnect attempt `attempts`: at once, then
+/// doubling from 2 ms up to a quarter of a tick. async-nats's own default grows to 4 s, which
+/// after an outage of 2-3 s left leases unrenewed long enough for the watchdog to abort every
+/// run (renewals stop for the outage plus the last wait); a quarter tick notices the server's
+/// return within 250 ms at the default lease, at a few connection attempts a second meanwhile.
+fn reconnect_delay(attempts: usize, tick: Duration) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let doubling = 2u64.saturating_pow(u32::try_from(attempts - 1).unwrap_or(u32::MAX));
+    Duration::from_millis(doubling).min(tick / 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_come_at_once_then_at_most_a_quarter_tick_apart() {
+        let tick = Duration::from_secs(1);
+        assert_eq!(reconnect_delay(1, tick), Duration::ZERO);
+        assert_eq!(reconnect_delay(2, tick), Duration::from_millis(2));
+        assert_eq!(reconnect_delay(5, tick), Duration::from_millis(16));
+        assert_eq!(reconnect_delay(20, tick), Duration::from_millis(250));
+        assert_eq!(
+            reconnect_delay(usize::MAX, tick),
+            Duration::from_millis(250)
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 
 use super::fleet::Fleet;
-use super::fleet_buckets::live_entry;
+use super::fleet_buckets::{FleetError, live_entry};
 use super::fleet_records::Lease;
 use super::http::now;
 use crate::runtime::metrics::MetricsReport;
@@ -113,8 +113,14 @@ impl Fleet {
                     // Our write may have landed with its acknowledgement lost: adopt the
                     // lease if it still names this engine and generation.
                     match self.own_revision(&id, generation).await {
-                        Some(revision) => Renewal::Renewed(revision),
-                        None => Renewal::Taken,
+                        Ok(Some(revision)) => Renewal::Renewed(revision),
+                        Ok(None) => Renewal::Taken,
+                        Err(error) => {
+                            // Not knowing is not losing: the watchdog aborts the run if this
+                            // lasts until the lease could lapse.
+                            tracing::warn!(pipeline = %id, "fleet: lease renewal unconfirmed: {error}");
+                            Renewal::Failed
+                        }
                     }
                 }
                 Ok(Err(error)) => {
@@ -172,11 +178,20 @@ impl Fleet {
         }
     }
 
-    /// The lease's current revision when it still names this engine and `generation`.
-    pub(super) async fn own_revision(&self, id: &str, generation: u64) -> Option<u64> {
-        let entry = live_entry(&self.buckets.leases, id).await.ok()??;
-        let lease: Lease = serde_json::from_slice(&entry.value).ok()?;
-        (lease.engine == self.engine && lease.generation == generation).then_some(entry.revision)
+    /// The lease's current revision when it still names this engine and `generation`; None
+    /// when it is gone or names another; an error when it could not be read (which says
+    /// nothing about who holds it).
+    pub(super) async fn own_revision(
+        &self,
+        id: &str,
+        generation: u64,
+    ) -> Result<Option<u64>, FleetError> {
+        let Some(entry) = live_entry(&self.buckets.leases, id).await? else {
+            return Ok(None);
+        };
+        let mine = serde_json::from_slice::<Lease>(&entry.value)
+            .is_ok_and(|lease| lease.engine == self.engine && lease.generation == generation);
+        Ok(mine.then_some(entry.revision))
     }
 
     /// Hands a lease back (only if it is still at `revision`, i.e. ours).
