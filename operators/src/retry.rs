@@ -1,7 +1,8 @@
 //! Retry and backoff settings, one type for every operator that reconnects or retries
-//! (`sink.webhook`, `sink.mqtt`, `source.ip_camera`, `source.usb_camera`): the wait before the
-//! next attempt starts at `initial_backoff_ms`, doubles after each failed attempt up to
-//! `max_backoff_ms`, and starts again from `initial_backoff_ms` once an attempt succeeds.
+//! (`sink.webhook`, `sink.mqtt`, `sink.nats`, `source.ip_camera`, `source.usb_camera`; the fleet
+//! engine's NATS client too): the wait before the next attempt starts at `initial_backoff_ms`,
+//! doubles after each failed attempt up to `max_backoff_ms`, and starts again from
+//! `initial_backoff_ms` once an attempt succeeds.
 //!
 //! Operators flatten it into their parameters (`#[serde(flatten)]`), so graph files keep writing
 //! `initial_backoff_ms` and `max_backoff_ms` where they always did; the defaults (200 ms, 10 s)
@@ -79,6 +80,20 @@ impl RetrySettings {
     pub fn next(&self, current: Duration) -> Duration {
         current.saturating_mul(2).min(self.max())
     }
+
+    /// The wait before reconnect attempt `attempt`, counted from 1 as async-nats's
+    /// `reconnect_delay_callback` counts: none before the first, then `initial_backoff_ms`
+    /// doubled after each failure, at most `max_backoff_ms`. (A NATS client left to its own
+    /// default waits up to 4 s whatever the graph says.)
+    pub fn before_attempt(&self, attempt: usize) -> Duration {
+        if attempt <= 1 {
+            return Duration::ZERO;
+        }
+        let doublings = u32::try_from(attempt - 2).unwrap_or(u32::MAX);
+        self.initial()
+            .saturating_mul(2u32.saturating_pow(doublings))
+            .min(self.max())
+    }
 }
 
 #[cfg(test)]
@@ -94,6 +109,20 @@ mod tests {
         let second = settings.next(settings.initial());
         assert_eq!(second, Duration::from_millis(600));
         assert_eq!(settings.next(second), Duration::from_millis(1_000));
+    }
+
+    #[test]
+    fn reconnects_start_at_once_then_double_up_to_the_maximum() {
+        let settings = RetrySettings {
+            initial_backoff_ms: 50,
+            max_backoff_ms: 500,
+        };
+        let waits: Vec<u128> = (1..=7)
+            .map(|attempt| settings.before_attempt(attempt).as_millis())
+            .collect();
+        assert_eq!(waits, [0, 50, 100, 200, 400, 500, 500]);
+        assert_eq!(settings.before_attempt(0), Duration::ZERO);
+        assert_eq!(settings.before_attempt(usize::MAX), settings.max());
     }
 
     #[test]

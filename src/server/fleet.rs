@@ -45,6 +45,7 @@ pub use super::fleet_records::{
 use super::http::now;
 use super::state::AppState;
 use crate::graph::ValidatedGraph;
+use crate::operators::RetrySettings;
 use crate::runtime::metrics::MetricsReport;
 use crate::runtime::pipeline::RunMode;
 
@@ -104,12 +105,20 @@ impl Fleet {
         let addresses: Vec<String> = servers.split(',').map(|s| s.trim().to_string()).collect();
         let lease = Duration::from_secs(settings.lease_s);
         let tick = (lease / 6).max(Duration::from_millis(200));
+        // async-nats's own reconnect backoff grows to 4 s: after an outage of 2-3 s the
+        // renewals stopped for the outage plus the last wait, and the watchdog aborted every
+        // run (lease 6 s). Attempts at most a quarter tick apart notice the server's return
+        // within 250 ms at the default lease, for a few connection attempts a second meanwhile.
+        let reconnect = RetrySettings {
+            initial_backoff_ms: 2,
+            max_backoff_ms: (tick / 4).as_millis().max(2) as u64,
+        };
         let client = tokio::time::timeout(
             Duration::from_secs(10),
             async_nats::ConnectOptions::new()
                 .name(format!("inspectflow-engine-{engine}"))
                 .max_reconnects(None)
-                .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, tick))
+                .reconnect_delay_callback(move |attempt| reconnect.before_attempt(attempt))
                 .connect(addresses.as_slice()),
         )
         .await
@@ -546,35 +555,4 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// How long the engine's NATS client waits before reconnect attempt `attempts`: at once, then
-/// doubling from 2 ms up to a quarter of a tick. async-nats's own default grows to 4 s, which
-/// after an outage of 2-3 s left leases unrenewed long enough for the watchdog to abort every
-/// run (renewals stop for the outage plus the last wait); a quarter tick notices the server's
-/// return within 250 ms at the default lease, at a few connection attempts a second meanwhile.
-fn reconnect_delay(attempts: usize, tick: Duration) -> Duration {
-    if attempts <= 1 {
-        return Duration::ZERO;
-    }
-    let doubling = 2u64.saturating_pow(u32::try_from(attempts - 1).unwrap_or(u32::MAX));
-    Duration::from_millis(doubling).min(tick / 4)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reconnects_come_at_once_then_at_most_a_quarter_tick_apart() {
-        let tick = Duration::from_secs(1);
-        assert_eq!(reconnect_delay(1, tick), Duration::ZERO);
-        assert_eq!(reconnect_delay(2, tick), Duration::from_millis(2));
-        assert_eq!(reconnect_delay(5, tick), Duration::from_millis(16));
-        assert_eq!(reconnect_delay(20, tick), Duration::from_millis(250));
-        assert_eq!(
-            reconnect_delay(usize::MAX, tick),
-            Duration::from_millis(250)
-        );
-    }
 }

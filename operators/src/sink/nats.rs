@@ -477,10 +477,12 @@ async fn drive(
     stop: &StopSignal,
 ) {
     let servers = settings.servers.join(",");
+    let retry = settings.retry;
     let mut options = async_nats::ConnectOptions::new()
         .name(&settings.name)
         .retry_on_initial_connect()
         .max_reconnects(None)
+        .reconnect_delay_callback(move |attempt| retry.before_attempt(attempt))
         .connection_timeout(Duration::from_secs(2));
     if let Some((user, password)) = settings.credentials.clone() {
         options = options.user_and_password(user, password);
