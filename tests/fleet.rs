@@ -38,6 +38,33 @@ fn clip(path: &Path) {
     assert!(status.success(), "gst-launch-1.0 wrote {}", path.display());
 }
 
+/// Where a fleet test runs: a temporary folder, a NATS server with JetStream in it, and the clip
+/// under the media root the engines may read.
+struct Site {
+    dir: tempfile::TempDir,
+    nats: NatsServer,
+    video: std::path::PathBuf,
+    media_root: String,
+    url: String,
+}
+
+fn site() -> Site {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = NatsServer::start(dir.path());
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("media dir");
+    let video = media.join("line.mp4");
+    clip(&video);
+    let url = nats.url();
+    Site {
+        media_root: media.to_string_lossy().to_string(),
+        dir,
+        nats,
+        video,
+        url,
+    }
+}
+
 fn fleet(http: &reqwest::blocking::Client, engine: &Server) -> Value {
     let (status, body) = call(http.get(engine.url("/api/fleet")));
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -92,30 +119,22 @@ fn engine_log_lines(dir: &Path, id: &str) -> String {
 
 #[test]
 fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_losing_nothing() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let nats = NatsServer::start(dir.path());
-    let media = dir.path().join("media");
-    std::fs::create_dir_all(&media).expect("media dir");
-    let video = media.join("line.mp4");
-    clip(&video);
-    let media_root = media.to_string_lossy().to_string();
-    let url = nats.url();
+    let Site {
+        dir,
+        nats,
+        video,
+        media_root,
+        url,
+    } = site();
     let mut engines: Vec<Option<Server>> = (0..3)
         .map(|i| {
-            let data = dir.path().join(format!("engine-{i}"));
-            std::fs::create_dir_all(&data).expect("data dir");
-            Some(Server::start_with(
-                &data,
-                &[
-                    "--fleet-nats",
-                    &url,
-                    "--engine-id",
-                    &format!("engine-{i}"),
-                    "--fleet-capacity",
-                    "6",
-                    "--path-root",
-                    &media_root,
-                ],
+            let name = format!("engine-{i}");
+            Some(engine(
+                dir.path(),
+                &name,
+                &url,
+                &media_root,
+                &["--fleet-capacity", "6"],
             ))
         })
         .collect();
@@ -354,21 +373,20 @@ fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_los
     drop(nats);
 }
 
-/// Starts a fleet engine with `extra` flags.
-fn engine(dir: &Path, name: &str, url: &str, media_root: &str) -> Server {
+/// Starts fleet engine `name` (its data under `dir/name`) with `extra` flags.
+fn engine(dir: &Path, name: &str, url: &str, media_root: &str, extra: &[&str]) -> Server {
     let data = dir.join(name);
     std::fs::create_dir_all(&data).expect("data dir");
-    Server::start_with(
-        &data,
-        &[
-            "--fleet-nats",
-            url,
-            "--engine-id",
-            name,
-            "--path-root",
-            media_root,
-        ],
-    )
+    let mut args = vec![
+        "--fleet-nats",
+        url,
+        "--engine-id",
+        name,
+        "--path-root",
+        media_root,
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(&data, &args)
 }
 
 fn pipeline(http: &reqwest::blocking::Client, engine: &Server, id: &str) -> Value {
@@ -388,16 +406,15 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Du
 
 #[test]
 fn a_stopping_engine_hands_its_pipeline_over_at_once_and_changes_and_deletes_reach_the_runner() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let nats = NatsServer::start(dir.path());
-    let media = dir.path().join("media");
-    std::fs::create_dir_all(&media).expect("media dir");
-    let video = media.join("line.mp4");
-    clip(&video);
-    let media_root = media.to_string_lossy().to_string();
-    let url = nats.url();
+    let Site {
+        dir,
+        nats,
+        video,
+        media_root,
+        url,
+    } = site();
     let http = client();
-    let mut first = engine(dir.path(), "first", &url, &media_root);
+    let mut first = engine(dir.path(), "first", &url, &media_root, &[]);
     let graph = |subject: &str| {
         format!(
             "name: loop\nnodes:\n  - {{id: camera, op: source.video_file, params: {{path: {}, realtime: true, loop: true}}}}\n  \
@@ -417,7 +434,7 @@ fn a_stopping_engine_hands_its_pipeline_over_at_once_and_changes_and_deletes_rea
 
     // A second engine joins; the first stops gracefully (SIGTERM) and hands the lease back, so
     // the second takes over well before the 6 s lease could lapse.
-    let second = engine(dir.path(), "second", &url, &media_root);
+    let second = engine(dir.path(), "second", &url, &media_root, &[]);
     let status = Command::new("kill")
         .args(["-TERM", &first.child.id().to_string()])
         .status()
@@ -481,31 +498,22 @@ fn a_stopping_engine_hands_its_pipeline_over_at_once_and_changes_and_deletes_rea
 
 #[test]
 fn a_nats_restart_shorter_than_a_lease_leaves_fleet_runs_where_they_are() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut nats = NatsServer::start(dir.path());
-    let media = dir.path().join("media");
-    std::fs::create_dir_all(&media).expect("media dir");
-    let video = media.join("line.mp4");
-    clip(&video);
-    let media_root = media.to_string_lossy().to_string();
-    let url = nats.url();
+    let Site {
+        dir,
+        mut nats,
+        video,
+        media_root,
+        url,
+    } = site();
     let http = client();
     // A 12 s lease: renewals every 2 s, and a run is aborted once its lease went 8 s without
     // one, which leaves room for a loaded machine around the 3 s outage below.
-    let data = dir.path().join("only");
-    std::fs::create_dir_all(&data).expect("data dir");
-    let only = Server::start_with(
-        &data,
-        &[
-            "--fleet-nats",
-            &url,
-            "--engine-id",
-            "only",
-            "--path-root",
-            &media_root,
-            "--fleet-lease-s",
-            "12",
-        ],
+    let only = engine(
+        dir.path(),
+        "only",
+        &url,
+        &media_root,
+        &["--fleet-lease-s", "12"],
     );
     let graph = format!(
         "name: steady\nnodes:\n  - {{id: camera, op: source.video_file, params: {{path: {}, realtime: true, loop: true}}}}\n  \
