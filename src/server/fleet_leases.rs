@@ -111,14 +111,20 @@ impl Fleet {
                 Ok(Ok(revision)) => Renewal::Renewed(revision),
                 Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     // Our write may have landed with its acknowledgement lost: adopt the
-                    // lease if it still names this engine and generation.
-                    match self.own_revision(&id, generation).await {
-                        Ok(Some(revision)) => Renewal::Renewed(revision),
-                        Ok(None) => Renewal::Taken,
-                        Err(error) => {
+                    // lease if it still names this engine and generation (read within a tick
+                    // too, so the watchdog below is never held up).
+                    let read = self.own_revision(&id, generation);
+                    match tokio::time::timeout(self.tick, read).await {
+                        Ok(Ok(Some(revision))) => Renewal::Renewed(revision),
+                        Ok(Ok(None)) => Renewal::Taken,
+                        Ok(Err(error)) => {
                             // Not knowing is not losing: the watchdog aborts the run if this
                             // lasts until the lease could lapse.
                             tracing::warn!(pipeline = %id, "fleet: lease renewal unconfirmed: {error}");
+                            Renewal::Failed
+                        }
+                        Err(_) => {
+                            tracing::warn!(pipeline = %id, "fleet: lease read got no answer in a tick");
                             Renewal::Failed
                         }
                     }
