@@ -101,6 +101,15 @@ fn states(view: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The metrics of a fleet pipeline's sink node (`out`), as its view reports them (null when the
+/// view has none yet).
+fn out_node(pipeline: &Value) -> &Value {
+    pipeline["metrics"]["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
+        .unwrap_or(&Value::Null)
+}
+
 /// The lines of the engines' logs (`<data dir>/logs/app.log`, under `engine-<i>` of `dir`) that
 /// mention pipeline `id`, each with its engine: what a failed assertion about it shows.
 fn engine_log_lines(dir: &Path, id: &str) -> String {
@@ -304,11 +313,7 @@ fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_los
     let mut duplicates_sent = 0;
     for pipeline in finished["pipelines"].as_array().expect("pipelines") {
         assert_eq!(pipeline["state"], "completed", "{pipeline}");
-        let sink = pipeline["metrics"]["nodes"]
-            .as_array()
-            .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
-            .map(|n| n["sink"].clone())
-            .expect("sink metrics");
+        let sink = &out_node(pipeline)["sink"];
         assert_eq!(sink["failed"], 0, "{pipeline}");
         let skipped = sink["skipped"].as_u64().unwrap_or(0);
         let id = pipeline["pipeline_id"].as_str().expect("id");
@@ -526,13 +531,7 @@ fn a_nats_restart_shorter_than_a_lease_leaves_fleet_runs_where_they_are() {
             .json(&json!({ "graph": graph })),
     );
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let sent = |view: &Value| -> u64 {
-        view["metrics"]["nodes"]
-            .as_array()
-            .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
-            .and_then(|n| n["packets_in"].as_u64())
-            .unwrap_or(0)
-    };
+    let sent = |view: &Value| out_node(view)["packets_in"].as_u64().unwrap_or(0);
     wait_until("the engine runs it", Duration::from_secs(20), || {
         let view = pipeline(&http, &only, "steady");
         view["state"] == "running" && sent(&view) > 0
@@ -564,11 +563,7 @@ fn a_nats_restart_shorter_than_a_lease_leaves_fleet_runs_where_they_are() {
         !log.contains("aborting"),
         "no run was aborted for its lease:\n{log}"
     );
-    let sink = view["metrics"]["nodes"]
-        .as_array()
-        .and_then(|nodes| nodes.iter().find(|n| n["id"] == "out"))
-        .map(|n| n["sink"].clone())
-        .expect("sink metrics");
+    let sink = &out_node(&view)["sink"];
     assert_eq!(sink["failed"], 0, "{view}");
     // It went on publishing after the blip.
     let after = sent(&view);

@@ -113,18 +113,16 @@ impl Fleet {
                     // Our write may have landed with its acknowledgement lost: adopt the
                     // lease if it still names this engine and generation (read within a tick
                     // too, so the watchdog below is never held up).
-                    let read = self.own_revision(&id, generation);
-                    match tokio::time::timeout(self.tick, read).await {
-                        Ok(Ok(Some(revision))) => Renewal::Renewed(revision),
-                        Ok(Ok(None)) => Renewal::Taken,
-                        Ok(Err(error)) => {
+                    let read = tokio::time::timeout(self.tick, self.own_revision(&id, generation))
+                        .await
+                        .unwrap_or_else(|_| Err(FleetError("no answer in a tick".into())));
+                    match read {
+                        Ok(Some(revision)) => Renewal::Renewed(revision),
+                        Ok(None) => Renewal::Taken,
+                        Err(error) => {
                             // Not knowing is not losing: the watchdog aborts the run if this
                             // lasts until the lease could lapse.
-                            tracing::warn!(pipeline = %id, "fleet: lease renewal unconfirmed: {error}");
-                            Renewal::Failed
-                        }
-                        Err(_) => {
-                            tracing::warn!(pipeline = %id, "fleet: lease read got no answer in a tick");
+                            tracing::warn!(pipeline = %id, "fleet: lease renewal unconfirmed: reading the lease: {error}");
                             Renewal::Failed
                         }
                     }
