@@ -425,6 +425,66 @@ edges:
 }
 
 #[test]
+fn a_camera_faster_than_its_graph_keeps_the_newest_frames_and_counts_the_rest() {
+    let port = free_port();
+    let _server = RtspServer::start(port);
+    let (registry, recordings) = registry_with_probe();
+    // 15 FPS into a consumer that takes 200 ms a frame and a queue that holds one: the source
+    // waits on the queue, so its appsink lets frames go.
+    let yaml = format!(
+        r#"
+nodes:
+  - id: camera
+    op: source.ip_camera
+    params: {{url: "rtsp://127.0.0.1:{port}/cam", latency_ms: 50}}
+  - {{id: probe, op: test.probe, params: {{sleep_ms: 200}}}}
+edges:
+  - {{from: camera, to: probe, queue: {{policy: block, capacity: 1}}}}
+"#
+    );
+    let pipeline = Pipeline::start(&graph_from_yaml(&registry, &yaml)).expect("starts");
+    wait_for("frames through the slow consumer", LIMIT, || {
+        seen_by(&recordings, "probe").len() >= 8
+    });
+    let report = pipeline.report();
+    pipeline.stop_handle().stop();
+    let outcome = pipeline.wait();
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+
+    let camera = report.node("camera").expect("camera node");
+    let dropped = camera.source.as_ref().expect("source state").dropped;
+    let taken = camera.packets_out;
+    assert!(
+        dropped > taken,
+        "a consumer at a third of the camera's rate lets most frames go: {dropped} let go, {taken} taken"
+    );
+    let table = report.to_table();
+    assert!(
+        table
+            .lines()
+            .any(|line| line.starts_with("camera ") && line.contains(&format!(" {dropped} "))),
+        "the table shows them in the camera's row:\n{table}"
+    );
+    assert!(
+        report.to_prometheus().lines().any(|line| {
+            line.starts_with("inspectflow_source_dropped_total{")
+                && line.contains("node=\"camera\"")
+                && line.ends_with(&format!("}} {dropped}"))
+        }),
+        "{}",
+        report.to_prometheus()
+    );
+    let sequences: Vec<u64> = seen_by(&recordings, "probe")
+        .iter()
+        .map(|s| s.sequence)
+        .collect();
+    assert!(
+        sequences.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "frames the graph took keep consecutive numbers: {sequences:?}"
+    );
+}
+
+#[test]
 fn an_unreachable_camera_is_offline_and_the_graph_stays_up() {
     let (registry, _) = registry_with_probe();
     let port = free_port(); // nothing listens there

@@ -206,7 +206,9 @@ impl StopSignal {
 /// a sink) is reachable, and how often it was not. The operator updates it; the runtime shows it
 /// in metrics. Endpoints start online; one that is lost goes offline (an outage is counted) until
 /// it works again. Sinks also count results they gave up on (`failed`) and results their
-/// dispatch settings left out on purpose (`skipped`: rate limit, anomalous only).
+/// dispatch settings left out on purpose (`skipped`: rate limit, anomalous only); live sources
+/// count the frames their camera sent that they let go because the graph fell behind
+/// (`dropped`).
 #[derive(Default)]
 pub struct EndpointHealth {
     offline: AtomicBool,
@@ -214,6 +216,7 @@ pub struct EndpointHealth {
     last_error: Mutex<Option<String>>,
     failed: AtomicU64,
     skipped: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl EndpointHealth {
@@ -260,6 +263,18 @@ impl EndpointHealth {
     /// Results left out on purpose so far.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::SeqCst)
+    }
+
+    /// `frames` sent by the camera that the source let go (the graph fell behind).
+    pub fn count_dropped(&self, frames: u64) {
+        if frames > 0 {
+            self.dropped.fetch_add(frames, Ordering::SeqCst);
+        }
+    }
+
+    /// Frames let go so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
     }
 
     /// Why the endpoint last went offline.

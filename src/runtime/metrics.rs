@@ -240,6 +240,10 @@ pub struct SourceReport {
     pub outages: u64,
     /// Why the source last went offline.
     pub last_error: Option<String>,
+    /// Frames the camera sent that the source let go, keeping the newest, because the graph
+    /// fell behind (live cameras only; frames dropped later are counted on the edges).
+    #[serde(default)]
+    pub dropped: u64,
 }
 
 /// One edge in a report.
@@ -338,12 +342,15 @@ impl MetricsReport {
                 ms(latency.map(|l| l.p95)),
                 ms(latency.map(|l| l.p99)),
                 queue,
-                node.drops,
+                node.drops + node.source.as_ref().map_or(0, |s| s.dropped),
                 node.errors,
                 e2e
             );
         }
-        out.push_str("(queue: most packets waiting / capacity)\n");
+        out.push_str(
+            "(queue: most packets waiting / capacity; drops: by the edges into the node, and for \
+             a live camera the frames it let go)\n",
+        );
         out
     }
 
@@ -419,6 +426,12 @@ impl MetricsReport {
             "counter",
             "Outages of a source's camera or server.",
             per_node(|n| n.source.as_ref().map(|s| s.outages as f64)),
+        );
+        family(
+            "inspectflow_source_dropped_total",
+            "counter",
+            "Frames a live camera sent that its source let go because the graph fell behind.",
+            per_node(|n| n.source.as_ref().map(|s| s.dropped as f64)),
         );
         family(
             "inspectflow_sink_online",

@@ -578,6 +578,7 @@ impl Pipeline {
                             state,
                             outages,
                             last_error,
+                            dropped: m.endpoint_health.dropped(),
                         }
                     }),
                     sink: (node.kind == "sink").then(|| {

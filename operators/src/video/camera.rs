@@ -493,7 +493,9 @@ impl Reconnecting {
 
     /// The camera is lost: offline, pipeline down, next attempt after the backoff.
     fn lost(&mut self, ctx: &SourceContext, reason: &str) {
-        self.reader = None;
+        if let Some(reader) = self.reader.take() {
+            ctx.health.count_dropped(reader.close());
+        }
         let reason = format!("{}: {reason}", self.label);
         if ctx.health.set_offline(&reason) {
             tracing::warn!("camera offline, reconnecting: {reason}");
@@ -526,6 +528,7 @@ impl Source for Reconnecting {
         };
         match reader.pull(PULL_SLICE) {
             Ok(Pulled::Frame(pixels, layout)) => {
+                ctx.health.count_dropped(reader.take_dropped());
                 if ctx.health.set_online() {
                     tracing::info!("camera back online: {}", self.label);
                 }

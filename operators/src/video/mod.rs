@@ -2,8 +2,10 @@
 //! encoding frames to H.264.
 //!
 //! GStreamer does the media work (demuxing, decoding, RTSP, V4L2); the runtime owns the frames
-//! afterwards. Every source here builds a small GStreamer pipeline that ends in an `appsink`,
-//! and copies each decoded picture once, plane by plane, into a pooled buffer ([`AppSinkReader`]).
+//! afterwards. Every source here builds a small GStreamer pipeline that ends in an `appsink`
+//! ([`AppSinkReader`]): a decoded picture whose planes lie packed becomes a frame's memory as it
+//! is, any other is copied once, plane by plane, into a pooled buffer. A live camera's reader
+//! counts the pictures it let go because the graph fell behind.
 //! Frames stay in the decoder's I420 by default: a full-size RGB conversion at 1080p costs more
 //! than decoding (see BENCHMARKS.md), so operators convert at the size they need.
 //!
@@ -17,8 +19,9 @@ pub mod devices;
 pub mod file;
 pub mod h264;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gstreamer as gst;
@@ -124,9 +127,49 @@ pub(crate) enum Pace {
     /// `drop_oldest` edges.
     Clock,
     /// Follow a live camera, which does not wait: when the source thread falls behind, the
-    /// appsink keeps only the newest frames.
+    /// appsink keeps only the newest frames, and the reader counts the others
+    /// ([`AppSinkReader::take_dropped`]).
     Realtime,
 }
+
+/// Pictures that reached a live reader's appsink, numbered in order of arrival, so that the
+/// reader can tell how many the appsink let go before the one it pulled.
+#[derive(Default)]
+struct Arrivals {
+    /// How many pictures arrived so far.
+    count: u64,
+    /// The last few arrivals: the picture's buffer (its address) and its number. The appsink
+    /// holds at most [`LIVE_APPSINK_BUFFERS`] pictures, so the one pulled next is among them.
+    recent: VecDeque<(usize, u64)>,
+}
+
+impl Arrivals {
+    /// Arrivals remembered: the appsink's queue, the picture it is taking in, and some slack.
+    const REMEMBERED: usize = LIVE_APPSINK_BUFFERS + 6;
+
+    fn arrived(&mut self, buffer: &gst::BufferRef) {
+        if self.recent.len() == Self::REMEMBERED {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back((buffer.as_ptr() as usize, self.count));
+        self.count += 1;
+    }
+
+    /// The arrival number of `buffer`: the newest arrival at its address (an older one there
+    /// is a picture let go whose buffer the decoder has used again).
+    fn number_of(&self, buffer: &gst::BufferRef) -> Option<u64> {
+        let address = buffer.as_ptr() as usize;
+        self.recent
+            .iter()
+            .rev()
+            .find(|(at, _)| *at == address)
+            .map(|(_, number)| *number)
+    }
+}
+
+/// Pictures a live reader's appsink queues before it lets the oldest go.
+const LIVE_APPSINK_BUFFERS: usize = 2;
 
 /// Most decoder pictures one reader lets the graph hold at once; beyond that, pictures are
 /// copied, so that however many frames the graph keeps (deep queues, a sink that stores them),
@@ -193,6 +236,13 @@ pub(crate) struct AppSinkReader {
     /// not run while the rest of the graph is built (its first frames then came as a burst that
     /// waited in the queues: 7 frames in 8 ms and up to 91 ms capture-to-result at 360p).
     playing: bool,
+    /// A live reader's count of the pictures reaching its appsink (none for other paces, whose
+    /// appsink never lets a picture go).
+    arrivals: Option<Arc<Mutex<Arrivals>>>,
+    /// The arrival number the next pulled picture has when none was let go.
+    next_arrival: u64,
+    /// Pictures let go since [`AppSinkReader::take_dropped`] last asked.
+    dropped: u64,
 }
 
 impl AppSinkReader {
@@ -218,7 +268,7 @@ impl AppSinkReader {
             .build();
         let appsink = gst_app::AppSink::builder()
             .caps(&caps)
-            .max_buffers(2)
+            .max_buffers(LIVE_APPSINK_BUFFERS as u32)
             .drop(pace == Pace::Realtime)
             .sync(pace != Pace::AsFastAsConsumed)
             .build();
@@ -237,6 +287,9 @@ impl AppSinkReader {
         convert
             .link(&appsink)
             .map_err(|e| OpError::Failed(format!("linking videoconvert to appsink: {e}")))?;
+        let arrivals = (pace == Pace::Realtime)
+            .then(|| count_arrivals(&appsink))
+            .transpose()?;
         Ok(Self {
             pipeline,
             appsink,
@@ -245,7 +298,42 @@ impl AppSinkReader {
             info: None,
             pictures_held: Arc::new(AtomicUsize::new(0)),
             playing: false,
+            arrivals,
+            next_arrival: 0,
+            dropped: 0,
         })
+    }
+
+    /// Pictures the appsink let go since the last call (a live reader whose graph fell behind;
+    /// always 0 for other paces).
+    pub(crate) fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Stops the pipeline and counts what it leaves behind: the pictures let go and those still
+    /// queued, never pulled.
+    pub(crate) fn close(mut self) -> u64 {
+        let _ = self.pipeline.set_state(gst::State::Null);
+        let unpulled = self.arrivals.as_ref().map_or(0, |arrivals| {
+            let arrived = arrivals.lock().unwrap_or_else(|p| p.into_inner()).count;
+            arrived.saturating_sub(self.next_arrival)
+        });
+        self.take_dropped() + unpulled
+    }
+
+    /// Counts the pictures let go before `sample`'s, which is pulled now.
+    fn count_dropped_before(&mut self, sample: &gst::Sample) {
+        let (Some(arrivals), Some(buffer)) = (&self.arrivals, sample.buffer()) else {
+            return;
+        };
+        let number = arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .number_of(buffer);
+        if let Some(number) = number {
+            self.dropped += number.saturating_sub(self.next_arrival);
+            self.next_arrival = number + 1;
+        }
     }
 
     /// Opens the source and decodes up to the first picture, without playing (the first
@@ -294,6 +382,7 @@ impl AppSinkReader {
                 Pulled::Waiting
             });
         };
+        self.count_dropped_before(&sample);
         let (picture, layout) = self.picture_of(&sample)?;
         Ok(Pulled::Frame(picture, layout))
     }
@@ -357,6 +446,31 @@ impl AppSinkReader {
         }
         Ok((Picture::Copied(pixels), layout))
     }
+}
+
+/// Numbers every picture that reaches `appsink`, in order, from GStreamer's streaming thread.
+fn count_arrivals(appsink: &gst_app::AppSink) -> Result<Arc<Mutex<Arrivals>>, OpError> {
+    let arrivals = Arc::new(Mutex::new(Arrivals::default()));
+    let pad = appsink
+        .static_pad("sink")
+        .ok_or_else(|| OpError::Failed("appsink without a sink pad".into()))?;
+    let counted = Arc::clone(&arrivals);
+    pad.add_probe(
+        gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST,
+        move |_, info| {
+            let mut arrivals = counted.lock().unwrap_or_else(|p| p.into_inner());
+            match &info.data {
+                Some(gst::PadProbeData::Buffer(buffer)) => arrivals.arrived(buffer),
+                Some(gst::PadProbeData::BufferList(list)) => {
+                    list.iter().for_each(|buffer| arrivals.arrived(buffer));
+                }
+                _ => {}
+            }
+            gst::PadProbeReturn::Ok
+        },
+    )
+    .ok_or_else(|| OpError::Failed("cannot watch the appsink's pad".into()))?;
+    Ok(arrivals)
 }
 
 /// Whether `buffer`'s planes (as its video meta says, or the caps when it has none) start and
@@ -463,13 +577,21 @@ mod tests {
 
     /// A reader of `frames` test pictures in I420 at `width` x `height`.
     fn test_pictures(width: i32, height: i32, frames: i32) -> AppSinkReader {
+        test_reader(width, height, frames, None)
+    }
+
+    /// A reader of `frames` test pictures, from a live source at `live_fps` when given (read as
+    /// a camera is), else as fast as they are taken.
+    fn test_reader(width: i32, height: i32, frames: i32, live_fps: Option<i32>) -> AppSinkReader {
         let source = make("videotestsrc").expect("videotestsrc");
         source.set_property("num-buffers", frames);
+        source.set_property("is-live", live_fps.is_some());
         let filter = make("capsfilter").expect("capsfilter");
         let caps = gst::Caps::builder("video/x-raw")
             .field("format", "I420")
             .field("width", width)
             .field("height", height)
+            .field("framerate", gst::Fraction::new(live_fps.unwrap_or(30), 1))
             .build();
         filter.set_property("caps", &caps);
         let reader = AppSinkReader::new(
@@ -479,7 +601,11 @@ mod tests {
                     .map_err(|e| OpError::Failed(format!("link: {e}")))
             },
             VideoFormat::I420,
-            Pace::AsFastAsConsumed,
+            if live_fps.is_some() {
+                Pace::Realtime
+            } else {
+                Pace::AsFastAsConsumed
+            },
         )
         .expect("reader");
         reader.start().expect("plays");
@@ -510,6 +636,49 @@ mod tests {
         assert!(matches!(picture, Picture::Copied(_)));
         assert_eq!((layout.stride, layout.chroma_size()), (66, (33, 25)));
         assert!(picture.bytes().len() >= layout.byte_len());
+    }
+
+    #[test]
+    fn a_camera_read_too_slowly_keeps_the_newest_pictures_and_counts_every_one_let_go() {
+        let sent = 40;
+        let mut reader = test_reader(64, 48, sent, Some(100));
+        let mut pulled = 0;
+        let mut dropped = 0;
+        // Take one picture, then fall behind for twice the time the camera takes to send all.
+        if let Pulled::Frame(..) = reader.pull(Duration::from_secs(10)).expect("pulled") {
+            pulled += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        loop {
+            match reader.pull(Duration::from_secs(10)).expect("pulled") {
+                Pulled::Frame(..) => pulled += 1,
+                Pulled::Waiting => panic!("no picture or end within 10 s"),
+                Pulled::EndOfStream => break,
+            }
+            dropped += reader.take_dropped();
+        }
+        dropped += reader.take_dropped();
+        assert!(
+            pulled < sent as u64 / 2,
+            "the appsink keeps only the newest: {pulled} pulled"
+        );
+        assert_eq!(
+            pulled + dropped,
+            sent as u64,
+            "every picture pulled or counted"
+        );
+        assert_eq!(reader.close(), 0, "nothing left behind after the end");
+    }
+
+    #[test]
+    fn a_camera_closed_with_pictures_waiting_counts_them_as_let_go() {
+        let mut reader = test_reader(64, 48, 20, Some(100));
+        assert!(matches!(
+            reader.pull(Duration::from_secs(10)).expect("pulled"),
+            Pulled::Frame(..)
+        ));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(reader.close(), 19, "the other pictures were never pulled");
     }
 
     #[test]

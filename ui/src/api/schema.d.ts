@@ -5279,6 +5279,13 @@ export interface components {
         };
         /** @description The outside end of a source: online or not, and its outages. */
         SourceReport: {
+            /**
+             * Format: uint64
+             * @description Frames the camera sent that the source let go, keeping the newest, because the graph
+             *     fell behind (live cameras only; frames dropped later are counted on the edges).
+             * @default 0
+             */
+            dropped?: number;
             /** @description Why the source last went offline. */
             last_error?: string | null;
             /**
