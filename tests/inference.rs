@@ -72,6 +72,49 @@ fn every_frame_gets_the_model_outputs_in_order() {
     }
 }
 
+/// A tensor is 786 KB a frame at 256x256; once the model has it, it goes back to its pool
+/// instead of travelling with the packet to the sinks, unless a node further down reads it (a
+/// second model on the same input).
+#[test]
+fn inference_lets_the_tensor_go_unless_a_later_node_reads_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = mobilenet(dir.path());
+    let (registry, recordings) = registry_with_probe();
+    let yaml = format!(
+        r#"
+nodes:
+  - {{id: camera, op: source.synthetic, params: {{width: 320, height: 240, frames: 6}}}}
+  - {{id: pre, op: preprocess, params: {{width: 224, height: 224}}}}
+  - {{id: first, op: infer.openvino, params: {{model: "{model}"}}}}
+  - {{id: second, op: infer.openvino, params: {{model: "{model}"}}}}
+  - {{id: after_first, op: test.probe}}
+  - {{id: after_second, op: test.probe}}
+edges:
+  - {{from: camera, to: pre}}
+  - {{from: pre, to: first}}
+  - {{from: first, to: second}}
+  - {{from: first, to: after_first}}
+  - {{from: second, to: after_second}}
+"#,
+        model = model.display()
+    );
+    let outcome = run_to_end(&graph_from_yaml(&registry, &yaml), LIMIT);
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    let after_first = seen_by(&recordings, "after_first");
+    let after_second = seen_by(&recordings, "after_second");
+    assert_eq!((after_first.len(), after_second.len()), (6, 6));
+    assert!(
+        after_first.iter().all(|s| s.had_tensor),
+        "the second model reads the tensor, so the first keeps it"
+    );
+    assert!(
+        after_second
+            .iter()
+            .all(|s| !s.had_tensor && s.inference.len() == 3),
+        "nothing after the second model reads it: let go, outputs attached"
+    );
+}
+
 /// A watched folder never ends its stream: once its images are read it just goes quiet, like a
 /// triggered camera. Every image's result must still come out while the source keeps waiting,
 /// although `requests: 3` lets three frames be in flight and no later frame pushes them out.

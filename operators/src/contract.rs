@@ -21,7 +21,8 @@ pub enum PortType {
     Image,
     /// An image plus the model input tensor made from it.
     Tensor,
-    /// An image, its tensor and the model's raw outputs for it.
+    /// An image, its tensor and the model's raw outputs for it. (`infer.openvino` lets the
+    /// tensor go once used when no node downstream asks for a tensor.)
     Inference,
     /// All of the above plus the anomaly prediction (score, label, map).
     Prediction,

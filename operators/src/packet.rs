@@ -331,7 +331,8 @@ impl Label {
 pub struct Packet {
     /// The image and its provenance.
     pub frame: Frame,
-    /// The model input made from `frame`, once a `preprocess` operator has run.
+    /// The model input made from `frame`, once a `preprocess` operator has run (and until
+    /// `infer.openvino` has used it, unless a node further down asks for it).
     pub tensor: Option<Tensor>,
     /// The model's outputs for this frame, once an inference operator has run.
     pub inference: Option<Arc<[ModelOutput]>>,

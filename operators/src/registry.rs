@@ -94,6 +94,10 @@ pub struct BuildContext<'a> {
     /// How many live sources the pipeline has. Several cameras are parallel work on the same
     /// cores: an operator that would pick latency for one camera picks throughput for several.
     pub live_sources: usize,
+    /// Whether a node downstream takes the model input tensor itself (its input asks for a
+    /// tensor). When none does, an operator that has used the tensor may let it go, so that its
+    /// buffer goes back to its pool at once instead of travelling with the packet to the sinks.
+    pub tensor_wanted_downstream: bool,
 }
 
 impl<'a> BuildContext<'a> {
@@ -103,6 +107,7 @@ impl<'a> BuildContext<'a> {
             node_id,
             live_input: false,
             live_sources: 0,
+            tensor_wanted_downstream: true,
         }
     }
 
@@ -115,6 +120,14 @@ impl<'a> BuildContext<'a> {
     pub fn with_live_sources(self, live_sources: usize) -> Self {
         Self {
             live_sources,
+            ..self
+        }
+    }
+
+    /// The same context, saying whether a node downstream takes the tensor itself.
+    pub fn with_tensor_wanted_downstream(self, tensor_wanted_downstream: bool) -> Self {
+        Self {
+            tensor_wanted_downstream,
             ..self
         }
     }

@@ -154,6 +154,30 @@ impl ValidatedGraph {
         let node = &self.nodes[edge.to];
         format!("{}.{}", node.id, node.descriptor.inputs[edge.to_port].name)
     }
+
+    /// Per node, whether a node downstream of it (reached over one edge or more) has an input
+    /// that asks for the model input tensor itself ([`PortType::Tensor`]), as `infer.openvino`
+    /// does. Operators further down (`anomaly`, `heatmap`, sinks) never read it.
+    pub fn tensor_wanted_downstream(&self) -> Vec<bool> {
+        let mut wanted = vec![false; self.nodes.len()];
+        // The graph is acyclic, so a node's answer settles within as many passes as it has
+        // nodes downstream; each pass spreads the answers one edge upstream.
+        for _ in 0..self.nodes.len() {
+            let mut changed = false;
+            for edge in &self.edges {
+                let takes_tensor =
+                    self.nodes[edge.to].descriptor.inputs[edge.to_port].accepts == PortType::Tensor;
+                if (takes_tensor || wanted[edge.to]) && !wanted[edge.from] {
+                    wanted[edge.from] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        wanted
+    }
 }
 
 /// Reads, parses and validates a graph file, held to `limits`.

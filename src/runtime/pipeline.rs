@@ -208,6 +208,8 @@ struct NodeRuntime {
     live_input: bool,
     /// How many live sources the pipeline has (part of the same context).
     live_sources: usize,
+    /// Whether a node downstream reads the tensor (part of the same context).
+    tensor_wanted_downstream: bool,
     delivery: Delivery,
     metrics: Arc<NodeMetrics>,
     latest: Option<Arc<LatestFrame>>,
@@ -278,13 +280,16 @@ impl Pipeline {
                     && node.descriptor.is_live(&node.params)
             })
             .count();
+        // Whether a node downstream reads the tensor (an operator may let it go once used).
+        let tensor_wanted_downstream = graph.tensor_wanted_downstream();
         // Every instance of every node (one per replica).
         let mut instances: Vec<Vec<OperatorInstance>> = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
         for (index, node) in graph.nodes.iter().enumerate() {
             let context = BuildContext::new(&node.id)
                 .with_live_input(live_input[index])
-                .with_live_sources(live_sources);
+                .with_live_sources(live_sources)
+                .with_tensor_wanted_downstream(tensor_wanted_downstream[index]);
             let mut built = Vec::with_capacity(node.replicas.max(1));
             for _ in 0..node.replicas.max(1) {
                 match node.descriptor.build(node.params.clone(), &context) {
@@ -425,6 +430,7 @@ impl Pipeline {
                     input: queues[index].clone(),
                     live_input: live_input[index],
                     live_sources,
+                    tensor_wanted_downstream: tensor_wanted_downstream[index],
                     delivery,
                     metrics: Arc::clone(&metrics[index]),
                     latest: latest[index].clone(),
@@ -719,7 +725,8 @@ impl NodeRuntime {
             self.params.clone(),
             &BuildContext::new(&self.id)
                 .with_live_input(self.live_input)
-                .with_live_sources(self.live_sources),
+                .with_live_sources(self.live_sources)
+                .with_tensor_wanted_downstream(self.tensor_wanted_downstream),
         ) {
             Ok(instance) => {
                 self.restarts_done += 1;
