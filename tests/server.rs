@@ -2324,6 +2324,10 @@ fn a_newcomer_walks_the_whole_flow_in_the_web_ui() {
         Some(6),
         "every screen audited: {report}"
     );
+    assert_eq!(
+        report["sourceState"], "online",
+        "the pipeline's metrics show its camera delivering: {report}"
+    );
     for screen in [
         "projects",
         "dataset",

@@ -158,7 +158,11 @@ try {
   }
   await page.getByTestId("fps").filter({ hasText: /^[1-9][0-9.]* FPS/ }).waitFor({ timeout: left() });
   report.fps = await page.getByTestId("fps").textContent();
-  report.metricsRows = await page.getByRole("table", { name: "Node metrics" }).locator("tbody tr").count();
+  const metrics = page.getByRole("table", { name: "Node metrics" });
+  report.metricsRows = await metrics.locator("tbody tr").count();
+  // The source's row says whether its camera delivers (the column after Errors).
+  const sourceRow = metrics.locator("tbody tr", { has: page.locator("td", { hasText: /^source\./ }) });
+  report.sourceState = await sourceRow.first().locator("td").nth(8).textContent();
   await audit(page, "pipelines");
   step(`watched live (${JSON.stringify(report.live)}) at ${report.fps}`);
 

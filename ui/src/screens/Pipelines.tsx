@@ -1,6 +1,7 @@
 // Pipelines: build one from a source, a model and sinks, or paste a graph file; a drawing of
 // its nodes and edges; start (inspecting or preview only), stop; per-node FPS, latency, queue
-// depth, drops and sink state, updated live; and the live view.
+// depth, drops (a camera's own included), the state of each camera and receiver, updated live;
+// and the live view.
 import { useState } from "react";
 import {
   ApiProblem,
@@ -369,6 +370,14 @@ function GraphDrawing(props: { report?: Report; graph: unknown; problems: GraphP
   );
 }
 
+/** A source's camera or a sink's receiver: online or offline (with why), and its outages so far. */
+function endpointState(endpoint?: { state: string; outages: number; last_error?: string | null } | null) {
+  if (!endpoint) return "";
+  const why = endpoint.state !== "online" && endpoint.last_error ? `: ${endpoint.last_error}` : "";
+  const outages = endpoint.outages ? ` (${endpoint.outages} outage${endpoint.outages === 1 ? "" : "s"})` : "";
+  return `${endpoint.state}${why}${outages}`;
+}
+
 function MetricsTable({ report }: { report: Report }) {
   return (
     <table aria-label="Node metrics">
@@ -382,7 +391,7 @@ function MetricsTable({ report }: { report: Report }) {
           <th scope="col">Queue</th>
           <th scope="col">Drops</th>
           <th scope="col">Errors</th>
-          <th scope="col">Sink state</th>
+          <th scope="col">Camera / receiver</th>
         </tr>
       </thead>
       <tbody>
@@ -396,9 +405,9 @@ function MetricsTable({ report }: { report: Report }) {
             <td>{n.fps?.toFixed(1) ?? "–"}</td>
             <td>{n.latency_ms ? `${n.latency_ms.p50.toFixed(1)} / ${n.latency_ms.p99.toFixed(1)} ms` : "–"}</td>
             <td>{n.queue ? `${n.queue.depth} of ${n.queue.capacity}` : "–"}</td>
-            <td>{n.drops}</td>
+            <td>{n.drops + (n.source?.dropped ?? 0)}</td>
             <td>{n.errors}</td>
-            <td>{n.sink ? `${n.sink.state}${n.sink.last_error ? `: ${n.sink.last_error}` : ""}` : ""}</td>
+            <td>{endpointState(n.source ?? n.sink)}</td>
           </tr>
         ))}
       </tbody>
