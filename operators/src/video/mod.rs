@@ -290,6 +290,9 @@ impl AppSinkReader {
         let arrivals = (pace == Pace::Realtime)
             .then(|| count_arrivals(&appsink))
             .transpose()?;
+        if pace != Pace::AsFastAsConsumed {
+            decode_without_frame_threads(&pipeline);
+        }
         Ok(Self {
             pipeline,
             appsink,
@@ -446,6 +449,24 @@ impl AppSinkReader {
         }
         Ok((Picture::Copied(pixels), layout))
     }
+}
+
+/// Makes every FFmpeg video decoder that `pipeline` comes to hold (decodebin adds them once it
+/// knows the codec) split each picture over its threads instead of decoding several pictures
+/// at once: frame threading delays each picture by a frame per thread and keeps a copy of the
+/// decoder's state and pictures per thread. For a paced stream (a camera, a file played in real
+/// time) the decoder has spare time between pictures, so only the delay and the memory would
+/// remain: four 360p files played in real time peaked at 221-222 MB with frame threads and
+/// 207 MB without (one: 162 against 158-160 MB; BENCHMARKS.md, issue 08).
+fn decode_without_frame_threads(pipeline: &gst::Pipeline) {
+    pipeline.connect_deep_element_added(|_, _, element| {
+        let is_libav_decoder = element
+            .factory()
+            .is_some_and(|factory| factory.name().starts_with("avdec_"));
+        if is_libav_decoder && element.find_property("thread-type").is_some() {
+            element.set_property_from_str("thread-type", "slice");
+        }
+    });
 }
 
 /// Numbers every picture that reaches `appsink`, in order, from GStreamer's streaming thread.
@@ -668,6 +689,51 @@ mod tests {
             "every picture pulled or counted"
         );
         assert_eq!(reader.close(), 0, "nothing left behind after the end");
+    }
+
+    /// The thread type of the FFmpeg decoder that decodebin picked for an H.264 stream read at
+    /// `pace`.
+    fn decoder_thread_type(pace: Pace) -> String {
+        let source = make("videotestsrc").expect("videotestsrc");
+        source.set_property("num-buffers", 3);
+        let encoder = make("x264enc").expect("x264enc (gst-plugins-ugly)");
+        let decodebin = make("decodebin").expect("decodebin");
+        let mut reader = AppSinkReader::new(
+            &[source, encoder, decodebin],
+            link_decoded_video,
+            VideoFormat::I420,
+            pace,
+        )
+        .expect("reader");
+        reader.start().expect("plays");
+        assert!(matches!(
+            reader.pull(Duration::from_secs(10)).expect("pulled"),
+            Pulled::Frame(..)
+        ));
+        let decoder = reader
+            .pipeline
+            .iterate_recurse()
+            .into_iter()
+            .filter_map(Result::ok)
+            .find(|element| {
+                element
+                    .factory()
+                    .is_some_and(|factory| factory.name() == "avdec_h264")
+            })
+            .expect("decodebin picked avdec_h264");
+        decoder
+            .property_value("thread-type")
+            .serialize()
+            .expect("serialisable")
+            .to_string()
+    }
+
+    #[test]
+    fn paced_streams_decode_without_frame_threads_and_files_read_at_full_speed_with_them() {
+        // GStreamer writes these flags by their names ("Auto", "Frame", "Slice").
+        assert_eq!(decoder_thread_type(Pace::Clock), "Slice");
+        assert_eq!(decoder_thread_type(Pace::Realtime), "Slice");
+        assert_eq!(decoder_thread_type(Pace::AsFastAsConsumed), "Auto");
     }
 
     #[test]
