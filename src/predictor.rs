@@ -61,7 +61,7 @@ impl Predictor {
             .map_err(|e| e.to_string())?;
         let outputs: Vec<ModelOutput> = self
             .model
-            .infer(tensor.data())
+            .infer(&tensor.to_vec())
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|output| {

@@ -49,7 +49,7 @@ fn top5(model: &LoadedModel, frame: &Frame) -> Vec<usize> {
         .expect("builds")
         .tensor_for(frame)
         .expect("preprocesses");
-    let outputs = model.infer(tensor.data()).expect("infers");
+    let outputs = model.infer(&tensor.to_vec()).expect("infers");
     let logits_output = outputs
         .iter()
         .find(|output| output.name == "logits")

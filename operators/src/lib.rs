@@ -32,6 +32,7 @@ pub mod registry;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod tensor;
 pub mod transform;
 pub mod url;
 #[cfg(feature = "gstreamer")]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::pool::PooledBuffer;
+pub use crate::tensor::{Tensor, TensorLayout};
 
 /// Pixel layouts the runtime understands, all 8 bits per sample. RGB, BGR and gray are
 /// interleaved; I420 is what video decoders produce (see [`PixelFormat::I420`]).
@@ -220,46 +221,6 @@ impl Frame {
     /// Address of the pixel buffer, for tests and diagnostics that follow a buffer through a graph.
     pub fn pixels_addr(&self) -> usize {
         self.pixels.bytes().as_ptr() as usize
-    }
-}
-
-/// Memory layout of a model input tensor.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum TensorLayout {
-    /// Batch, channels, height, width (OpenVINO's and PyTorch's default).
-    Nchw,
-    /// Batch, height, width, channels.
-    Nhwc,
-}
-
-/// A dense f32 tensor in a pooled buffer, shape `[batch, channels, height, width]` in logical order
-/// whatever the memory layout.
-#[derive(Clone)]
-pub struct Tensor {
-    /// `[batch, channels, height, width]`.
-    pub shape: [usize; 4],
-    /// How `data` is ordered in memory.
-    pub layout: TensorLayout,
-    data: Arc<PooledBuffer<f32>>,
-}
-
-impl Tensor {
-    /// Wraps a filled pooled buffer holding the product of `shape` elements.
-    pub fn new(data: PooledBuffer<f32>, shape: [usize; 4], layout: TensorLayout) -> Self {
-        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Self {
-            shape,
-            layout,
-            data: Arc::new(data),
-        }
-    }
-
-    /// The elements in memory order.
-    pub fn data(&self) -> &[f32] {
-        &self.data
     }
 }
 

@@ -219,20 +219,21 @@ impl Infer {
         let mut tensor = self.model.input_tensor(&request).map_err(model_error)?;
         let input = call("filling the input", tensor.get_data_mut::<f32>()).map_err(model_error)?;
         for (slot, packet) in packets.iter().enumerate() {
-            let Some(data) = packet.tensor.as_ref().map(|t| t.data()) else {
+            let Some(tensor) = packet.tensor.as_ref() else {
                 return Err(OpError::UnsupportedInput(
                     "packet has no tensor: put a `preprocess` node before `infer.openvino`".into(),
                 ));
             };
-            if data.len() != per_frame {
+            if tensor.len() != per_frame {
                 return Err(OpError::UnsupportedInput(format!(
                     "tensor has {} values but model {} expects input shape {:?}",
-                    data.len(),
+                    tensor.len(),
                     self.model.path.display(),
                     self.model.input.shape
                 )));
             }
-            input[slot * per_frame..(slot + 1) * per_frame].copy_from_slice(data);
+            // The normalised values go straight into the request's own input buffer.
+            tensor.write_to(&mut input[slot * per_frame..(slot + 1) * per_frame]);
         }
         // A short batch: zero the unused slots (their outputs are dropped).
         input[packets.len() * per_frame..].fill(0.0);

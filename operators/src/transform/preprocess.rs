@@ -1,6 +1,7 @@
 //! `preprocess`: frame to model input. A SIMD resize (fast_image_resize: AVX2/SSE4.1/NEON chosen at
-//! run time) on 8-bit pixels, then colour conversion and normalisation in one table-driven pass
-//! into a pooled f32 tensor (NCHW by default). The frame stays on the packet for later operators.
+//! run time) on 8-bit pixels into a pooled buffer, which becomes the packet's [`Tensor`] with the
+//! tables of its colour conversion and normalisation (NCHW by default); the model's operator
+//! applies them as it writes its input. The frame stays on the packet for later operators.
 //!
 //! I420 frames from video sources are never converted at full size: the Y, U and V planes are
 //! each resized to the tensor size and only those pixels are converted to RGB.
@@ -12,9 +13,12 @@ use serde::Deserialize;
 use crate::contract::{
     Emitter, OpError, OperatorInstance, OperatorKind, OutputType, PortType, Transform,
 };
-use crate::packet::{Frame, Packet, PixelFormat, Tensor, TensorLayout};
-use crate::pool::BufferPool;
+use std::sync::Arc;
+
+use crate::packet::{Frame, Packet, PixelFormat};
+use crate::pool::{BufferPool, PooledBuffer};
 use crate::registry::{OperatorDescriptor, ParamError};
+use crate::tensor::{ChannelSource, Normalisation, Tensor, TensorLayout};
 use crate::yuv;
 
 /// Resampling method.
@@ -99,7 +103,7 @@ pub fn descriptor() -> OperatorDescriptor {
     OperatorDescriptor::builder::<PreprocessParams>(
         "preprocess",
         OperatorKind::Transform,
-        "SIMD resize (nearest, bilinear, anti-aliased bilinear), colour conversion (rgb, bgr, gray) and normalisation (scale, mean, std) of a frame into an f32 NCHW or NHWC model input tensor from a pool.",
+        "SIMD resize (nearest, bilinear, anti-aliased bilinear), colour conversion (rgb, bgr, gray) and normalisation (scale, mean, std) of a frame into a model input tensor: resized 8-bit pixels from a pool, written as f32 NCHW or NHWC values straight into the model's request.",
     )
     .input("in", PortType::Image)
     .output("out", OutputType::Fixed(PortType::Tensor))
@@ -112,30 +116,19 @@ pub fn descriptor() -> OperatorDescriptor {
     })
 }
 
-/// Where an output channel's value comes from in the resized image.
-#[derive(Debug, Clone, Copy)]
-enum ChannelSource {
-    /// Byte `n` of each source pixel.
-    Channel(usize),
-    /// Luminance of a 3-channel source pixel (ITU-R BT.601 weights).
-    Luma {
-        red: usize,
-        green: usize,
-        blue: usize,
-    },
-}
-
 /// The running operator.
 pub struct Preprocess {
     params: PreprocessParams,
     resizer: Resizer,
     options: ResizeOptions,
-    resized: Vec<u8>,
     /// Y, U and V planes resized to the tensor size (I420 frames only).
     resized_planes: [Vec<u8>; 3],
-    /// `lut[c][v]`: normalised value of byte `v` in tensor channel `c`.
-    lut: Vec<[f32; 256]>,
-    pool: BufferPool<f32>,
+    /// `tables[c][v]`: normalised value of byte `v` in tensor channel `c`.
+    tables: Vec<[f32; 256]>,
+    /// Per pixel format of the resized pixels, how they become the tensor (made on first use).
+    normalisations: Vec<(PixelFormat, Arc<Normalisation>)>,
+    /// The tensors' resized pixels.
+    pool: BufferPool<u8>,
 }
 
 impl Preprocess {
@@ -143,7 +136,7 @@ impl Preprocess {
     pub fn new(params: PreprocessParams) -> Result<Self, OpError> {
         params.validate()?;
         let channels = params.color.channels();
-        let lut = (0..channels)
+        let tables = (0..channels)
             .map(|c| {
                 let mut table = [0f32; 256];
                 for (value, slot) in table.iter_mut().enumerate() {
@@ -161,18 +154,21 @@ impl Preprocess {
             params,
             resizer: Resizer::new(),
             options: ResizeOptions::new().resize_alg(algorithm),
-            resized: Vec::new(),
             resized_planes: Default::default(),
-            lut,
+            tables,
+            normalisations: Vec::new(),
             pool: BufferPool::new(64),
         })
     }
 
     /// Makes the tensor for one frame.
     pub fn tensor_for(&mut self, frame: &Frame) -> Result<Tensor, OpError> {
+        let (width, height) = (self.params.width, self.params.height);
+        let plane = width as usize * height as usize;
         if frame.layout.format == PixelFormat::I420 {
-            self.resize_i420(frame)?;
-            return Ok(self.normalise(PixelFormat::Rgb, None));
+            let mut pixels = self.pool.get(plane * 3);
+            self.resize_i420(frame, &mut pixels)?;
+            return Ok(self.tensor(PixelFormat::Rgb, pixels));
         }
         let layout = frame.layout;
         let source_channels = layout.format.channels();
@@ -182,34 +178,29 @@ impl Preprocess {
                 layout.stride, layout.width
             )));
         }
-        let (width, height) = (self.params.width, self.params.height);
         let pixel_type = match layout.format {
             PixelFormat::Gray | PixelFormat::I420 => PixelType::U8,
             PixelFormat::Rgb | PixelFormat::Bgr => PixelType::U8x3,
         };
-        let same_size = layout.width == width && layout.height == height;
-        if !same_size {
-            self.resized
-                .resize(width as usize * height as usize * source_channels, 0);
-            let source = ImageRef::new(
-                layout.width,
-                layout.height,
-                &frame.pixels()[..layout.byte_len()],
-                pixel_type,
-            )
-            .map_err(|e| OpError::UnsupportedInput(format!("frame buffer: {e}")))?;
-            let mut target = Image::from_slice_u8(width, height, &mut self.resized, pixel_type)
+        let mut pixels = self.pool.get(plane * source_channels);
+        let frame_pixels = &frame.pixels()[..layout.byte_len()];
+        if layout.width == width && layout.height == height {
+            pixels.copy_from_slice(frame_pixels);
+        } else {
+            let source = ImageRef::new(layout.width, layout.height, frame_pixels, pixel_type)
+                .map_err(|e| OpError::UnsupportedInput(format!("frame buffer: {e}")))?;
+            let mut target = Image::from_slice_u8(width, height, &mut pixels, pixel_type)
                 .map_err(|e| OpError::Failed(format!("resize buffer: {e}")))?;
             self.resizer
                 .resize(&source, &mut target, &self.options)
                 .map_err(|e| OpError::Failed(format!("resize: {e}")))?;
         }
-        Ok(self.normalise(layout.format, same_size.then(|| frame.pixels())))
+        Ok(self.tensor(layout.format, pixels))
     }
 
     /// Resizes the three planes of an I420 frame to the tensor size and converts them into
-    /// `self.resized` as RGB.
-    fn resize_i420(&mut self, frame: &Frame) -> Result<(), OpError> {
+    /// `rgb`.
+    fn resize_i420(&mut self, frame: &Frame, rgb: &mut [u8]) -> Result<(), OpError> {
         let planes = yuv::Planes::of(frame).ok_or_else(|| {
             OpError::UnsupportedInput("I420 frame buffer shorter than its layout".into())
         })?;
@@ -248,77 +239,39 @@ impl Preprocess {
                 .resize(&source, &mut resized, &self.options)
                 .map_err(|e| OpError::Failed(format!("resize: {e}")))?;
         }
-        self.resized.resize(target_len * 3, 0);
         let [y, u, v] = &self.resized_planes;
-        yuv::full_planes_to_rgb(&planes.matrix, y, u, v, &mut self.resized);
+        yuv::full_planes_to_rgb(&planes.matrix, y, u, v, rgb);
         Ok(())
     }
 
-    /// Normalises tensor-sized pixels of format `format` (`pixels`, or `self.resized` when
-    /// `None`) into a pooled tensor.
-    fn normalise(&self, format: PixelFormat, pixels: Option<&[u8]>) -> Tensor {
-        let (width, height) = (self.params.width, self.params.height);
-        let source_channels = format.channels();
-        let pixels = pixels.unwrap_or(&self.resized);
-        let sources = channel_sources(format, self.params.color);
-        let plane = width as usize * height as usize;
-        let channels = sources.len();
-        let mut data = self.pool.get(plane * channels);
-        for (c, source) in sources.iter().enumerate() {
-            let lut = &self.lut[c];
-            match self.params.layout {
-                TensorLayout::Nchw => {
-                    let out = &mut data[c * plane..(c + 1) * plane];
-                    fill_plane(out, 1, pixels, source_channels, *source, lut);
-                }
-                TensorLayout::Nhwc => {
-                    fill_plane(
-                        &mut data[c..],
-                        channels,
-                        pixels,
-                        source_channels,
-                        *source,
-                        lut,
-                    );
-                }
+    /// Tensor-sized `pixels` of format `format` as the tensor, with the tables that normalise
+    /// them.
+    fn tensor(&mut self, format: PixelFormat, pixels: PooledBuffer<u8>) -> Tensor {
+        let normalisation = match self.normalisations.iter().find(|(f, _)| *f == format) {
+            Some((_, normalisation)) => Arc::clone(normalisation),
+            None => {
+                let normalisation = Arc::new(Normalisation {
+                    pixel_bytes: format.channels(),
+                    sources: channel_sources(format, self.params.color),
+                    tables: self.tables.clone(),
+                    layout: self.params.layout,
+                });
+                self.normalisations
+                    .push((format, Arc::clone(&normalisation)));
+                normalisation
             }
-        }
-        Tensor::new(
-            data,
-            [1, channels, height as usize, width as usize],
-            self.params.layout,
-        )
+        };
+        let shape = [
+            1,
+            normalisation.sources.len(),
+            self.params.height as usize,
+            self.params.width as usize,
+        ];
+        Tensor::new(pixels, shape, normalisation)
     }
 }
 
-/// Writes one tensor channel: `out[i * step]` for every pixel `i`.
-fn fill_plane(
-    out: &mut [f32],
-    step: usize,
-    pixels: &[u8],
-    source_channels: usize,
-    source: ChannelSource,
-    lut: &[f32; 256],
-) {
-    let targets = out.iter_mut().step_by(step);
-    let sources = pixels.chunks_exact(source_channels);
-    match source {
-        ChannelSource::Channel(index) => {
-            for (slot, pixel) in targets.zip(sources) {
-                *slot = lut[pixel[index] as usize];
-            }
-        }
-        ChannelSource::Luma { red, green, blue } => {
-            for (slot, pixel) in targets.zip(sources) {
-                let luma =
-                    (77 * pixel[red] as u32 + 150 * pixel[green] as u32 + 29 * pixel[blue] as u32)
-                        >> 8;
-                *slot = lut[luma as usize];
-            }
-        }
-    }
-}
-
+/// Where each tensor channel's value comes from in a pixel of format `from`.
 fn channel_sources(from: PixelFormat, to: PixelFormat) -> Vec<ChannelSource> {
     use ChannelSource::{Channel, Luma};
     match (from, to) {
@@ -396,7 +349,7 @@ mod tests {
         .expect("builds");
         let tensor = op.tensor_for(&input).expect("runs");
         assert_eq!(tensor.shape, [1, 3, 4, 4]);
-        let data = tensor.data();
+        let data = tensor.to_vec();
         assert!(data[..16].iter().all(|v| *v == 0.0));
         assert!(data[16..32].iter().all(|v| *v == 10.0));
         assert!(data[32..].iter().all(|v| *v == 10.0));
@@ -412,9 +365,10 @@ mod tests {
         let from_i420 = op.tensor_for(&i420).expect("runs");
         let from_rgb = op.tensor_for(&rgb).expect("runs");
         assert_eq!(from_i420.shape, [1, 3, 8, 8]);
-        assert_eq!(from_i420.data(), from_rgb.data());
-        assert!(from_i420.data()[0] > 0.95, "red channel is high");
-        assert!(from_i420.data()[64] < 0.05, "green channel is low");
+        let values = from_i420.to_vec();
+        assert_eq!(values, from_rgb.to_vec());
+        assert!(values[0] > 0.95, "red channel is high");
+        assert!(values[64] < 0.05, "green channel is low");
     }
 
     #[test]
@@ -435,7 +389,7 @@ mod tests {
         })))
         .expect("builds");
         let tensor = op.tensor_for(&input).expect("runs");
-        assert_eq!(&tensor.data()[..6], &[3.0, 2.0, 1.0, 3.0, 2.0, 1.0]);
+        assert_eq!(&tensor.to_vec()[..6], &[3.0, 2.0, 1.0, 3.0, 2.0, 1.0]);
     }
 
     #[test]
@@ -454,7 +408,8 @@ mod tests {
         .expect("builds");
         let tensor = op.tensor_for(&input).expect("runs");
         assert_eq!(tensor.shape, [1, 1, 4, 8]);
-        let row = &tensor.data()[..8];
+        let values = tensor.to_vec();
+        let row = &values[..8];
         assert_eq!(row[0], 0.0);
         assert_eq!(row[7], 1.0);
     }
