@@ -164,3 +164,55 @@ fn fill_channel(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::BufferPool;
+
+    /// Two RGB pixels, pure red then pure white, as a `channels`-channel tensor of `layout`
+    /// whose tables map byte `v` to `v`.
+    fn two_pixels(sources: Vec<ChannelSource>, layout: TensorLayout) -> Tensor {
+        let pool = BufferPool::new(1);
+        let mut pixels = pool.get(6);
+        pixels.copy_from_slice(&[255, 0, 0, 255, 255, 255]);
+        let identity: [f32; 256] = std::array::from_fn(|v| v as f32);
+        let channels = sources.len();
+        let normalisation = Normalisation {
+            pixel_bytes: 3,
+            tables: vec![identity; channels],
+            sources,
+            layout,
+        };
+        Tensor::new(pixels, [1, channels, 1, 2], Arc::new(normalisation))
+    }
+
+    #[test]
+    fn channels_are_planes_in_nchw_and_interleaved_in_nhwc() {
+        let swapped = || {
+            vec![
+                ChannelSource::Channel(2),
+                ChannelSource::Channel(1),
+                ChannelSource::Channel(0),
+            ]
+        };
+        let planar = two_pixels(swapped(), TensorLayout::Nchw);
+        assert_eq!(planar.to_vec(), [0.0, 255.0, 0.0, 255.0, 255.0, 255.0]);
+        let interleaved = two_pixels(swapped(), TensorLayout::Nhwc);
+        assert_eq!(interleaved.to_vec(), [0.0, 0.0, 255.0, 255.0, 255.0, 255.0]);
+        assert_eq!(interleaved.layout(), TensorLayout::Nhwc);
+        assert_eq!(interleaved.len(), 6);
+    }
+
+    #[test]
+    fn luma_weighs_red_green_and_blue_as_bt601() {
+        let luma = ChannelSource::Luma {
+            red: 0,
+            green: 1,
+            blue: 2,
+        };
+        let gray = two_pixels(vec![luma], TensorLayout::Nchw);
+        // Red alone: 77 / 256 of full scale; white: all of it.
+        assert_eq!(gray.to_vec(), [((77 * 255) >> 8) as f32, 255.0]);
+    }
+}
