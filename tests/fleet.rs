@@ -317,13 +317,19 @@ fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_los
         assert_eq!(sink["failed"], 0, "{pipeline}");
         let skipped = sink["skipped"].as_u64().unwrap_or(0);
         let id = pipeline["pipeline_id"].as_str().expect("id");
-        // A pipeline that never moved ran once: JetStream had none of its results before.
+        // A pipeline that never moved was started once, on one engine. (JetStream may still
+        // have dropped copies of its results: a publish whose acknowledgement came too late is
+        // sent again, which is at-least-once delivery working, not a second run.)
         if !orphans.contains(id) {
+            let log = engine_log_lines(dir.path(), id);
+            let starts = log
+                .lines()
+                .filter(|line| line.contains("fleet: started"))
+                .count();
             assert_eq!(
-                skipped,
-                0,
-                "{id} ran once: {pipeline}\nwhat the engines logged about it:\n{}",
-                engine_log_lines(dir.path(), id)
+                starts, 1,
+                "{id} ran once ({skipped} of its results sent again): {pipeline}\n\
+                 what the engines logged about it:\n{log}"
             );
         }
         duplicates_sent += skipped;
@@ -356,8 +362,8 @@ fn a_fleet_runs_each_pipeline_once_and_hands_a_killed_engines_pipelines_over_los
     }
     assert_eq!(stored.len(), PIPELINES * FRAMES as usize);
     println!(
-        "results stored: {} ({} pipelines x {FRAMES}); copies sent again after the hand-over and \
-         dropped by JetStream: {duplicates_sent}",
+        "results stored: {} ({} pipelines x {FRAMES}); copies sent again (after the hand-over, or \
+         after a late acknowledgement) and dropped by JetStream: {duplicates_sent}",
         stored.len(),
         PIPELINES
     );
