@@ -22,6 +22,8 @@ pub struct Predictor {
     outputs: BufferPool<f32>,
     overlays: OverlayRenderer,
     frames: BufferPool<u8>,
+    /// The model's input values, written from each tensor (reused).
+    input: Vec<f32>,
 }
 
 impl Predictor {
@@ -45,6 +47,7 @@ impl Predictor {
             outputs: BufferPool::new(8),
             overlays: OverlayRenderer::new(4),
             frames: BufferPool::new(4),
+            input: Vec::new(),
         })
     }
 
@@ -59,9 +62,11 @@ impl Predictor {
             .preprocess
             .tensor_for(frame)
             .map_err(|e| e.to_string())?;
+        self.input.resize(tensor.len(), 0.0);
+        tensor.write_to(&mut self.input);
         let outputs: Vec<ModelOutput> = self
             .model
-            .infer(&tensor.to_vec())
+            .infer(&self.input)
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|output| {

@@ -72,7 +72,7 @@ fn every_frame_gets_the_model_outputs_in_order() {
     }
 }
 
-/// A tensor is 786 KB a frame at 256x256; once the model has it, it goes back to its pool
+/// A tensor is 196 KB of pixels a frame at 256x256 RGB; once the model has it, it goes back to its pool
 /// instead of travelling with the packet to the sinks, unless a node further down reads it (a
 /// second model on the same input).
 #[test]

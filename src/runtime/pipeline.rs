@@ -192,6 +192,27 @@ struct EdgeInfo {
     stats: Arc<EdgeStats>,
 }
 
+/// What the graph around a node tells its operator when it is built ([`BuildContext`]).
+#[derive(Clone, Copy)]
+struct Surroundings {
+    /// Whether a live source feeds the node.
+    live_input: bool,
+    /// How many live sources the pipeline has.
+    live_sources: usize,
+    /// Whether a node downstream reads the tensor.
+    tensor_wanted_downstream: bool,
+}
+
+impl Surroundings {
+    /// The build context of node `node_id`.
+    fn context(self, node_id: &str) -> BuildContext<'_> {
+        BuildContext::new(node_id)
+            .with_live_input(self.live_input)
+            .with_live_sources(self.live_sources)
+            .with_tensor_wanted_downstream(self.tensor_wanted_downstream)
+    }
+}
+
 /// Everything a node's thread needs besides its operator.
 struct NodeRuntime {
     pipeline: Arc<str>,
@@ -204,12 +225,8 @@ struct NodeRuntime {
     restarts_done: u32,
     batch: Option<(usize, Duration)>,
     input: Option<Arc<InputQueue>>,
-    /// Whether a live source feeds the node (its operator is rebuilt with the same context).
-    live_input: bool,
-    /// How many live sources the pipeline has (part of the same context).
-    live_sources: usize,
-    /// Whether a node downstream reads the tensor (part of the same context).
-    tensor_wanted_downstream: bool,
+    /// What the graph tells the node's operator (it is rebuilt with the same on a restart).
+    surroundings: Surroundings,
     delivery: Delivery,
     metrics: Arc<NodeMetrics>,
     latest: Option<Arc<LatestFrame>>,
@@ -282,14 +299,16 @@ impl Pipeline {
             .count();
         // Whether a node downstream reads the tensor (an operator may let it go once used).
         let tensor_wanted_downstream = graph.tensor_wanted_downstream();
+        let surroundings = |index: usize| Surroundings {
+            live_input: live_input[index],
+            live_sources,
+            tensor_wanted_downstream: tensor_wanted_downstream[index],
+        };
         // Every instance of every node (one per replica).
         let mut instances: Vec<Vec<OperatorInstance>> = Vec::with_capacity(graph.nodes.len());
         let mut failures = Vec::new();
         for (index, node) in graph.nodes.iter().enumerate() {
-            let context = BuildContext::new(&node.id)
-                .with_live_input(live_input[index])
-                .with_live_sources(live_sources)
-                .with_tensor_wanted_downstream(tensor_wanted_downstream[index]);
+            let context = surroundings(index).context(&node.id);
             let mut built = Vec::with_capacity(node.replicas.max(1));
             for _ in 0..node.replicas.max(1) {
                 match node.descriptor.build(node.params.clone(), &context) {
@@ -428,9 +447,7 @@ impl Pipeline {
                         )
                     }),
                     input: queues[index].clone(),
-                    live_input: live_input[index],
-                    live_sources,
-                    tensor_wanted_downstream: tensor_wanted_downstream[index],
+                    surroundings: surroundings(index),
                     delivery,
                     metrics: Arc::clone(&metrics[index]),
                     latest: latest[index].clone(),
@@ -721,13 +738,10 @@ impl NodeRuntime {
         while Instant::now() < backoff && !self.control.aborted.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5).min(backoff - Instant::now()));
         }
-        match self.descriptor.build(
-            self.params.clone(),
-            &BuildContext::new(&self.id)
-                .with_live_input(self.live_input)
-                .with_live_sources(self.live_sources)
-                .with_tensor_wanted_downstream(self.tensor_wanted_downstream),
-        ) {
+        match self
+            .descriptor
+            .build(self.params.clone(), &self.surroundings.context(&self.id))
+        {
             Ok(instance) => {
                 self.restarts_done += 1;
                 self.metrics.restarts.fetch_add(1, Ordering::Relaxed);

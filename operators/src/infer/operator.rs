@@ -147,9 +147,9 @@ pub struct Infer {
     idle: Vec<InferRequest>,
     in_flight: VecDeque<InFlight>,
     outputs: BufferPool<f32>,
-    /// Whether packets keep their tensor once it is copied into a request: only when a node
+    /// Whether packets keep their tensor once it is written into a request: only when a node
     /// downstream reads it. Otherwise its buffer goes back to the preprocess pool at once
-    /// instead of travelling to the sinks (a 256x256 f32 tensor is 786 KB a packet in flight).
+    /// instead of travelling to the sinks (196 KB of pixels a packet at 256x256 RGB).
     keep_tensor: bool,
 }
 
