@@ -146,7 +146,8 @@ pub struct TrainArgs {
     /// Folder of anomalous images; with it, calibration uses them instead of generated anomalies.
     #[arg(long)]
     anomalous: Option<PathBuf>,
-    /// Folder of masks of the anomalous images (`<name>.png` or `<name>_mask.png`).
+    /// Folder of masks of the anomalous images (`<name>.png` or `<name>_mask.png`); images
+    /// without one are still scored, pixel metrics need them all.
     #[arg(long)]
     masks: Option<PathBuf>,
     #[command(flatten)]

@@ -488,9 +488,19 @@ fn media_are_uploaded_with_labels_and_masks_checked_listed_downloaded_and_delete
             "file",
         ),
         (
-            upload_form(png(8, 8, 1), None, Some(png(4, 4, 1))),
+            upload_form(png(8, 8, 1), Some("anomalous"), Some(png(4, 4, 1))),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "mask",
+            "mask: 4x4 does not match",
+        ),
+        (
+            upload_form(png(8, 8, 1), Some("normal"), Some(png(8, 8, 1))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "mask: only anomalous images have masks",
+        ),
+        (
+            upload_form(png(8, 8, 1), Some("normal"), None).text("label", "anomalous"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "label: given twice",
         ),
         (
             reqwest::blocking::multipart::Form::new().text("label", "normal"),
@@ -820,10 +830,31 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     // Every answer below is checked against the OpenAPI document's schemas.
     let contract = Contract::of(&server, &http);
 
-    // 1. A project with 20 normal images.
+    // 1. A project with 20 normal images and two anomalous ones, only one with a mask.
     let project = create_project(&http, &server, "bottle caps");
     let images = normal_images(dir.path(), 20, 128);
     upload_all(&http, &server, &project, &images);
+    let mut mask = image::GrayImage::new(128, 128);
+    for (x, y, pixel) in mask.enumerate_pixels_mut() {
+        pixel.0 = [if (40..60).contains(&x) && (40..60).contains(&y) {
+            255
+        } else {
+            0
+        }];
+    }
+    let mut mask_png = Vec::new();
+    mask.write_to(
+        &mut std::io::Cursor::new(&mut mask_png),
+        image::ImageFormat::Png,
+    )
+    .expect("mask PNG");
+    for (level, mask) in [(200, Some(mask_png)), (220, None)] {
+        let (status, body) = contract.call(
+            http.post(server.url(&format!("/api/projects/{project}/media")))
+                .multipart(upload_form(png(128, 128, level), Some("anomalous"), mask)),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
 
     // 2. Train, watching progress and logs as server-sent events.
     let (status, body) = contract.call(
@@ -899,7 +930,9 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
     let logs = events(&server.url(&format!("/api/jobs/{job_id}/logs")));
     let log_text: Vec<&str> = logs.iter().map(|(_, line)| line.as_str()).collect();
     assert!(
-        log_text.iter().any(|l| l.contains("dataset: 20 normal")),
+        log_text
+            .iter()
+            .any(|l| l.contains("dataset: 20 normal, 2 anomalous images (1 with a mask)")),
         "{log_text:?}"
     );
     assert!(
@@ -1012,8 +1045,12 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         contract.call(http.get(server.url(&format!("/api/snapshots/{snapshot_id}"))));
     assert_eq!(status, StatusCode::OK, "{snapshot}");
     assert_eq!(
-        (snapshot["count"].as_u64(), snapshot["anomalous"].as_u64()),
-        (Some(20), Some(0))
+        (
+            snapshot["count"].as_u64(),
+            snapshot["anomalous"].as_u64(),
+            snapshot["masks"].as_u64()
+        ),
+        (Some(22), Some(2), Some(1))
     );
     let parquet = http
         .get(server.url(&format!("/api/snapshots/{snapshot_id}/download")))

@@ -382,6 +382,13 @@ fn hostile_snapshot_files_are_refused_naming_the_row_and_field() {
             ),
             "row 0: mask: only anomalous",
         ),
+        (
+            parquet(
+                &mut polars::df!("image" => [image.clone()], "label" => ["anomalous"], "mask" => [common::server::png(4, 8, 255)])
+                    .expect("frame"),
+            ),
+            "row 0: mask: 4x8 does not match the image's 8x8",
+        ),
     ];
     for (body, expected) in cases {
         let (status, answer) = import(body);

@@ -281,6 +281,18 @@ pub(crate) async fn read_form(form: warp::multipart::FormData) -> Result<UploadF
         })?;
     let mut form = UploadForm::default();
     for (name, filename, bytes) in parts {
+        let given_before = match name.as_str() {
+            "file" => form.file.is_some(),
+            "label" => form.label.is_some(),
+            "mask" => form.mask.is_some(),
+            _ => false,
+        };
+        if given_before {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{name}: given twice (one image per upload)"),
+            ));
+        }
         match name.as_str() {
             "file" => form.file = Some((filename.unwrap_or_else(|| "image".into()), bytes)),
             "label" => form.label = Some(String::from_utf8_lossy(&bytes).trim().to_string()),
@@ -329,6 +341,11 @@ async fn upload(
             ));
         }
     };
+    if form.mask.is_some() && label != "anomalous" {
+        return Err(unprocessable(
+            "mask: only anomalous images have masks (label is normal)",
+        ));
+    }
     // The mask is stored as `<id>.mask.png` and read back as PNG: another format is refused
     // rather than stored under the wrong name (JPEG would also blur its edges).
     if let Some(mask) = &form.mask

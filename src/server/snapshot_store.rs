@@ -491,6 +491,8 @@ pub struct DatasetFolders {
     pub normal_count: usize,
     /// Images in `anomalous/`.
     pub anomalous_count: usize,
+    /// Masks in `masks/` (anomalous images may lack one).
+    pub mask_count: usize,
 }
 
 /// Links (hard links, copies across file systems) each image of `rows` into `normal/` or
@@ -505,6 +507,7 @@ pub fn link_dataset(
     let mut folders = DatasetFolders {
         normal_count: 0,
         anomalous_count: 0,
+        mask_count: 0,
     };
     for folder in ["normal", "anomalous", "masks"] {
         std::fs::create_dir_all(dataset.join(folder))
@@ -537,6 +540,7 @@ pub fn link_dataset(
                 &blob_path(data_dir, mask),
                 &dataset.join("masks").join(format!("{}.png", row.sha256)),
             )?;
+            folders.mask_count += 1;
         }
     }
     Ok(folders)

@@ -357,8 +357,8 @@ async fn train(
     log.line(
         live,
         &format!(
-            "dataset: {} normal, {} anomalous images",
-            folders.normal_count, folders.anomalous_count
+            "dataset: {} normal, {} anomalous images ({} with a mask)",
+            folders.normal_count, folders.anomalous_count, folders.mask_count
         ),
     )
     .await;
@@ -388,11 +388,10 @@ async fn train(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     if folders.anomalous_count > 0 {
-        command
-            .arg("--anomalous")
-            .arg(dataset.join("anomalous"))
-            .arg("--masks")
-            .arg(dataset.join("masks"));
+        command.arg("--anomalous").arg(dataset.join("anomalous"));
+    }
+    if folders.mask_count > 0 {
+        command.arg("--masks").arg(dataset.join("masks"));
     }
     die_with_parent(&mut command);
     let mut child = command

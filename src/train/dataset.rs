@@ -127,7 +127,8 @@ pub struct Sources<'a> {
     pub normal: &'a Path,
     /// Anomalous images, if any.
     pub anomalous: Option<&'a Path>,
-    /// Masks of the anomalous images, if any.
+    /// Masks of the anomalous images, if any: at least one must match; images without one are
+    /// still scored, and pixel metrics are given when every anomalous image has one.
     pub masks: Option<&'a Path>,
 }
 
@@ -156,17 +157,10 @@ pub fn list(sources: &Sources) -> Result<Vec<Entry>, TrainError> {
                 dir.display()
             )));
         }
+        let mut with_mask = 0;
         for path in anomalous {
-            let mask = match sources.masks {
-                Some(masks) => Some(find_mask(masks, &path).ok_or_else(|| {
-                    TrainError::Invalid(format!(
-                        "no mask for {} in {} (looked for <name>.png and <name>_mask.png)",
-                        path.display(),
-                        masks.display()
-                    ))
-                })?),
-                None => None,
-            };
+            let mask = sources.masks.and_then(|masks| find_mask(masks, &path));
+            with_mask += usize::from(mask.is_some());
             entries.push(Entry {
                 path,
                 label: Label::Anomalous,
@@ -174,6 +168,18 @@ pub fn list(sources: &Sources) -> Result<Vec<Entry>, TrainError> {
                 split: Split::Validation,
                 sha256: String::new(),
             });
+        }
+        // Some anomalous images may lack a mask (pixel metrics then need them all); a masks
+        // folder that matches none of them is a wrong folder.
+        if let Some(masks) = sources.masks
+            && with_mask == 0
+        {
+            return Err(TrainError::Invalid(format!(
+                "no anomalous image in {} has a mask in {} (looked for <name>.png and \
+                 <name>_mask.png)",
+                dir.display(),
+                masks.display()
+            )));
         }
     } else if sources.masks.is_some() {
         return Err(TrainError::Invalid(
@@ -366,4 +372,56 @@ pub fn snapshot(sources: &Sources, seed: u64, cache: &Path) -> Result<Snapshot, 
         entries,
         reused: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(path: &Path) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("folder");
+        std::fs::write(path, b"").expect("file");
+    }
+
+    #[test]
+    fn anomalous_images_without_a_mask_are_listed_but_a_masks_folder_matching_none_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        for name in ["n1.png", "n2.png", "n3.png"] {
+            touch(&root.join("normal").join(name));
+        }
+        for name in ["a1.png", "a2.jpg"] {
+            touch(&root.join("anomalous").join(name));
+        }
+        touch(&root.join("masks").join("a1_mask.png"));
+        std::fs::create_dir_all(root.join("empty")).expect("folder");
+        let (normal, anomalous) = (root.join("normal"), root.join("anomalous"));
+        let with = |masks: &Path| {
+            list(&Sources {
+                normal: &normal,
+                anomalous: Some(&anomalous),
+                masks: Some(masks),
+            })
+        };
+
+        let entries = with(&root.join("masks")).expect("partial masks are fine");
+        let masks: Vec<(String, bool)> = entries
+            .iter()
+            .filter(|e| e.label == Label::Anomalous)
+            .map(|e| {
+                let name = e.path.file_name().expect("name").to_string_lossy();
+                (name.into_owned(), e.mask.is_some())
+            })
+            .collect();
+        assert_eq!(
+            masks,
+            [("a1.png".to_string(), true), ("a2.jpg".to_string(), false)]
+        );
+
+        let refused = with(&root.join("empty")).expect_err("a folder matching no image");
+        assert!(
+            refused.to_string().contains("no anomalous image"),
+            "{refused}"
+        );
+    }
 }
