@@ -37,6 +37,42 @@ pub struct WebRtc {
     pub(crate) settings: WebRtcSettings,
     broadcasts: Mutex<HashMap<(String, View), Arc<Broadcast>>>,
     pub(crate) connections: Mutex<HashMap<String, Connection>>,
+    /// Offers being answered, per pipeline: they count towards the viewer limit, so that
+    /// offers arriving together cannot all pass it.
+    answering: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A viewer's place under the limit while its offer is answered; given back when dropped.
+pub(crate) struct ViewerSlot {
+    answering: Arc<Mutex<HashMap<String, usize>>>,
+    pipeline: String,
+}
+
+impl Drop for ViewerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut answering) = self.answering.lock()
+            && let Some(count) = answering.get_mut(&self.pipeline)
+        {
+            *count -= 1;
+            if *count == 0 {
+                answering.remove(&self.pipeline);
+            }
+        }
+    }
+}
+
+/// Why an offer got no answer.
+pub(crate) enum AnswerError {
+    /// The offer itself was refused in negotiation (the client's to fix).
+    Offer(String),
+    /// The server could not set up the viewer.
+    Unavailable(String),
+}
+
+impl From<String> for AnswerError {
+    fn from(message: String) -> Self {
+        Self::Unavailable(message)
+    }
 }
 
 /// One pipeline view encoded once for all its viewers.
@@ -63,6 +99,7 @@ impl WebRtc {
             settings,
             broadcasts: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
+            answering: Arc::default(),
         }
     }
 
@@ -78,6 +115,21 @@ impl WebRtc {
                 .collect(),
             max_viewers: self.settings.max_viewers,
         }
+    }
+
+    /// A place for one more viewer of `pipeline`, if its viewers and the offers being answered
+    /// for it are under the limit.
+    pub(crate) fn reserve_viewer(&self, pipeline: &str) -> Option<ViewerSlot> {
+        let mut answering = self.answering.lock().ok()?;
+        let pending = answering.get(pipeline).copied().unwrap_or(0);
+        if self.viewers_of(pipeline) + pending >= self.settings.max_viewers {
+            return None;
+        }
+        *answering.entry(pipeline.to_string()).or_default() += 1;
+        Some(ViewerSlot {
+            answering: Arc::clone(&self.answering),
+            pipeline: pipeline.to_string(),
+        })
     }
 
     /// Viewers of `pipeline` now.
@@ -143,21 +195,39 @@ impl WebRtc {
         broadcasts.insert(key.clone(), Arc::clone(&broadcast));
         let this = Arc::clone(self);
         let key = key.clone();
+        let fed = Arc::downgrade(&broadcast);
         tokio::spawn(async move {
             feed(viewer, source).await;
-            // The pipeline stopped (or the broadcast was closed): close what is left.
-            this.end_broadcast(&key);
+            // The pipeline stopped (or the broadcast was closed): close what is left of this
+            // broadcast, not a newer one of the same view started since.
+            this.end_broadcast_if(&key, |current| std::ptr::eq(current, fed.as_ptr()));
         });
         Ok(broadcast)
     }
 
     /// Closes the broadcast of `key` and every connection watching it.
     fn end_broadcast(&self, key: &(String, View)) {
+        self.end_broadcast_if(key, |_| true);
+    }
+
+    /// Closes the broadcast of `key` and its connections if `is_it` holds for it.
+    fn end_broadcast_if(&self, key: &(String, View), is_it: impl Fn(&Broadcast) -> bool) {
+        let broadcast =
+            self.broadcasts
+                .lock()
+                .ok()
+                .and_then(|mut broadcasts| match broadcasts.get(key) {
+                    Some(current) if is_it(current) => broadcasts.remove(key),
+                    _ => None,
+                });
+        let Some(broadcast) = broadcast else {
+            return;
+        };
         let closing: Vec<Connection> = match self.connections.lock() {
             Ok(mut connections) => {
                 let ids: Vec<String> = connections
                     .iter()
-                    .filter(|(_, c)| &c.key == key)
+                    .filter(|(_, c)| Arc::ptr_eq(&c.broadcast, &broadcast))
                     .map(|(id, _)| id.clone())
                     .collect();
                 ids.iter().filter_map(|id| connections.remove(id)).collect()
@@ -167,10 +237,7 @@ impl WebRtc {
         for connection in closing {
             connection.close();
         }
-        let broadcast = self.broadcasts.lock().ok().and_then(|mut b| b.remove(key));
-        if let Some(broadcast) = broadcast {
-            let _ = broadcast.pipeline.set_state(gst::State::Null);
-        }
+        let _ = broadcast.pipeline.set_state(gst::State::Null);
     }
 
     /// Removes connection `id`; the broadcast ends with its last viewer.
@@ -188,11 +255,17 @@ impl WebRtc {
     /// Ends the broadcast of `key` when no connection watches it (its last viewer left, or the
     /// offer that started it failed), so that nothing encodes for nobody.
     pub(crate) fn end_if_unwatched(&self, key: &(String, View)) {
-        let watched = self
-            .connections
-            .lock()
-            .map(|c| c.values().any(|c| &c.key == key))
-            .unwrap_or(false);
+        // Under the lock that offers take their place with: an offer being answered for the
+        // pipeline keeps its broadcast, and none can take a place while it ends.
+        let Ok(answering) = self.answering.lock() else {
+            return;
+        };
+        let watched = answering.contains_key(&key.0)
+            || self
+                .connections
+                .lock()
+                .map(|c| c.values().any(|c| &c.key == key))
+                .unwrap_or(false);
         if !watched {
             self.end_broadcast(key);
         }
@@ -350,7 +423,7 @@ pub(crate) fn answer(
     key: (String, View),
     offer: gst_sdp::SDPMessage,
     format: &H264Format,
-) -> Result<OfferAnswer, String> {
+) -> Result<OfferAnswer, AnswerError> {
     let make = |factory: &str| {
         gst::ElementFactory::make(factory)
             .build()
@@ -405,7 +478,9 @@ pub(crate) fn answer(
         for element in &elements {
             let _ = pipeline.remove(element);
         }
-        return Err("the encoder's tee gives no pad".into());
+        return Err(AnswerError::Unavailable(
+            "the encoder's tee gives no pad".into(),
+        ));
     };
     let fail = |message: String| {
         if let Some(queue_sink) = queue.static_pad("sink") {
@@ -421,7 +496,7 @@ pub(crate) fn answer(
     gst::Element::link_many([&queue, &pay, &answered])
         .map_err(|e| fail(format!("linking: {e}")))?;
     let Some(sink) = webrtcbin.request_pad_simple("sink_%u") else {
-        return Err(fail("webrtcbin gives no sink pad".into()));
+        return Err(fail("webrtcbin gives no sink pad".into()).into());
     };
     if let Some(transceiver) =
         sink.property::<Option<gst_webrtc::WebRTCRTPTransceiver>>("transceiver")
@@ -433,7 +508,7 @@ pub(crate) fn answer(
         transceiver.set_property("codec-preferences", &caps);
     }
     let Some(branch_src) = answered.static_pad("src") else {
-        return Err(fail("capssetter has no source pad".into()));
+        return Err(fail("capssetter has no source pad".into()).into());
     };
     branch_src
         .link(&sink)
@@ -447,15 +522,28 @@ pub(crate) fn answer(
     // the payloader's caps are settled before the peer connects (linked only after the answer,
     // a fast ICE connection raced the first caps and the payloader refused them).
     let Some(queue_sink) = queue.static_pad("sink") else {
-        return Err(fail("queue has no sink pad".into()));
+        return Err(fail("queue has no sink pad".into()).into());
     };
     tee_pad
         .link(&queue_sink)
         .map_err(|e| fail(format!("linking the viewer to the encoder: {e}")))?;
     let offer = gst_webrtc::WebRTCSessionDescription::new(gst_webrtc::WebRTCSDPType::Offer, offer);
+    // webrtcbin replies with an `error` field when it refuses an offer (a malformed one: no
+    // ICE credentials, no fingerprint) or cannot answer it.
+    let error_of = |promise: &gst::Promise| {
+        promise
+            .get_reply()
+            .and_then(|reply| reply.get::<gst::glib::Error>("error").ok())
+            .map(|error| error.message().to_string())
+    };
     let promise = gst::Promise::new();
     webrtcbin.emit_by_name::<()>("set-remote-description", &[&offer, &promise]);
     promise.wait();
+    if let Some(error) = error_of(&promise) {
+        return Err(AnswerError::Offer(fail(format!(
+            "sdp: the offer was refused: {error}"
+        ))));
+    }
     let promise = gst::Promise::new();
     webrtcbin.emit_by_name::<()>("create-answer", &[&None::<gst::Structure>, &promise]);
     promise.wait();
@@ -463,7 +551,10 @@ pub(crate) fn answer(
         .get_reply()
         .and_then(|reply| reply.value("answer").ok())
         .and_then(|value| value.get::<gst_webrtc::WebRTCSessionDescription>().ok())
-        .ok_or_else(|| fail("webrtcbin made no answer to this offer".into()))?;
+        .ok_or_else(|| {
+            let why = error_of(&promise).unwrap_or_else(|| "no reason given".into());
+            AnswerError::Unavailable(fail(format!("webrtcbin made no answer: {why}")))
+        })?;
     webrtcbin.emit_by_name::<()>("set-local-description", &[&answer, &None::<gst::Promise>]);
     let deadline = Instant::now() + GATHERING_WAIT;
     while webrtcbin.property::<gst_webrtc::WebRTCICEGatheringState>("ice-gathering-state")

@@ -20,7 +20,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::broadcast::answer;
+use super::broadcast::{AnswerError, answer};
 use super::http::{ApiError, json_body, ok};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::sdp::h264_format;
@@ -74,12 +74,19 @@ pub struct OfferAnswer {
 #[serde(deny_unknown_fields)]
 pub struct IceBody {
     /// The candidate line (`candidate:...`); empty: the end of the browser's candidates.
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = MAX_CANDIDATE_BYTES))]
     pub candidate: String,
     /// The media line it belongs to.
     #[serde(default, rename = "sdpMLineIndex")]
+    #[schemars(range(max = MAX_MEDIA_LINES - 1))]
     pub sdp_m_line_index: u32,
 }
+
+/// Media lines an answer can have (one video line; a bound for candidates' `sdpMLineIndex`).
+const MAX_MEDIA_LINES: u32 = 16;
+
+/// The longest ICE candidate line taken.
+const MAX_CANDIDATE_BYTES: usize = 1024;
 
 /// The largest SDP offer taken.
 const MAX_SDP_BYTES: usize = 65536;
@@ -171,7 +178,7 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
         return Err(ApiError::not_found("running pipeline", &body.pipeline_id));
     }
     let webrtc = Arc::clone(&state.webrtc);
-    if webrtc.viewers_of(&body.pipeline_id) >= webrtc.settings.max_viewers {
+    let Some(slot) = webrtc.reserve_viewer(&body.pipeline_id) else {
         return Err(ApiError::reject(
             StatusCode::CONFLICT,
             format!(
@@ -179,7 +186,7 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
                 body.pipeline_id, webrtc.settings.max_viewers
             ),
         ));
-    }
+    };
     let channel = preview::hub()
         .find(&body.pipeline_id, body.view)
         .ok_or_else(|| {
@@ -198,6 +205,7 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
         .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
     let answered = tokio::task::spawn_blocking(move || {
         let answered = answer(&webrtc, &broadcast, key.clone(), sdp, &format);
+        drop(slot);
         if answered.is_err() {
             webrtc.end_if_unwatched(&key);
         }
@@ -205,7 +213,12 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
     })
     .await
     .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-    .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    .map_err(|e| match e {
+        AnswerError::Offer(message) => invalid(message),
+        AnswerError::Unavailable(message) => {
+            ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    })?;
     Ok(ok(&answered))
 }
 
@@ -217,6 +230,27 @@ async fn ice(id: String, body: IceBody, state: Arc<AppState>) -> Result<Response
         .ok()
         .and_then(|c| c.get(&id).map(|c| c.webrtcbin.clone()))
         .ok_or_else(|| ApiError::not_found("WebRTC connection", &id))?;
+    if body.candidate.len() > MAX_CANDIDATE_BYTES {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("candidate: longer than {MAX_CANDIDATE_BYTES} bytes"),
+        ));
+    }
+    if body.candidate.chars().any(char::is_control) {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "candidate: holds a control character (a candidate is one line of text)",
+        ));
+    }
+    if body.sdp_m_line_index >= MAX_MEDIA_LINES {
+        return Err(ApiError::reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "sdpMLineIndex: {} is past the answer's media lines",
+                body.sdp_m_line_index
+            ),
+        ));
+    }
     if !body.candidate.is_empty() {
         webrtcbin.emit_by_name::<()>(
             "add-ice-candidate",
