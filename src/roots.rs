@@ -82,6 +82,14 @@ impl PathRoots {
                     .join(", ")
             )
         };
+        // The operating system opens no longer path (PATH_MAX), and resolving checks every
+        // prefix of it: a bound keeps that work small.
+        if path.as_os_str().len() > MAX_PATH_BYTES {
+            return Err(format!(
+                "a path of {} bytes; at most {MAX_PATH_BYTES} are allowed",
+                path.as_os_str().len()
+            ));
+        }
         let resolved =
             resolve(&absolute(path)).map_err(|reason| format!("{}: {reason}", path.display()))?;
         if let Some(store) = self.store.as_deref().and_then(|s| resolve(s).ok())
@@ -144,6 +152,9 @@ impl PathRoots {
         }
     }
 }
+
+/// The longest path checked against the roots, in bytes (Linux's PATH_MAX).
+const MAX_PATH_BYTES: usize = 4096;
 
 /// `path` joined to the working directory when relative (nothing else changed).
 fn absolute(path: &Path) -> PathBuf {
@@ -233,6 +244,10 @@ mod tests {
             .check(&dir.path().join("media/etc/passwd"), Access::Read)
             .unwrap_err();
         assert!(error.contains("--path-root"), "{error}");
+        // A path too long to open is refused before its prefixes are resolved.
+        let long = dir.path().join("media").join("a/".repeat(300_000));
+        let error = roots.check(&long, Access::Read).unwrap_err();
+        assert!(error.contains("at most 4096"), "{error}");
     }
 
     #[test]

@@ -1031,10 +1031,11 @@ fn an_upload_claiming_a_huge_image_is_refused_before_its_pixels_are_allocated() 
     assert!(huge.len() < 200, "{} bytes", huge.len());
     // Each refusal is 415 with a detail naming the field.
     let refused = |file: Vec<u8>, mask: Option<Vec<u8>>| -> String {
-        let (status, body) = call(
-            http.post(&media_url)
-                .multipart(upload_form(file, None, mask)),
-        );
+        let (status, body) = call(http.post(&media_url).multipart(upload_form(
+            file,
+            Some("anomalous"),
+            mask,
+        )));
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
         body["detail"].as_str().expect("detail").to_string()
     };
@@ -1383,6 +1384,87 @@ fn hostile_live_view_requests_are_refused_and_the_server_keeps_answering() {
             "the answer names {named}: {answer}"
         );
     }
+    // An offer that parses but that WebRTC negotiation refuses (no ICE credentials, no
+    // fingerprint) is the client's to fix: 422, with webrtcbin's reason.
+    let (status, answer) = call(
+        http.post(server.url("/api/webrtc/offer"))
+            .json(&json!({"pipeline_id": id, "sdp": h264, "view": "raw"})),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sdp: the offer was refused")),
+        "{answer}"
+    );
+    // Ten complete offers at once, right after that failure tore its broadcast down: the
+    // viewer limit (8) holds while they are answered, and every one within it is answered.
+    let complete = format!(
+        "{h264}a=mid:0\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+         a=fingerprint:sha-256 {}\r\na=setup:actpass\r\na=rtcp-mux\r\n",
+        vec!["AB"; 32].join(":")
+    );
+    let statuses: Vec<(StatusCode, Value)> = std::thread::scope(|scope| {
+        let offers: Vec<_> = (0..10)
+            .map(|_| {
+                scope.spawn(|| {
+                    call(
+                        client()
+                            .post(server.url("/api/webrtc/offer"))
+                            .json(&json!({"pipeline_id": id, "sdp": complete, "view": "raw"})),
+                    )
+                })
+            })
+            .collect();
+        offers
+            .into_iter()
+            .map(|offer| offer.join().expect("offer thread"))
+            .collect()
+    });
+    let answered: Vec<&Value> = statuses
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .map(|(_, answer)| answer)
+        .collect();
+    let refused = statuses
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::CONFLICT)
+        .count();
+    assert_eq!((answered.len(), refused), (8, 2), "{statuses:?}");
+    // Candidates for a real connection: too long, a NUL in it, a media line that is not there.
+    let connection = answered[0]["connection_id"]
+        .as_str()
+        .expect("connection id");
+    for (candidate, line, named) in [
+        ("c".repeat(5000), 0, "candidate"),
+        (
+            "candidate:1 1 UDP 1 127.0.0.1 9 typ host\u{0}".to_string(),
+            0,
+            "candidate",
+        ),
+        (
+            "candidate:1 1 UDP 1 127.0.0.1 9 typ host".to_string(),
+            99_999,
+            "sdpMLineIndex",
+        ),
+    ] {
+        let (status, body) = call(
+            http.post(server.url(&format!("/api/webrtc/{connection}/ice")))
+                .json(&json!({"candidate": candidate, "sdpMLineIndex": line})),
+        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(named)),
+            "{body}"
+        );
+    }
+    for answer in &answered {
+        let connection = answer["connection_id"].as_str().expect("connection id");
+        let (status, _) = call(http.delete(server.url(&format!("/api/webrtc/{connection}"))));
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
     let (status, _) = call(
         http.post(server.url("/api/webrtc/no-such-connection/ice"))
             .json(&json!({"candidate": "candidate:1 1 UDP 1 127.0.0.1 9 typ host", "sdpMLineIndex": 0})),
@@ -1405,4 +1487,51 @@ fn hostile_live_view_requests_are_refused_and_the_server_keeps_answering() {
     }
     let (status, _) = call(http.get(server.url("/health")));
     assert_eq!(status, StatusCode::OK, "the server keeps answering");
+}
+
+/// A web page on another site cannot drive the server through a visitor's browser: changes
+/// that carry a foreign `Origin` (or `Sec-Fetch-Site: cross-site`) are refused with 403 and
+/// change nothing; the server's own pages, programs (no such headers) and reads pass.
+#[test]
+fn changes_sent_by_another_site_through_a_browser_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&dir.path().join("data"), None);
+    let http = client();
+    let own = server.url("");
+    let own = own.trim_end_matches('/');
+    let create = |headers: &[(&str, &str)]| {
+        let mut request = http
+            .post(server.url("/api/projects"))
+            .json(&json!({"name": "csrf"}));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        call(request)
+    };
+    for headers in [
+        vec![("Origin", "http://evil.example")],
+        vec![("Origin", "null")],
+        vec![("Sec-Fetch-Site", "cross-site")],
+    ] {
+        let (status, body) = create(&headers);
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("Origin")),
+            "{body}"
+        );
+    }
+    let (_, projects) = call(
+        http.get(server.url("/api/projects"))
+            .header("Origin", "http://evil.example"),
+    );
+    assert_eq!(projects["pagination"]["total"], 0, "nothing was created");
+    for headers in [
+        vec![("Origin", own), ("Sec-Fetch-Site", "same-origin")],
+        vec![],
+    ] {
+        let (status, body) = create(&headers);
+        assert_eq!(status, StatusCode::CREATED, "{headers:?}: {body}");
+    }
 }

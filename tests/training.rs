@@ -528,6 +528,25 @@ fn bad_training_input_fails_clearly_and_leaves_no_package() {
         &cache,
     );
     assert!(!ok && error.contains("already exists"), "{error}");
+
+    // A manifest whose model file lies outside its package is refused when the package opens.
+    let moved = root.join("moved");
+    std::fs::create_dir_all(&moved).expect("folder");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("model/manifest.json")).expect("manifest"))
+            .expect("JSON");
+    for outside in ["../model/model.xml", "/etc/model.xml"] {
+        manifest["model_file"] = outside.into();
+        std::fs::write(
+            moved.join("manifest.json"),
+            serde_json::to_vec(&manifest).expect("JSON"),
+        )
+        .expect("write");
+        let error = inspectflow::operators::package::ModelPackage::open(&moved)
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains("inside the package"), "{outside}: {error}");
+    }
 }
 
 /// PatchCore without settings: the input size follows the images (320 here, between 256 and

@@ -173,10 +173,20 @@ pub struct ModelPackage {
     pub manifest: Manifest,
 }
 
+/// The largest manifest read (they are a few kilobytes).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
 impl ModelPackage {
     /// Reads and checks a package.
     pub fn open(dir: &Path) -> Result<Self, PackageError> {
         let path = dir.join(MANIFEST_FILE);
+        let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_MANIFEST_BYTES);
+        if too_big {
+            return Err(PackageError::Manifest {
+                path,
+                message: format!("larger than {MAX_MANIFEST_BYTES} bytes"),
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(io(format!(
             "{} is not a model package (cannot read {MANIFEST_FILE})",
             dir.display()
@@ -192,6 +202,19 @@ impl ModelPackage {
                 message: format!(
                     "format version {} is not supported (this inspectflow reads {FORMAT_VERSION})",
                     manifest.format_version
+                ),
+            });
+        }
+        // The network lies in the package: a plain file name, never a path out of it.
+        let plain = Path::new(&manifest.model_file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if manifest.model_file.is_empty() || !plain {
+            return Err(PackageError::Manifest {
+                path,
+                message: format!(
+                    "model_file {:?} must name a file inside the package",
+                    manifest.model_file
                 ),
             });
         }

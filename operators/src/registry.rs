@@ -224,7 +224,14 @@ impl OperatorDescriptor {
     /// without building anything or touching files, devices or the network; the error names the
     /// field. `inspectflow validate`, the API and the start of a pipeline all run this.
     pub fn check_params(&self, params: &Value) -> Result<(), ParamError> {
-        (self.check)(params)
+        (self.check)(params)?;
+        // No file name holds one, and a NUL cannot reach the C libraries that open them.
+        for (field, path) in self.file_parameters(params) {
+            if path.chars().any(char::is_control) {
+                return Err(ParamError::new(field, "the path holds a control character"));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the operator declares a health check.
@@ -590,6 +597,27 @@ mod tests {
             .check_params(&serde_json::json!({"alpha": "high"}))
             .expect_err("refused");
         assert!(error.field.is_empty(), "{error}");
+    }
+
+    #[test]
+    fn a_control_character_in_a_path_or_a_camera_address_is_refused_naming_the_field() {
+        let registry = Registry::shared();
+        let folder = registry.get("sink.folder").expect("registered");
+        let error = folder
+            .check_params(&serde_json::json!({"path": "/tmp/results\u{0}x"}))
+            .expect_err("refused");
+        assert_eq!(error.field, "path");
+        assert!(error.to_string().contains("control character"), "{error}");
+        if let Some(camera) = registry.get("source.ip_camera") {
+            for params in [
+                serde_json::json!({"url": "rtsp://10.0.0.7/a\u{0}b"}),
+                serde_json::json!({"url": "rtsp://10.0.0.7/a", "password": "se\u{0}cret"}),
+            ] {
+                let error = camera.check_params(&params).expect_err("refused");
+                assert!(error.to_string().contains("control character"), "{error}");
+                assert!(!error.to_string().contains("cret"), "{error}");
+            }
+        }
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub struct GraphLimits {
         value_name = "LEVELS"
     )]
     pub max_depth: usize,
-    /// Most values (scalars, lists and maps, counting the copies aliases make) in a graph document.
+    /// Most values (scalars, lists and maps, counting the copies aliases make and anchors hold;
+    /// a string counts as one value per 64 bytes) in a graph document.
     #[arg(
         long = "graph-max-values",
         env = "INSPECTFLOW_GRAPH_MAX_VALUES",
@@ -35,7 +36,8 @@ pub struct GraphLimits {
         value_name = "COUNT"
     )]
     pub max_values: usize,
-    /// Most values that YAML aliases (`*name`) may copy into a graph document, in all.
+    /// Most values that YAML aliases (`*name`) may copy into a graph document, in all (a string
+    /// counts as one value per 64 bytes).
     #[arg(
         long = "graph-max-alias-values",
         env = "INSPECTFLOW_GRAPH_MAX_ALIAS_VALUES",

@@ -115,6 +115,16 @@ pub fn parse_text(
     })
 }
 
+/// Bytes of text that count as one value: a long string weighs as much as the values its
+/// bytes could have held, so aliases copying one cannot multiply a document's memory.
+const BYTES_PER_VALUE: usize = 64;
+
+/// How many values a scalar of `text` counts as (one per [`BYTES_PER_VALUE`] bytes, at least
+/// one).
+fn scalar_weight(text: &str) -> usize {
+    1 + text.len() / BYTES_PER_VALUE
+}
+
 /// Holds a parsed JSON value to the depth and value-count limits (without recursion).
 fn check_json_limits(value: &Value, limits: &GraphLimits) -> Result<(), String> {
     let mut pending: Vec<(&Value, usize)> = vec![(value, 1)];
@@ -290,7 +300,12 @@ impl<'a> TreeBuilder<'a> {
 
     /// Places a finished value holding `count` values (itself included).
     fn place(&mut self, value: Value, count: usize, anchor: usize, mark: Marker) {
+        // An anchored value is held twice (in the document and for its aliases): nested
+        // anchors would otherwise hold a copy of the document per level.
         if anchor > 0 {
+            if !self.count_values(count, mark) {
+                return;
+            }
             self.anchors.insert(anchor, (value.clone(), count));
         }
         match self.stack.last_mut() {
@@ -319,7 +334,8 @@ impl<'a> TreeBuilder<'a> {
         let position = (mark.line(), mark.col() + 1);
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
-                if !self.count_values(1, mark) {
+                let weight = scalar_weight(&text);
+                if !self.count_values(weight, mark) {
                     return;
                 }
                 if self.expecting_key() {
@@ -343,7 +359,7 @@ impl<'a> TreeBuilder<'a> {
                 } else {
                     Value::String(text)
                 };
-                self.place(value, 1, anchor, mark);
+                self.place(value, weight, anchor, mark);
             }
             Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {
                 if self.expecting_key() {
@@ -582,6 +598,34 @@ mod tests {
         );
         let json = format!("{{\"items\": [{}]}}", vec!["1"; 60].join(", "));
         assert!(parse_text("many.json", &json, true, &limits).is_err());
+
+        // A long string copied by aliases weighs by its bytes, and nested anchors count the
+        // copies they hold.
+        let long = format!("a: &s {}\nb: [*s, *s, *s]\n", "x".repeat(600));
+        let error = parse_text("long.yaml", &long, false, &limits)
+            .err()
+            .expect("a long string copied")
+            .0
+            .remove(0);
+        assert!(
+            error.message.contains("copied by aliases"),
+            "{}",
+            error.message
+        );
+        let anchored: String = (1..=7).map(|level| format!("&n{level} [")).collect();
+        let nested = format!("a: {anchored}1, 2, 3, 4, 5{}\n", "]".repeat(7));
+        let error = parse_text("nested.yaml", &nested, false, &limits)
+            .err()
+            .expect("seven nested anchors hold seven copies")
+            .0
+            .remove(0);
+        assert!(
+            error.message.contains("more than 50 values"),
+            "{}",
+            error.message
+        );
+        let plain = format!("a: {}1, 2, 3, 4, 5{}\n", "[".repeat(7), "]".repeat(7));
+        assert!(parse_text("plain.yaml", &plain, false, &limits).is_ok());
 
         let two = "nodes: []\n---\nnodes: []\n";
         assert!(parse_text("two.yaml", two, false, &limits).is_err());

@@ -283,7 +283,8 @@ impl Fleet {
             .map_or(0, |o| o.attempts);
         let attempts = match state {
             FleetState::Failed if permanent => MAX_ATTEMPTS,
-            FleetState::Failed => earlier + 1,
+            // Read from the shared bucket: a forged count saturates instead of overflowing.
+            FleetState::Failed => earlier.saturating_add(1),
             _ => earlier,
         };
         let outcome = Outcome {

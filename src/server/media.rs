@@ -419,6 +419,15 @@ async fn upload(
 /// RGB. A small file can claim a huge image; this refuses it before the pixels are allocated.
 pub(crate) const MAX_DECODED_BYTES: u64 = 256 << 20;
 
+/// An image's width and height from its header (none when it does not decode or is empty).
+pub(crate) fn header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|reader| reader.into_dimensions().ok())
+        .filter(|&(width, height)| width > 0 && height > 0)
+}
+
 /// Decodes an uploaded PNG or JPEG within [`MAX_DECODED_BYTES`].
 fn decode_upload(bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;

@@ -400,6 +400,27 @@ async fn predict(
             }
         }
     };
+    // The image's size is checked from its header before it is decoded: a small compressed
+    // file may claim gigabytes of pixels.
+    if let Some((width, height)) = super::media::header_dimensions(&bytes) {
+        let decoded = u64::from(width) * u64::from(height) * 3;
+        if width.max(height) > JPEG_MAX_SIDE || decoded > super::media::MAX_DECODED_BYTES {
+            return Err(ApiError::reject(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "file: the image is {width}x{height}; at most {JPEG_MAX_SIDE} pixels a side \
+                     (the answer's overlay is a JPEG) and {} bytes of RGB pixels are scored",
+                    super::media::MAX_DECODED_BYTES
+                ),
+            ));
+        }
+    }
+    // Decoding and scoring take a core each: a few at once, as for uploads.
+    let permit = state
+        .image_decodes
+        .acquire()
+        .await
+        .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let model_id = model.id.clone();
     let answer = tokio::task::spawn_blocking(move || -> Result<PredictAnswer, Rejection> {
         let mut predictor = predictor.lock().map_err(|_| {
@@ -411,15 +432,6 @@ async fn predict(
                     ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, format!("file: {e}"))
                 })?;
         let (width, height) = (frame.layout.width, frame.layout.height);
-        if width.max(height) > JPEG_MAX_SIDE {
-            return Err(ApiError::reject(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "file: the image is {width}x{height}; the answer's overlay is a JPEG, which \
-                     holds at most {JPEG_MAX_SIDE} pixels a side"
-                ),
-            ));
-        }
         let prediction = predictor.score(&frame).map_err(|e| {
             ApiError::reject(StatusCode::UNPROCESSABLE_ENTITY, format!("file: {e}"))
         })?;
@@ -452,6 +464,7 @@ async fn predict(
     })
     .await
     .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    drop(permit);
     Ok(warp::reply::json(&answer).into_response())
 }
 

@@ -69,10 +69,69 @@ pub fn routes(
     // The UI's page and assets hold no data, so they are served without the token (the page
     // asks for it and sends it with every API call).
     super::ui::routes()
-        .or(authenticated(state).and(api))
+        .or(same_site().and(authenticated(state)).and(api))
         .unify()
         .recover(into_json_error)
         .unify()
+}
+
+/// Refuses a request that changes something when a browser says another site sent it (its
+/// `Origin` is not this server, or `Sec-Fetch-Site` is `cross-site`): a web page cannot make a
+/// visitor's browser drive a server on their machine or network. Programs send neither header.
+fn same_site() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::method()
+        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::optional::<String>("host"))
+        .and(warp::header::optional::<String>("sec-fetch-site"))
+        .and_then(
+            |method: warp::http::Method,
+             origin: Option<String>,
+             host: Option<String>,
+             fetch_site: Option<String>| async move {
+                let reads = matches!(
+                    method,
+                    warp::http::Method::GET
+                        | warp::http::Method::HEAD
+                        | warp::http::Method::OPTIONS
+                );
+                let origin_host = origin
+                    .as_deref()
+                    .and_then(|origin| origin.split_once("://"))
+                    .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
+                let foreign_origin = match (origin.as_deref(), origin_host, host.as_deref()) {
+                    (Some(_), Some(origin_host), Some(host)) => {
+                        !origin_host.eq_ignore_ascii_case(host)
+                    }
+                    // `Origin: null` (a sandboxed page, a file) or one that is not a URL.
+                    (Some(_), None, _) => true,
+                    _ => false,
+                };
+                let cross_site = fetch_site.as_deref() == Some("cross-site");
+                if reads || !(foreign_origin || cross_site) {
+                    Ok(())
+                } else {
+                    Err(ApiError::reject(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "Origin: {} is another site than this server ({}); the API takes \
+                             changes from its own pages and from programs",
+                            origin.as_deref().unwrap_or("-"),
+                            host.as_deref().unwrap_or("-")
+                        ),
+                    ))
+                }
+            },
+        )
+        .untuple_one()
+}
+
+/// Whether an `Authorization` header value is `Bearer <token>`, compared in constant time (no
+/// early exit that would tell how much of a guess was right).
+fn carries_token(header: Option<&str>, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    header
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
 }
 
 /// Passes when no token is configured or the request carries it.
@@ -83,7 +142,7 @@ fn authenticated(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Reje
             async move {
                 match &state.token {
                     None => Ok(()),
-                    Some(token) if header.as_deref() == Some(&format!("Bearer {token}")) => Ok(()),
+                    Some(token) if carries_token(header.as_deref(), token) => Ok(()),
                     Some(_) => Err(ApiError::reject(
                         StatusCode::UNAUTHORIZED,
                         "missing or wrong bearer token (Authorization: Bearer <token>)",

@@ -156,7 +156,7 @@ pub fn import(
             Ok(image::ImageFormat::Jpeg) => "jpeg",
             _ => return Err(at("image: not a PNG or JPEG".into())),
         };
-        let (width, height) = header_dimensions(&image)
+        let (width, height) = super::media::header_dimensions(&image)
             .ok_or_else(|| at("image: its header does not decode".into()))?;
         let label = match (
             labels.as_ref().and_then(|l| l[index].as_deref()),
@@ -192,7 +192,7 @@ pub fn import(
                     "mask: must be a PNG of at most {MAX_UPLOAD_BYTES} bytes"
                 )));
             }
-            match header_dimensions(mask) {
+            match super::media::header_dimensions(mask) {
                 Some(size) if size == (width, height) => {}
                 Some((mask_width, mask_height)) => {
                     return Err(at(format!(
@@ -231,15 +231,6 @@ pub fn import(
         SnapshotOrigin::Import,
         added,
     )
-}
-
-/// An image's width and height from its header (none when it does not decode or is empty).
-fn header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
-    image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .ok()
-        .and_then(|reader| reader.into_dimensions().ok())
-        .filter(|&(width, height)| width > 0 && height > 0)
 }
 
 /// Puts each checked row's image and mask into the blob store; the rows, and the bytes the store

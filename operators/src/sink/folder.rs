@@ -5,12 +5,13 @@
 //! Nothing half-written is ever visible: an image is encoded to a hidden temporary file in the
 //! same directory and renamed into place, and its line is appended (and flushed) only after
 //! the rename, so every line names complete files. With `retention`, the oldest images (including
-//! those of earlier runs) are deleted once the folder holds more than `keep_last` images or
-//! `keep_bytes` bytes of them; the index keeps their lines as history.
+//! those of earlier runs, as the index names them) are deleted once the folder holds more than
+//! `keep_last` images or `keep_bytes` bytes of them; the index keeps their lines as history.
+//! Files the index does not name are never deleted.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -221,7 +222,7 @@ impl FolderSink {
                 OutputFormat::Predictions,
             ],
         )?;
-        let kept = existing_images(dir)?;
+        let kept = existing_images(dir, &index_path)?;
         let kept_bytes = kept.iter().map(|(_, size)| size).sum();
         let jpeg = match params.format {
             ImageFormat::Jpeg => Some(JpegEncoder::new(EncodeParams {
@@ -421,30 +422,61 @@ impl Sink for FolderSink {
     }
 }
 
-/// The image files already in `dir` (from earlier runs), oldest first, with their sizes.
-fn existing_images(dir: &Path) -> Result<VecDeque<(PathBuf, u64)>, OpError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| OpError::io(format!("listing {}", dir.display()), e))?;
-    let mut images: Vec<(std::time::SystemTime, PathBuf, u64)> = entries
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            !name.starts_with('.') && (name.ends_with(".jpg") || name.ends_with(".png"))
-        })
-        .filter_map(|entry| {
-            let metadata = entry.metadata().ok()?;
-            let modified = metadata.modified().ok()?;
-            metadata
-                .is_file()
-                .then(|| (modified, entry.path(), metadata.len()))
-        })
-        .collect();
-    images.sort();
-    Ok(images
-        .into_iter()
-        .map(|(_, path, size)| (path, size))
-        .collect())
+/// The image files an earlier run of this sink wrote into `dir` and recorded in its index
+/// (`index_path`), oldest first, with their sizes: retention deletes only what the sink wrote,
+/// never other images that share the folder (a dataset, another tool's).
+fn existing_images(dir: &Path, index_path: &Path) -> Result<VecDeque<(PathBuf, u64)>, OpError> {
+    /// A line of the index, as far as its files go.
+    #[derive(Deserialize)]
+    struct IndexLine {
+        #[serde(default)]
+        images: std::collections::BTreeMap<String, Option<IndexImage>>,
+    }
+    #[derive(Deserialize)]
+    struct IndexImage {
+        file: Option<String>,
+    }
+    /// Longer lines are not this sink's (they are skipped).
+    const MAX_LINE_BYTES: u64 = 1 << 20;
+    let io = |e| OpError::io(format!("reading {}", index_path.display()), e);
+    let mut reader = std::io::BufReader::new(File::open(index_path).map_err(io)?);
+    let mut seen = std::collections::HashSet::new();
+    let mut images = VecDeque::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES)
+            .read_until(b'\n', &mut line)
+            .map_err(io)?;
+        if read == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') && read as u64 == MAX_LINE_BYTES {
+            // Skip the rest of an overlong line.
+            reader.skip_until(b'\n').map_err(io)?;
+            continue;
+        }
+        let Ok(parsed) = serde_json::from_slice::<IndexLine>(&line) else {
+            continue;
+        };
+        let files = parsed.images.into_values().flatten();
+        for name in files.filter_map(|image| image.file) {
+            let plain = !name.is_empty()
+                && !name.starts_with('.')
+                && !name.contains(['/', '\\'])
+                && (name.ends_with(".jpg") || name.ends_with(".png"));
+            if plain && seen.insert(name.clone()) {
+                let path = dir.join(&name);
+                if let Ok(metadata) = std::fs::symlink_metadata(&path)
+                    && metadata.is_file()
+                {
+                    images.push_back((path, metadata.len()));
+                }
+            }
+        }
+    }
+    Ok(images)
 }
 
 /// Writes `bytes` to `dir/name` atomically (see [`crate::files::write_atomically`]).
@@ -509,5 +541,36 @@ mod tests {
         let error = FolderSink::open(params).err().expect("refused");
         assert!(error.to_string().contains("index"), "{error}");
         assert_eq!(std::fs::read(&outside).expect("read"), b"");
+    }
+
+    #[test]
+    fn retention_adopts_only_the_images_its_index_names() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let folder = dir.path();
+        for name in ["part_00000001.png", "cam_00000000.jpg", "cam_00000001.jpg"] {
+            std::fs::write(folder.join(name), b"image").expect("write");
+        }
+        let index = folder.join("results.jsonl");
+        let lines = [
+            r#"{"sequence":0,"images":{"with_predictions":{"format":"jpeg","file":"cam_00000000.jpg"}}}"#,
+            "not JSON",
+            r#"{"sequence":1,"images":{"with_predictions":{"file":"cam_00000001.jpg"},"original":null}}"#,
+            r#"{"sequence":2,"images":{"with_predictions":{"file":"cam_gone.jpg"}}}"#,
+            r#"{"sequence":3,"images":{"with_predictions":{"file":"../escape.jpg"}}}"#,
+            r#"{"sequence":4,"images":{"with_predictions":{"file":"results.jsonl"}}}"#,
+        ];
+        std::fs::write(&index, lines.join("\n")).expect("index");
+        let adopted: Vec<String> = existing_images(folder, &index)
+            .expect("listed")
+            .into_iter()
+            .map(|(path, size)| {
+                assert_eq!(size, 5);
+                path.file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(adopted, ["cam_00000000.jpg", "cam_00000001.jpg"]);
     }
 }

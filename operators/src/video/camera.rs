@@ -206,6 +206,18 @@ impl IpCameraParams {
     /// The rules the schema cannot express: an address GStreamer can read, the backoff in
     /// order. (Whether `password_env` is set is checked when the source is built, where it runs.)
     pub fn validate(&self) -> Result<(), ParamError> {
+        // Control characters (a NUL above all) cannot reach GStreamer's C strings; the value
+        // is not shown, as it may hold a password.
+        for (field, value) in [
+            ("url", Some(&self.url)),
+            ("username", self.username.as_ref()),
+            ("password", self.password.as_ref()),
+            ("password_env", self.password_env.as_ref()),
+        ] {
+            if value.is_some_and(|value| value.chars().any(char::is_control)) {
+                return Err(ParamError::new(field, "holds a control character"));
+            }
+        }
         camera_url(&self.url)?;
         self.reconnect.validate()
     }
