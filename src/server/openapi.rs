@@ -89,6 +89,7 @@ fn reason(status: u16) -> &'static str {
         204 => "No Content",
         400 => "Malformed request",
         401 => "Missing or wrong bearer token",
+        403 => "Sent by another site through a browser",
         404 => "Not found",
         409 => "Conflicts with the current state (in use, running, ended)",
         413 => "Body too large",
@@ -148,7 +149,13 @@ pub fn spec() -> Value {
             success["content"] = content;
         }
         responses.insert(status.to_string(), success);
-        for status in route.errors {
+        // Every change may be refused as sent by another site (`router::same_site`).
+        let cross_site: &[u16] = if matches!(route.method, "get" | "head" | "options") {
+            &[]
+        } else {
+            &[403]
+        };
+        for status in route.errors.iter().chain(cross_site) {
             responses.insert(
                 status.to_string(),
                 json!({"description": reason(*status), "content": error}),

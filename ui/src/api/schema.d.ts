@@ -110,6 +110,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Conflicts with the current state (in use, running, ended) */
                 409: {
                     headers: {
@@ -243,6 +252,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -294,6 +312,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -515,6 +542,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -792,6 +828,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Conflicts with the current state (in use, running, ended) */
                 409: {
                     headers: {
@@ -852,6 +897,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -1159,6 +1213,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -1314,6 +1377,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Body too large */
                 413: {
                     headers: {
@@ -1427,6 +1499,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -1476,6 +1557,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -1636,6 +1726,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -1753,6 +1852,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2098,6 +2206,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -2148,6 +2265,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2235,6 +2361,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -2301,6 +2436,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2458,6 +2602,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -2586,6 +2739,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -2663,6 +2825,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -2720,6 +2891,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2805,6 +2985,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -2876,6 +3065,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -3011,6 +3209,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Body too large */
                 413: {
                     headers: {
@@ -3128,6 +3335,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -3197,6 +3413,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -3319,6 +3544,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -3482,6 +3716,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -3654,6 +3897,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Body too large */
                 413: {
                     headers: {
@@ -3771,6 +4023,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -3840,6 +4101,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -3962,6 +4232,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -4126,6 +4405,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -4226,6 +4514,15 @@ export interface paths {
                         "application/json": components["schemas"]["ErrorBody"];
                     };
                 };
+                /** @description Sent by another site through a browser */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
                 /** @description Not found */
                 404: {
                     headers: {
@@ -4276,6 +4573,15 @@ export interface paths {
                 };
                 /** @description Missing or wrong bearer token */
                 401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorBody"];
+                    };
+                };
+                /** @description Sent by another site through a browser */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
