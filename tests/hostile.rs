@@ -1121,6 +1121,37 @@ fn broken_headers_oversized_bodies_and_half_sent_requests_are_answered_or_closed
         assert!(answer.contains(limit), "{path}: {answer}");
     }
 
+    // An import whose body stalls keeps the import's turn (one at a time) for at most 30 s of
+    // silence: it gets 408, and an import sent meanwhile is then served.
+    let stalled = {
+        let (server_base, project) = (server.base.clone(), project.clone());
+        let host = host.clone();
+        std::thread::spawn(move || {
+            raw_exchange(
+                &server_base,
+                &format!(
+                    "POST /api/projects/{project}/snapshots:import HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/vnd.apache.parquet\r\nContent-Length: 1000\r\n\r\nPAR1"
+                ),
+                Duration::from_secs(60),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let patient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .build()
+        .expect("client");
+    let (status, body) = call(
+        patient
+            .post(server.url(&format!("/api/projects/{project}/snapshots:import")))
+            .header("content-type", "application/vnd.apache.parquet")
+            .body(b"not parquet".to_vec()),
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let answer = stalled.join().expect("joined").expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("nothing received for 30 s"), "{answer}");
+
     // A client that sends half a request, or nothing, loses its connection after the header
     // deadline (10 s) instead of holding it for ever; the server answers others meanwhile.
     let waits: Vec<_> = ["GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", ""]

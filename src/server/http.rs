@@ -211,6 +211,61 @@ pub(crate) fn body_limit(
     })
 }
 
+/// The request body, refused with 408 when the client sends nothing for `idle` or takes longer
+/// than `total` in all: a body sent a byte at a time cannot hold a route (and what it reserved
+/// for the request) for ever.
+pub(crate) fn body_within(
+    idle: std::time::Duration,
+    total: std::time::Duration,
+) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
+    warp::body::stream().and_then(move |stream| collect_body(stream, idle, total))
+}
+
+/// Gathers `stream` into one buffer within `idle` between chunks and `total` in all.
+async fn collect_body<Chunk: bytes::Buf>(
+    stream: impl futures::Stream<Item = Result<Chunk, warp::Error>>,
+    idle: std::time::Duration,
+    total: std::time::Duration,
+) -> Result<bytes::Bytes, Rejection> {
+    use futures::StreamExt;
+    let mut stream = std::pin::pin!(stream);
+    let mut body = bytes::BytesMut::new();
+    let deadline = tokio::time::Instant::now() + total;
+    let too_slow = |why: String| ApiError::reject(StatusCode::REQUEST_TIMEOUT, why);
+    loop {
+        let wait = idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(too_slow(format!(
+                    "request body: not received within {} s",
+                    total.as_secs()
+                )));
+            }
+            Err(_) => {
+                return Err(too_slow(format!(
+                    "request body: nothing received for {} s",
+                    idle.as_secs()
+                )));
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body: {e}"),
+                ));
+            }
+            Ok(Some(Ok(mut chunk))) => {
+                while chunk.has_remaining() {
+                    let piece = chunk.chunk();
+                    body.extend_from_slice(piece);
+                    let taken = piece.len();
+                    chunk.advance(taken);
+                }
+            }
+        }
+    }
+}
+
 /// A path segment `<id>:<name>` (the colon-suffixed actions, as in `/api/jobs/{id}:cancel`),
 /// extracting the id.
 pub(crate) fn action(

@@ -91,6 +91,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Missing or wrong bearer token",
         403 => "Sent by another site through a browser",
         404 => "Not found",
+        408 => "The request body came too slowly",
         409 => "Conflicts with the current state (in use, running, ended)",
         413 => "Body too large",
         415 => "Body is not JSON",

@@ -37,7 +37,10 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let import = warp::path!("api" / "projects" / String / "snapshots:import")
         .and(warp::post())
         .and(super::http::body_limit(MAX_IMPORT_BYTES, "a snapshot file"))
-        .and(warp::body::bytes())
+        // One import at a time, its body read only once it has its turn: each may hold a
+        // file of up to MAX_IMPORT_BYTES and its decoded images.
+        .and(warp::any().then(|| IMPORTS.acquire()))
+        .and(super::http::body_within(IMPORT_IDLE, IMPORT_TOTAL))
         .and(with_state.clone())
         .and_then(import);
     let list = warp::path!("api" / "snapshots")
@@ -87,7 +90,7 @@ pub const DOCS: &[RouteDoc] = &[
         summary: "Import a snapshot file (as downloaded; or Geti Inspect's image, is_anomalous, filename columns), at most 512 MiB and 100000 images.",
         body: Content::Binary(&["application/vnd.apache.parquet"]),
         ok: (201, Content::Json(schema_of::<Snapshot>)),
-        errors: &[401, 404, 413, 422],
+        errors: &[401, 404, 408, 413, 422],
     },
     RouteDoc {
         method: "get",
@@ -167,11 +170,22 @@ async fn create(project_id: String, state: Arc<AppState>) -> Result<Response, Re
     Ok(created(&snapshot))
 }
 
+/// How long an import's body may pause, and how long it may take in all (512 MiB at about
+/// 1 MB/s): a client sending slowly cannot keep the import's turn for ever.
+const IMPORT_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const IMPORT_TOTAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Imports running at once (see `routes`).
+static IMPORTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 async fn import(
     project_id: String,
+    turn: Result<tokio::sync::SemaphorePermit<'static>, tokio::sync::AcquireError>,
     body: bytes::Bytes,
     state: Arc<AppState>,
 ) -> Result<Response, Rejection> {
+    let _turn =
+        turn.map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let snapshot = run(&state, move |state| {
         snapshot_file::import(&state.store, &state.data_dir, &project_id, &body)
     })

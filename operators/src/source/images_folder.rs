@@ -104,6 +104,9 @@ struct Candidate {
     failed_as: Option<(u64, SystemTime)>,
 }
 
+/// The largest image file read (a 100-megapixel PNG is well under it).
+const MAX_FILE_BYTES: u64 = 512 << 20;
+
 /// The running source.
 pub struct ImagesFolderSource {
     params: ImagesFolderParams,
@@ -144,8 +147,10 @@ impl ImagesFolderSource {
         let give_up = Duration::from_millis(self.params.incomplete_timeout_ms);
         let now = SystemTime::now();
         let mut present = Vec::new();
+        let mut listed = HashSet::new();
         for entry in std::fs::read_dir(&self.params.path)? {
             let path = entry?.path();
+            listed.insert(path.clone());
             if self.done.contains(&path) {
                 continue;
             }
@@ -165,6 +170,14 @@ impl ImagesFolderSource {
                 continue;
             }
             let size = metadata.len();
+            if size > MAX_FILE_BYTES {
+                tracing::warn!(
+                    "skipping {}: {size} bytes, more than the {MAX_FILE_BYTES} an image may have",
+                    path.display()
+                );
+                self.done.insert(path);
+                continue;
+            }
             let modified = metadata.modified()?;
             present.push(path.clone());
             let age = now.duration_since(modified).unwrap_or_default();
@@ -206,6 +219,11 @@ impl ImagesFolderSource {
                     }
                 }
             }
+        }
+        // Files gone from the folder are forgotten: a long watch does not remember every name
+        // it ever saw, and a new file under an old name is read.
+        if self.done.len() > listed.len() {
+            self.done.retain(|path| listed.contains(path));
         }
         // Files deleted before they were read are forgotten.
         if self.waiting.len() > present.len() {
@@ -285,5 +303,51 @@ impl Source for ImagesFolderSource {
             }
         }
         Ok(SourcePoll::Pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(path: &Path, level: u8) {
+        image::RgbImage::from_pixel(4, 4, image::Rgb([level; 3]))
+            .save(path)
+            .expect("PNG");
+    }
+
+    /// Scans once and reads every ready file: the levels of the frames read.
+    fn scan_and_read(source: &mut ImagesFolderSource) -> Vec<u8> {
+        source.scan().expect("scan");
+        let mut levels = Vec::new();
+        while let Some(path) = source.ready.pop_front() {
+            if let Some(packet) = source.read(path) {
+                levels.push(packet.frame.pixels()[0]);
+            }
+        }
+        levels
+    }
+
+    #[test]
+    fn a_watch_forgets_files_that_are_gone_and_reads_a_new_file_under_an_old_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let params: ImagesFolderParams = serde_json::from_value(serde_json::json!({
+            "path": dir.path(), "watch": true, "settle_ms": 0
+        }))
+        .expect("parameters");
+        let mut source = ImagesFolderSource::open(params, "folder").expect("open");
+        png(&dir.path().join("part.png"), 10);
+        std::fs::write(dir.path().join("notes.txt"), b"not an image").expect("write");
+        assert_eq!(scan_and_read(&mut source), [10]);
+        assert_eq!(scan_and_read(&mut source), Vec::<u8>::new(), "read once");
+        std::fs::remove_file(dir.path().join("part.png")).expect("remove");
+        std::fs::remove_file(dir.path().join("notes.txt")).expect("remove");
+        assert_eq!(scan_and_read(&mut source), Vec::<u8>::new());
+        assert!(source.done.is_empty(), "{:?}", source.done);
+        png(&dir.path().join("part.png"), 20);
+        // A new file waits for a second look with the same size.
+        let mut levels = scan_and_read(&mut source);
+        levels.extend(scan_and_read(&mut source));
+        assert_eq!(levels, [20]);
     }
 }
