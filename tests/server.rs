@@ -2676,6 +2676,7 @@ fn sources_and_sinks_travel_as_yaml_and_disconnected_ones_hold_a_pipeline_back()
         ("nme: x\ntype: folder\n", "nme"),
         ("name: x\ntype: teleporter\n", "type"),
         ("[unclosed", "request body"),
+        ("- x\n- folder\n", "is a mapping of name, type and config"),
     ] {
         let (status, body) = contract.call(http.post(server.url("/api/sinks:import")).body(bad));
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");

@@ -5,23 +5,31 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` through `.{name}.partial` beside it and a rename; the temporary file
-/// is removed when the rename fails.
+/// is removed when the rename fails. Not synced to disk (results written per frame): after a
+/// power loss the file may be missing or empty, never half of the new bytes under the name.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    StagedFile::write(path, bytes)?.place()
+    StagedFile::stage(path, bytes, false)?.place()
 }
 
 /// A file written under its hidden temporary name (`.{name}.partial`), not yet in place: for
-/// callers that put several files in place together with a store commit. Dropped before
+/// callers that put several files in place together with a store commit. Its bytes are on disk
+/// before it is renamed, and the rename before [`StagedFile::place`] returns, so a record
+/// committed after it never outlives its file, power loss included. Dropped before
 /// [`StagedFile::place`], it removes its temporary file.
 pub struct StagedFile {
     temporary: PathBuf,
     path: PathBuf,
     placed: bool,
+    durable: bool,
 }
 
 impl StagedFile {
-    /// Writes `bytes` to the temporary name of `path`.
+    /// Writes `bytes` to the temporary name of `path` and syncs them to disk.
     pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<Self> {
+        Self::stage(path, bytes, true)
+    }
+
+    fn stage(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<Self> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -30,24 +38,35 @@ impl StagedFile {
             temporary: path.with_file_name(format!(".{name}.partial")),
             path: path.to_path_buf(),
             placed: false,
+            durable,
         };
         // A fresh file, never an existing one: `create_new` refuses a symbolic link planted under
         // the temporary name instead of writing through it (a stale temporary file is removed
         // first). The rename then replaces whatever is at `path`, a link included, without
         // following it.
         let _ = std::fs::remove_file(&staged.temporary);
-        std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&staged.temporary)?
-            .write_all(bytes)?;
+            .open(&staged.temporary)?;
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_data()?;
+        }
         Ok(staged)
     }
 
-    /// Renames the file into place.
+    /// Renames the file into place (and, when durable, syncs the folder that holds the name).
     pub fn place(mut self) -> std::io::Result<()> {
         std::fs::rename(&self.temporary, &self.path)?;
         self.placed = true;
+        if self.durable {
+            let folder = match self.path.parent() {
+                Some(folder) if !folder.as_os_str().is_empty() => folder,
+                _ => Path::new("."),
+            };
+            std::fs::File::open(folder)?.sync_all()?;
+        }
         Ok(())
     }
 }

@@ -24,7 +24,7 @@ use gstreamer_webrtc as gst_webrtc;
 
 use super::WebRtcSettings;
 use super::sdp::H264Format;
-use super::webrtc::{IceServer, OfferAnswer, WebRtcConfig};
+use super::webrtc::{AnswerError, IceServer, OfferAnswer, WebRtcConfig};
 use inspectflow_operators::packet::{Frame, ImageLayout, PixelFormat};
 use inspectflow_operators::preview::{View, Viewer};
 use inspectflow_operators::video::video_info;
@@ -58,20 +58,6 @@ impl Drop for ViewerSlot {
                 answering.remove(&self.pipeline);
             }
         }
-    }
-}
-
-/// Why an offer got no answer.
-pub(crate) enum AnswerError {
-    /// The offer itself was refused in negotiation (the client's to fix).
-    Offer(String),
-    /// The server could not set up the viewer.
-    Unavailable(String),
-}
-
-impl From<String> for AnswerError {
-    fn from(message: String) -> Self {
-        Self::Unavailable(message)
     }
 }
 

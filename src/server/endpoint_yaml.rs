@@ -150,6 +150,12 @@ async fn import(
         &crate::graph::GraphLimits::DEFAULT,
     )
     .map_err(|errors| invalid(errors.to_string()))?;
+    if !document.value.is_object() {
+        return Err(invalid(format!(
+            "request body: a {} file is a mapping of name, type and config",
+            kind.noun()
+        )));
+    }
     let body: EndpointBody = serde_json::from_value(document.value).map_err(|e| {
         invalid(format!(
             "request body: a {} file holds name, type and config: {e}",

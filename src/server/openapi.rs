@@ -150,7 +150,7 @@ pub fn spec() -> Value {
             success["content"] = content;
         }
         responses.insert(status.to_string(), success);
-        // Every change may be refused as sent by another site (`router::same_site`).
+        // Every change may be refused as sent by another site (`same_site` in the router).
         let cross_site: &[u16] = if matches!(route.method, "get" | "head" | "options") {
             &[]
         } else {

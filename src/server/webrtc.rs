@@ -20,7 +20,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::broadcast::{AnswerError, answer};
+use super::broadcast::answer;
 use super::http::{ApiError, json_body, ok};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::sdp::h264_format;
@@ -80,6 +80,20 @@ pub struct IceBody {
     #[serde(default, rename = "sdpMLineIndex")]
     #[schemars(range(max = MAX_MEDIA_LINES - 1))]
     pub sdp_m_line_index: u32,
+}
+
+/// Why an offer got no answer.
+pub(crate) enum AnswerError {
+    /// The offer itself was refused in negotiation (the client's to fix).
+    Offer(String),
+    /// The server could not set up the viewer.
+    Unavailable(String),
+}
+
+impl From<String> for AnswerError {
+    fn from(message: String) -> Self {
+        Self::Unavailable(message)
+    }
 }
 
 /// Media lines an answer can have (one video line; a bound for candidates' `sdpMLineIndex`).

@@ -136,6 +136,17 @@ impl FolderParams {
                 ));
             }
         }
+        // Lines are appended to the index: never to an image of the folder.
+        let index = self.index_file.to_ascii_lowercase();
+        if [".jpg", ".jpeg", ".png"].iter().any(|e| index.ends_with(e)) {
+            return Err(ParamError::new(
+                "index_file",
+                format!(
+                    "'{}' is an image's name; the index is a JSON-lines file (results.jsonl)",
+                    self.index_file
+                ),
+            ));
+        }
         self.dispatch.validate()
     }
 }
@@ -541,6 +552,15 @@ mod tests {
         let error = FolderSink::open(params).err().expect("refused");
         assert!(error.to_string().contains("index"), "{error}");
         assert_eq!(std::fs::read(&outside).expect("read"), b"");
+    }
+
+    #[test]
+    fn an_index_named_like_an_image_is_refused() {
+        let params: FolderParams =
+            serde_json::from_value(serde_json::json!({"path": "/tmp", "index_file": "photo.JPG"}))
+                .expect("parses");
+        let error = params.validate().expect_err("refused");
+        assert_eq!(error.field, "index_file");
     }
 
     #[test]
