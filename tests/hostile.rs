@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{Server, call, client, inspectflow, png, upload_form};
+use common::server::{Server, call, client, inspectflow, png, png_claiming, upload_form};
 use inspectflow::operators::Registry;
 use inspectflow::operators::params::ParamStep;
 use reqwest::StatusCode;
@@ -994,23 +994,6 @@ fn schema_mutations(schema: &Value) -> Vec<Value> {
     body.insert("unexpected_field".into(), json!(1));
     bodies.push(Value::Object(body));
     bodies
-}
-
-/// A PNG of a few bytes whose header claims `width` x `height` RGB pixels (and holds none).
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    let mut encoder = png::Encoder::new(&mut bytes, width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    let mut writer = encoder.write_header().expect("a PNG header");
-    // An image data chunk with an empty zlib stream: the decoder reads up to it.
-    writer
-        .write_chunk(
-            png::chunk::IDAT,
-            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-        )
-        .expect("a chunk");
-    drop(writer);
-    bytes
 }
 
 /// An upload whose header claims more pixels than the decoding limit (256 MiB) is refused

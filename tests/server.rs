@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::server::{Contract, Server, call, client, inspectflow, png, upload_form};
+use common::server::{Contract, Server, call, client, inspectflow, png, png_claiming, upload_form};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -1004,20 +1004,9 @@ fn a_newcomer_trains_a_model_and_runs_it_on_a_video_into_a_folder() {
         body["detail"].as_str().expect("detail").contains("70000x8"),
         "{body}"
     );
-    // A file of a few bytes whose header claims 400 MB of pixels is refused from its header,
+    // A file of a few bytes whose header claims 1.2 GB of pixels is refused from its header,
     // before they are allocated.
-    let mut bomb = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut bomb, 20_000, 20_000);
-        encoder.set_color(png::ColorType::Grayscale);
-        let mut writer = encoder.write_header().expect("a PNG header");
-        writer
-            .write_chunk(
-                png::chunk::IDAT,
-                &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-            )
-            .expect("a chunk");
-    }
+    let bomb = png_claiming(20_000, 20_000);
     let (status, body) = predict(bomb);
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert!(

@@ -128,6 +128,23 @@ pub fn upload_form(
     form
 }
 
+/// A PNG of a few bytes whose header claims `width` x `height` RGB pixels (and holds none).
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    let mut writer = encoder.write_header().expect("a PNG header");
+    // An image data chunk with an empty zlib stream: the decoder reads up to it.
+    writer
+        .write_chunk(
+            png::chunk::IDAT,
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        )
+        .expect("a chunk");
+    drop(writer);
+    bytes
+}
+
 /// Runs `inspectflow ARGS --data-dir DIR`: whether it succeeded, and what it printed.
 pub fn inspectflow(args: &[&str], data_dir: &Path) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_inspectflow"))
