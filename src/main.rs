@@ -481,14 +481,14 @@ fn run(
     if let Some(path) = metrics_json {
         let written = serde_json::to_string_pretty(&outcome.report)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&path, json + "\n"));
+            .and_then(|json| write_metrics(&path, &(json + "\n")));
         if let Err(error) = written {
             eprintln!("cannot write metrics to {}: {error}", path.display());
             code = ExitCode::FAILURE;
         }
     }
     if let Some(path) = metrics_prometheus
-        && let Err(error) = std::fs::write(&path, outcome.report.to_prometheus())
+        && let Err(error) = write_metrics(&path, &outcome.report.to_prometheus())
     {
         eprintln!("cannot write metrics to {}: {error}", path.display());
         code = ExitCode::FAILURE;
@@ -691,5 +691,16 @@ fn schemas(registry: &Registry, out: &std::path::Path, check: bool) -> ExitCode 
             eprintln!("cannot write schemas to {}: {error}", out.display());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes a metrics file through a temporary name and a rename, so that a collector reading it
+/// (Prometheus' textfile collector) never sees half of one; a path that is not a regular file
+/// (`/dev/stdout`) is written directly.
+fn write_metrics(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|metadata| !metadata.is_file()) {
+        std::fs::write(path, text)
+    } else {
+        inspectflow::operators::files::write_atomically(path, text.as_bytes())
     }
 }
