@@ -227,6 +227,7 @@ async fn collect_body<Chunk: bytes::Buf>(
     idle: std::time::Duration,
     total: std::time::Duration,
 ) -> Result<bytes::Bytes, Rejection> {
+    use bytes::BufMut;
     use futures::StreamExt;
     let mut stream = std::pin::pin!(stream);
     let mut body = bytes::BytesMut::new();
@@ -254,14 +255,7 @@ async fn collect_body<Chunk: bytes::Buf>(
                     format!("request body: {e}"),
                 ));
             }
-            Ok(Some(Ok(mut chunk))) => {
-                while chunk.has_remaining() {
-                    let piece = chunk.chunk();
-                    body.extend_from_slice(piece);
-                    let taken = piece.len();
-                    chunk.advance(taken);
-                }
-            }
+            Ok(Some(Ok(chunk))) => body.put(chunk),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::openapi::{Content, RouteDoc, schema_of};
-use bytes::Buf;
+use bytes::BufMut;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use warp::filters::BoxedFilter;
@@ -254,13 +254,8 @@ pub(crate) async fn read_form(form: warp::multipart::FormData) -> Result<UploadF
             let filename = part.filename().map(str::to_string);
             let bytes = part
                 .stream()
-                .try_fold(Vec::new(), |mut bytes, mut chunk| async move {
-                    while chunk.has_remaining() {
-                        let piece = chunk.chunk();
-                        bytes.extend_from_slice(piece);
-                        let taken = piece.len();
-                        chunk.advance(taken);
-                    }
+                .try_fold(Vec::new(), |mut bytes, chunk| async move {
+                    bytes.put(chunk);
                     Ok(bytes)
                 })
                 .await?;
