@@ -1,7 +1,8 @@
 //! HTTP helpers every resource shares: the JSON error contract ([`ApiError`], answered as
 //! [`ErrorBody`]), JSON bodies with a size limit, paging (`limit`/`offset` and the `pagination`
 //! part of list answers), colon actions (`/api/jobs/{id}:cancel`), store calls on the blocking
-//! pool, and JSON replies. With [`super::state`] the bottom layer of the server.
+//! pool, JSON replies and downloads streamed as they are written. With [`super::state`] the
+//! bottom layer of the server.
 
 use std::sync::Arc;
 
@@ -94,7 +95,14 @@ pub(crate) fn file_reply(
     content_type: &'static str,
     filename: Option<&str>,
 ) -> Response {
-    let mut response = Response::new(body.into());
+    with_file_headers(Response::new(body.into()), content_type, filename)
+}
+
+fn with_file_headers(
+    mut response: Response,
+    content_type: &'static str,
+    filename: Option<&str>,
+) -> Response {
     let headers = response.headers_mut();
     headers.insert(
         warp::http::header::CONTENT_TYPE,
@@ -106,6 +114,76 @@ pub(crate) fn file_reply(
         headers.insert(warp::http::header::CONTENT_DISPOSITION, value);
     }
     response
+}
+
+/// Bytes a [`BodyWriter`] gathers before handing them to the connection.
+const BODY_CHUNK_BYTES: usize = 256 << 10;
+
+/// A [`std::io::Write`] whose bytes become an HTTP body as they are written, from a blocking
+/// thread: it waits while the client is a few chunks behind, and fails once the client has left.
+pub(crate) struct BodyWriter {
+    chunks: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    pending: bytes::BytesMut,
+}
+
+impl BodyWriter {
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.pending.split().freeze();
+        self.chunks.blocking_send(Ok(chunk)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+impl std::io::Write for BodyWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        bytes::BufMut::put_slice(&mut self.pending, bytes);
+        if self.pending.len() >= BODY_CHUNK_BYTES {
+            self.hand_over()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.hand_over()
+    }
+}
+
+/// A download of `content_type` that `write` produces on the blocking pool while it is sent:
+/// the server holds a few chunks of it, not the whole file. What goes wrong before the first
+/// byte should be found by the caller beforehand (the status is sent first); a failure later
+/// is logged and aborts the body, so the client sees a broken transfer, not a short file.
+pub(crate) fn streamed_file_reply(
+    content_type: &'static str,
+    filename: Option<&str>,
+    write: impl FnOnce(&mut BodyWriter) -> Result<(), String> + Send + 'static,
+) -> Response {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let name = filename.unwrap_or(content_type).to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut body = BodyWriter {
+            chunks: sender.clone(),
+            pending: bytes::BytesMut::with_capacity(BODY_CHUNK_BYTES),
+        };
+        let written = write(&mut body)
+            .and_then(|()| std::io::Write::flush(&mut body).map_err(|e| e.to_string()));
+        if let Err(error) = written {
+            tracing::warn!("download of {name} stopped: {error}");
+            let _ = sender.blocking_send(Err(std::io::Error::other(error)));
+        }
+    });
+    let body = futures::stream::unfold(receiver, |mut receiver| async move {
+        let chunk = receiver.recv().await?;
+        Some((chunk, receiver))
+    });
+    with_file_headers(
+        warp::reply::stream(body).into_response(),
+        content_type,
+        filename,
+    )
 }
 
 /// Declares the answer of a list route: `{"<field>": [items], "pagination": {...}}`.

@@ -3,7 +3,7 @@
 //! Inspect's columns (`image` bytes, `is_anomalous`, `filename`) plus `label`, `mask` bytes and
 //! `sha256`. An import checks every row before it stores anything.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
@@ -20,39 +20,108 @@ pub const MAX_IMPORT_ROWS: usize = 100_000;
 /// Largest snapshot file accepted on import.
 pub const MAX_IMPORT_BYTES: u64 = 512 << 20;
 
-/// The snapshot file of `snapshot`: Parquet with one row per image, the image and mask bytes
-/// inline.
-pub fn export(data_dir: &Path, snapshot: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
+/// Most images in one row group of a downloaded snapshot file...
+const GROUP_ROWS: usize = 64;
+/// ...or, whichever comes first, bytes of images and masks: what a download holds at once.
+const GROUP_BYTES: u64 = 8 << 20;
+
+/// A snapshot file ready to be written: the snapshot's rows, each with its files present.
+pub struct Export {
+    data_dir: PathBuf,
+    snapshot_id: String,
+    rows: Vec<Row>,
+}
+
+/// Reads `snapshot`'s manifest and checks its image and mask files are all there, so that a
+/// download fails before it starts rather than half-way.
+pub fn prepare_export(data_dir: &Path, snapshot: &Snapshot) -> Result<Export, SnapshotError> {
     let rows = read_manifest(&manifest_path(data_dir, &snapshot.id))?;
-    let read = |sha256: &str| {
-        std::fs::read(blob_path(data_dir, sha256)).map_err(|e| {
-            SnapshotError::Io(format!(
-                "snapshot {}: image {sha256} is unreadable: {e}",
-                snapshot.id
-            ))
-        })
-    };
-    let mut images = Vec::with_capacity(rows.len());
-    let mut masks = Vec::with_capacity(rows.len());
     for row in &rows {
-        images.push(read(&row.sha256)?);
-        masks.push(row.mask_sha256.as_deref().map(read).transpose()?);
+        for sha256 in std::iter::once(&row.sha256).chain(&row.mask_sha256) {
+            if !blob_path(data_dir, sha256).is_file() {
+                return Err(SnapshotError::Io(format!(
+                    "snapshot {}: image {sha256} is missing",
+                    snapshot.id
+                )));
+            }
+        }
     }
-    let text = |f: &dyn Fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
-    let mut frame = df!(
-        "image" => images,
-        "is_anomalous" => rows.iter().map(Row::is_anomalous).collect::<Vec<bool>>(),
-        "filename" => text(&|r| r.filename.clone()),
-        "label" => text(&|r| r.label.clone()),
-        "mask" => masks,
-        "sha256" => text(&|r| r.sha256.clone()),
-    )
-    .map_err(polars_error("building the snapshot file".into()))?;
-    let mut bytes = Vec::new();
-    ParquetWriter::new(&mut bytes)
-        .finish(&mut frame)
-        .map_err(polars_error("writing the snapshot file".into()))?;
-    Ok(bytes)
+    Ok(Export {
+        data_dir: data_dir.to_path_buf(),
+        snapshot_id: snapshot.id.clone(),
+        rows,
+    })
+}
+
+/// `rows` cut into row groups of at most [`GROUP_ROWS`] rows and [`GROUP_BYTES`] bytes (a
+/// larger row alone); at least one group, empty when `rows` is.
+fn row_groups(rows: &[Row]) -> Vec<&[Row]> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, row) in rows.iter().enumerate() {
+        if index > start && (index - start == GROUP_ROWS || bytes + row.size_bytes > GROUP_BYTES) {
+            groups.push(&rows[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += row.size_bytes;
+    }
+    groups.push(&rows[start..]);
+    groups
+}
+
+impl Export {
+    /// Writes the snapshot file into `out`: Parquet with one row per image, the image and mask
+    /// bytes inline, in row groups of at most [`GROUP_ROWS`] rows or [`GROUP_BYTES`] bytes, so
+    /// only one group is in memory at a time.
+    pub fn write_to(self, out: impl std::io::Write) -> Result<(), SnapshotError> {
+        let mut groups = row_groups(&self.rows).into_iter();
+        // There is always a first group (empty for an empty snapshot: the file has the columns).
+        let mut frame = self.frame_of(groups.next().unwrap_or(&[]))?;
+        let mut writer = ParquetWriter::new(out)
+            .batched(frame.schema())
+            .map_err(polars_error("starting the snapshot file".into()))?;
+        loop {
+            writer
+                .write_batch(&frame)
+                .map_err(polars_error("writing the snapshot file".into()))?;
+            match groups.next() {
+                Some(rows) => frame = self.frame_of(rows)?,
+                None => break,
+            }
+        }
+        writer
+            .finish()
+            .map_err(polars_error("finishing the snapshot file".into()))?;
+        Ok(())
+    }
+
+    /// The rows of one row group, with their images and masks read.
+    fn frame_of(&self, rows: &[Row]) -> Result<DataFrame, SnapshotError> {
+        let read = |sha256: &str| {
+            std::fs::read(blob_path(&self.data_dir, sha256)).map_err(|e| {
+                SnapshotError::Io(format!(
+                    "snapshot {}: image {sha256} is unreadable: {e}",
+                    self.snapshot_id
+                ))
+            })
+        };
+        let mut images = Vec::with_capacity(rows.len());
+        let mut masks = Vec::with_capacity(rows.len());
+        for row in rows {
+            images.push(read(&row.sha256)?);
+            masks.push(row.mask_sha256.as_deref().map(read).transpose()?);
+        }
+        let text = |f: &dyn Fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        df!(
+            "image" => images,
+            "is_anomalous" => rows.iter().map(Row::is_anomalous).collect::<Vec<bool>>(),
+            "filename" => text(&|r| r.filename.clone()),
+            "label" => text(&|r| r.label.clone()),
+            "mask" => masks,
+            "sha256" => text(&|r| r.sha256.clone()),
+        )
+        .map_err(polars_error("building the snapshot file".into()))
+    }
 }
 
 /// A row that passed the checks: image, mask, label, file name, format.
@@ -261,4 +330,72 @@ fn store_rows(data_dir: &Path, checked: Vec<CheckedRow>) -> Result<(Vec<Row>, u6
         });
     }
     Ok((rows, added))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(sha256: &str, size_bytes: u64) -> Row {
+        Row {
+            sha256: sha256.to_string(),
+            filename: format!("{sha256}.png"),
+            label: "normal".to_string(),
+            format: "png".to_string(),
+            mask_sha256: None,
+            media_id: None,
+            size_bytes,
+        }
+    }
+
+    fn group_sizes(rows: &[Row]) -> Vec<usize> {
+        row_groups(rows).iter().map(|group| group.len()).collect()
+    }
+
+    #[test]
+    fn row_groups_are_bounded_by_rows_and_by_bytes() {
+        assert_eq!(group_sizes(&[]), [0]);
+        assert_eq!(group_sizes(&vec![row("a", 1); 130]), [64, 64, 2]);
+        assert_eq!(
+            group_sizes(&vec![row("a", GROUP_BYTES / 2 + 1); 3]),
+            [1, 1, 1]
+        );
+        // A row larger than a group is a group of its own.
+        let rows = [row("a", 2 * GROUP_BYTES), row("b", 1), row("c", 1)];
+        assert_eq!(group_sizes(&rows), [1, 2]);
+    }
+
+    #[test]
+    fn a_file_of_several_row_groups_holds_every_row_in_order() {
+        let data_dir = tempfile::tempdir().expect("temporary folder");
+        let rows: Vec<Row> = (0..150u32)
+            .map(|index| {
+                let (sha256, size) =
+                    add_bytes(data_dir.path(), &index.to_le_bytes()).expect("blob");
+                row(&sha256, size)
+            })
+            .collect();
+        let export = Export {
+            data_dir: data_dir.path().to_path_buf(),
+            snapshot_id: "snapshot".to_string(),
+            rows: rows.clone(),
+        };
+        let mut file = Vec::new();
+        export.write_to(&mut file).expect("written");
+
+        let mut reader = ParquetReader::new(std::io::Cursor::new(file));
+        assert_eq!(reader.get_metadata().expect("metadata").row_groups.len(), 3);
+        let frame = reader.finish().expect("readable");
+        let images = frame
+            .column("image")
+            .expect("image")
+            .binary()
+            .expect("bytes");
+        let hashes = frame.column("sha256").expect("sha256").str().expect("text");
+        assert_eq!(frame.height(), 150);
+        for (index, row) in rows.iter().enumerate() {
+            assert_eq!(images.get(index), Some(&(index as u32).to_le_bytes()[..]));
+            assert_eq!(hashes.get(index), Some(row.sha256.as_str()));
+        }
+    }
 }

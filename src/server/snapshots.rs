@@ -13,7 +13,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::http::{ApiError, ProjectPage, file_reply, listing, paginate};
+use super::http::{ApiError, ProjectPage, listing, paginate, streamed_file_reply};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::snapshot_file::{self, MAX_IMPORT_BYTES};
 use super::snapshot_store::{self, Snapshot, SnapshotError, SnapshotOrigin};
@@ -225,14 +225,14 @@ async fn get(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
 async fn download(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
     let snapshot = find(&state, id).await?;
     let filename = snapshot.filename.clone();
-    let bytes = run(&state, move |state| {
-        snapshot_file::export(&state.data_dir, &snapshot)
+    let export = run(&state, move |state| {
+        snapshot_file::prepare_export(&state.data_dir, &snapshot)
     })
     .await?;
-    Ok(file_reply(
-        bytes,
+    Ok(streamed_file_reply(
         "application/vnd.apache.parquet",
         Some(&filename),
+        move |body| export.write_to(body).map_err(|e| e.to_string()),
     ))
 }
 
