@@ -215,5 +215,12 @@ fn trained_models_export_to_onnx_through_the_api_with_the_same_outputs() {
         let (status, body) = export("?format=onnx&precision=int4");
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(String::from_utf8_lossy(&body).contains("precision"));
+        let (status, body) = export("?format=tflite");
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("query field format: unknown variant `tflite`"),
+            "{body}"
+        );
     }
 }

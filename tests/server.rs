@@ -167,7 +167,13 @@ fn bad_requests_get_json_details_with_honest_codes() {
         (
             http.get(server.url("/api/projects?limit=ten")),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "query",
+            "query field limit: invalid digit",
+        ),
+        (
+            http.post(server.url("/api/projects"))
+                .json(&json!({"name": 5})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "request body field name: invalid type: integer `5`",
         ),
         (
             http.get(server.url("/api/projects/no-such-id")),

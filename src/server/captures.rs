@@ -72,7 +72,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(capture);
     let list = warp::path!("api" / "captures")
         .and(warp::get())
-        .and(warp::query::<ProjectPage>())
+        .and(super::http::query::<ProjectPage>())
         .and(with_state)
         .and_then(list);
     capture.or(list).unify().boxed()

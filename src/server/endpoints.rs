@@ -135,7 +135,7 @@ pub fn routes(state: Arc<AppState>, kind: EndpointKind) -> BoxedFilter<(Response
     let list = base()
         .and(warp::path::end())
         .and(warp::get())
-        .and(warp::query::<Page>())
+        .and(super::http::query::<Page>())
         .and(with_kind)
         .and(with_state.clone())
         .and_then(list);

@@ -246,7 +246,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .map(|| warp::reply::json(&TrainableModels::list()).into_response());
     let list = warp::path!("api" / "jobs")
         .and(warp::get())
-        .and(warp::query::<ProjectPage>())
+        .and(super::http::query::<ProjectPage>())
         .and(with_state.clone())
         .and_then(list);
     let get = warp::path!("api" / "jobs" / String)

@@ -105,7 +105,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(upload);
     let list = warp::path!("api" / "projects" / String / "media")
         .and(warp::get())
-        .and(warp::query::<Page>())
+        .and(super::http::query::<Page>())
         .and(with_state.clone())
         .and_then(list);
     let get = warp::path!("api" / "projects" / String / "media" / String)

@@ -146,7 +146,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let list = warp::path!("api" / "projects" / String / "models")
         .and(warp::get())
-        .and(warp::query::<Page>())
+        .and(super::http::query::<Page>())
         .and(with_state.clone())
         .and_then(list);
     let get = warp::path!("api" / "projects" / String / "models" / String)
@@ -180,7 +180,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(action("export"))
         .and(warp::path::end())
         .and(warp::post())
-        .and(warp::query::<ExportQuery>())
+        .and(super::http::query::<ExportQuery>())
         .and(with_state)
         .and_then(export);
     list.or(get)

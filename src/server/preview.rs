@@ -49,7 +49,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let stream = warp::path!("api" / "active-pipelines" / String / "stream")
         .and(warp::get())
-        .and(warp::query::<StreamQuery>())
+        .and(super::http::query::<StreamQuery>())
         .and(with_state)
         .and_then(mjpeg);
     let page = warp::path!("live")

@@ -92,7 +92,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let with_state = warp::any().map(move || Arc::clone(&state));
     let list = warp::path!("api" / "projects")
         .and(warp::get())
-        .and(warp::query::<Page>())
+        .and(super::http::query::<Page>())
         .and(with_state.clone())
         .and_then(list_projects);
     let create = warp::path!("api" / "projects")

@@ -177,26 +177,11 @@ async fn into_json_error(rejection: Rejection) -> Result<Response, Infallible> {
         (error.status, error.detail.clone())
     } else if rejection.is_not_found() {
         (StatusCode::NOT_FOUND, "no such route".to_string())
-    } else if let Some(error) = rejection.find::<warp::filters::body::BodyDeserializeError>() {
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("request body: {error}"),
-        )
-    } else if let Some(error) = rejection.find::<warp::reject::InvalidQuery>() {
-        (StatusCode::UNPROCESSABLE_ENTITY, format!("query: {error}"))
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         // Routes name their own limit (`http::body_limit`); this is only a fallback.
         (
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body too large".to_string(),
-        )
-    } else if rejection
-        .find::<warp::reject::UnsupportedMediaType>()
-        .is_some()
-    {
-        (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "the body must be application/json".to_string(),
         )
     } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
         (

@@ -45,7 +45,7 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(import);
     let list = warp::path!("api" / "snapshots")
         .and(warp::get())
-        .and(warp::query::<ProjectPage>())
+        .and(super::http::query::<ProjectPage>())
         .and(with_state.clone())
         .and_then(list);
     let get = warp::path!("api" / "snapshots" / String)
