@@ -389,6 +389,9 @@ fn operator_rules_beyond_the_schema_are_refused_naming_node_and_field() {
   - id: broker
     op: sink.mqtt
     params: {host: 127.0.0.1, topic: line, password: secret}
+  - id: bus
+    op: sink.nats
+    params: {url: nats://127.0.0.1:4222, subject: line, username: u, password_env: INSPECTFLOW_API_TOKEN}
   - id: pre
     op: preprocess
     params: {width: 8, height: 8, std: [1.0, 0.0, 1.0]}
@@ -396,6 +399,7 @@ fn operator_rules_beyond_the_schema_are_refused_naming_node_and_field() {
 edges:
   - {from: cam, to: hook}
   - {from: cam, to: broker}
+  - {from: cam, to: bus}
   - {from: cam, to: pre}
   - {from: pre, to: out}
   - {from: overlay, to: out}
@@ -423,6 +427,13 @@ edges:
         user.message.contains("needs a user name"),
         "{}",
         user.message
+    );
+    // A graph may come over the API: it may not have the server's token sent to a broker.
+    let token = error_for(&errors, Some("bus"), "params.password_env");
+    assert!(
+        token.message.contains("inspectflow's own settings"),
+        "{}",
+        token.message
     );
     let std = error_for(&errors, Some("pre"), "params.std[1]");
     assert!(std.message.contains("non-zero"), "{}", std.message);

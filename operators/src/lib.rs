@@ -10,6 +10,7 @@
 //!   factory) and the registry;
 //! - [`preview`]: `sink.preview` and the hub where the server watches live previews;
 //! - [`retry`]: the retry and backoff settings of every operator that reconnects or retries;
+//! - [`secrets`]: passwords from environment variables, and which variables a graph may read;
 //! - [`source`], [`transform`], [`sink`]: one module per operator family;
 //! - [`video`]: GStreamer-backed video sources and sinks (feature `gstreamer`, on by default);
 //! - [`url`]: credentials out of URLs, and their redacted form for logs and responses;
@@ -30,6 +31,7 @@ pub mod pool;
 pub mod preview;
 pub mod registry;
 pub mod retry;
+pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod tensor;

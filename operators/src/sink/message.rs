@@ -351,12 +351,9 @@ pub fn sign_in_password(
     password_env: &Option<String>,
 ) -> Result<Option<String>, OpError> {
     match (password, password_env) {
-        (_, Some(variable)) => std::env::var(variable).map(Some).map_err(|_| {
-            OpError::param(
-                "password_env",
-                format!("environment variable {variable} is not set"),
-            )
-        }),
+        (_, Some(variable)) => crate::secrets::read_password(variable)
+            .map(Some)
+            .map_err(|message| OpError::param("password_env", message)),
         (password, None) => Ok(password.clone()),
     }
 }
@@ -373,6 +370,10 @@ pub fn check_credentials(
             "password_env",
             "give either password or password_env, not both",
         ));
+    }
+    if let Some(variable) = password_env {
+        crate::secrets::check_variable(variable)
+            .map_err(|message| ParamError::new("password_env", message))?;
     }
     if (password.is_some() || password_env.is_some()) && username.is_none() {
         return Err(ParamError::new("username", "a password needs a user name"));

@@ -76,7 +76,8 @@ pub struct MqttParams {
     pub username: Option<String>,
     /// Password (prefer `password_env`, which keeps it out of the graph file).
     pub password: Option<String>,
-    /// Name of the environment variable that holds the password.
+    /// Name of the environment variable that holds the password (not one of inspectflow's own
+    /// `INSPECTFLOW_*` settings).
     pub password_env: Option<String>,
     /// Publish with the retain flag.
     #[serde(default)]

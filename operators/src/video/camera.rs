@@ -97,7 +97,8 @@ pub struct IpCameraParams {
     /// Password (overrides one in the URL). Prefer `password_env`.
     #[serde(default)]
     pub password: Option<String>,
-    /// Name of an environment variable holding the password.
+    /// Name of an environment variable holding the password (not one of inspectflow's own
+    /// `INSPECTFLOW_*` settings).
     #[serde(default)]
     pub password_env: Option<String>,
     /// RTSP transport.
@@ -217,6 +218,10 @@ impl IpCameraParams {
             if value.is_some_and(|value| value.chars().any(char::is_control)) {
                 return Err(ParamError::new(field, "holds a control character"));
             }
+        }
+        if let Some(variable) = &self.password_env {
+            crate::secrets::check_variable(variable)
+                .map_err(|message| ParamError::new("password_env", message))?;
         }
         camera_url(&self.url)?;
         self.reconnect.validate()
@@ -359,12 +364,10 @@ impl IpCamera {
         let url = camera_url(&params.url)?;
         let (_, url_user, url_password) = split_credentials(&params.url);
         let password = match &params.password_env {
-            Some(variable) => Some(std::env::var(variable).map_err(|_| {
-                OpError::param(
-                    "password_env",
-                    format!("environment variable '{variable}' is not set"),
-                )
-            })?),
+            Some(variable) => Some(
+                crate::secrets::read_password(variable)
+                    .map_err(|message| OpError::param("password_env", message))?,
+            ),
             None => params.password.or(url_password),
         };
         Ok(Self {
