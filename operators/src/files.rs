@@ -11,6 +11,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     StagedFile::stage(path, bytes, false)?.place()
 }
 
+/// Syncs to disk every file in `folder` (and its subfolders) and the folders themselves: for a
+/// folder another process wrote (a training helper's package), before it is renamed into place.
+pub fn sync_folder(folder: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(folder)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_folder(&entry.path())?;
+        } else if kind.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(folder)?.sync_all()
+}
+
+/// Syncs the folder that holds `path`'s name: after a rename, so that the rename survives a
+/// power loss.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let folder = match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(folder)?.sync_all()
+}
+
 /// A file written under its hidden temporary name (`.{name}.partial`), not yet in place: for
 /// callers that put several files in place together with a store commit. Its bytes are on disk
 /// before it is renamed, and the rename before [`StagedFile::place`] returns, so a record
@@ -61,11 +86,7 @@ impl StagedFile {
         std::fs::rename(&self.temporary, &self.path)?;
         self.placed = true;
         if self.durable {
-            let folder = match self.path.parent() {
-                Some(folder) if !folder.as_os_str().is_empty() => folder,
-                _ => Path::new("."),
-            };
-            std::fs::File::open(folder)?.sync_all()?;
+            sync_parent(&self.path)?;
         }
         Ok(())
     }

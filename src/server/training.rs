@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use inspectflow_operators::files;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, broadcast, watch};
 
@@ -464,7 +465,18 @@ async fn train(
         )));
     }
     let model_dir = data_dir.join("models").join(&job.model_id);
-    std::fs::rename(&out, &model_dir).map_err(|e| {
+    // The package is on disk before its name, and its name before its record: a power loss
+    // cannot leave a model record over empty files.
+    let (from, to) = (out.clone(), model_dir.clone());
+    tokio::task::spawn_blocking(move || {
+        files::sync_folder(&from)?;
+        std::fs::rename(&from, &to)?;
+        files::sync_parent(&to)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .flatten()
+    .map_err(|e| {
         Ended::Failed(format!(
             "cannot move the package to {}: {e}",
             model_dir.display()
