@@ -118,12 +118,19 @@ fn with_file_headers(
 
 /// Bytes a [`BodyWriter`] gathers before handing them to the connection.
 const BODY_CHUNK_BYTES: usize = 256 << 10;
+/// How long a streamed download waits for its client to take the next chunk before giving up.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Streamed downloads written at once; more wait their turn. Each holds a thread of the
+/// blocking pool, which the store's calls need too.
+static STREAMED_DOWNLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// A [`std::io::Write`] whose bytes become an HTTP body as they are written, from a blocking
-/// thread: it waits while the client is a few chunks behind, and fails once the client has left.
+/// thread: it waits while the client is a few chunks behind, and fails once the client has left
+/// or has taken nothing for [`BODY_IDLE`].
 pub(crate) struct BodyWriter {
     chunks: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     pending: bytes::BytesMut,
+    runtime: tokio::runtime::Handle,
 }
 
 impl BodyWriter {
@@ -132,9 +139,25 @@ impl BodyWriter {
             return Ok(());
         }
         let chunk = self.pending.split().freeze();
-        self.chunks.blocking_send(Ok(chunk)).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })
+        self.send(Ok(chunk))
+    }
+
+    /// Sends `item` (a chunk, or the error that aborts the body) once the client has room for it.
+    fn send(&self, item: Result<bytes::Bytes, std::io::Error>) -> std::io::Result<()> {
+        let sent = self
+            .runtime
+            .block_on(tokio::time::timeout(BODY_IDLE, self.chunks.send(item)));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the client went away",
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took nothing for {} s", BODY_IDLE.as_secs()),
+            )),
+        }
     }
 }
 
@@ -153,26 +176,32 @@ impl std::io::Write for BodyWriter {
 }
 
 /// A download of `content_type` that `write` produces on the blocking pool while it is sent:
-/// the server holds a few chunks of it, not the whole file. What goes wrong before the first
+/// the server holds a few chunks of it, not the whole file, and writes at most
+/// [`STREAMED_DOWNLOADS`] at once (the others wait their turn). What goes wrong before the first
 /// byte should be found by the caller beforehand (the status is sent first); a failure later
 /// is logged and aborts the body, so the client sees a broken transfer, not a short file.
-pub(crate) fn streamed_file_reply(
+pub(crate) async fn streamed_file_reply(
     content_type: &'static str,
     filename: Option<&str>,
     write: impl FnOnce(&mut BodyWriter) -> Result<(), String> + Send + 'static,
 ) -> Response {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let name = filename.unwrap_or(content_type).to_string();
+    let turn = STREAMED_DOWNLOADS.acquire().await.ok();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let mut body = BodyWriter {
-            chunks: sender.clone(),
+            chunks: sender,
             pending: bytes::BytesMut::with_capacity(BODY_CHUNK_BYTES),
+            runtime,
         };
         let written = write(&mut body)
             .and_then(|()| std::io::Write::flush(&mut body).map_err(|e| e.to_string()));
         if let Err(error) = written {
             tracing::warn!("download of {name} stopped: {error}");
-            let _ = sender.blocking_send(Err(std::io::Error::other(error)));
+            // An error item aborts the body: the client must not take a cut file for a whole one.
+            let _ = body.send(Err(std::io::Error::other(error)));
         }
     });
     let body = futures::stream::unfold(receiver, |mut receiver| async move {
@@ -473,4 +502,68 @@ pub(crate) fn paginate<T>(items: Vec<T>, page: &Page) -> Result<(Vec<T>, Paginat
         total,
     };
     Ok((items, pagination))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::io::Write;
+
+    /// The bytes of `response`'s body, and the error it ended in, if any.
+    async fn read_body(response: Response) -> (usize, Option<String>) {
+        let mut body = response.into_body();
+        let mut bytes = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => bytes += frame.data_ref().map_or(0, |data| data.len()),
+                Err(error) => return (bytes, Some(format!("{error:?}"))),
+            }
+        }
+        (bytes, None)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_download_is_whole_or_ends_in_an_error() {
+        let size = 3 * BODY_CHUNK_BYTES + 5;
+        let whole = streamed_file_reply("application/octet-stream", Some("a.bin"), move |body| {
+            body.write_all(&vec![7; size]).map_err(|e| e.to_string())
+        })
+        .await;
+        assert_eq!(
+            whole.headers()[warp::http::header::CONTENT_DISPOSITION],
+            "attachment; filename=\"a.bin\""
+        );
+        assert_eq!(read_body(whole).await, (size, None));
+
+        let cut = streamed_file_reply("application/octet-stream", None, |body| {
+            body.write_all(&vec![7; 2 * BODY_CHUNK_BYTES])
+                .map_err(|e| e.to_string())?;
+            Err("an image went missing".to_string())
+        })
+        .await;
+        let (bytes, error) = read_body(cut).await;
+        assert_eq!(bytes, 2 * BODY_CHUNK_BYTES);
+        let error = error.expect("the body ends in an error, not as a whole file");
+        assert!(error.contains("an image went missing"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_download_stops_writing_once_its_client_has_left() {
+        let (outcome, ended) = std::sync::mpsc::channel();
+        let response = streamed_file_reply("application/octet-stream", None, move |body| {
+            let written = (0..1000).try_for_each(|_| body.write_all(&[0; BODY_CHUNK_BYTES]));
+            let _ = outcome.send(written.map_err(|e| e.kind()));
+            Ok(())
+        })
+        .await;
+        drop(response);
+        let written = tokio::task::spawn_blocking(move || {
+            ended.recv_timeout(std::time::Duration::from_secs(120))
+        })
+        .await
+        .expect("joined")
+        .expect("the writer ended");
+        assert_eq!(written, Err(std::io::ErrorKind::BrokenPipe));
+    }
 }

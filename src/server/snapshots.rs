@@ -233,7 +233,8 @@ async fn download(id: String, state: Arc<AppState>) -> Result<Response, Rejectio
         "application/vnd.apache.parquet",
         Some(&filename),
         move |body| export.write_to(body).map_err(|e| e.to_string()),
-    ))
+    )
+    .await)
 }
 
 async fn delete(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {
