@@ -67,8 +67,9 @@ where
     graceful.shutdown().await;
 }
 
-/// [`MAX_CONNECTIONS`], or half the open-file limit when that is lower (the rest is for the
-/// store, models, pipelines' files and sockets). The soft limit is first raised to the hard one.
+/// [`MAX_CONNECTIONS`], or a third of the open-file limit when that is lower (a connection may
+/// hold a file it is sending as well as its socket; the rest is for the store, models,
+/// pipelines' files and sockets). The soft limit is first raised to the hard one.
 fn connection_bound() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -90,7 +91,7 @@ fn connection_bound() -> usize {
         }
         limit.rlim_cur
     };
-    usize::try_from(files / 2)
+    usize::try_from(files / 3)
         .unwrap_or(MAX_CONNECTIONS)
         .clamp(16, MAX_CONNECTIONS)
 }

@@ -229,12 +229,12 @@ async fn download(id: String, state: Arc<AppState>) -> Result<Response, Rejectio
         snapshot_file::prepare_export(&state.data_dir, &snapshot)
     })
     .await?;
-    Ok(streamed_file_reply(
+    streamed_file_reply(
         "application/vnd.apache.parquet",
         Some(&filename),
         move |body| export.write_to(body).map_err(|e| e.to_string()),
     )
-    .await)
+    .await
 }
 
 async fn delete(id: String, state: Arc<AppState>) -> Result<Response, Rejection> {

@@ -471,7 +471,10 @@ async fn train(
     tokio::task::spawn_blocking(move || {
         files::sync_folder(&from)?;
         std::fs::rename(&from, &to)?;
-        files::sync_parent(&to)
+        // A package left in models/ without a record would never be cleaned up.
+        files::sync_parent(&to).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&to);
+        })
     })
     .await
     .map_err(std::io::Error::other)
