@@ -706,6 +706,60 @@ fn upload_all(http: &Client, server: &Server, project: &str, images: &[std::path
     }
 }
 
+/// Images over a mebibyte are streamed from their file rather than read whole: the download is
+/// still the upload, byte for byte, with its length declared.
+#[test]
+fn a_large_image_downloads_byte_for_byte_from_its_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), None);
+    let http = client();
+    let project = create_project(&http, &server, "large");
+    // Noise does not compress: about 1.5 MB of PNG.
+    let mut state = 0x2545_f491_u32;
+    let noise = image::RgbImage::from_fn(800, 640, |_, _| {
+        let mut channel = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        };
+        image::Rgb([channel(), channel(), channel()])
+    });
+    let mut original = Vec::new();
+    noise
+        .write_to(
+            &mut std::io::Cursor::new(&mut original),
+            image::ImageFormat::Png,
+        )
+        .expect("encode PNG");
+    assert!(original.len() > 1 << 20, "{} bytes", original.len());
+    let media_url = server.url(&format!("/api/projects/{project}/media"));
+    let uploaded = http
+        .post(&media_url)
+        .multipart(upload_form(original.clone(), Some("normal"), None))
+        .send()
+        .expect("upload");
+    assert_eq!(uploaded.status(), StatusCode::CREATED);
+    let id = uploaded.json::<Value>().expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let download = http
+        .get(format!("{media_url}/{id}/full"))
+        .send()
+        .expect("download");
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(download.headers()["content-type"], "image/png");
+    assert_eq!(
+        download.headers()["content-length"],
+        original.len().to_string().as_str()
+    );
+    assert!(
+        download.bytes().expect("bytes").to_vec() == original,
+        "byte for byte"
+    );
+}
+
 fn create_project(http: &Client, server: &Server, name: &str) -> String {
     let (status, project) = call(
         http.post(server.url("/api/projects"))
