@@ -94,9 +94,10 @@ pub struct BuildContext<'a> {
     /// How many live sources the pipeline has. Several cameras are parallel work on the same
     /// cores: an operator that would pick latency for one camera picks throughput for several.
     pub live_sources: usize,
-    /// Whether a node downstream takes the model input tensor itself (its input asks for a
-    /// tensor). When none does, an operator that has used the tensor may let it go, so that its
-    /// buffer goes back to its pool at once instead of travelling with the packet to the sinks.
+    /// Whether a node downstream takes a tensor (its input asks for one). After a model: when
+    /// none does, an operator that has used the tensor may let it go, so that its buffer goes
+    /// back to its pool at once instead of travelling with the packet to the sinks. At a
+    /// source: its frames go to a model, which needs the cores more than its decoder does.
     pub tensor_wanted_downstream: bool,
 }
 

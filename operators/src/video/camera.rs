@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use gstreamer::prelude::*;
 use serde::Deserialize;
 
-use super::{AppSinkReader, Pace, Pulled, VideoFormat, link_decoded_video, make};
+use super::{AppSinkReader, DecoderThreads, Pace, Pulled, VideoFormat, link_decoded_video, make};
 use crate::contract::{
     OpError, OperatorInstance, OperatorKind, OutputType, PortType, Source, SourceContext,
     SourcePoll,
@@ -423,6 +423,7 @@ impl Connect for IpCamera {
             link_decoded_video,
             self.format,
             Pace::Realtime,
+            DecoderThreads::Slices,
         )
         .map_err(|e| e.to_string())?;
         reader.start()?;
@@ -460,6 +461,7 @@ impl Connect for UsbCameraParams {
             link_decoded_video,
             self.format,
             Pace::Realtime,
+            DecoderThreads::Slices,
         )
         .map_err(|e| e.to_string())?;
         reader.start()?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use gstreamer::prelude::*;
 use serde::Deserialize;
 
-use super::{AppSinkReader, Pace, Pulled, VideoFormat, link_decoded_video, make};
+use super::{AppSinkReader, DecoderThreads, Pace, Pulled, VideoFormat, link_decoded_video, make};
 use crate::contract::{
     OpError, OperatorInstance, OperatorKind, OutputType, PortType, Source, SourceContext,
     SourcePoll,
@@ -62,6 +62,7 @@ pub fn descriptor() -> OperatorDescriptor {
         Ok(OperatorInstance::Source(Box::new(VideoFileSource::open(
             params,
             context.node_id,
+            context.tensor_wanted_downstream,
         )?)))
     })
 }
@@ -90,8 +91,10 @@ const REALTIME_STALL_LIMIT: Duration = Duration::from_secs(60);
 
 impl VideoFileSource {
     /// Opens the file and decodes up to its first picture (playing starts with the first
-    /// frame asked for); a missing or unreadable file fails here.
-    pub fn open(params: VideoFileParams, node_id: &str) -> Result<Self, OpError> {
+    /// frame asked for); a missing or unreadable file fails here. `to_model`: whether its frames
+    /// go to a node that takes tensors (a model), which then gets the cores before the decoder
+    /// ([`DecoderThreads::for_stream`]).
+    pub fn open(params: VideoFileParams, node_id: &str, to_model: bool) -> Result<Self, OpError> {
         let path = params.path;
         if !path.is_file() {
             return Err(OpError::param(
@@ -112,6 +115,7 @@ impl VideoFileSource {
             link_decoded_video,
             params.format,
             pace,
+            DecoderThreads::for_stream(pace, to_model),
         )?;
         reader
             .start()

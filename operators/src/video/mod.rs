@@ -114,6 +114,35 @@ impl VideoFormat {
     }
 }
 
+/// How an FFmpeg decoder spends its threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecoderThreads {
+    /// FFmpeg's default, several pictures at once, one per thread: the most pictures a second,
+    /// for a file read as fast as it decodes with nothing heavy after it (a transcode, a
+    /// recorder). Each thread keeps its own pictures, and each picture comes a frame later per
+    /// extra thread.
+    Frames,
+    /// Each picture split over the threads (one thread for a stream of single-slice pictures):
+    /// for paced streams, which leave the decoder idle between pictures, and for files whose
+    /// frames go to a model, which needs the cores more than the decoder does.
+    Slices,
+}
+
+impl DecoderThreads {
+    /// The threading for a stream read at `pace` whose frames go (`to_model`) or do not go to
+    /// a node that takes tensors. `benches/e2e_vs_python.sh` with slices instead of frames:
+    /// throughput the same within the host's swing, the 1080p job's peak RSS 9-36 MB lower; a
+    /// 1080p file decoded into `sink.null` alone, 250 FPS instead of 395, which is why a graph
+    /// without a model keeps frame threads (BENCHMARKS.md, issue 08).
+    pub(crate) fn for_stream(pace: Pace, to_model: bool) -> Self {
+        if pace == Pace::AsFastAsConsumed && !to_model {
+            Self::Frames
+        } else {
+            Self::Slices
+        }
+    }
+}
+
 /// How an [`AppSinkReader`] treats a slow consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pace {
@@ -254,6 +283,7 @@ impl AppSinkReader {
         link_upstream: impl FnOnce(&gst::Element, &gst::Element) -> Result<(), OpError>,
         format: VideoFormat,
         pace: Pace,
+        threads: DecoderThreads,
     ) -> Result<Self, OpError> {
         init()?;
         let pipeline = gst::Pipeline::new();
@@ -290,7 +320,7 @@ impl AppSinkReader {
         let arrivals = (pace == Pace::Realtime)
             .then(|| count_arrivals(&appsink))
             .transpose()?;
-        if pace != Pace::AsFastAsConsumed {
+        if threads == DecoderThreads::Slices {
             decode_without_frame_threads(&pipeline);
         }
         Ok(Self {
@@ -453,11 +483,12 @@ impl AppSinkReader {
 
 /// Makes every FFmpeg video decoder that `pipeline` comes to hold (decodebin adds them once it
 /// knows the codec) split each picture over its threads instead of decoding several pictures
-/// at once: frame threading delays each picture by a frame per thread and keeps a copy of the
-/// decoder's state and pictures per thread. For a paced stream (a camera, a file played in real
-/// time) the decoder has spare time between pictures, so only the delay and the memory would
-/// remain: four 360p files played in real time peaked at 221-222 MB with frame threads and
-/// 207 MB without (one: 162 against 158-160 MB; BENCHMARKS.md, issue 08).
+/// at once ([`DecoderThreads::Slices`]): frame threading delays each picture by a frame per
+/// thread and keeps a copy of the decoder's state and pictures per thread. For a paced stream
+/// (a camera, a file played in real time) the decoder has spare time between pictures, so only
+/// the delay and the memory would remain: four 360p files played in real time peaked at
+/// 221-222 MB with frame threads and 207 MB without (one: 162 against 158-160 MB;
+/// BENCHMARKS.md, issue 08).
 fn decode_without_frame_threads(pipeline: &gst::Pipeline) {
     pipeline.connect_deep_element_added(|_, _, element| {
         let is_libav_decoder = element
@@ -615,6 +646,11 @@ mod tests {
             .field("framerate", gst::Fraction::new(live_fps.unwrap_or(30), 1))
             .build();
         filter.set_property("caps", &caps);
+        let pace = if live_fps.is_some() {
+            Pace::Realtime
+        } else {
+            Pace::AsFastAsConsumed
+        };
         let reader = AppSinkReader::new(
             &[source, filter],
             |last, convert| {
@@ -622,11 +658,8 @@ mod tests {
                     .map_err(|e| OpError::Failed(format!("link: {e}")))
             },
             VideoFormat::I420,
-            if live_fps.is_some() {
-                Pace::Realtime
-            } else {
-                Pace::AsFastAsConsumed
-            },
+            pace,
+            DecoderThreads::for_stream(pace, false),
         )
         .expect("reader");
         reader.start().expect("plays");
@@ -693,7 +726,7 @@ mod tests {
 
     /// The thread type of the FFmpeg decoder that decodebin picked for an H.264 stream read at
     /// `pace`.
-    fn decoder_thread_type(pace: Pace) -> String {
+    fn decoder_thread_type(pace: Pace, to_model: bool) -> String {
         let source = make("videotestsrc").expect("videotestsrc");
         source.set_property("num-buffers", 3);
         let encoder = make("x264enc").expect("x264enc (gst-plugins-ugly)");
@@ -703,6 +736,7 @@ mod tests {
             link_decoded_video,
             VideoFormat::I420,
             pace,
+            DecoderThreads::for_stream(pace, to_model),
         )
         .expect("reader");
         reader.start().expect("plays");
@@ -729,11 +763,14 @@ mod tests {
     }
 
     #[test]
-    fn paced_streams_decode_without_frame_threads_and_files_read_at_full_speed_with_them() {
+    fn only_files_read_at_full_speed_for_no_model_decode_with_frame_threads() {
         // GStreamer writes these flags by their names ("Auto", "Frame", "Slice").
-        assert_eq!(decoder_thread_type(Pace::Clock), "Slice");
-        assert_eq!(decoder_thread_type(Pace::Realtime), "Slice");
-        assert_eq!(decoder_thread_type(Pace::AsFastAsConsumed), "Auto");
+        for to_model in [false, true] {
+            assert_eq!(decoder_thread_type(Pace::Clock, to_model), "Slice");
+            assert_eq!(decoder_thread_type(Pace::Realtime, to_model), "Slice");
+        }
+        assert_eq!(decoder_thread_type(Pace::AsFastAsConsumed, true), "Slice");
+        assert_eq!(decoder_thread_type(Pace::AsFastAsConsumed, false), "Auto");
     }
 
     #[test]
