@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::server::{Contract, Server, call, client, inspectflow, png, png_claiming, upload_form};
+use common::server::{
+    Contract, Server, call, client, inspectflow, png, png_claiming, png_of, upload_form,
+};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -725,13 +727,7 @@ fn a_large_image_downloads_byte_for_byte_from_its_file() {
         };
         image::Rgb([channel(), channel(), channel()])
     });
-    let mut original = Vec::new();
-    noise
-        .write_to(
-            &mut std::io::Cursor::new(&mut original),
-            image::ImageFormat::Png,
-        )
-        .expect("encode PNG");
+    let original = png_of(&noise);
     assert!(original.len() > 1 << 20, "{} bytes", original.len());
     let media_url = server.url(&format!("/api/projects/{project}/media"));
     let uploaded = http

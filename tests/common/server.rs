@@ -94,8 +94,15 @@ pub fn call(request: reqwest::blocking::RequestBuilder) -> (StatusCode, Value) {
 
 /// A PNG of one colour.
 pub fn png(width: u32, height: u32, level: u8) -> Vec<u8> {
-    let image =
-        image::RgbImage::from_pixel(width, height, image::Rgb([level, level / 2, 255 - level]));
+    png_of(&image::RgbImage::from_pixel(
+        width,
+        height,
+        image::Rgb([level, level / 2, 255 - level]),
+    ))
+}
+
+/// `image` as PNG bytes.
+pub fn png_of(image: &image::RgbImage) -> Vec<u8> {
     let mut bytes = Vec::new();
     image
         .write_to(
