@@ -19,6 +19,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use super::download::file_download;
 use super::http::{ApiError, Page, blocking, listing, now, ok, paginate};
 use super::projects::Project;
 use super::state::AppState;
@@ -550,51 +551,16 @@ async fn file(
         "mask" => return Err(ApiError::not_found("mask of media", &media_id)),
         _ => return Err(warp::reject::not_found()),
     };
-    let opened = match tokio::fs::File::open(&path).await {
-        Ok(file) => file.metadata().await.map(|metadata| (file, metadata.len())),
-        Err(e) => Err(e),
-    };
-    let (mut file, length) = match opened {
-        Ok(opened) => opened,
-        // Deleted since its record was read (the record goes first, then the files).
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::not_found("media", &media_id));
-        }
-        Err(e) => return Err(unreadable(&media_id, e)),
-    };
-    let mut response = if length <= WHOLE_FILE_BYTES {
-        let mut bytes = Vec::with_capacity(length as usize);
-        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes)
-            .await
-            .map_err(|e| unreadable(&media_id, e))?;
-        Response::new(bytes.into())
-    } else {
-        // Streamed from the file: the download holds a 64 KiB buffer, not the whole image.
-        // Files are put in place by a rename, so the length cannot change under it.
-        let body = tokio_util::io::ReaderStream::with_capacity(file, 64 << 10);
-        let mut response = warp::reply::stream(body).into_response();
-        response.headers_mut().insert(
-            warp::http::header::CONTENT_LENGTH,
-            warp::http::HeaderValue::from(length),
-        );
-        response
-    };
-    response.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static(content_type),
-    );
-    Ok(response)
-}
-
-/// Media files up to this size are answered from memory (thumbnails and most images); larger
-/// ones are streamed from the file.
-const WHOLE_FILE_BYTES: u64 = 1 << 20;
-
-fn unreadable(media_id: &str, error: std::io::Error) -> Rejection {
-    ApiError::reject(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        format!("media {media_id}: its file is unreadable: {error}"),
-    )
+    file_download(&path, content_type)
+        .await
+        .map_err(|e| match e.kind() {
+            // Deleted since its record was read (the record goes first, then the files).
+            std::io::ErrorKind::NotFound => ApiError::not_found("media", &media_id),
+            _ => ApiError::reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("media {media_id}: its file is unreadable: {e}"),
+            ),
+        })
 }
 
 async fn delete(

@@ -3,8 +3,8 @@
 //! Layers, bottom up (a module imports only from the layers below it):
 //! 1. the store, state and HTTP helpers: [`store`] (the redb database, a table per resource,
 //!    JSON records, schema version) with its revision chain in [`migrations`], [`state`] (what every handler shares), [`http`] (the error
-//!    contract, paging, JSON bodies and replies) and [`openapi`] (the route documentation types
-//!    and the generated description);
+//!    contract, paging, JSON bodies and replies), [`download`] (downloads streamed as they are
+//!    produced) and [`openapi`] (the route documentation types and the generated description);
 //! 2. one module per resource, each with its routes and their documentation: [`system`]
 //!    (`/health`, `/api/devices`, `/api/openapi.json`), [`projects`], [`media`] (uploads with
 //!    labels and masks, thumbnails, downloads), [`jobs`] (training jobs with progress, logs and
@@ -32,6 +32,7 @@ pub mod blobs;
 pub mod broadcast;
 pub mod captures;
 pub mod check;
+pub mod download;
 pub mod endpoint_yaml;
 pub mod endpoints;
 pub mod fleet;

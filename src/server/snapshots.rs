@@ -13,7 +13,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::http::{ApiError, ProjectPage, listing, paginate, streamed_file_reply};
+use super::download::streamed_file_reply;
+use super::http::{ApiError, ProjectPage, listing, paginate};
 use super::openapi::{Content, RouteDoc, schema_of};
 use super::snapshot_file::{self, MAX_IMPORT_BYTES};
 use super::snapshot_store::{self, Snapshot, SnapshotError, SnapshotOrigin};
