@@ -18,8 +18,8 @@ const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The longest a streamed download may take in all: a client that reads just fast enough not
 /// to be idle cannot hold its turn for ever.
 const BODY_TOTAL: std::time::Duration = std::time::Duration::from_secs(30 * 60);
-/// Streamed downloads written at once ([`STREAMED_DOWNLOADS`]). Each holds a thread of the blocking pool (which the
-/// store's calls need too) and one row group or so of memory.
+/// Streamed downloads written at once ([`STREAMED_DOWNLOADS`]). Each holds a thread of the
+/// blocking pool (which the store's calls need too) and one row group or so of memory.
 const MAX_STREAMED_DOWNLOADS: usize = 8;
 static STREAMED_DOWNLOADS: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(MAX_STREAMED_DOWNLOADS);
@@ -85,7 +85,8 @@ impl std::io::Write for BodyWriter {
 
 /// A download of `content_type` that `write` produces on the blocking pool while it is sent:
 /// the server holds a few chunks of it, not the whole file, and writes at most
-/// [`MAX_STREAMED_DOWNLOADS`] at once; a download that waits over [`TURN_WAIT`] for its turn is 503.
+/// [`MAX_STREAMED_DOWNLOADS`] at once; a download that waits over [`TURN_WAIT`] for its turn
+/// is 503.
 /// What goes wrong before the first byte should be found by the caller beforehand (the status
 /// is sent first). A body is complete only when `write` returned and everything was sent;
 /// otherwise (an error, a panic, a client too slow) it ends in an error, so the client sees a

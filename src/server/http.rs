@@ -97,6 +97,8 @@ pub(crate) fn file_reply(
     with_file_headers(Response::new(body.into()), content_type, filename)
 }
 
+/// `response` with its Content-Type, and with `filename` a Content-Disposition offering it as a
+/// download under that name.
 pub(crate) fn with_file_headers(
     mut response: Response,
     content_type: &'static str,
@@ -209,12 +211,8 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned + Send>()
                     ));
                 }
                 let mut reader = serde_json::Deserializer::from_slice(&body);
-                let value = serde_path_to_error::deserialize(&mut reader).map_err(|error| {
-                    ApiError::reject(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        format!("request body{}: {}", field_of(error.path()), error.inner()),
-                    )
-                })?;
+                let value = serde_path_to_error::deserialize(&mut reader)
+                    .map_err(|error| field_error("request body", error))?;
                 reader.end().map_err(|error| {
                     ApiError::reject(
                         StatusCode::UNPROCESSABLE_ENTITY,
@@ -232,12 +230,20 @@ fn is_json(content_type: &str) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
-/// ` field <path>` for an error inside a field, nothing for one at the top.
-fn field_of(path: &serde_path_to_error::Path) -> String {
-    match path.to_string().as_str() {
+/// 422 for `error` in `what` (a request body, a query), naming the field it is in, if any:
+/// `query field limit: invalid digit found in string`.
+fn field_error<E: std::fmt::Display>(
+    what: &str,
+    error: serde_path_to_error::Error<E>,
+) -> Rejection {
+    let field = match error.path().to_string().as_str() {
         "." => String::new(),
         field => format!(" field {field}"),
-    }
+    };
+    ApiError::reject(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        format!("{what}{field}: {}", error.inner()),
+    )
 }
 
 /// The query string as `T` (an absent one as empty): 422 naming the field that does not fit
@@ -250,12 +256,7 @@ pub(crate) fn query<T: serde::de::DeserializeOwned + Send + 'static>()
         .unify()
         .and_then(|raw: String| async move {
             let pairs = serde_urlencoded::Deserializer::new(form_urlencoded::parse(raw.as_bytes()));
-            serde_path_to_error::deserialize(pairs).map_err(|error| {
-                ApiError::reject(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("query{}: {}", field_of(error.path()), error.inner()),
-                )
-            })
+            serde_path_to_error::deserialize(pairs).map_err(|error| field_error("query", error))
         })
 }
 
