@@ -847,32 +847,91 @@ pub enum ExportError {
     Unconvertible(#[from] OnnxError),
 }
 
-/// The files of the package in `dir` in `format`, as (name, bytes), sorted by name.
+/// One member of an exported package.
+enum PackageMember {
+    /// A file of the package, already open: it stays readable while the export is sent, even
+    /// if the model is deleted meanwhile.
+    File(std::fs::File),
+    /// Bytes made for the export (`model.onnx`).
+    Made(Vec<u8>),
+}
+
+/// A model package ready to be written as a zip: its members found, opened or converted, so
+/// that everything that can fail for a reason the client should hear (an IR without an ONNX
+/// conversion) fails before the first byte, and the zip itself is written as it is sent.
+pub struct PackageExport {
+    /// (name in the zip, content), sorted by name.
+    members: Vec<(String, PackageMember)>,
+}
+
+impl PackageExport {
+    /// Writes the package as a zip of stored members (the weights are float data that barely
+    /// compresses) to `out`, which need not seek: each file is copied through a 64 KiB buffer,
+    /// so memory does not grow with the package.
+    pub fn write_zip(self, out: impl std::io::Write) -> Result<(), String> {
+        let mut writer = zip::ZipWriter::new_stream(out);
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        let mut buffer = vec![0u8; 64 << 10];
+        for (name, member) in self.members {
+            writer
+                .start_file(name.as_str(), options)
+                .map_err(|e| format!("zip {name}: {e}"))?;
+            let copied = match member {
+                PackageMember::Made(bytes) => std::io::Write::write_all(&mut writer, &bytes),
+                PackageMember::File(mut file) => copy_with(&mut buffer, &mut file, &mut writer),
+            };
+            copied.map_err(|e| format!("zip {name}: {e}"))?;
+        }
+        writer.finish().map(drop).map_err(|e| format!("zip: {e}"))
+    }
+}
+
+/// Copies `from` to `to` through `buffer`.
+fn copy_with(
+    buffer: &mut [u8],
+    from: &mut impl std::io::Read,
+    to: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    loop {
+        match from.read(buffer) {
+            Ok(0) => return Ok(()),
+            Ok(read) => to.write_all(&buffer[..read])?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The package in `dir` in `format`, ready to be zipped: its files opened, and with
+/// [`ExportFormat::Onnx`] the IR converted to `model.onnx` in place of `model.xml` and
+/// `model.bin`.
 pub fn package_files(
     dir: &std::path::Path,
     format: ExportFormat,
     options: OnnxOptions,
-) -> Result<Vec<(String, Vec<u8>)>, ExportError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| ExportError::Io(format!("cannot read {}: {e}", path.display())))
+) -> Result<PackageExport, ExportError> {
+    let io_error = |path: &std::path::Path, e: std::io::Error| {
+        ExportError::Io(format!("cannot read {}: {e}", path.display()))
     };
-    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ExportError::Io(format!("cannot read {}: {e}", dir.display())))?
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| io_error(path, e));
+    let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io_error(dir, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.is_file())
         .collect();
-    names.sort();
+    paths.sort();
     let model = dir.join(crate::operators::package::MODEL_FILE);
     let weights = model.with_extension("bin");
-    let mut files = Vec::new();
+    let mut members = Vec::new();
     if format == ExportFormat::Onnx {
         let xml = String::from_utf8(read(&model)?)
             .map_err(|_| OnnxError::Ir(format!("{} is not UTF-8", model.display())))?;
         let onnx = ir_to_onnx(&xml, &read(&weights)?, options)?;
-        files.push(("model.onnx".to_string(), onnx));
+        members.push(("model.onnx".to_string(), PackageMember::Made(onnx)));
     }
-    for path in names {
+    for path in paths {
         if format == ExportFormat::Onnx && (path == model || path == weights) {
             continue;
         }
@@ -880,15 +939,56 @@ pub fn package_files(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        files.push((name, read(&path)?));
+        let file = std::fs::File::open(&path).map_err(|e| io_error(&path, e))?;
+        members.push((name, PackageMember::File(file)));
     }
-    files.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(files)
+    members.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(PackageExport { members })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_package_zips_whole_while_streamed_even_when_deleted_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("inspectflow-zip-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let weights: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.join("model.bin"), &weights).expect("bin");
+        std::fs::write(dir.join("model.xml"), "<net/>").expect("xml");
+        std::fs::write(dir.join("manifest.json"), "{}").expect("manifest");
+        let package =
+            package_files(&dir, ExportFormat::Openvino, OnnxOptions::default()).expect("package");
+        std::fs::remove_dir_all(&dir).expect("deleted before it is sent");
+        // A writer that cannot seek, as an HTTP body.
+        struct Body(Vec<u8>);
+        impl std::io::Write for Body {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut body = Body(Vec::new());
+        package.write_zip(&mut body).expect("zip");
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(body.0)).expect("a zip");
+        let names: Vec<String> = (0..zip.len())
+            .map(|i| {
+                zip.name_for_index(i)
+                    .expect("index")
+                    .expect("name")
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, ["manifest.json", "model.bin", "model.xml"]);
+        let mut unpacked = Vec::new();
+        std::io::Read::read_to_end(&mut zip.by_name("model.bin").expect("bin"), &mut unpacked)
+            .expect("read");
+        assert!(unpacked == weights, "the weights come back byte for byte");
+    }
 
     #[test]
     fn an_operation_without_conversion_is_refused_naming_its_layer() {

@@ -11,10 +11,10 @@
 //! Compiled models are kept per model for `:predict` and dropped when the model changes.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::download::streamed_file_reply;
 use super::openapi::{Content, RouteDoc, schema_of};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -23,9 +23,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::http::{
-    ApiError, Page, action, blocking, file_reply, json_body, listing, now, paginate,
-};
+use super::http::{ApiError, Page, action, blocking, json_body, listing, now, paginate};
 use super::jobs::Job;
 use super::state::AppState;
 use super::store::MODELS;
@@ -504,8 +502,8 @@ pub struct ExportQuery {
     pub precision: Option<String>,
 }
 
-/// `:export`: the package as a zip (stored, not deflated: the weights are float data that
-/// barely compresses), in the format asked for.
+/// `:export`: the package as a zip, in the format asked for, written while it is sent
+/// ([`streamed_file_reply`]): the server holds a few chunks of it, not the package.
 async fn export(
     project_id: String,
     model_id: String,
@@ -531,15 +529,15 @@ async fn export(
     let model = model_of(&state, &project_id, &model_id).await?;
     let dir = Model::dir(&state.data_dir, &model.id);
     let format = query.format;
-    let zipped = tokio::task::spawn_blocking(move || {
-        crate::onnx::package_files(&dir, format, crate::onnx::OnnxOptions { fp16 })
-            .map_err(|e| match e {
+    let package = tokio::task::spawn_blocking(move || {
+        crate::onnx::package_files(&dir, format, crate::onnx::OnnxOptions { fp16 }).map_err(|e| {
+            match e {
                 crate::onnx::ExportError::Io(message) => {
                     (StatusCode::INTERNAL_SERVER_ERROR, message)
                 }
                 unconvertible => (StatusCode::UNPROCESSABLE_ENTITY, unconvertible.to_string()),
-            })
-            .and_then(|files| zip_files(files).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e)))
+            }
+        })
     })
     .await
     .map_err(|e| ApiError::reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -555,26 +553,10 @@ async fn export(
             }
         })
         .collect();
-    Ok(file_reply(
-        zipped,
+    streamed_file_reply(
         "application/zip",
         Some(&format!("{filename}.zip")),
-    ))
-}
-
-fn zip_files(files: Vec<(String, Vec<u8>)>) -> Result<Vec<u8>, String> {
-    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
-        .large_file(true);
-    for (name, bytes) in files {
-        writer
-            .start_file(name.as_str(), options)
-            .and_then(|()| writer.write_all(&bytes).map_err(Into::into))
-            .map_err(|e| format!("zip {name}: {e}"))?;
-    }
-    writer
-        .finish()
-        .map(|cursor| cursor.into_inner())
-        .map_err(|e| format!("zip: {e}"))
+        move |body| package.write_zip(body),
+    )
+    .await
 }

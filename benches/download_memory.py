@@ -1,19 +1,26 @@
-"""Peak memory of an inspectflow server while several clients download one snapshot at once.
+"""Peak memory of an inspectflow server while several clients download one file at once.
 
-    .local/venv/bin/python benches/snapshot_download.py [--bin target/release/inspectflow]
-        [--images 60] [--clients 4]
+    .local/venv/bin/python benches/download_memory.py [--what snapshot|model]
+        [--bin target/release/inspectflow] [--images 60] [--clients 4] [--weights-mb 300]
 
 Starts `inspectflow serve` on a free port over a temporary data directory, uploads --images
 incompressible 1000x700 PNGs (about 2.1 MB each, stored without compression) as normal media,
-takes a snapshot, then has --clients clients download it at the same time. VmRSS of the server
-is sampled every 10 ms. Reported: the file's size, each client's status and byte count, the
-server's RSS before the downloads and its peak during them, and the seconds the downloads took.
-The venv is the one benches/e2e_vs_python.sh sets up (numpy and OpenCV encode the PNGs).
+then has --clients clients download at the same time:
+- `snapshot` (default): a snapshot of the media, as Parquet (`GET /api/snapshots/{id}/download`);
+- `model`: a PaDiM model trained on the media (64x64 input), exported as a zip
+  (`POST .../models/{id}:export`), after its `model.bin` was replaced by --weights-mb of random
+  bytes to stand for a large backbone's weights (the export copies the package's files as they
+  are, so only their size matters here).
+VmRSS of the server is sampled every 10 ms. Reported: the file's size, each client's status and
+byte count, the server's RSS before the downloads and its peak during them, and the seconds the
+downloads took. The venv is the one benches/e2e_vs_python.sh sets up (numpy and OpenCV encode
+the PNGs).
 """
 
 import argparse
 import http.client
 import json
+import os
 import socket
 import subprocess
 import tempfile
@@ -31,9 +38,38 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def trained_model_export(call, project, data_dir, args):
+    """Trains a PaDiM model on the project's media, swaps its weights for --weights-mb of random
+    bytes, and returns the path of its export."""
+    status, body = call(
+        "POST", f"/api/projects/{project}/train",
+        json.dumps({"model_name": "padim", "input_size": 64, "name": "bench"}),
+        {"Content-Type": "application/json"},
+    )
+    assert status in (200, 201, 202), (status, body[:200])
+    job = json.loads(body)["id"]
+    for _ in range(6000):
+        status, body = call("GET", f"/api/jobs/{job}")
+        state = json.loads(body)["status"]
+        if state not in ("pending", "running"):
+            break
+        time.sleep(0.1)
+    assert state == "completed", body[:300]
+    status, body = call("GET", f"/api/projects/{project}/models")
+    model = json.loads(body)["models"][0]["id"]
+    weights = os.path.join(data_dir, "models", model, "model.bin")
+    assert os.path.exists(weights), weights
+    with open(weights, "wb") as out:
+        for _ in range(args.weights_mb):
+            out.write(os.urandom(1 << 20))
+    return f"/api/projects/{project}/models/{model}:export"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=["snapshot", "model"], default="snapshot")
     parser.add_argument("--bin", default="target/release/inspectflow")
+    parser.add_argument("--weights-mb", type=int, default=300)
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
@@ -84,10 +120,13 @@ def main():
                     {"Content-Type": f"multipart/form-data; boundary={boundary}"},
                 )
                 assert status == 201, (status, body[:200])
-            status, body = call("POST", f"/api/projects/{project}/snapshots", b"",
-                                {"Content-Type": "application/json"})
-            assert status == 201, (status, body[:200])
-            snapshot = json.loads(body)["id"]
+            if args.what == "snapshot":
+                status, body = call("POST", f"/api/projects/{project}/snapshots", b"",
+                                    {"Content-Type": "application/json"})
+                assert status == 201, (status, body[:200])
+                method, path = "GET", f"/api/snapshots/{json.loads(body)['id']}/download"
+            else:
+                method, path = "POST", trained_model_export(call, project, data_dir, args)
 
             def rss_mb():
                 with open(f"/proc/{server.pid}/status") as status_file:
@@ -108,7 +147,7 @@ def main():
             results = []
 
             def download():
-                status, body = call("GET", f"/api/snapshots/{snapshot}/download")
+                status, body = call(method, path)
                 results.append((status, len(body)))
 
             sampler = threading.Thread(target=sample)
@@ -127,7 +166,7 @@ def main():
             server.wait()
     size = max(length for _, length in results) / 1e6
     print(
-        f"{args.bin}: {args.clients} clients, file {size:.0f} MB, "
+        f"{args.bin}: {args.what}, {args.clients} clients, file {size:.0f} MB, "
         f"answers {sorted(results)}, server RSS before {before:.0f} MB, "
         f"peak {peak[0]:.0f} MB, {took:.1f} s"
     )
