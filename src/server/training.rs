@@ -403,19 +403,21 @@ async fn train(
     let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
         return Err(Ended::Failed("training's output is not readable".into()));
     };
-    let mut stdout = BufReader::new(stdout).lines();
-    let mut stderr = BufReader::new(stderr).lines();
+    // Read as bytes, not as UTF-8 text: a stray byte must not stop the reading, or the child
+    // would block on a full pipe and the job would never end.
+    let mut stdout = BufReader::new(stdout).split(b'\n');
+    let mut stderr = BufReader::new(stderr).split(b'\n');
     let mut last_error = None;
     let mut saved_percent = 0u8;
     let mut stdout_open = true;
     let mut stderr_open = true;
     while stdout_open || stderr_open {
         tokio::select! {
-            line = stdout.next_line(), if stdout_open => match line {
-                Ok(Some(line)) => log.line(live, &line).await,
+            line = stdout.next_segment(), if stdout_open => match line {
+                Ok(Some(line)) => log.line(live, &output_line(&line)).await,
                 _ => stdout_open = false,
             },
-            line = stderr.next_line(), if stderr_open => match line {
+            line = stderr.next_segment(), if stderr_open => match line.map(|l| l.map(|l| output_line(&l))) {
                 Ok(Some(line)) => match TrainEvent::parse(&line) {
                     Some(TrainEvent::Progress { stage, percent }) => {
                         let percent = percent.min(100);
@@ -516,5 +518,31 @@ fn die_with_parent(command: &mut tokio::process::Command) {
             }
             Ok(())
         });
+    }
+}
+
+/// The longest line of the training process's output kept in the job's log, in bytes.
+const MAX_OUTPUT_LINE: usize = 8 << 10;
+
+/// One line of the training process's output as log text: without its `\r`, bytes that are not
+/// UTF-8 replaced, and cut at [`MAX_OUTPUT_LINE`] bytes.
+fn output_line(bytes: &[u8]) -> String {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    let kept = &bytes[..bytes.len().min(MAX_OUTPUT_LINE)];
+    String::from_utf8_lossy(kept).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_that_is_not_utf8_or_too_long_is_still_a_log_line() {
+        assert_eq!(output_line(b"epoch 1\r"), "epoch 1");
+        assert_eq!(output_line(b"bad \xff byte"), "bad \u{fffd} byte");
+        assert_eq!(
+            output_line(&vec![b'x'; 3 * MAX_OUTPUT_LINE]).len(),
+            MAX_OUTPUT_LINE
+        );
     }
 }
