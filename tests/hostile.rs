@@ -1389,6 +1389,17 @@ fn hostile_live_view_requests_are_refused_and_the_server_keeps_answering() {
             StatusCode::CONFLICT,
             "sink.preview",
         ),
+        // Offers GStreamer's webrtcbin would stall on for ever, refused before it sees them.
+        (
+            json!({"pipeline_id": id, "sdp": format!("{h264}{}a=recvonly\r\n", &h264[h264.find("m=").expect("m=")..])}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "media section 2 (video) has 2 direction attributes",
+        ),
+        (
+            json!({"pipeline_id": id, "sdp": h264.replace("a=recvonly\r\n", "")}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "media section 1 (video) has 0 direction attributes",
+        ),
     ];
     for (body, expected, named) in offers {
         let (status, answer) = call(http.post(server.url("/api/webrtc/offer")).json(&body));

@@ -1,7 +1,73 @@
 //! What a browser's WebRTC offer asks for: the H.264 format (payload type and
-//! `profile-level-id`) that the live view's stream is sent as ([`super::broadcast`]).
+//! `profile-level-id`) that the live view's stream is sent as ([`super::broadcast`]), and
+//! whether the offer is well formed enough to hand to webrtcbin ([`check_offer`]).
 
 use gstreamer_sdp as gst_sdp;
+
+/// Media sections an offer may have (a browser's live view offers one video section; a bound
+/// for candidates' `sdpMLineIndex` too).
+pub(crate) const MAX_MEDIA_SECTIONS: u32 = 16;
+
+/// Attributes a media section may carry once at most (RFC 8866 for the direction, RFC 5888
+/// for `mid`, RFC 8839 and RFC 5763 for ICE credentials and the DTLS role).
+const ONCE_PER_SECTION: [&str; 4] = ["mid", "ice-ufrag", "ice-pwd", "setup"];
+
+/// The direction attributes, of which a section (and the session) may have one.
+const DIRECTIONS: [&str; 4] = ["sendrecv", "sendonly", "recvonly", "inactive"];
+
+/// Refuses an offer that breaks the rules webrtcbin relies on: more than
+/// [`MAX_MEDIA_SECTIONS`] media sections, an audio or video section without exactly one
+/// direction attribute (JSEP, RFC 8829 5.2.1, has offers state it), the session with two, a
+/// section with two of an attribute in [`ONCE_PER_SECTION`], two sections with the same
+/// `mid`. GStreamer 1.22's webrtcbin stalls for ever on some such offers (two sections, the
+/// second saying `a=recvonly` twice; a section without a direction under a session-level
+/// fingerprint). The message names the section and the attribute.
+pub(crate) fn check_offer(sdp: &gst_sdp::SDPMessage) -> Result<(), String> {
+    if sdp.medias_len() > MAX_MEDIA_SECTIONS {
+        return Err(format!(
+            "sdp: {} media sections, at most {MAX_MEDIA_SECTIONS} are taken",
+            sdp.medias_len()
+        ));
+    }
+    let session_directions = sdp
+        .attributes()
+        .filter(|a| DIRECTIONS.contains(&a.key()))
+        .count();
+    if session_directions > 1 {
+        return Err(format!(
+            "sdp: the session has {session_directions} direction attributes, one is allowed"
+        ));
+    }
+    let mut mids: Vec<&str> = Vec::new();
+    for (index, media) in sdp.medias().enumerate() {
+        let section = format!(
+            "media section {} ({})",
+            index + 1,
+            media.media().unwrap_or("no media type")
+        );
+        let count = |key: &str| media.attributes().filter(|a| a.key() == key).count();
+        let directions: usize = DIRECTIONS.iter().map(|key| count(key)).sum();
+        let is_rtp = matches!(media.media(), Some("audio" | "video"));
+        if directions > 1 || (is_rtp && directions == 0) {
+            return Err(format!(
+                "sdp: {section} has {directions} direction attributes (a=recvonly ...), \
+                 one is required"
+            ));
+        }
+        if let Some(key) = ONCE_PER_SECTION.iter().find(|key| count(key) > 1) {
+            return Err(format!("sdp: {section} has a={key} more than once"));
+        }
+        if let Some(mid) = media.attribute_val("mid") {
+            if mids.contains(&mid) {
+                return Err(format!(
+                    "sdp: {section} repeats a=mid:{mid} of an earlier one"
+                ));
+            }
+            mids.push(mid);
+        }
+    }
+    Ok(())
+}
 
 /// The offer's H.264 format that our stream is sent as: its payload type and its
 /// `profile-level-id` (which the payloader's caps are made to carry, see `answer`).
@@ -63,6 +129,58 @@ pub(crate) fn h264_format(sdp: &gst_sdp::SDPMessage) -> Option<H264Format> {
 mod tests {
     use super::*;
     use gstreamer as gst;
+
+    #[test]
+    fn offers_with_repeated_directions_mids_or_credentials_are_refused_naming_the_section() {
+        gst::init().expect("GStreamer starts");
+        let section = |mid: &str, extra: &str| {
+            format!(
+                "m=video 9 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 0.0.0.0\r\na=recvonly\r\n\
+                 a=rtpmap:102 H264/90000\r\na=mid:{mid}\r\na=ice-ufrag:abcd\r\n\
+                 a=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\n{extra}"
+            )
+        };
+        let check = |sections: &[String]| {
+            let text = format!(
+                "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n{}",
+                sections.concat()
+            );
+            check_offer(&gst_sdp::SDPMessage::parse_buffer(text.as_bytes()).expect("parses"))
+        };
+        assert_eq!(check(&[section("0", ""), section("1", "")]), Ok(()));
+        let refused = [
+            (
+                vec![section("0", ""), section("1", "a=recvonly\r\n")],
+                "media section 2 (video) has 2 direction attributes",
+            ),
+            (
+                vec![section("0", "a=sendonly\r\n")],
+                "media section 1 (video) has 2 direction attributes",
+            ),
+            (
+                vec![section("0", "").replace("a=recvonly\r\n", "")],
+                "media section 1 (video) has 0 direction attributes",
+            ),
+            (
+                vec![section("0", "a=setup:passive\r\n")],
+                "media section 1 (video) has a=setup more than once",
+            ),
+            (
+                vec![section("0", ""), section("0", "")],
+                "media section 2 (video) repeats a=mid:0",
+            ),
+            (
+                (0..=MAX_MEDIA_SECTIONS)
+                    .map(|i| section(&i.to_string(), ""))
+                    .collect(),
+                "17 media sections, at most 16",
+            ),
+        ];
+        for (sections, expected) in refused {
+            let error = check(&sections).expect_err(expected);
+            assert!(error.contains(expected), "{error} (expected {expected})");
+        }
+    }
 
     fn offer(formats: &[(u32, &str, &str)]) -> gst_sdp::SDPMessage {
         gst::init().expect("GStreamer starts");

@@ -23,7 +23,7 @@ use warp::{Filter, Rejection, Reply};
 use super::broadcast::answer;
 use super::http::{ApiError, json_body, ok};
 use super::openapi::{Content, RouteDoc, schema_of};
-use super::sdp::h264_format;
+use super::sdp::{MAX_MEDIA_SECTIONS, check_offer, h264_format};
 use super::state::AppState;
 use inspectflow_operators::preview::{self, View};
 
@@ -78,7 +78,7 @@ pub struct IceBody {
     pub candidate: String,
     /// The media line it belongs to.
     #[serde(default, rename = "sdpMLineIndex")]
-    #[schemars(range(max = MAX_MEDIA_LINES - 1))]
+    #[schemars(range(max = MAX_MEDIA_SECTIONS - 1))]
     pub sdp_m_line_index: u32,
 }
 
@@ -96,11 +96,11 @@ impl From<String> for AnswerError {
     }
 }
 
-/// Media lines an answer can have (one video line; a bound for candidates' `sdpMLineIndex`).
-const MAX_MEDIA_LINES: u32 = 16;
-
 /// The longest ICE candidate line taken.
 const MAX_CANDIDATE_BYTES: usize = 1024;
+
+/// The longest an offer waits for webrtcbin's answer (ICE gathering included).
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The largest SDP offer taken.
 const MAX_SDP_BYTES: usize = 65536;
@@ -183,11 +183,15 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
     if body.sdp.len() > MAX_SDP_BYTES {
         return Err(invalid(format!("sdp: longer than {MAX_SDP_BYTES} bytes")));
     }
+    if body.sdp.trim().is_empty() {
+        return Err(invalid("sdp: empty".into()));
+    }
     let sdp = gst_sdp::SDPMessage::parse_buffer(body.sdp.as_bytes())
         .map_err(|_| invalid("sdp: not an SDP offer".into()))?;
     let format = h264_format(&sdp).ok_or_else(|| {
         invalid("sdp: the offer has no H.264 video with packetization-mode 1".into())
     })?;
+    check_offer(&sdp).map_err(invalid)?;
     if !state.pipelines.is_running(&body.pipeline_id) {
         return Err(ApiError::not_found("running pipeline", &body.pipeline_id));
     }
@@ -217,22 +221,39 @@ async fn offer(body: OfferBody, state: Arc<AppState>) -> Result<Response, Reject
     let broadcast = webrtc
         .broadcast(&key, channel.watch())
         .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    let answered = tokio::task::spawn_blocking(move || {
+    let answering = tokio::task::spawn_blocking(move || {
         let answered = answer(&webrtc, &broadcast, key.clone(), sdp, &format);
-        drop(slot);
         if answered.is_err() {
             webrtc.end_if_unwatched(&key);
         }
         answered
-    })
-    .await
-    .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-    .map_err(|e| match e {
-        AnswerError::Offer(message) => invalid(message),
-        AnswerError::Unavailable(message) => {
-            ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, message)
-        }
-    })?;
+    });
+    // webrtcbin may stall on an offer it should refuse (see `check_offer`); the client gets
+    // an answer either way, and its viewer slot back.
+    let answered = tokio::time::timeout(ANSWER_WAIT, answering).await;
+    drop(slot);
+    let answered = answered
+        .map_err(|_| {
+            tracing::error!(
+                "webrtcbin gave no answer within {} s to an offer for pipeline {}",
+                ANSWER_WAIT.as_secs(),
+                body.pipeline_id
+            );
+            ApiError::reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "sdp: no answer within {} s; the offer may be malformed",
+                    ANSWER_WAIT.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .map_err(|e| match e {
+            AnswerError::Offer(message) => invalid(message),
+            AnswerError::Unavailable(message) => {
+                ApiError::reject(StatusCode::SERVICE_UNAVAILABLE, message)
+            }
+        })?;
     Ok(ok(&answered))
 }
 
@@ -256,7 +277,7 @@ async fn ice(id: String, body: IceBody, state: Arc<AppState>) -> Result<Response
             "candidate: holds a control character (a candidate is one line of text)",
         ));
     }
-    if body.sdp_m_line_index >= MAX_MEDIA_LINES {
+    if body.sdp_m_line_index >= MAX_MEDIA_SECTIONS {
         return Err(ApiError::reject(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
