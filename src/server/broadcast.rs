@@ -260,17 +260,20 @@ impl WebRtc {
 
 impl Connection {
     /// Detaches the viewer's branch from the encoder, stops it and takes it out of the
-    /// broadcast.
+    /// broadcast. webrtcbin is stopped while its sink pad is still its own and linked: that
+    /// sets the pad flushing, which wakes a buffer the branch's thread may be pushing into it
+    /// (webrtcbin holds buffers back until a transceiver is ready). Released first, the pad
+    /// was never woken, and stopping the branch then waited for ever on that thread.
     pub(crate) fn close(self) {
         if let Some(queue_sink) = self.elements.first().and_then(|q| q.static_pad("sink")) {
             let _ = self.tee_pad.unlink(&queue_sink);
         }
         self.broadcast.tee.release_request_pad(&self.tee_pad);
+        let _ = self.webrtcbin.set_state(gst::State::Null);
         if let Some(branch_src) = self.elements.last().and_then(|p| p.static_pad("src")) {
             let _ = branch_src.unlink(&self.webrtc_pad);
         }
         self.webrtcbin.release_request_pad(&self.webrtc_pad);
-        let _ = self.webrtcbin.set_state(gst::State::Null);
         let _ = self.broadcast.pipeline.remove(&self.webrtcbin);
         for element in self.elements.iter().rev() {
             let _ = element.set_state(gst::State::Null);
@@ -473,7 +476,8 @@ pub(crate) fn answer(
             let _ = tee_pad.unlink(&queue_sink);
         }
         broadcast.tee.release_request_pad(&tee_pad);
-        for element in &elements {
+        // Downstream first, webrtcbin before the branch that feeds it (see `Connection::close`).
+        for element in elements.iter().rev() {
             let _ = element.set_state(gst::State::Null);
             let _ = pipeline.remove(element);
         }
