@@ -873,34 +873,20 @@ impl PackageExport {
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored)
             .large_file(true);
-        let mut buffer = vec![0u8; 64 << 10];
         for (name, member) in self.members {
             writer
                 .start_file(name.as_str(), options)
                 .map_err(|e| format!("zip {name}: {e}"))?;
             let copied = match member {
                 PackageMember::Made(bytes) => std::io::Write::write_all(&mut writer, &bytes),
-                PackageMember::File(mut file) => copy_with(&mut buffer, &mut file, &mut writer),
+                PackageMember::File(file) => {
+                    let mut file = std::io::BufReader::with_capacity(64 << 10, file);
+                    std::io::copy(&mut file, &mut writer).map(drop)
+                }
             };
             copied.map_err(|e| format!("zip {name}: {e}"))?;
         }
         writer.finish().map(drop).map_err(|e| format!("zip: {e}"))
-    }
-}
-
-/// Copies `from` to `to` through `buffer`.
-fn copy_with(
-    buffer: &mut [u8],
-    from: &mut impl std::io::Read,
-    to: &mut impl std::io::Write,
-) -> std::io::Result<()> {
-    loop {
-        match from.read(buffer) {
-            Ok(0) => return Ok(()),
-            Ok(read) => to.write_all(&buffer[..read])?,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
     }
 }
 
