@@ -24,7 +24,8 @@ fn i420_1080p() -> Frame {
 
 fn prediction() -> Prediction {
     let pool = BufferPool::new(1);
-    // The default PatchCore's map: 32x32 at the model's resolution, a ramp from left to right.
+    // A 32x32 map (a model's feature grid; the packages trained here give their input size,
+    // 256x256), a ramp from left to right.
     let mut map = pool.get(32 * 32);
     for (i, value) in map.iter_mut().enumerate() {
         *value = (i % 32) as f32 / 31.0;

@@ -1,6 +1,7 @@
 //! The row loops of the I420 overlay blend: plain loops over slices that the compiler
 //! vectorises, run AVX2-compiled where the CPU has it.
 
+use crate::map_upsample::lerp_fixed;
 use crate::yuv;
 
 /// Defines `$name`, which runs `$portable` (an `#[inline(always)]` function of the same
@@ -29,7 +30,7 @@ macro_rules! with_avx2 {
 
 /// The map value as a colour table index (0-255).
 #[inline(always)]
-pub(super) fn level_index(value: f32) -> u8 {
+fn level_index(value: f32) -> u8 {
     // max and min first: NaN becomes 0 and the product lies in 0-255, so the conversion needs
     // no saturation (and vectorises).
     #[expect(
@@ -42,38 +43,28 @@ pub(super) fn level_index(value: f32) -> u8 {
 }
 
 with_avx2! {
-    /// Colour table indices of a row of map values; returns the highest.
-    fn levels_of(values: &[f32], levels: &mut [u8]) -> u8 = levels_kernel
+    /// Colour table indices of map values.
+    fn levels_of(values: &[f32], levels: &mut [u8]) = levels_kernel
 }
 
 #[inline(always)]
-fn levels_kernel(values: &[f32], levels: &mut [u8]) -> u8 {
+fn levels_kernel(values: &[f32], levels: &mut [u8]) {
     for (level, value) in levels.iter_mut().zip(values) {
         *level = level_index(*value);
     }
-    levels.iter().copied().max().unwrap_or(0)
-}
-
-/// The blend of one overlay row into JPEG's YCbCr.
-pub(super) struct PlaneBlend<'a> {
-    pub(super) convert: &'a yuv::ToJfif,
-    /// The colour map per plane, pre-weighted.
-    pub(super) tables: &'a [[u32; 256]; 3],
-    /// The frame's weight, in 1/256.
-    pub(super) keep: u32,
 }
 
 with_avx2! {
     /// What each pixel's chroma (`u`, `v`: a row of blocks) adds to its luma.
-    fn chroma_in_luma(blend: &PlaneBlend, u: &[u8], v: &[u8], terms: &mut [i32]) =
+    fn chroma_in_luma(convert: &yuv::ToJfif, u: &[u8], v: &[u8], terms: &mut [i32]) =
         chroma_in_luma_kernel
 }
 
 #[inline(always)]
-fn chroma_in_luma_kernel(blend: &PlaneBlend, u: &[u8], v: &[u8], terms: &mut [i32]) {
+fn chroma_in_luma_kernel(convert: &yuv::ToJfif, u: &[u8], v: &[u8], terms: &mut [i32]) {
     // The conversion copied into a local: the compiler then knows the stores below cannot change
     // it, and keeps its coefficients in registers.
-    let convert = *blend.convert;
+    let convert = *convert;
     // Two pixels share each block; an odd width leaves one pixel for the last block.
     let blocks = terms.len() / 2;
     let mut pairs = terms.chunks_exact_mut(2);
@@ -88,65 +79,116 @@ fn chroma_in_luma_kernel(blend: &PlaneBlend, u: &[u8], v: &[u8], terms: &mut [i3
 }
 
 with_avx2! {
-    /// Luma: `values` converted (with `chroma_in_luma` per pixel) and blended with the colour
-    /// of `levels`, into `out`.
-    fn blend_luma(
-        blend: &PlaneBlend,
-        values: &[u8],
-        chroma_in_luma: &[i32],
-        levels: &[u8],
-        out: &mut [u8]
-    ) = blend_luma_kernel
+    /// A row of luma `values` in JPEG's YCbCr (with `chroma_in_luma` per pixel), into `out`.
+    fn convert_luma(convert: &yuv::ToJfif, values: &[u8], chroma_in_luma: &[i32], out: &mut [u8]) =
+        convert_luma_kernel
 }
 
 #[inline(always)]
-fn blend_luma_kernel(
-    blend: &PlaneBlend,
+fn convert_luma_kernel(
+    convert: &yuv::ToJfif,
     values: &[u8],
     chroma_in_luma: &[i32],
-    levels: &[u8],
     out: &mut [u8],
 ) {
+    let convert = *convert;
     let n = out.len();
-    let (values, chroma_in_luma, levels) = (&values[..n], &chroma_in_luma[..n], &levels[..n]);
-    let (convert, keep, table) = (*blend.convert, blend.keep, &blend.tables[0]);
+    let (values, chroma_in_luma) = (&values[..n], &chroma_in_luma[..n]);
     for x in 0..n {
-        let luma = u32::from(convert.luma(values[x], chroma_in_luma[x]));
-        out[x] = ((luma * keep + table[usize::from(levels[x])]) >> 8) as u8;
+        out[x] = convert.luma(values[x], chroma_in_luma[x]);
     }
 }
 
 with_avx2! {
-    /// Chroma: blocks `u` and `v` converted and blended with the colour of every second of
-    /// `levels` (each block's top-left pixel), into `u_out` and `v_out`.
-    fn blend_chroma(
-        blend: &PlaneBlend,
-        levels: &[u8],
-        u: &[u8],
-        v: &[u8],
-        u_out: &mut [u8],
-        v_out: &mut [u8]
-    ) = blend_chroma_kernel
+    /// A row of chroma blocks `u`, `v` in JPEG's YCbCr, into `u_out` and `v_out`.
+    fn convert_chroma(convert: &yuv::ToJfif, u: &[u8], v: &[u8], u_out: &mut [u8], v_out: &mut [u8]) =
+        convert_chroma_kernel
 }
 
 #[inline(always)]
-fn blend_chroma_kernel(
-    blend: &PlaneBlend,
-    levels: &[u8],
+fn convert_chroma_kernel(
+    convert: &yuv::ToJfif,
     u: &[u8],
     v: &[u8],
     u_out: &mut [u8],
     v_out: &mut [u8],
 ) {
-    let n = u_out.len().min(v_out.len()).min(levels.len().div_ceil(2));
+    let convert = *convert;
+    let n = u_out.len().min(v_out.len());
     let (u, v, u_out, v_out) = (&u[..n], &v[..n], &mut u_out[..n], &mut v_out[..n]);
-    let convert = *blend.convert;
-    let keep = blend.keep;
-    let [_, u_table, v_table] = blend.tables;
-    for cx in 0..n {
-        let level = usize::from(levels[2 * cx]);
-        let [u_value, v_value] = convert.chroma(u[cx], v[cx]);
-        u_out[cx] = ((u32::from(u_value) * keep + u_table[level]) >> 8) as u8;
-        v_out[cx] = ((u32::from(v_value) * keep + v_table[level]) >> 8) as u8;
+    for x in 0..n {
+        [u_out[x], v_out[x]] = convert.chroma(u[x], v[x]);
+    }
+}
+
+/// `value` weighted by `keep` plus `colour` weighted by `weight` (`keep + weight` = 256),
+/// rounded. 16-bit arithmetic: the sum is at most 255 x 256 + 128.
+#[inline(always)]
+pub(super) fn weighted_sum(value: u8, keep: u16, colour: u16, weight: u16) -> u8 {
+    ((u16::from(value) * keep + colour * weight + 128) >> 8) as u8
+}
+
+with_avx2! {
+    /// One row of a plane: `values` and the colour map's row, interpolated between `above` and
+    /// `below` by `row_weight` (in 1/128), blended with `weights`: the frame's and the colour
+    /// map's, in 1/256, summing to 256; into `out`.
+    fn blend_row(
+        weights: [u16; 2],
+        values: &[u8],
+        above: &[u16],
+        below: &[u16],
+        row_weight: u16,
+        out: &mut [u8]
+    ) = blend_row_kernel
+}
+
+#[inline(always)]
+fn blend_row_kernel(
+    [keep, weight]: [u16; 2],
+    values: &[u8],
+    above: &[u16],
+    below: &[u16],
+    row_weight: u16,
+    out: &mut [u8],
+) {
+    let n = out.len();
+    let (values, above, below) = (&values[..n], &above[..n], &below[..n]);
+    for x in 0..n {
+        let colour = lerp_fixed(above[x], below[x], row_weight);
+        out[x] = weighted_sum(values[x], keep, colour, weight);
+    }
+}
+
+with_avx2! {
+    /// Marks in `marks` (1, else 0) the pixels of row `current` on the edge of the region whose
+    /// map value reaches `threshold`: they reach it and a 4-neighbour does not. The first and
+    /// last pixels are never on it.
+    fn outline_marks(
+        previous: &[f32],
+        current: &[f32],
+        next: &[f32],
+        threshold: f32,
+        marks: &mut [u8]
+    ) = outline_marks_kernel
+}
+
+#[inline(always)]
+fn outline_marks_kernel(
+    previous: &[f32],
+    current: &[f32],
+    next: &[f32],
+    threshold: f32,
+    marks: &mut [u8],
+) {
+    let n = marks.len();
+    let (previous, current, next) = (&previous[..n], &current[..n], &next[..n]);
+    marks.fill(0);
+    for x in 1..n.saturating_sub(1) {
+        let inside = current[x] >= threshold;
+        let neighbour_outside = (current[x - 1] < threshold)
+            | (current[x + 1] < threshold)
+            | (previous[x] < threshold)
+            | (next[x] < threshold);
+        marks[x] = u8::from(inside & neighbour_outside);
     }
 }
