@@ -5,7 +5,10 @@
 //! [`super::training`] runs the jobs.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use super::openapi::{Content, RouteDoc, schema_of};
 use serde::{Deserialize, Serialize};
@@ -16,12 +19,13 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use super::http::{ApiError, ProjectPage, action, blocking, listing, now, paginate};
+use super::job_log::{log_file_lines, log_path};
 use super::media::Media;
 use super::projects::Project;
 use super::snapshot_store::Snapshot;
 use super::state::AppState;
 use super::store::{JOBS, MEDIA, PROJECTS, SNAPSHOTS};
-use super::training::{log_path, submit, until_final};
+use super::training::{submit, until_final};
 use crate::train::{Architecture, TrainConfig};
 
 /// Where a job is in its life.
@@ -514,22 +518,21 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
     let live = state.jobs.live(&id);
     // Subscribe before reading the file, so no line falls between the two.
     let receiver = live.as_ref().map(|live| live.lines.subscribe());
-    let written = tokio::fs::read_to_string(log_path(&state.data_dir, &id))
-        .await
-        .unwrap_or_default();
-    let past: Vec<String> = written.lines().map(str::to_string).collect();
-    // Lines numbered below this were in the file already.
-    let seen = past.len() as u64;
+    // Lines numbered below this count were in the file already: it is final once the file's
+    // lines are sent, before the first new line is looked at.
+    let in_file = Arc::new(AtomicU64::new(0));
+    let past = log_file_lines(log_path(&state.data_dir, &id), Arc::clone(&in_file))
+        .map(Ok::<String, std::io::Error>);
     let ended = live.map(|live| live.state.subscribe());
-    let past = futures::stream::iter(past.into_iter().map(Ok::<String, std::io::Error>));
     let future = futures::stream::unfold(
-        (receiver, ended, seen),
-        |(receiver, ended, seen)| async move {
+        (receiver, ended, in_file),
+        |(receiver, ended, in_file)| async move {
             let mut receiver = receiver?;
+            let seen = in_file.load(Ordering::Acquire);
             let Some(mut ended) = ended else {
                 // The job has ended: drain what was sent before its final status.
                 return queued_line(&mut receiver, seen)
-                    .map(|line| (Ok(line), (Some(receiver), None, seen)));
+                    .map(|line| (Ok(line), (Some(receiver), None, in_file)));
             };
             loop {
                 let next = tokio::select! {
@@ -539,20 +542,19 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
                 match next {
                     Some(Ok((number, _))) if number < seen => continue,
                     Some(Ok((_, line))) => {
-                        return Some((Ok(line), (Some(receiver), Some(ended), seen)));
+                        return Some((Ok(line), (Some(receiver), Some(ended), in_file)));
                     }
                     Some(Err(broadcast::error::RecvError::Lagged(_))) => continue,
                     Some(Err(broadcast::error::RecvError::Closed)) => return None,
                     // The job ended: lines sent before its final status are still queued.
                     None => {
                         return queued_line(&mut receiver, seen)
-                            .map(|line| (Ok(line), (Some(receiver), None, seen)));
+                            .map(|line| (Ok(line), (Some(receiver), None, in_file)));
                     }
                 }
             }
         },
     );
-    use futures::StreamExt;
     let events = past
         .chain(future)
         .map(|line| line.map(|text| warp::sse::Event::default().event("log").data(text)));

@@ -41,6 +41,7 @@ mod fleet_leases;
 pub mod fleet_records;
 pub mod fleet_routes;
 pub mod http;
+pub mod job_log;
 pub mod jobs;
 pub mod listener;
 pub mod media;

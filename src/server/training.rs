@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::http::{blocking, now};
+use super::job_log::{count_log_lines, log_path};
 use super::jobs::{Job, JobStatus};
 use super::models::Model;
 use super::snapshot_store::{self, Snapshot, SnapshotOrigin};
@@ -120,10 +121,6 @@ fn remove_partial_package(data_dir: &Path, model_id: &str) {
 /// A job's working folder (its dataset links) and log file.
 fn job_dir(data_dir: &Path, job_id: &str) -> PathBuf {
     data_dir.join("jobs").join(job_id)
-}
-
-pub(crate) fn log_path(data_dir: &Path, job_id: &str) -> PathBuf {
-    data_dir.join("jobs").join(format!("{job_id}.log"))
 }
 
 fn remove_job_files(data_dir: &Path, job: &Job) {
@@ -264,10 +261,7 @@ impl Log {
                 .ok()
         };
         // A job queued again after a restart appends to the lines of its first attempt.
-        let lines_before = tokio::fs::read_to_string(log_path(data_dir, job_id))
-            .await
-            .map(|text| text.lines().count() as u64)
-            .unwrap_or(0);
+        let lines_before = count_log_lines(&log_path(data_dir, job_id)).await;
         let job_file = append(log_path(data_dir, job_id)).await;
         let training_file = append(data_dir.join("logs").join("training.log")).await;
         Self {
