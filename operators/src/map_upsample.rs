@@ -1,7 +1,8 @@
 //! Anomaly maps at a frame's size, made on demand.
 //!
-//! A prediction keeps its anomaly map at the model's resolution (32x32 floats for the default
-//! PatchCore: 4 KB, where the same map at 1080p is 8 MB per frame in flight). Whoever needs it at
+//! A prediction keeps its anomaly map at the model's resolution (256x256 floats for the packages
+//! trained here, 256 KB; 4 KB for a model's 32x32 feature grid; where the same map at 1080p is
+//! 8 MB per frame in flight). Whoever needs it at
 //! a frame's size asks [`MapRows`] for one row at a time (the heatmap's outline looks at each row
 //! while it is in the cache), [`upsample`] for the whole map (the REST API's PNG), or
 //! [`PlaneRows`] for a plane of integers made from the map (the heatmap's colours), resized in
@@ -152,8 +153,8 @@ pub struct RowPair<'a> {
 }
 
 /// `a + (b - a) * weight / 128` for values 0 to 255 and `weight` 0 to 128, rounded: always
-/// between `a` and `b`. 16-bit arithmetic throughout, so the loops that call it vectorise 16
-/// lanes wide with AVX2.
+/// between `a` and `b`. 16-bit arithmetic throughout (at most 255 x 128 + 64), so loops over it
+/// vectorise in 16-bit lanes (the heatmap's blend: 16 lanes with AVX2).
 #[inline(always)]
 pub fn lerp_fixed(a: u16, b: u16, weight: u16) -> u16 {
     let step = (b as i16 - a as i16) * weight as i16;

@@ -521,7 +521,8 @@ async fn log_events(id: String, state: Arc<AppState>) -> Result<Response, Reject
     // Lines numbered below this count were in the file already: it is final once the file's
     // lines are sent, before the first new line is looked at.
     let in_file = Arc::new(AtomicU64::new(0));
-    let past = log_file_lines(log_path(&state.data_dir, &id), Arc::clone(&in_file))
+    let path = log_path(&state.data_dir, &id);
+    let past = log_file_lines(path, Arc::clone(&in_file), live.is_none())
         .map(Ok::<String, std::io::Error>);
     let ended = live.map(|live| live.state.subscribe());
     let future = futures::stream::unfold(

@@ -224,13 +224,15 @@ impl OutlineRows {
 ///
 /// The colour map is applied at the map's own resolution and the colours are resized to the
 /// frame's planes (as OpenCV's `applyColorMap` followed by `resize` does): per pixel the blend is
-/// then one interpolation and one weighted sum in integers. Maps come at the model's input size
-/// (256x256 for the packages trained here), where neighbouring values are close and the result is
-/// the colour of the resized value to within a few levels.
+/// then one interpolation and one weighted sum in integers. The packages trained here give maps
+/// at their input size (256x256), where neighbouring values are close and the result is the
+/// colour of the resized value to within a few levels; a coarse map with steep edges (a model's
+/// 32x32 feature grid) blends across the jet instead (blue into red, skipping green) within
+/// each map cell at the edge, as OpenCV does.
 pub struct OverlayRenderer {
     pool: BufferPool<u8>,
-    /// The colour map's channels at the map's resolution, weighted by `alpha` (x 256): Y, Cb, Cr
-    /// for I420 overlays, R, G, B for the others.
+    /// The colour map's channels at the map's resolution, 0-255: Y, Cb, Cr for I420 overlays,
+    /// R, G, B for the others.
     colours: [Vec<u16>; 3],
     /// Those channels resized to the overlay's planes, a row at a time.
     colour_rows: [PlaneRows; 3],

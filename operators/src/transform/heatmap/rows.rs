@@ -1,5 +1,5 @@
-//! The row loops of the I420 overlay blend: plain loops over slices that the compiler
-//! vectorises, run AVX2-compiled where the CPU has it.
+//! The row loops of the overlay blend (I420 planes, and the outline of both kinds of overlay):
+//! plain loops over slices that the compiler vectorises, run AVX2-compiled where the CPU has it.
 
 use crate::map_upsample::lerp_fixed;
 use crate::yuv;
